@@ -105,6 +105,8 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
     if cfg.line_by_line:
         def tokenize(batch):
             lines = [line.strip() for line in batch[col] if line and line.strip()]
+            if not lines:  # fast tokenizers fail on an empty list
+                return {"input_ids": [], "special_tokens_mask": [], "length": []}
             out = tokenizer(lines, truncation=True, max_length=max_len,
                             return_special_tokens_mask=True, return_attention_mask=False,
                             return_token_type_ids=False)
@@ -118,6 +120,8 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
     else:
         def tokenize(batch):
             # No truncation: blocks are cut below. Special tokens wrap each document.
+            if not any(batch[col]):
+                return {"input_ids": [], "special_tokens_mask": []}
             return tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
                              return_attention_mask=False, return_token_type_ids=False)
 

@@ -19,7 +19,11 @@ from .collator import model_inputs
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters)."""
+    """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters).
+
+    The fused implementation (CPU and CUDA) is used: on a 2-core CPU the default ``foreach``
+    AdamW took 1.8-3 s per step for the 22M-parameter demo model, the fused one about 0.05 s.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -27,7 +31,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon)
+                             eps=cfg.adam_epsilon, fused=True)
 
 
 def build_scheduler(optimizer, cfg, num_training_steps: int):

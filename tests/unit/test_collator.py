@@ -329,6 +329,7 @@ def test_whole_word_masking_masks_all_subtokens_together(tok, text_examples):
                         words[-1].append(p)
                     else:
                         words.append([p])
+                assert not any(targets[p] for p, t in enumerate(ts) if t in ("[CLS]", "[SEP]"))
                 for w in words:
                     flags = {targets[p] for p in w}
                     violations += len(flags) > 1
@@ -343,15 +344,29 @@ def test_whole_word_masking_masks_all_subtokens_together(tok, text_examples):
     assert word_violations(MaskedLMCollator(tok, mlm_probability=0.3))[0] > 0
 
 
-def test_whole_word_mask_needs_wordpiece():
+def _word_level_tokenizer():
+    """A 5-id tokenizer, 3 of them special, and no '##' pieces: not WordPiece."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, "hello": 3, "world": 4}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    word_level = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+
+
+def test_random_replacements_come_from_ordinary_vocabulary():
+    # With 3 of 5 ids special, drawing from the whole vocabulary would hit a special id almost surely.
+    word_level = _word_level_tokenizer()
+    collator = MaskedLMCollator(word_level, mlm_probability=0.5, mask_replace_prob=0.0, random_replace_prob=1.0)
+    batch = collator([{"input_ids": [3, 4, 0, 1, 3, 4, 4, 3], "idx": i} for i in range(64)])
+    targets = batch["labels"] != -100
+    assert int(targets.sum()) > 100
+    assert set(batch["input_ids"][targets].tolist()) == {3, 4}
+    assert not targets[:, [2, 3]].any()  # the literal [PAD] and [UNK] are special: never targets
+
+
+def test_whole_word_mask_needs_wordpiece():
+    word_level = _word_level_tokenizer()
     with pytest.raises(ValueError, match="WordPiece"):
         MaskedLMCollator(word_level, whole_word_mask=True)
     MaskedLMCollator(word_level)  # fine without whole-word masking

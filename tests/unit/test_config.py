@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from mlmkit.config import ConfigError, parse_config, save_config
+
+
+def test_defaults_yaml_and_cli_precedence(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("learning_rate: 2.0e-4\nline_by_line: false\nwandb_tags: [a, b]\nseed: 7\n")
+    cfg = parse_config(["--config", str(file), "--seed", "9"])
+    assert cfg.learning_rate == 2e-4 and cfg.line_by_line is False
+    assert cfg.wandb_tags == ["a", "b"]
+    assert cfg.seed == 9  # command line wins over the file
+    assert parse_config([]).mlm_probability == 0.15
+
+
+def test_bool_flags_follow_hf_style():
+    assert parse_config(["--mask_padding", "false"]).mask_padding is False
+    assert parse_config(["--group_by_length"]).group_by_length is True
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--learning_rate", "fast"], "learning_rate"),
+    (["--lerning_rate", "1"], "did you mean --learning_rate"),
+    (["--mlm_probability", "0"], "mlm_probability"),
+    (["--mlm_probability", "1"], "mlm_probability"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+    (["--gradient_accumulation_steps", "-1"], "gradient_accumulation_steps"),
+    (["--padding", "sideways"], "padding"),
+    (["--train_file", "/no/such/file.txt"], "train_file"),
+    (["--mask_replace_prob", "0.9", "--random_replace_prob", "0.2"], "random_replace_prob"),
+    (["--dataset_name", "x", "--train_file", __file__], "dataset_name"),
+    (["--report_to", "slack"], "report_to"),
+])
+def test_bad_values_name_the_key(argv, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert needle in str(err.value)
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("learnign_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"u\.yaml: unknown key 'learnign_rate'.*learning_rate"):
+        parse_config(["--config", str(unknown)])
+    wrong_type = tmp_path / "t.yaml"
+    wrong_type.write_text("max_seq_length: long\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: .*max_seq_length"):
+        parse_config(["--config", str(wrong_type)])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse_config(["--learning_rate", "3e-4", "--wandb_tags", "x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = parse_config(["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["learning_rate"] == 3e-4
+
+
+def test_recipe_yamls_parse():
+    from pathlib import Path
+    for file in sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml")):
+        parse_config(["--config", str(file)])

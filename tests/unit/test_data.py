@@ -1,0 +1,96 @@
+import pytest
+
+from mlmkit.config import parse_config
+from mlmkit.data import DataError, IndexedExamples, embedded_corpus, load_raw_datasets, tokenize_datasets
+
+
+def test_embedded_corpus_is_cpython_docs_split_90_10(tokenizer):
+    paragraphs = embedded_corpus()
+    assert len(paragraphs) > 2000 and all(p == p.strip() and p for p in paragraphs)
+    raw = load_raw_datasets(parse_config([]))
+    n_train, n_val = len(raw["train"]), len(raw["validation"])
+    assert n_train + n_val == len(paragraphs)
+    assert abs(n_val / len(paragraphs) - 0.10) < 0.01
+    # the split is fixed: the same whatever the run's seed
+    again = load_raw_datasets(parse_config(["--seed", "123"]))
+    assert again["validation"]["text"] == raw["validation"]["text"]
+
+
+def test_line_by_line_truncates_and_drops_blank_lines(tmp_path, tokenizer):
+    file = tmp_path / "t.txt"
+    long_line = " ".join(["word"] * 300)
+    file.write_text(f"hello world\n\n   \n{long_line}\nlast line\n")
+    cfg = parse_config(["--train_file", str(file), "--validation_file", str(file),
+                        "--max_seq_length", "16"])
+    tok = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    ids = tok["train"]["input_ids"]
+    assert len(ids) == 3
+    assert max(len(x) for x in ids) == 16
+    assert tok["train"]["length"] == [len(x) for x in ids]
+    # special tokens mask computed at tokenization: [CLS] ... [SEP]
+    stm = tok["train"]["special_tokens_mask"][0]
+    assert stm[0] == 1 and stm[-1] == 1 and sum(stm) == 2
+
+
+def test_grouped_blocks_keep_the_remainder(tmp_path, tokenizer):
+    file = tmp_path / "t.txt"
+    file.write_text("\n".join(f"sentence number {i} is here" for i in range(50)) + "\n")
+    cfg = parse_config(["--train_file", str(file), "--validation_file", str(file),
+                        "--line_by_line", "false", "--max_seq_length", "32"])
+    tok = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    total = sum(len(tokenizer(f"sentence number {i} is here")["input_ids"]) for i in range(50))
+    lengths = tok["train"]["length"]
+    assert sum(lengths) == total  # nothing dropped
+    assert all(n == 32 for n in lengths[:-1]) and 0 < lengths[-1] <= 32
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just a few words\n")
+    cfg = parse_config(["--train_file", str(tiny), "--validation_file", str(tiny),
+                        "--line_by_line", "false", "--max_seq_length", "128"])
+    tok = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    assert len(tok["train"]) == 1  # a corpus shorter than one block still yields one example
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_tabular_files_and_text_column(tmp_path, tokenizer, suffix):
+    import datasets
+    ds = datasets.Dataset.from_dict({"content": [f"row {i} of text" for i in range(20)]})
+    path = tmp_path / f"d.{suffix}"
+    getattr(ds, f"to_{suffix}")(str(path))
+    cfg = parse_config(["--train_file", str(path), "--text_column", "content"])
+    raw = load_raw_datasets(cfg)
+    assert len(raw["train"]) == 18 and len(raw["validation"]) == 2
+    with pytest.raises(DataError, match="text_column"):
+        load_raw_datasets(parse_config(["--train_file", str(path)]))
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer):
+    file = tmp_path / "empty.txt"
+    file.write_text("\n \n\n")
+    cfg = parse_config(["--train_file", str(file), "--validation_file", str(file)])
+    with pytest.raises(DataError, match="Fix"):
+        tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+
+
+def test_hub_loading_path_on_a_local_copy(tmp_path, tokenizer):
+    """--dataset_name goes through datasets.load_dataset, here on a local dataset folder."""
+    import datasets
+    folder = tmp_path / "my_dataset"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": [f"train line {i}" for i in range(10)]}).to_parquet(
+        str(folder / "data" / "train-00000.parquet"))
+    datasets.Dataset.from_dict({"text": ["held out line"]}).to_parquet(
+        str(folder / "data" / "validation-00000.parquet"))
+    cfg = parse_config(["--dataset_name", str(folder)])
+    raw = load_raw_datasets(cfg)
+    assert len(raw["train"]) == 10 and raw["validation"]["text"] == ["held out line"]
+
+
+def test_indexed_examples_carry_their_index(tokenizer):
+    cfg = parse_config(["--max_train_samples", "10"])
+    tok = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    ex = IndexedExamples(tok["train"])
+    assert len(ex) == 10
+    batch = ex.fetch([3, 7])
+    assert [b["idx"] for b in batch] == [3, 7]
+    assert batch[1]["input_ids"] == ex[7]["input_ids"]

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+from mlmkit.loop import build_optimizer
+from mlmkit.config import parse_config
+from mlmkit.modeling import MaskedLMModule, embedded_model_path, position_offset
+
+KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=130)
+
+
+def tiny(kind: str, vocab: int = 100):
+    torch.manual_seed(0)
+    if kind == "bert":
+        return BertForMaskedLM(BertConfig(vocab_size=vocab, **KW))
+    return RobertaForMaskedLM(RobertaConfig(vocab_size=vocab, pad_token_id=1, **KW))
+
+
+def batch(vocab=100, B=4, T=12):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    labels = torch.full((B, T), -100)
+    pick = (torch.rand(B, T, generator=g) < 0.3) & mask.bool()
+    labels[pick] = ids[pick]
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_sparse_head_gives_the_full_heads_loss_and_gradients(kind):
+    model = tiny(kind)
+    ids, mask, labels = batch()
+    full = MaskedLMModule(model, sparse_prediction=False)
+    sparse = MaskedLMModule(model, sparse_prediction=True)
+    assert sparse.sparse_prediction and not full.sparse_prediction
+    loss_full, n_full = full(input_ids=ids, attention_mask=mask, labels=labels)
+    loss_full.backward()
+    grads_full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_sparse, n_sparse = sparse(input_ids=ids, attention_mask=mask, labels=labels)
+    loss_sparse.backward()
+    assert n_full == n_sparse == (labels != -100).sum()
+    torch.testing.assert_close(loss_sparse, loss_full, rtol=1e-5, atol=1e-5)
+    for gf, p in zip(grads_full, model.parameters()):
+        torch.testing.assert_close(p.grad, gf, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_is_a_sum_matching_hf_mean_times_count():
+    model = tiny("bert")
+    ids, mask, labels = batch()
+    loss_sum, count = MaskedLMModule(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    hf_mean = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss_sum / count, hf_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_head_layout_falls_back_to_full_head():
+    model = tiny("bert")
+    model.predictions = model.cls
+    del model.cls
+    assert MaskedLMModule(model, sparse_prediction=True).sparse_prediction is False
+
+
+def test_position_offsets():
+    assert position_offset(tiny("bert")) == 0
+    assert position_offset(tiny("roberta")) == 2  # pad id 1 + 1
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    model = tiny("bert")
+    opt = build_optimizer(model, parse_config(["--weight_decay", "0.1"]))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)]
+               for p in decay["params"])
+
+
+def test_embedded_model_is_a_real_pretrained_bert():
+    from transformers import AutoConfig
+    path = embedded_model_path()
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "bert" and config.num_hidden_layers == 6 and config.hidden_size == 384
+    assert (path / "model.safetensors").is_file() and (path / "vocab.txt").is_file()

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from mlmkit.sampler import TrainPlan, eval_plan
+
+
+def plans(n, batch, accum, world, **kw):
+    lengths = np.random.default_rng(0).integers(3, 128, size=n)
+    return [TrainPlan(lengths, per_device_batch_size=batch, grad_accum=accum, num_processes=world,
+                      process_index=r, seed=5, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("n, batch, accum, world, gbl", [
+    (103, 4, 1, 1, False), (103, 4, 2, 2, False), (100, 5, 3, 2, True), (7, 4, 2, 2, False),
+    (1000, 8, 1, 4, True)])
+def test_each_example_exactly_once_per_epoch(n, batch, accum, world, gbl):
+    ps = plans(n, batch, accum, world, group_by_length=gbl)
+    for epoch in range(2):
+        seen, steps = [], None
+        per_rank = [list(p.epoch(epoch)) for p in ps]
+        steps = {len(r) for r in per_rank}
+        assert steps == {len(ps[0])}  # every process runs the same number of steps...
+        for rank_steps in per_rank:
+            for _, micro in rank_steps:
+                assert len(micro) == accum  # ...and of micro-batches per step
+                for mb in micro:
+                    assert len(mb) <= batch
+                    seen += mb
+        assert sorted(seen) == list(range(n))
+
+
+def test_global_batch_is_independent_of_how_it_is_split():
+    """B on 1 process == B/2 on 2 processes == B/2 x 2 accumulation: the same examples per step."""
+    one = plans(64, 8, 1, 1)[0]
+    two = plans(64, 4, 1, 2)
+    acc = plans(64, 4, 2, 1)[0]
+    for (s1, m1), (s2a, m2a), (s2b, m2b), (s3, m3) in zip(one.epoch(0), two[0].epoch(0),
+                                                           two[1].epoch(0), acc.epoch(0)):
+        assert sorted(m1[0]) == sorted(m2a[0] + m2b[0]) == sorted(m3[0] + m3[1])
+
+
+def test_order_is_reproducible_and_changes_with_epoch_and_seed():
+    a, b = plans(50, 4, 1, 1)[0], plans(50, 4, 1, 1)[0]
+    assert [m for _, m in a.epoch(0)] == [m for _, m in b.epoch(0)]
+    assert [m for _, m in a.epoch(0)] != [m for _, m in a.epoch(1)]
+    other = TrainPlan(a.lengths, per_device_batch_size=4, grad_accum=1, num_processes=1,
+                      process_index=0, seed=6)
+    assert [m for _, m in a.epoch(0)] != [m for _, m in other.epoch(0)]
+
+
+def test_resume_skips_to_the_same_batches():
+    p = plans(50, 4, 1, 1)[0]
+    full = list(p.epoch(3))
+    assert list(p.epoch(3, start_step=5)) == full[5:]
+
+
+def test_group_by_length_reduces_padding():
+    lengths = np.random.default_rng(1).integers(3, 128, size=4000)
+    def pad_fraction(gbl):
+        p = TrainPlan(lengths, per_device_batch_size=16, grad_accum=1, num_processes=1,
+                      process_index=0, seed=0, group_by_length=gbl)
+        real = comp = 0
+        for _, (mb,) in p.epoch(0):
+            real += lengths[mb].sum()
+            comp += lengths[mb].max() * len(mb)
+        return 1 - real / comp
+    assert pad_fraction(True) < 0.1 < 0.3 < pad_fraction(False)
+
+
+@pytest.mark.parametrize("n, bs, world", [(10, 4, 1), (10, 4, 3), (2, 4, 3), (64, 32, 2)])
+def test_eval_plan_shards_without_duplicates(n, bs, world):
+    shards = [eval_plan(n, bs, world, r) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # same number of batches everywhere
+    flat = sorted(i for s in shards for b in s for i in b)
+    assert flat == list(range(n))
