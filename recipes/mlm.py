@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     num_epochs = math.ceil(max_steps / len(plan))
 
     optimizer = build_optimizer(module, cfg)
-    scheduler = build_scheduler(optimizer, cfg, max_steps)  # stepped by us, once per step
     module, optimizer = accelerator.prepare(module, optimizer)
+    # Built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped by us, once per
+    # optimizer step; not handed to prepare(), which would step it once per process.
+    scheduler = build_scheduler(optimizer, cfg, max_steps)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(cfg.seed, device_specific=True)
 

