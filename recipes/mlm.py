@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                      grad_accum=cfg.gradient_accumulation_steps,
                      num_processes=accelerator.num_processes,
                      process_index=accelerator.process_index, seed=cfg.seed,
-                     group_by_length=cfg.group_by_length)
+                     group_by_length=cfg.group_by_length,
+                     pack_capacity=cfg.max_seq_length if cfg.padding == "packed" else None)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
     num_epochs = math.ceil(max_steps / len(plan))
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers(cfg.wandb_project, config=cfg.to_dict(),
                                   init_kwargs=M.tracker_init_kwargs(cfg))
     metrics_log = M.MetricsLog(accelerator, output_dir)
-    log(f"train: {max_steps} steps x {plan.global_batch_size} examples "
+    unit = "rows" if cfg.padding == "packed" else "examples"
+    log(f"train: {max_steps} steps x {plan.global_batch_size} {unit} "
         f"({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
         f"accumulation x {accelerator.num_processes} processes), padding={cfg.padding}, "
         f"mask_padding={cfg.mask_padding}, sparse_prediction={module_sparse(accelerator, module)}")
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= max_steps:
                 break
             micro_batches = []
-            for indices in micro_plan:
-                batch = collator(train_set.fetch(indices or [0]))
+            for micro in micro_plan:
+                indices, rows = plan.layout(micro)  # rows: the packed layout, or None
+                batch = collator(train_set.fetch(indices or [0]), rows=rows)
                 if not indices:  # dummy: runs the forward, contributes nothing
                     batch["labels"].fill_(-100)
                     batch["num_masked_tokens"].zero_()

@@ -475,14 +475,19 @@ class MaskedLMCollator:
     # ------------------------------------------------------------------------------------------------
     # Collation
     # ------------------------------------------------------------------------------------------------
-    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+    def __call__(self, examples: Sequence[Any], rows: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+        """Collate ``examples``. In packed mode ``rows`` (lists of positions into ``examples``) may give
+        the row layout, e.g. one planned by the sampler over a larger buffer; by default the batch
+        is packed on its own with `pack_rows`."""
+        if rows is not None and self.padding != "packed":
+            raise ValueError('MaskedLMCollator: rows= is only meaningful with padding="packed"')
         ids, special, lengths, idxs = self._parse(examples)  # (N,), (N,)
         masked, labels = self._mask_flat(ids, special, lengths, idxs)  # (N,), (N,)
         lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
         example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,) example of each token
         within = torch.arange(ids.numel()) - (torch.cumsum(lens, 0) - lens)[example_of]  # (N,) 0..L-1 per example
         if self.padding == "packed":
-            batch = self._packed(masked, labels, lengths, example_of, within)
+            batch = self._packed(masked, labels, lengths, example_of, within, rows)
         else:
             batch = self._padded(masked, labels, lengths, example_of, within)
         batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
@@ -526,9 +531,16 @@ class MaskedLMCollator:
         lengths: list[int],
         example_of: torch.Tensor,
         within: torch.Tensor,
+        rows: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, Any]:
         assert self.max_length is not None
-        rows = pack_rows(lengths, self.max_length)
+        if rows is None:
+            rows = pack_rows(lengths, self.max_length)
+        elif sorted(i for row in rows for i in row) != list(range(len(lengths))) or any(
+            sum(lengths[i] for i in row) > self.max_length for row in rows
+        ):
+            raise ValueError("MaskedLMCollator: rows must place every example exactly once, "
+                             f"each row holding at most max_length={self.max_length} tokens")
         n_rows = len(rows)
         row_of = [0] * len(lengths)  # row of each example
         start_of = [0] * len(lengths)  # first column of each example in its row

@@ -85,7 +85,9 @@ class MLMConfig:
         default=True,
         metadata={"help": "Apply the MLM head only at masked positions (same loss, less compute)."})
     # --- optimisation ------------------------------------------------------------------------
-    per_device_train_batch_size: int = field(default=16)
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Examples per device per micro-batch; with --padding packed, "
+                                      "rows of max_seq_length tokens."})
     per_device_eval_batch_size: int = field(default=32)
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=5e-5)
@@ -162,6 +164,9 @@ class MLMConfig:
         if self.dataset_name and (self.train_file or self.validation_file):
             bad("dataset_name", "given together with train_file/validation_file",
                 "pass either --dataset_name or --train_file, not both")
+        if self.group_by_length and self.padding == "packed":
+            bad("group_by_length", "has no effect with --padding packed (packed rows carry no "
+                "padding to save)", "drop --group_by_length or use --padding longest")
         if self.validation_file and not self.train_file:
             bad("validation_file", "given without train_file", "add --train_file")
         for key in ("train_file", "validation_file"):

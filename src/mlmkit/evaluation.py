@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .collator import MaskedLMCollator, model_inputs
+from .loop import to_device
 from .modeling import token_logprobs
 from .sampler import eval_plan
 from .tracking import (EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
@@ -48,7 +49,7 @@ def evaluate(accelerator, module, examples, collator, *, batch_size: int, max_se
     for indices in plan:
         dummy = not indices  # this process ran out: run example 0 with no targets (ZeRO-3 needs
         batch = collator(examples.fetch(indices or [0]))  # every process to run each forward)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         if dummy:
             batch["labels"].fill_(-100)
         loss_sum, count = module(**model_inputs(batch, mask_padding=True))

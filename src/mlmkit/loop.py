@@ -18,6 +18,11 @@ from transformers import get_scheduler
 from .collator import model_inputs
 
 
+def to_device(batch: dict, device) -> dict:
+    """Move a collated batch; non-tensor entries (flash's max_length_q/k ints) stay as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters).
 
@@ -81,7 +86,7 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     for batch in micro_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with accelerator.accumulate(module):
             micro_loss_sum, _ = module(**model_inputs(batch, mask_padding=mask_padding))
             accelerator.backward(micro_loss_sum * scale)

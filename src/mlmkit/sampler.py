@@ -12,6 +12,13 @@ no gradient. Every process therefore runs the same number of forward passes (ZeR
 every example is seen exactly once per epoch, and because the loss is normalised by the global
 count of masked tokens, uneven micro-batches weigh exactly as they should.
 
+With ``pack_capacity`` (``--padding packed``) a batch counts *rows* of ``pack_capacity`` tokens,
+not examples: the shuffled order is packed window by window (about ``PACK_WINDOW`` global batches
+of examples at a time) with the collator's best-fit packer; the fullest rows are emitted in a
+shuffled order and the examples of the least-full leftover rows are carried into the next window,
+so rows stay nearly full (pad fraction ~1% on the embedded corpus). A micro-batch is then a list of
+rows (lists of example indices), which the collator lays out exactly as planned.
+
 With ``group_by_length`` the shuffled order is cut into mega-batches of 50 global batches, each
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 MEGABATCH_MULT = 50
+PACK_WINDOW = 4
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -30,7 +38,8 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
 
 class TrainPlan:
     def __init__(self, lengths, *, per_device_batch_size: int, grad_accum: int,
-                 num_processes: int, process_index: int, seed: int, group_by_length: bool = False):
+                 num_processes: int, process_index: int, seed: int, group_by_length: bool = False,
+                 pack_capacity: int | None = None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.per_device_batch_size = per_device_batch_size
         self.grad_accum = grad_accum
@@ -38,16 +47,25 @@ class TrainPlan:
         self.process_index = process_index
         self.seed = seed
         self.group_by_length = group_by_length
+        self.pack_capacity = pack_capacity
+        # examples per step, or rows per step when packing
         self.global_batch_size = per_device_batch_size * grad_accum * num_processes
+        self._len: int | None = None
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (the last one may be short)."""
-        return -(-len(self.lengths) // self.global_batch_size)
+        if self.pack_capacity is None:
+            return -(-len(self.lengths) // self.global_batch_size)
+        if self._len is None:  # packing decides the row count; the same in every epoch to ±1
+            self._len = len(self.global_batches(0))
+        return self._len
 
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
+    def global_batches(self, epoch: int) -> list:
         rng = _rng(self.seed, epoch)
         order = rng.permutation(len(self.lengths))
         gbs = self.global_batch_size
+        if self.pack_capacity is not None:
+            return self._packed_batches(order, rng)
         if not self.group_by_length:
             return [order[i:i + gbs] for i in range(0, len(order), gbs)]
         mega = gbs * MEGABATCH_MULT
@@ -63,22 +81,70 @@ class TrainPlan:
         tail = [b for b in batches if len(b) < gbs]
         return [full[i] for i in rng.permutation(len(full))] + tail
 
-    def split(self, global_batch: np.ndarray) -> list[list[int]]:
-        """This process's ``grad_accum`` micro-batches of one global batch (empty = dummy)."""
+    def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
+        from .collator import pack_rows  # the collator's packer: one packing algorithm
+
+        cap, gbs = self.pack_capacity, self.global_batch_size
+        lengths = np.minimum(self.lengths, cap)  # the collator truncates to the row length
+        window_tokens = PACK_WINDOW * gbs * cap
+        batches, carry, pos = [], [], 0
+        while pos < len(order) or carry:
+            pool, tokens = list(carry), int(lengths[carry].sum()) if carry else 0
+            while pos < len(order) and tokens < window_tokens:
+                pool.append(int(order[pos]))
+                tokens += int(lengths[order[pos]])
+                pos += 1
+            rows = [[pool[i] for i in row] for row in pack_rows(lengths[pool].tolist(), cap)]
+            rows.sort(key=lambda row: -int(lengths[row].sum()))  # fullest first (stable)
+            keep = len(rows) if pos >= len(order) else (len(rows) // gbs) * gbs
+            if keep == 0:  # window too small to fill a batch: widen it
+                window_tokens *= 2
+                carry = pool
+                continue
+            emitted, carry = rows[:keep], [i for row in rows[keep:] for i in row]
+            emitted = [emitted[i] for i in rng.permutation(len(emitted))]
+            batches += [emitted[i:i + gbs] for i in range(0, len(emitted), gbs)]
+        # a short batch (the epoch's last rows) goes last, as in the unpacked plan
+        return [b for b in batches if len(b) == gbs] + [b for b in batches if len(b) < gbs]
+
+    def split(self, global_batch) -> list[list]:
+        """This process's ``grad_accum`` micro-batches of one global batch (empty = dummy).
+
+        A micro-batch is a list of example indices, or with packing a list of rows of indices.
+        """
         n_micro = self.grad_accum * self.num_processes
-        if len(global_batch) == self.global_batch_size:
-            chunks = np.split(global_batch, n_micro)
-        else:
-            chunks = np.array_split(global_batch, n_micro)
+        items = list(global_batch)
+        per = len(items) // n_micro
+        extra = len(items) % n_micro  # the first `extra` chunks get one more (array_split's rule)
+        bounds = [g * per + min(g, extra) for g in range(n_micro + 1)]
         # micro-batch g of process r is chunk g * num_processes + r
-        return [chunks[g * self.num_processes + self.process_index].tolist()
-                for g in range(self.grad_accum)]
+        out = []
+        for g in range(self.grad_accum):
+            c = g * self.num_processes + self.process_index
+            out.append([_plain(x) for x in items[bounds[c]:bounds[c + 1]]])
+        return out
+
+    @staticmethod
+    def layout(micro_batch: list) -> tuple[list[int], list[list[int]] | None]:
+        """(example indices, rows as positions into them or None) for the collator."""
+        if micro_batch and isinstance(micro_batch[0], list):
+            indices = [i for row in micro_batch for i in row]
+            rows, start = [], 0
+            for row in micro_batch:
+                rows.append(list(range(start, start + len(row))))
+                start += len(row)
+            return indices, rows
+        return micro_batch, None
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield ``(step_in_epoch, micro_batches)`` from ``start_step`` on (resume skips ahead)."""
         for step, gb in enumerate(self.global_batches(epoch)):
             if step >= start_step:
                 yield step, self.split(gb)
+
+
+def _plain(x):
+    return [int(i) for i in x] if isinstance(x, (list, np.ndarray)) else int(x)
 
 
 def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:

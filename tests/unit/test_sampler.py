@@ -73,3 +73,27 @@ def test_eval_plan_shards_without_duplicates(n, bs, world):
     assert len({len(s) for s in shards}) == 1  # same number of batches everywhere
     flat = sorted(i for s in shards for b in s for i in b)
     assert flat == list(range(n))
+
+
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 2)])
+def test_packed_plan_fills_rows_and_covers_every_example_once(world, accum):
+    lengths = np.random.default_rng(3).integers(5, 129, size=700)
+    ps = [TrainPlan(lengths, per_device_batch_size=4, grad_accum=accum, num_processes=world,
+                    process_index=r, seed=1, pack_capacity=128) for r in range(world)]
+    seen, used, rows_total = [], 0, 0
+    for p in ps:
+        steps = list(p.epoch(0))
+        assert len(steps) == len(p)
+        for _, micro in steps:
+            assert len(micro) == accum
+            for mb in micro:
+                assert len(mb) <= 4  # rows per micro-batch
+                for row in mb:
+                    assert lengths[row].sum() <= 128
+                    seen += row
+                    used += lengths[row].sum()
+                rows_total += len(mb)
+    assert sorted(seen) == list(range(700))
+    assert 1 - used / (rows_total * 128) < 0.03  # rows nearly full
+    indices, rows = TrainPlan.layout(ps[0].split(ps[0].global_batches(0)[0])[0])
+    assert [indices[i] for row in rows for i in row] == indices
