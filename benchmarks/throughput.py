@@ -1,0 +1,217 @@
+"""Training throughput: mlmkit's modes against the Hugging Face baseline, side by side.
+
+    python benchmarks/throughput.py [--steps 20] [--batch_size 16] [--max_seq_length 128] \
+        [--model_name_or_path PATH] [--attn_implementation sdpa] [--bf16] \
+        [--output benchmarks/results/throughput.json]
+
+Same model (default: the embedded all-MiniLM-L6-v2), same corpus (the embedded CPython docs,
+line by line), same batch size, same optimizer (fused AdamW) and the same number of timed steps
+for every mode, in one process run. Modes:
+
+* ``hf_baseline`` -- what a user of ``run_mlm_no_trainer.py --line_by_line`` gets: the tokenizer
+  without padding, ``DataCollatorForLanguageModeling``, random batches, ``model(**batch).loss``
+  (the full vocabulary head at every position);
+* ``padded`` -- mlmkit, dynamic padding with the attention mask, full head;
+* ``padded_sparse`` -- the same with the masked-only head (``--sparse_prediction``, the default);
+* ``group_by_length`` -- length-grouped batches, masked-only head;
+* ``packed`` -- rows of max_seq_length packed with isolated examples (block-diagonal mask,
+  restarted positions), full head; ``--per_device_train_batch_size`` counts rows here, so packed
+  steps hold more examples: compare real tokens/s, not steps/s;
+* ``packed_sparse`` -- packed with the masked-only head.
+
+Reported per mode: real (non-padding) tokens/s, all positions/s, pad fraction, ms per step, peak
+memory (GPU: max allocated; CPU: growth of the process's peak RSS, an upper bound), and the ratio of
+real tokens/s to the baseline's. Written as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
+from mlmkit.config import parse_config  # noqa: E402
+from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
+from mlmkit.loop import build_optimizer, to_device  # noqa: E402
+from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
+from mlmkit.sampler import TrainPlan  # noqa: E402
+
+
+def peak_mem_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return 0.0
+    return peak_mem_gb(device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_mode(name, model, batches, real, device, args, *, sparse: bool, hf: bool) -> dict:
+    """Train ``len(batches)`` steps (the first ``args.warmup`` untimed); return the measurements.
+
+    ``real``: non-padding tokens per batch. ``hf``: the baseline's own step, ``model(**batch).loss``
+    (mean over its masked tokens, full head at every position), as the HF script does.
+    """
+    module = MaskedLMModule(model, sparse_prediction=sparse).to(device)
+    optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    base = reset_peak(device)
+    n_real = computed = 0
+    elapsed = 0.0
+    for i, (batch, r) in enumerate(zip(batches, real)):
+        sync(device)
+        t0 = time.perf_counter()
+        batch = to_device(batch, device)
+        with autocast:
+            if hf:
+                loss = model(**batch).loss
+            else:
+                loss_sum, count = module(**model_inputs(batch))
+                loss = loss_sum / count.clamp(min=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            elapsed += time.perf_counter() - t0
+            computed += batch["input_ids"].numel()
+            n_real += r
+    steps = len(batches) - args.warmup
+    return {"mode": name, "steps": steps, "real_tokens_per_s": n_real / elapsed,
+            "tokens_per_s": computed / elapsed, "pad_fraction": 1 - n_real / computed,
+            "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": peak_mem_gb(device) - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--packed_rows", type=int, default=None,
+                        help="rows per packed batch (default: batch_size)")
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--model_name_or_path", default=None)
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--modes", default="hf_baseline,padded,padded_sparse,group_by_length,"
+                                           "packed,packed_sparse")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/throughput.json"))
+    args = parser.parse_args()
+
+    from transformers import DataCollatorForLanguageModeling
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = ["--max_seq_length", str(args.max_seq_length), "--attn_implementation",
+             args.attn_implementation]
+    if args.model_name_or_path:
+        flags += ["--model_name_or_path", args.model_name_or_path]
+    cfg = parse_config(flags)
+    tokenizer = load_tokenizer(cfg)
+    train = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["train"]
+    examples = IndexedExamples(train)
+    n_steps = args.steps + args.warmup
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer).to(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    offset = position_offset(model)
+
+    def plan(**kw):
+        return TrainPlan(examples.lengths, grad_accum=1, num_processes=1, process_index=0, seed=0,
+                         **kw)
+
+    def mlmkit_batches(padding: str, p: TrainPlan):
+        collator = MaskedLMCollator(tokenizer, padding=padding, max_length=args.max_seq_length,
+                                    attn_implementation=args.attn_implementation,
+                                    position_offset=offset)
+        out = []
+        for _, (micro,) in p.epoch(0):
+            indices, rows = p.layout(micro)
+            out.append(collator(examples.fetch(indices), rows=rows))
+            if len(out) == n_steps:
+                return out
+        raise SystemExit("corpus too small for --steps")
+
+    def hf_batches():
+        # run_mlm_no_trainer --line_by_line: tokenized without padding (input_ids, attention_mask,
+        # special_tokens_mask), random batches, DataCollatorForLanguageModeling pads them.
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        order = np.random.default_rng(0).permutation(len(examples))
+        out = []
+        for s in range(n_steps):
+            idx = order[s * args.batch_size:(s + 1) * args.batch_size]
+            feats = [{"input_ids": e["input_ids"], "special_tokens_mask": e["special_tokens_mask"],
+                      "attention_mask": [1] * len(e["input_ids"])} for e in examples.fetch(idx)]
+            batch = dict(collator(feats))
+            batch["_real"] = sum(len(f["input_ids"]) for f in feats)
+            out.append(batch)
+        return out
+
+    rows = args.packed_rows or args.batch_size
+    builders = {
+        "hf_baseline": lambda: (hf_batches(), False, True),
+        "padded": lambda: (mlmkit_batches("longest", plan(per_device_batch_size=args.batch_size)),
+                           False, False),
+        "padded_sparse": lambda: (mlmkit_batches("longest", plan(
+            per_device_batch_size=args.batch_size)), True, False),
+        "group_by_length": lambda: (mlmkit_batches("longest", plan(
+            per_device_batch_size=args.batch_size, group_by_length=True)), True, False),
+        "packed": lambda: (mlmkit_batches("packed", plan(
+            per_device_batch_size=rows, pack_capacity=args.max_seq_length)), False, False),
+        "packed_sparse": lambda: (mlmkit_batches("packed", plan(
+            per_device_batch_size=rows, pack_capacity=args.max_seq_length)), True, False),
+    }
+    results = []
+    for name in args.modes.split(","):
+        batches, sparse, hf = builders[name]()
+        real = [b.pop("_real") if hf else int(b["num_real_tokens"]) for b in batches]
+        model.load_state_dict(initial)  # every mode starts from the same weights
+        res = run_mode(name, model, batches, real, device, args, sparse=sparse, hf=hf)
+        results.append(res)
+        print(f"  {name:16s} {res['real_tokens_per_s']:9.0f} real tok/s", flush=True)
+
+    base = next((r for r in results if r["mode"] == "hf_baseline"), results[0])
+    for r in results:
+        r["ratio_vs_baseline"] = r["real_tokens_per_s"] / base["real_tokens_per_s"]
+    device_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads)")
+    header = (f"| mode | real tokens/s | all positions/s | pad fraction | ms/step | "
+              f"peak mem (GB) | × baseline |\n|---|---:|---:|---:|---:|---:|---:|")
+    lines = [header] + [
+        f"| {r['mode']} | {r['real_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+        f"{r['pad_fraction']:.3f} | {r['ms_per_step']:.0f} | {r['peak_mem_gb']:.2f} | "
+        f"{r['ratio_vs_baseline']:.2f} |" for r in results]
+    print(f"\n{device_name}; model {cfg.model_name_or_path or 'all-MiniLM-L6-v2 (embedded)'}, "
+          f"batch {args.batch_size} (packed: {rows} rows of {args.max_seq_length}), "
+          f"{args.steps} timed steps, attn {args.attn_implementation}, "
+          f"{'bf16' if args.bf16 else 'fp32'}\n")
+    print("\n".join(lines))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device_name, "args": vars(args), "results": results},
+                              indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
