@@ -32,6 +32,30 @@ EPOCH = "epoch"
 
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
             "all": ["wandb", "tensorboard"], "none": []}
+# The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
+                    "trackio": ("trackio",)}
+
+
+def check_trackers(report_to: str) -> list[str]:
+    """Accelerate's tracker names for ``--report_to``, after checking that their packages import.
+
+    Accelerate drops a tracker whose package is missing with only a debug log line, so a run
+    asked to log to trackio would silently log nowhere; this turns that into a ConfigError.
+    """
+    import importlib.util
+
+    from .config import ConfigError
+    if report_to not in TRACKERS:
+        raise ConfigError(f"report_to={report_to!r}: not a known value. "
+                          f"Fix: use one of {', '.join(TRACKERS)}.")
+    for name in TRACKERS[report_to]:
+        if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
+            raise ConfigError(
+                f"report_to={report_to!r}: the {name} package is not installed. "
+                f"Fix: `pip install {TRACKER_PACKAGES[name][0]}`, or pass another --report_to "
+                "(metrics.jsonl is written whatever the tracker).")
+    return list(TRACKERS[report_to])
 
 
 def perplexity(loss: float) -> float:
@@ -65,7 +89,9 @@ def tracker_init_kwargs(cfg, run_id: str | None = None) -> dict:
                     "dir": os.environ.get("WANDB_DIR")}
     if run_id:
         wandb_kwargs.update(id=run_id, resume="allow")
-    return {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None}}
+    trackio_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group}  # trackio has no tags
+    return {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None},
+            "trackio": {k: v for k, v in trackio_kwargs.items() if v is not None}}
 
 
 def wandb_run_id(accelerator) -> str | None:

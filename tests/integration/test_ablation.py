@@ -1,0 +1,225 @@
+"""The padding ablation end to end: `python recipes/ablate_padding.py --config <yaml>` launches the
+recipe per arm x seed (tiny BERT, real W&B offline), skips finished runs when re-run, carries on
+past a failed run, and writes the report (table, JSON, plots)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from mlmkit import tracking as M
+
+RUNNER = ROOT / "recipes" / "ablate_padding.py"
+ACCELERATE_CONFIG = ROOT / "accelerate_configs" / "cpu.yaml"
+TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm colours, in arm order
+
+
+def run_ablation(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    # no WANDB_DIR: the recipe puts each run's W&B folder under the run's output_dir
+    return subprocess.run([sys.executable, str(RUNNER), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ablation_yaml(tmp_path, tiny_bert_dir, tokenizer_path):
+    """Two real arms and one that fails at run time (empty corpus: a DataError in the recipe)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    spec = {
+        "name": "abl-test",
+        "output_dir": str(tmp_path / "abl"),
+        "accelerate_config": str(ACCELERATE_CONFIG),
+        "seeds": 1,
+        "recipe": {"config_name": tiny_bert_dir, "tokenizer_name": tokenizer_path,
+                   "max_train_samples": 200, "max_eval_samples": 64,
+                   "per_device_eval_batch_size": 32, "max_train_steps": 4, "eval_steps": 2,
+                   "logging_steps": 2, "learning_rate": 3e-3, "report_to": "wandb",
+                   "progress_bar": False},
+        "arms": {"masked": {"padding": "longest", "mask_padding": True},
+                 "unmasked": {"padding": "longest", "mask_padding": False},
+                 "broken": {"train_file": str(empty)}},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------- W&B's offline transaction log
+def wandb_records(path: Path):
+    """The protobuf Records of a .wandb file (LevelDB-log framing: 32 KiB blocks, 7-byte record
+    headers, records split FIRST/MIDDLE/LAST across blocks), parsed with wandb's own protobufs.
+    wandb 0.31 ships no Python reader (its internal DataStore moved to the Go core)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start a record
+        if kind in (1, 4):  # FULL/LAST end one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_run(run_dir: Path) -> dict:
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (log,) = offline.glob("run-*.wandb")
+    out = {"config": {}, "history": set()}
+    for record in wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group,
+                       tags=list(record.run.tags), project=record.run.project)
+            out["config"].update(
+                {u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "history":
+            out["history"].update(i.key or "/".join(i.nested_key) for i in record.history.item)
+    return out
+
+
+def arm_pixels(png: Path, arm: str) -> int:
+    """Pixels of exactly the arm's colour: the arm was drawn (lines, bars, dots)."""
+    from PIL import Image
+    image = Image.open(png).convert("RGB")
+    colours = image.getcolors(image.width * image.height)  # [(count, (r, g, b)), ...]
+    return sum(n for n, colour in colours if colour == TAB10[arm])
+
+
+# ------------------------------------------------------------------------------------------ tests
+def runner_main():
+    """The runner's main(), imported from the script (for the fast in-process checks)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ablate_padding", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_bad_ablation_yaml_fails_before_launching(tmp_path, ablation_yaml, capsys):
+    spec = yaml.safe_load(ablation_yaml.read_text())
+    cases = [
+        ({"arms": {**spec["arms"], "unmasked": {"mask_paddin": False}}},
+         "arms.unmasked.mask_paddin", "did you mean 'mask_padding'"),
+        ({"seed": 3}, "seed: unknown key", "did you mean 'seeds'"),
+        ({"recipe": {**spec["recipe"], "learning_rate": "fast"}}, "arm 'masked'", "learning_rate"),
+        ({"recipe": {**spec["recipe"], "wandb_group": "x"}}, "recipe.wandb_group",
+         "`name:` in the ablation YAML"),
+        ({"reference": "packed"}, "reference", "use one of masked, unmasked, broken"),
+    ]
+    import importlib.util
+    main = runner_main()
+    if importlib.util.find_spec("trackio") is None:
+        cases.append(({"recipe": {**spec["recipe"], "report_to": "trackio"}}, "report_to",
+                      "pip install trackio"))
+    for change, where, fix in cases:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**spec, **change}, sort_keys=False))
+        assert main(["--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert where in err and fix in err and "Fix" in err, err
+    assert not Path(spec["output_dir"]).exists()
+
+
+def test_dry_run_prints_one_launch_per_run(ablation_yaml):
+    spec = yaml.safe_load(ablation_yaml.read_text())
+    proc = run_ablation(["--config", str(ablation_yaml), "--dry_run", "--seeds", "0", "1",
+                         "--max_train_steps", "3"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 * 2
+    for line, (seed, arm) in zip(lines, [(s, a) for s in (0, 1) for a in spec["arms"]]):
+        argv = shlex.split(line)
+        assert argv[:5] == ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIG),
+                            "recipes/mlm.py"]
+        flags = " ".join(argv[5:])
+        assert f"--output_dir {spec['output_dir']}/{arm}/seed{seed}" in flags
+        assert f"--seed {seed} --run_name {arm}-seed{seed} --wandb_group abl-test " \
+               f"--wandb_tags {arm} seed{seed}" in flags
+        assert "--max_train_steps 3" in flags  # a command-line recipe flag reaches every arm
+    assert "--mask_padding false" in lines[1] and "--mask_padding true" in lines[0]
+    assert not Path(spec["output_dir"]).exists()  # nothing launched, nothing written
+
+
+def test_ablation_end_to_end(ablation_yaml):
+    spec = yaml.safe_load(ablation_yaml.read_text())
+    out = Path(spec["output_dir"])
+    proc = run_ablation(["--config", str(ablation_yaml)])
+    log = proc.stdout + proc.stderr
+    # the broken arm fails, the others still run, and the runner says so with a non-zero exit
+    assert proc.returncode == 1, log
+    assert "[3/3] broken-seed0: FAILED" in proc.stdout and "1 run(s) failed: broken-seed0" in log
+    assert not (out / "broken" / "seed0" / "summary.json").exists()
+
+    for arm in ("masked", "unmasked"):
+        run_dir = out / arm / "seed0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary[M.STEP] == 4 and summary[M.TRAIN_RUNTIME] > 0
+        names = set().union(*M.read_metrics(run_dir))
+        assert {M.EVAL_LOSS, M.EVAL_LOSS_UNMASKED, M.EVAL_PAD_SENSITIVITY, M.EVAL_PERPLEXITY,
+                M.TRAIN_REAL_TOKENS_PER_S, M.TRAIN_PAD_FRACTION, M.TRAIN_LOSS} <= names
+        # the real W&B offline run: named, grouped, tagged, with the resolved config and metrics
+        wb = wandb_run(run_dir)
+        assert wb["name"] == f"{arm}-seed0" and wb["group"] == "abl-test"
+        assert wb["tags"] == [arm, "seed0"] and wb["project"] == "mlmkit"
+        assert wb["config"]["mask_padding"] is (arm == "masked")
+        assert wb["config"]["seed"] == 0 and wb["config"]["max_train_steps"] == 4
+        assert {M.EVAL_LOSS, M.TRAIN_REAL_TOKENS_PER_S, M.EVAL_PAD_SENSITIVITY} <= wb["history"]
+
+    # the report: table rows for every arm, numbers for the finished ones, the failure listed
+    md = (out / "report.md").read_text()
+    assert "| `masked` | 1 |" in md and "| `unmasked` | 1 |" in md and "| `broken` | 0 |" in md
+    assert "[n/a: 1 seed]" in md and "1 of 3 runs did not finish" in md
+    report = json.loads((out / "report.json").read_text())
+    masked, unmasked = report["arms"]["masked"], report["arms"]["unmasked"]
+    for entry in (masked, unmasked):
+        for key in ("eval_loss", "perplexity", "eval_loss_unmasked", "pad_sensitivity",
+                    "real_tokens_per_s", "pad_fraction", "runtime_s"):
+            assert isinstance(entry[key]["mean"], float), key
+        assert entry["curve"]["step"] == [0, 2, 4]
+    delta = unmasked["paired_delta_vs_reference"]
+    assert delta["n"] == 1 and delta["ci95"] is None
+    assert delta["mean"] == pytest.approx(unmasked["eval_loss"]["mean"]
+                                          - masked["eval_loss"]["mean"])
+    assert report["arms"]["broken"]["n_seeds"] == 0
+    assert report["arms"]["broken"]["not_finished"][0]["status"] == "unfinished"
+    for name in ("eval_loss.png", "perplexity.png", "pad_sensitivity.png", "throughput.png"):
+        png = out / name
+        assert png.stat().st_size > 5000, name
+        assert arm_pixels(png, "masked") > 50 and arm_pixels(png, "unmasked") > 50, name
+    assert arm_pixels(out / "paired_delta.png", "unmasked") > 5
+
+    # re-run: finished runs are skipped (untouched), only the failed one is tried again
+    stamps = {arm: (out / arm / "seed0" / "summary.json").stat().st_mtime_ns
+              for arm in ("masked", "unmasked")}
+    proc = run_ablation(["--config", str(ablation_yaml)])
+    assert proc.returncode == 1
+    assert "[1/3] masked-seed0: finished earlier, skipped" in proc.stdout
+    assert "[2/3] unmasked-seed0: finished earlier, skipped" in proc.stdout
+    assert "[3/3] broken-seed0: running" in proc.stdout and "WARNING" not in proc.stdout
+    for arm, stamp in stamps.items():
+        assert (out / arm / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+        assert len(list((out / arm / "seed0" / "wandb").glob("offline-run-*"))) == 1
+    assert (out / "broken" / "seed0" / "launch.log").read_text().count("==== exit") == 2
