@@ -32,5 +32,9 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py
 
+ablation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
+	    --config recipes/configs/ablation_padding.yaml $(ARGS)
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
