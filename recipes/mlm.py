@@ -10,12 +10,17 @@ settings (processes, nodes, ZeRO stage, mixed precision) come from `accelerate l
 the recipe config. `--mask_padding false` withholds the mask from the model: the padding
 ablation's unmasked arm, not something to train with.
 
-Outputs in --output_dir: config.yaml, metrics.jsonl, summary.json, model/ (HF format).
+Outputs in --output_dir: config.yaml, metrics.jsonl, summary.json, model/ (HF format), and
+checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_total_limit kept).
+
+Kill it anywhere and run the same command again: it resumes from the newest complete checkpoint
+(--resume_from_checkpoint auto) to the same result. SIGTERM/SIGINT stop it cleanly: every process
+finishes the current step, a checkpoint is saved, and it exits with status 0 without summary.json
+or model/ (Slurm's --requeue then reruns the same command); see mlmkit/checkpoint.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -28,8 +33,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
+from mlmkit import checkpoint as ckpt  # noqa: E402
 from mlmkit import tracking as M  # noqa: E402  (metric names)
-from mlmkit.config import ConfigError, MLMConfig, parse_config, save_config  # noqa: E402
+from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
 from mlmkit.data import DataError  # noqa: E402
 
 
@@ -37,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ============================================================================ config
     # Everything that can be wrong with the config fails here, before any model loads.
     cfg: MLMConfig = parse_config(sys.argv[1:] if argv is None else argv)
+    trackers = M.check_trackers(cfg.report_to)  # a missing tracker package is a ConfigError
     output_dir = Path(cfg.output_dir)
-    if (output_dir / "summary.json").exists() and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir={cfg.output_dir!r} holds a finished run (summary.json). "
-                          "Fix: pass a new --output_dir, or --overwrite_output_dir true to replace it.")
+    # A finished run or other settings in output_dir -> ConfigError; else fresh start or resume.
+    resume = ckpt.check_output_dir(cfg)
 
     # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
     import transformers
@@ -59,7 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     no_gpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    trackers = M.TRACKERS[cfg.report_to]
     accelerator = Accelerator(
         # Without a GPU: DDP needs cpu=True (else each process thinks it is alone); DeepSpeed
         # must keep cpu=False (cpu=True disables it) and needs an explicit gloo group.
@@ -77,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     log = accelerator.print
     if not main_proc:
         transformers.logging.set_verbosity_error()
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("summary.json", "metrics.jsonl"):  # --overwrite_output_dir
-            (output_dir / stale).unlink(missing_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    ckpt.check_launch(resume, accelerator)  # same processes and engine as the checkpoint's
+    if main_proc:  # wipe (--overwrite_output_dir), cut metrics.jsonl back to the checkpoint
+        ckpt.prepare_output_dir(cfg, resume)
+    for warning in resume.warnings:
+        log(f"warning: {warning}")
+    accelerator.wait_for_everyone()
     # Same seed on every process while the model is built (a new MLM head must be identical on
     # all ranks, ZeRO-3 included); per-process seeds for dropout afterwards.
     set_seed(cfg.seed)
@@ -130,9 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
         notice = M.setup_wandb_env(cfg.output_dir)
         if notice:
             log(notice)
-    if trackers:
+    ts = resume.state or ckpt.TrainState(launch=ckpt.launch_signature(accelerator))
+    if trackers:  # a resumed run continues its W&B run (same id)
         accelerator.init_trackers(cfg.wandb_project, config=cfg.to_dict(),
-                                  init_kwargs=M.tracker_init_kwargs(cfg))
+                                  init_kwargs=M.tracker_init_kwargs(cfg, ts.wandb_run_id))
+        ts.wandb_run_id = M.wandb_run_id(accelerator)
     metrics_log = M.MetricsLog(accelerator, output_dir)
     unit = "rows" if cfg.padding == "packed" else "examples"
     log(f"train: {max_steps} steps x {plan.global_batch_size} {unit} "
@@ -151,16 +159,34 @@ def main(argv: list[str] | None = None) -> dict:
             f"perplexity {metrics[M.EVAL_PERPLEXITY]:.2f}")
         return metrics
 
+    # ============================================================================ resume
+    # Last before the loop: load_state restores every process's RNG as it was at the save.
+    if resume.checkpoint is not None:
+        ckpt.load_checkpoint(accelerator, resume)
+        log(f"resuming from {resume.checkpoint} (step {ts.step}; epoch {ts.epoch}, "
+            f"batch {ts.step_in_epoch} of it)")
+    ts.first_eval = ts.first_eval or run_eval(0)
+
     # ============================================================================ train
-    first_eval = run_eval(0)
-    step, train_time, logged_time, window_loss, window_masked = 0, 0.0, 0.0, 0.0, 0
-    counter = TokenCounter()
-    progress = tqdm(total=max_steps, disable=not (main_proc and cfg.progress_bar), desc="train")
+    counter, totals = TokenCounter(), TokenCounter()  # this log window; the whole run
+    counter.computed, counter.real = ts.window_tokens
+    totals.computed, totals.real = ts.total_tokens
+    stopper = ckpt.StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, stop
+
+    def save_checkpoint() -> Path:
+        ts.window_tokens = [counter.computed, counter.real]
+        ts.total_tokens = [totals.computed, totals.real]
+        return ckpt.save_checkpoint(accelerator, cfg, ts)
+
+    progress = tqdm(total=max_steps, initial=ts.step, desc="train",
+                    disable=not (main_proc and cfg.progress_bar))
     module.train()
-    for epoch in range(num_epochs):
+    stop = False
+    for epoch in range(ts.epoch, num_epochs):
         collator.set_epoch(epoch)
-        for _, micro_plan in plan.epoch(epoch):
-            if step >= max_steps:
+        start = ts.step_in_epoch if epoch == ts.epoch else 0
+        for step_in_epoch, micro_plan in plan.epoch(epoch, start_step=start):
+            if stop or ts.step >= max_steps:
                 break
             micro_batches = []
             for micro in micro_plan:
@@ -170,43 +196,61 @@ def main(argv: list[str] | None = None) -> dict:
                     batch["labels"].fill_(-100)
                     batch["num_masked_tokens"].zero_()
                 counter.add(batch, dummy=not indices)
+                totals.add(batch, dummy=not indices)
                 micro_batches.append(batch)
             t0 = time.perf_counter()
             out = train_step(accelerator, module, optimizer, scheduler, micro_batches,
                              mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm)
-            train_time += time.perf_counter() - t0
-            step += 1
-            window_loss += out["loss"] * out["masked_tokens"]
-            window_masked += out["masked_tokens"]
+            ts.train_time += time.perf_counter() - t0
+            ts.step, ts.epoch, ts.step_in_epoch = ts.step + 1, epoch, step_in_epoch + 1
+            step = ts.step
+            ts.window_loss += out["loss"] * out["masked_tokens"]
+            ts.window_masked += out["masked_tokens"]
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == max_steps:
-                rates = counter.pop(train_time - logged_time, accelerator.num_processes)
-                logged_time = train_time
-                loss = window_loss / max(window_masked, 1)
+                rates = counter.pop(ts.train_time - ts.logged_time, accelerator.num_processes)
+                ts.logged_time = ts.train_time
+                loss = ts.window_loss / max(ts.window_masked, 1)
                 metrics = {M.TRAIN_LOSS: loss, M.TRAIN_LR: scheduler.get_last_lr()[0],
-                           M.TRAIN_MASKED_TOKENS: window_masked, M.EPOCH: step / len(plan),
+                           M.TRAIN_MASKED_TOKENS: ts.window_masked, M.EPOCH: step / len(plan),
                            M.SYS_PEAK_MEM_GB: peak_mem_gb(), **rates}
                 if out["grad_norm"] is not None:
                     metrics[M.TRAIN_GRAD_NORM] = out["grad_norm"]
                 metrics_log.log(metrics, step)
                 progress.set_postfix(loss=f"{loss:.3f}",
                                      tok_s=f"{rates[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
-                window_loss, window_masked = 0.0, 0
+                ts.window_loss, ts.window_masked = 0.0, 0
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < max_steps:
                 run_eval(step)
+            # ---- checkpoint; after a signal every process stops after this same step
+            periodic = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
+            if periodic:
+                last_checkpoint = save_checkpoint()
+            stop = stopper.agreed(accelerator)
+            if stop and not periodic:
+                last_checkpoint = save_checkpoint()
     progress.close()
+    stopper.restore()  # signals are handled between training steps only
+    if stop:  # pre-empted: not finished, so no summary.json and no model/
+        log(f"stopped by {stopper.received or 'a signal to another process'} after step "
+            f"{ts.step} of {max_steps}; saved {last_checkpoint}. To resume, run the same command "
+            "again (--resume_from_checkpoint auto finds the newest checkpoint).")
+        accelerator.end_training()
+        return {"stopped": True, M.STEP: ts.step, "checkpoint": str(last_checkpoint)}
 
     # ============================================================================ final eval + export
-    final_eval = run_eval(step)
-    save_hf_model(accelerator, module, tokenizer, output_dir / "model")
+    first_eval = ts.first_eval
+    final_eval = run_eval(ts.step)
+    ckpt.export_hf_model(accelerator, module, tokenizer, output_dir / "model")
     summary = {**final_eval, "first/" + M.EVAL_LOSS: first_eval[M.EVAL_LOSS],
                "first/" + M.EVAL_PERPLEXITY: first_eval[M.EVAL_PERPLEXITY],
-               M.TRAIN_RUNTIME: train_time, M.STEP: step, M.SYS_PEAK_MEM_GB: peak_mem_gb(),
+               M.TRAIN_RUNTIME: ts.train_time, M.STEP: ts.step, M.SYS_PEAK_MEM_GB: peak_mem_gb(),
+               **totals.pop(ts.train_time, accelerator.num_processes),  # whole-run throughput
                "train/examples": len(train_set), "num_processes": accelerator.num_processes}
     if main_proc:
-        write_json_atomic(output_dir / "summary.json", summary)
+        ckpt.write_json_atomic(output_dir / "summary.json", summary)
         log(f"done: eval perplexity {first_eval[M.EVAL_PERPLEXITY]:.2f} -> "
-            f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {train_time:.0f} s of training; "
+            f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {ts.train_time:.0f} s of training; "
             f"outputs in {output_dir}")
     accelerator.end_training()
     return summary
@@ -222,31 +266,6 @@ def peak_mem_gb() -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_hf_model(accelerator, module, tokenizer, target: Path) -> None:
-    """Export model/ in HF format (safetensors + tokenizer); under ZeRO-3 the 16-bit gathered
-    weights. Written to a temporary folder and renamed, so model/ is never half-written."""
-    import shutil
-    state = accelerator.get_state_dict(module)  # every process must call (ZeRO-3 gathers)
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state,
-                                                           safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

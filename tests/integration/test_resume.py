@@ -1,0 +1,264 @@
+"""Kill it anywhere, resume to the same result: the recipe launched for real, interrupted by
+SIGKILL or SIGTERM mid-epoch, then started again with the same command.
+
+The tiny BERT here has dropout 0.1, so equal results prove that every process's RNG state was
+restored, not just the weights, optimizer, scheduler and data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ACCELERATE, RECIPE, ROOT, TINY_BERT, launch
+from mlmkit import tracking as M
+from mlmkit.checkpoint import MARKER, STATE_FILE, validate_checkpoint
+from mlmkit.tracking import read_metrics
+
+DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
+       "--mixed_precision", "no"]
+TIMING = (M.TRAIN_TOKENS_PER_S, M.TRAIN_REAL_TOKENS_PER_S, M.SYS_PEAK_MEM_GB)
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory, tokenizer_path) -> list[str]:
+    """128 examples, 8 per step: 16 steps an epoch, 32 steps in all; a checkpoint every 3 steps
+    (mostly mid-epoch and mid logging window), the newest 2 kept."""
+    model_dir = tmp_path_factory.mktemp("tiny_bert_dropout")
+    (model_dir / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_dropout_prob": 0.1}))
+    return ["--config_name", str(model_dir), "--tokenizer_name", tokenizer_path,
+            "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
+            "--per_device_eval_batch_size", "32", "--eval_pad_sensitivity", "false",
+            "--max_train_samples", "128", "--per_device_train_batch_size", "8",
+            "--max_train_steps", "32", "--learning_rate", "1e-3", "--logging_steps", "2",
+            "--eval_steps", "8", "--checkpointing_steps", "3", "--save_total_limit", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, args) -> Path:
+    """The uninterrupted run (one process) that every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    launch([*args, "--output_dir", str(out)])
+    return out
+
+
+# ------------------------------------------------------------------------------ helpers
+def start(args: list[str], accelerate_args: list[str] | None = None, env: dict | None = None):
+    """`accelerate launch ... recipes/mlm.py args` in the background, in a session of its own."""
+    accelerate_args = accelerate_args or ["--config_file",
+                                          str(ROOT / "accelerate_configs" / "cpu.yaml")]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([str(ACCELERATE), "launch", *accelerate_args, str(RECIPE), *args],
+                            cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_checkpoint(proc, out: Path, min_step: int, timeout: float = 240) -> int:
+    """Poll until a complete checkpoint-<step >= min_step> exists; return its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = complete_checkpoints(out)
+        if steps and steps[-1] >= min_step:
+            return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before checkpoint {min_step}:\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        time.sleep(0.01)
+    kill_tree(proc)
+    raise AssertionError(f"no checkpoint {min_step} after {timeout} s")
+
+
+def complete_checkpoints(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = []
+    for path in root.glob("checkpoint-*"):
+        if (path / MARKER).exists():
+            steps.append(int(path.name.split("-")[1]))
+    return sorted(steps)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL the launcher and every process under it (torchrun puts each worker in a session of
+    its own, so killing the launcher's process group would miss them): workers first."""
+    try:
+        launcher = psutil.Process(proc.pid)
+        victims = launcher.children(recursive=True)[::-1] + [launcher]
+    except psutil.NoSuchProcess:
+        victims = []
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.communicate(timeout=30)
+
+
+def wait_gone(pids: list[int], timeout: float = 120) -> None:
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=timeout)
+    assert not alive, f"still running: {alive}"
+
+
+def recipe_pids(proc, count: int = 1) -> list[int]:
+    """The ``count`` recipe processes under the launcher, once they have all started."""
+    for _ in range(1200):
+        kids = []
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "mlm.py" in " ".join(p.cmdline()):
+                    kids.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        if len(kids) >= count:
+            return kids
+        time.sleep(0.05)
+    kill_tree(proc)
+    raise AssertionError(f"{count} recipe processes not found")
+
+
+def assert_same_run(out: Path, ref: Path, *, tol: float = 0.0) -> None:
+    """Same final eval, first eval, weights and metrics.jsonl (timings aside) as the reference."""
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    for key in (M.EVAL_LOSS, "first/" + M.EVAL_LOSS, "first/" + M.EVAL_PERPLEXITY, M.STEP):
+        assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (out, ref))
+    assert a.keys() == b.keys()
+    for name in a:
+        if tol == 0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=tol)
+    records = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(d)]
+               for d in (out, ref)]
+    assert [r[M.STEP] for r in records[0]] == [r[M.STEP] for r in records[1]]  # no duplicates
+    if tol == 0:
+        assert records[0] == records[1]
+    else:
+        for x, y in zip(*records):
+            assert x == pytest.approx(y, rel=tol, abs=tol)
+
+
+# ------------------------------------------------------------------------------ tests
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, args, reference):
+    """SIGKILL (no chance to save) after checkpoint 6; the newest checkpoint is then damaged, so
+    the rerun skips it with a warning and resumes from the one before: same result, to the bit."""
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
+        "checkpoint-27", "checkpoint-30"]  # retention: save_total_limit 2, newest kept
+
+    out = tmp_path / "run"
+    cmd = [*args, "--output_dir", str(out)]
+    proc = start(cmd)
+    wait_for_checkpoint(proc, out, 6)
+    kill_tree(proc)
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    steps = complete_checkpoints(out)
+    assert len(steps) == 2 and steps[-1] < 32, steps
+    newest, previous = (out / "checkpoints" / f"checkpoint-{s}" for s in (steps[-1], steps[0]))
+    optimizer = newest / "optimizer.bin"  # as if the disk had lost its tail
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    (out / "checkpoints" / ".tmp-checkpoint-99").mkdir()  # a save killed half-way
+
+    proc = launch(cmd)
+    assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in proc.stdout
+    assert f"resuming from {previous} (step {steps[0]}" in proc.stdout
+    assert_same_run(out, reference)
+    # the damaged checkpoint was rewritten on the way; the newest 2 remain, no temporaries
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint-27", "checkpoint-30"]
+
+
+def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, args, reference):
+    """`kill <launcher pid>` under the one-process launcher (which does not forward signals): the
+    recipe finishes its step, saves, prints how to resume and exits without summary or model;
+    the rerun continues the same (offline) W&B run and ends exactly like the reference."""
+    out = tmp_path / "run"
+    cmd = [*args, "--output_dir", str(out), "--report_to", "wandb"]
+    env = {"WANDB_MODE": "offline"}
+    proc = start(cmd, env=env)
+    pids = recipe_pids(proc)
+    wait_for_checkpoint(proc, out, 3)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]  # EOF once the recipe process has exited too
+    wait_gone(pids)
+    match = re.search(r"stopped by SIGTERM after step (\d+) of 32; saved (\S+)\. To resume, run "
+                      r"the same command again", output)
+    assert match, output[-4000:]
+    assert "Traceback" not in output
+    step, saved = int(match.group(1)), Path(match.group(2))
+    assert 3 <= step < 32 and saved == out / "checkpoints" / f"checkpoint-{step}"
+    assert validate_checkpoint(saved) is None
+    state = json.loads((saved / STATE_FILE).read_text())
+    assert state["step"] == step and state["wandb_run_id"]
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+    assert max(r[M.STEP] for r in read_metrics(out)) <= step
+
+    proc = launch(cmd, env=env)
+    assert f"resuming from {saved} (step {step}" in proc.stdout
+    assert_same_run(out, reference)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-" + state["wandb_run_id"]) for r in runs)
+
+
+def test_ddp_signal_to_one_rank_then_sigkill_then_resume(tmp_path, args):
+    """Two DDP processes. SIGTERM to rank 1 only: both ranks agree to stop after the same step,
+    save, and exit 0. The resumed run is SIGKILLed (every process) after a later checkpoint. The
+    third launch finishes like the uninterrupted 2-process run (within 1e-5)."""
+    ref = tmp_path / "reference"
+    launch([*args, "--output_dir", str(ref)], accelerate_args=DDP)
+
+    out = tmp_path / "run"
+    cmd = [*args, "--output_dir", str(out)]
+    proc = start(cmd, DDP)
+    ranks = recipe_pids(proc, count=2)
+    wait_for_checkpoint(proc, out, 3)
+    rank1 = next(p for p in ranks if psutil.Process(p).environ().get("RANK") == "1")
+    os.kill(rank1, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-4000:]  # both recipes exited 0: torchrun did too
+    match = re.search(r"stopped by a signal to another process after step (\d+)", output)
+    assert match, output[-4000:]  # rank 0 never got the signal, but stopped at the same step
+    stopped = int(match.group(1))
+    state = json.loads((out / "checkpoints" / f"checkpoint-{stopped}" / STATE_FILE).read_text())
+    assert state["step"] == stopped and state["launch"]["num_processes"] == 2
+
+    proc = start(cmd, DDP)
+    wait_for_checkpoint(proc, out, stopped + 4)
+    kill_tree(proc)
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+
+    proc = launch(cmd, accelerate_args=DDP)
+    assert re.search(r"resuming from \S+checkpoint-\d+ \(step \d+", proc.stdout)
+    assert_same_run(out, ref, tol=1e-5)
+
+
+def test_other_settings_or_a_finished_run_are_refused_before_loading(tmp_path, args, reference):
+    """The recipe's main(), in this process: the output-folder checks fail fast with the fix."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mlm_recipe", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from mlmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"finished run.*--overwrite_output_dir true"):
+        recipe.main([*args, "--output_dir", str(reference)])
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((reference / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.001 there, "
+                                          r"0.002 now\).*to resume it"):
+        recipe.main([*args, "--output_dir", str(unfinished), "--learning_rate", "2e-3"])
+    assert sorted(p.name for p in unfinished.iterdir()) == ["config.yaml"]  # nothing touched
