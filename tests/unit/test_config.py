@@ -66,3 +66,9 @@ def test_recipe_yamls_parse():
     assert recipe_files
     for file in recipe_files:
         parse_config(["--config", str(file)])
+
+
+def test_default_yaml_spells_out_the_real_defaults():
+    from pathlib import Path
+    file = Path(__file__).parents[2] / "recipes" / "configs" / "default.yaml"
+    assert parse_config(["--config", str(file)]) == parse_config([])
