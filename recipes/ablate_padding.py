@@ -61,6 +61,7 @@ ABLATION_KEYS = {
     "accelerate_config": "the `accelerate launch --config_file` of every run",
     "seeds": "a count (0..n-1) or a list of seeds",
     "reference": "the arm that paired differences are taken against",
+    "comparisons": "extra paired differences, a list of [arm, against] pairs",
     "recipe_config": "a recipe YAML passed to every run as --config (optional)",
     "recipe": "recipe flags shared by every arm",
     "arms": "arm name -> recipe flags of that arm",
@@ -85,6 +86,7 @@ class Ablation:
     accelerate_config: str
     seeds: list[int]
     reference: str
+    comparisons: list[list[str]]
     recipe_config: str | None
     recipe: dict
     arms: dict[str, dict]
@@ -196,6 +198,11 @@ def load_ablation(path: str) -> Ablation:
     if reference not in arms:
         raise _fail(path, "reference", f"{reference!r} is not an arm",
                     f"use one of {', '.join(arms)}")
+    comparisons = data.get("comparisons") or []
+    if not isinstance(comparisons, list) or not all(
+            isinstance(c, list) and len(c) == 2 and all(a in arms for a in c) for c in comparisons):
+        raise _fail(path, "comparisons", f"{comparisons!r} is not a list of [arm, against] pairs "
+                    "of arms", f"e.g. [[packed_naive, packed]] with arms from {', '.join(arms)}")
     recipe_config = data.get("recipe_config")
     if recipe_config is not None:
         recipe_config = _resolve_file(path, "recipe_config", recipe_config)
@@ -206,7 +213,7 @@ def load_ablation(path: str) -> Ablation:
     return Ablation(
         path=path, name=name, output_dir=Path(output_dir),
         accelerate_config=_resolve_file(path, "accelerate_config", accelerate_config),
-        seeds=seeds, reference=reference, recipe_config=recipe_config,
+        seeds=seeds, reference=reference, comparisons=comparisons, recipe_config=recipe_config,
         recipe=_check_flags(path, "recipe", data.get("recipe")), arms=arms)
 
 
@@ -321,7 +328,8 @@ def write_plan(ablation: Ablation, runs: list[Run]) -> None:
     planned = {arm for arm, _ in entries}  # arms of this and earlier invocations, YAML order first
     arm_order = [a for a in ablation.arms if a in planned] + sorted(planned - set(ablation.arms))
     seeds = sorted({s for _, s in entries})
-    data = {"name": ablation.name, "reference": ablation.reference, "arms": arm_order,
+    data = {"name": ablation.name, "reference": ablation.reference,
+            "comparisons": ablation.comparisons, "arms": arm_order,
             "seeds": seeds, "config": ablation.path,
             "runs": sorted(entries.values(), key=lambda r: (r["seed"], arm_order.index(r["arm"])
                                                             if r["arm"] in arm_order else 0))}

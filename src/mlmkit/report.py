@@ -323,6 +323,9 @@ def summarize(runs: list[Run], plan: dict | None = None, reference: str | None =
                   "note": r.note, "step": r.summary.get(STEP),
                   "eval_loss": r.final(EVAL_LOSS), "perplexity": r.final(EVAL_PERPLEXITY),
                   "runtime_s": r.final(TRAIN_RUNTIME)} for r in table],
+        "comparisons": [
+            {"arm": a, "against": b, "paired_delta": paired_difference(final_loss[a], final_loss[b])}
+            for a, b in plan.get("comparisons", []) if a in final_loss and b in final_loss],
         "n_runs": len(runs), "n_finished": len(runs) - len(unfinished),
         "arm_differences": _config_differences(runs),
         "notes": notes,
@@ -386,24 +389,10 @@ def _delta(d: dict | None, reference_arm: bool) -> str:
 def what_the_numbers_say(numbers: dict) -> list[str]:
     """Factual sentences computed from the numbers (no judgement beyond what they show)."""
     ref, arms = numbers["reference"], numbers["arms"]
-    lines = []
-    for arm, entry in arms.items():
-        d = entry["paired_delta_vs_reference"]
-        if arm == ref or not d or not d["n"]:
-            continue
-        head = (f"`{arm}` − `{ref}`: final eval loss Δ = {_f(d['mean'], signed=True)}")
-        if d["ci95"] is None:
-            lines.append(f"{head} from a single paired seed; no interval (run more seeds).")
-            continue
-        lo, hi = d["ci95"]
-        if lo > 0 or hi < 0:
-            direction = "higher" if d["mean"] > 0 else "lower"
-            verdict = (f"the interval excludes 0: `{arm}` ends with a {direction} eval loss than "
-                       f"`{ref}`")
-        else:
-            verdict = f"the interval includes 0: no difference detectable with {d['n']} seeds"
-        lines.append(f"{head} (95% CI [{_f(lo, signed=True)}, {_f(hi, signed=True)}], "
-                     f"n = {d['n']} paired seeds); {verdict}.")
+    pairs = [(arm, ref, entry["paired_delta_vs_reference"]) for arm, entry in arms.items()
+             if arm != ref]
+    pairs += [(c["arm"], c["against"], c["paired_delta"]) for c in numbers.get("comparisons", [])]
+    lines = [_paired_sentence(arm, against, d) for arm, against, d in pairs if d and d["n"]]
     gaps = []
     for arm, entry in arms.items():
         lu, lm = entry["eval_loss_unmasked"]["mean"], entry["eval_loss"]["mean"]
@@ -435,6 +424,22 @@ def what_the_numbers_say(numbers: dict) -> list[str]:
         lines.append(f"{len(missing)} of {numbers['n_runs']} runs did not finish and are left "
                      f"out of every number above: {names}.")
     return lines
+
+
+def _paired_sentence(arm: str, against: str, d: dict) -> str:
+    head = f"`{arm}` − `{against}`: final eval loss Δ = {_f(d['mean'], signed=True)}"
+    if d["ci95"] is None:
+        return f"{head} from a single paired seed; no interval (run more seeds)."
+    lo, hi = d["ci95"]
+    if lo > 0 or hi < 0:
+        direction = "higher" if d["mean"] > 0 else "lower"
+        verdict = f"the interval excludes 0: `{arm}` ends with a {direction} eval loss than `{against}`"
+    else:
+        verdict = f"the interval includes 0: no difference detectable with {d['n']} seeds"
+    diffs = list(d["per_seed"].values())
+    same = f"; {sum(v > 0 for v in diffs)} of {len(diffs)} seeds positive"
+    return (f"{head} (95% CI [{_f(lo, signed=True)}, {_f(hi, signed=True)}], n = {d['n']} paired "
+            f"seeds{same}); {verdict}.")
 
 
 PLOTS = {  # file -> title (short: it must fit a narrow figure)
@@ -557,12 +562,13 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
     bars("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY)
     bars("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)
 
-    others = [a for a in names
-              if a != ref and (arms[a]["paired_delta_vs_reference"] or {}).get("n")]
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.5 * len(others)), 3.8))
+    # every paired difference: each arm against the reference, then the extra comparisons
+    pairs = [(a, ref, arms[a]["paired_delta_vs_reference"]) for a in names if a != ref]
+    pairs += [(c["arm"], c["against"], c["paired_delta"]) for c in numbers.get("comparisons", [])]
+    pairs = [(a, b, d) for a, b, d in pairs if d and d.get("n")]
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.5 * len(pairs)), 3.8))
     ax.axhline(0.0, color="gray", linewidth=1)
-    for i, arm in enumerate(others):
-        d = arms[arm]["paired_delta_vs_reference"]
+    for i, (arm, _, d) in enumerate(pairs):
         seeds = list(d["per_seed"].values())  # beside the mean, so that n = 1 stays visible
         ax.scatter([i + 0.15] * len(seeds), seeds, color=colors[arm], s=18, zorder=5)
         if d["ci95"]:
@@ -570,9 +576,9 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
                         fmt="D", color="black", capsize=6, zorder=4)
         else:
             ax.plot(i, d["mean"], "D", color="black", zorder=4)
-    if others:
-        ax.set_xticks(range(len(others)), [f"{a} − {ref}" for a in others], rotation=15)
-        ax.set_xlim(-0.6, len(others) - 0.4)
+    if pairs:
+        ax.set_xticks(range(len(pairs)), [f"{a} − {b}" for a, b, _ in pairs], rotation=15)
+        ax.set_xlim(-0.6, len(pairs) - 0.4)
     else:
         ax.text(0.5, 0.5, f"no arm paired with '{ref}'", ha="center", transform=ax.transAxes)
     ax.set_ylabel(f"Δ {EVAL_LOSS}")

@@ -64,6 +64,7 @@ def ablation(tmp_path):
     write_run(root / "packed" / "seed2", "packed", 2, finished=False)  # failed mid-run
     (root / "packed" / "seed2" / "launch.log").write_text("Traceback ...\n")
     plan = {"name": "abl", "reference": "masked", "arms": list(LOSSES), "seeds": [0, 1, 2],
+            "comparisons": [["unmasked", "packed"]],
             "runs": [{"arm": a, "seed": s, "output_dir": f"{a}/seed{s}"}
                      for s in (0, 1, 2) for a in LOSSES]}
     (root / R.PLAN_FILE).write_text(json.dumps(plan))
@@ -136,6 +137,11 @@ def test_report_from_run_folders(ablation):
     assert "the interval excludes 0: `unmasked` ends with a higher eval loss" in md
     assert "the interval includes 0: no difference detectable with 2 seeds" in md
     assert "3 of 12 runs did not finish" in md and "launch.log" in md
+    # an extra comparison from the plan: unmasked - packed over seeds 0, 1: (0.04, 0.12)
+    (extra,) = numbers["comparisons"]
+    assert (extra["arm"], extra["against"]) == ("unmasked", "packed")
+    assert extra["paired_delta"]["mean"] == pytest.approx(0.08)
+    assert "`unmasked` − `packed`: final eval loss Δ = +0.0800" in md
     saved = json.loads((ablation / "report.json").read_text())
     assert saved["arms"]["unmasked"]["eval_loss"]["per_seed"] == pytest.approx(
         {"0": 3.05, "1": 3.20, "2": 2.98})
