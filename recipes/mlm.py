@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mlmkit.collator import MaskedLMCollator
+    from mlmkit.collator import MaskedLMCollator, drop_targets
     from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
     from mlmkit.evaluation import evaluate, eval_collator
     from mlmkit.loop import TokenCounter, build_optimizer, build_scheduler, train_step
@@ -192,9 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             for micro in micro_plan:
                 indices, rows = plan.layout(micro)  # rows: the packed layout, or None
                 batch = collator(train_set.fetch(indices or [0]), rows=rows)
-                if not indices:  # dummy: runs the forward, contributes nothing
-                    batch["labels"].fill_(-100)
-                    batch["num_masked_tokens"].zero_()
+                if not indices:  # this process ran out of examples
+                    drop_targets(batch)
                 counter.add(batch, dummy=not indices)
                 totals.add(batch, dummy=not indices)
                 micro_batches.append(batch)

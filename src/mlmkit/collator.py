@@ -124,6 +124,18 @@ def model_inputs(batch: Mapping[str, Any], mask_padding: bool = True) -> dict[st
     return {k: v for k, v in batch.items() if k not in drop}
 
 
+def drop_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """Make ``batch`` a dummy: no labels, no masked tokens; the forward still runs.
+
+    A process that has run out of examples (the short last batch of an epoch, the eval tail) runs
+    one of these so that every process makes the same forward calls (ZeRO-3 gathers parameters
+    collectively), while it adds nothing to the global token-weighted loss. In place; returns it.
+    """
+    batch["labels"].fill_(-100)
+    batch["num_masked_tokens"].zero_()
+    return batch
+
+
 def _splitmix64(x: int) -> int:
     """One round of the SplitMix64 finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -600,6 +612,7 @@ __all__ = [
     "ISOLATION_KEYS",
     "METADATA_KEYS",
     "MaskedLMCollator",
+    "drop_targets",
     "example_seed",
     "model_inputs",
     "pack_rows",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .collator import MaskedLMCollator, model_inputs
+from .collator import MaskedLMCollator, drop_targets, model_inputs
 from .loop import to_device
 from .modeling import token_logprobs
 from .sampler import eval_plan
@@ -47,11 +47,10 @@ def evaluate(accelerator, module, examples, collator, *, batch_size: int, max_se
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, loss unmasked, masked count
     plan = eval_plan(len(examples), batch_size, accelerator.num_processes, accelerator.process_index)
     for indices in plan:
-        dummy = not indices  # this process ran out: run example 0 with no targets (ZeRO-3 needs
-        batch = collator(examples.fetch(indices or [0]))  # every process to run each forward)
+        batch = collator(examples.fetch(indices or [0]))
+        if not indices:  # this process ran out of examples
+            drop_targets(batch)
         batch = to_device(batch, device)
-        if dummy:
-            batch["labels"].fill_(-100)
         loss_sum, count = module(**model_inputs(batch, mask_padding=True))
         sums[0] += loss_sum.double()
         sums[2] += count.double()

@@ -16,6 +16,7 @@ import torch
 from transformers import get_scheduler
 
 from .collator import model_inputs
+from .tracking import TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_TOKENS_PER_S
 
 
 def to_device(batch: dict, device) -> dict:
@@ -64,7 +65,6 @@ class TokenCounter:
 
     def pop(self, seconds: float, num_processes: int) -> dict:
         """Rates over all processes (every process sees statistically the same load)."""
-        from .tracking import TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_TOKENS_PER_S
         seconds = max(seconds, 1e-9)
         out = {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
                TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
