@@ -39,10 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from accelerate.utils import send_to_device  # noqa: E402
+
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
 from mlmkit.config import parse_config  # noqa: E402
 from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
-from mlmkit.loop import build_optimizer, to_device  # noqa: E402
+from mlmkit.loop import build_optimizer  # noqa: E402
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
 from mlmkit.sampler import TrainPlan  # noqa: E402
 
@@ -79,7 +81,7 @@ def run_mode(name, model, batches, real, device, args, *, sparse: bool, hf: bool
     for i, (batch, r) in enumerate(zip(batches, real)):
         sync(device)
         t0 = time.perf_counter()
-        batch = to_device(batch, device)
+        batch = send_to_device(batch, device)
         with autocast:
             if hf:
                 loss = model(**batch).loss

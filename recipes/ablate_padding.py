@@ -32,8 +32,6 @@ changes the padded arms, not the packed arms' row count).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import os
 import re
@@ -44,14 +42,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
+from mlmkit.config import FIELDS, MLMConfig, differences, parse_config  # noqa: E402
+from mlmkit.configio import (ConfigError, did_you_mean, read_yaml_mapping,  # noqa: E402
+                             to_cli_args)
+from mlmkit.fileio import write_json_atomic  # noqa: E402
+from mlmkit.report import PLAN_FILE  # noqa: E402  (read by the report)
 from mlmkit.tracking import check_trackers  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "mlm.py"
@@ -71,10 +71,7 @@ RUNNER_FLAGS = {"output_dir": "`output_dir:` in the ablation YAML or --output_di
                 "seed": "`seeds:` in the ablation YAML or --seeds",
                 "run_name": "<arm>-seed<k>", "wandb_group": "`name:` in the ablation YAML",
                 "wandb_tags": "<arm> seed<k>", "config": "`recipe_config:` in the ablation YAML"}
-# Keys that legitimately differ between a finished run's config.yaml and the plan.
-NOT_COMPARED = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"}
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-PLAN_FILE = "ablation.json"  # read by mlmkit.report (arm/seed of every planned run)
 
 
 # ================================================================================ the ablation file
@@ -93,7 +90,7 @@ class Ablation:
 
 
 @dataclass
-class Run:
+class PlannedRun:
     arm: str
     seed: int
     output_dir: Path
@@ -137,15 +134,13 @@ def _check_flags(path: str, where: str, flags) -> dict:
     if not isinstance(flags, dict):
         raise _fail(path, where, "expected a mapping of recipe flags",
                     "write `flag: value` lines, e.g. `learning_rate: 1.0e-4`")
-    known = {f.name for f in dataclasses.fields(MLMConfig)}
     for key, value in flags.items():
         name = f"--{key}" if where == "--" else f"{where}.{key}"  # "--": from the command line
         if key in RUNNER_FLAGS:
             raise _fail(path, name, "is set per run by the ablation runner",
                         f"remove it (it comes from {RUNNER_FLAGS[key]})")
-        if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean '{near[0]}'?" if near else "see recipes/mlm.py --help"
+        if key not in FIELDS:
+            hint = did_you_mean(key, FIELDS, "see recipes/mlm.py --help")
             raise _fail(path, name, "unknown recipe flag", f"remove or rename it ({hint})")
         if isinstance(value, dict) or (isinstance(value, list)
                                        and any(isinstance(v, (dict, list)) for v in value)):
@@ -156,20 +151,11 @@ def _check_flags(path: str, where: str, flags) -> dict:
 
 def load_ablation(path: str) -> Ablation:
     """Read and check the ablation YAML (its own keys; the runs' flags are checked by `plan`)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--config {path}: no such file. Fix: pass an ablation YAML, e.g. "
-                          "--config recipes/configs/ablation_padding.yaml.")
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({err}). Fix the syntax.") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of key: value pairs.")
+    data = read_yaml_mapping(path, example="recipes/configs/ablation_padding.yaml")
     for key in data:
         if key not in ABLATION_KEYS:
-            near = difflib.get_close_matches(str(key), ABLATION_KEYS, n=1)
-            hint = (f"did you mean '{near[0]}'?" if near else "recipe flags go under `recipe:` "
-                    "or an arm; the top-level keys are " + ", ".join(ABLATION_KEYS))
+            hint = did_you_mean(key, ABLATION_KEYS, "recipe flags go under `recipe:` or an arm; "
+                                "the top-level keys are " + ", ".join(ABLATION_KEYS))
             raise _fail(path, str(key), "unknown key", f"remove or rename it ({hint})")
 
     name = data.get("name") or Path(path).stem
@@ -217,20 +203,6 @@ def load_ablation(path: str) -> Ablation:
         recipe=_check_flags(path, "recipe", data.get("recipe")), arms=arms)
 
 
-def flag_args(flags: dict) -> list[str]:
-    """Recipe flags as command-line arguments (YAML types -> the recipe parser's spelling)."""
-    args = []
-    for key, value in flags.items():
-        if value is None:
-            continue  # null keeps the value from the lower layer (or the recipe default)
-        values = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and not value:
-            continue
-        args += [f"--{key}", *(("true" if v else "false") if isinstance(v, bool) else str(v)
-                               for v in values)]
-    return args
-
-
 def parse_overrides(tokens: list[str]) -> dict:
     """`--key value [value ...]` / `--key=value` pairs given after the runner's own flags."""
     flags: dict = {}
@@ -252,7 +224,7 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def plan(ablation: Ablation, overrides: dict, arms: list[str] | None = None,
-         seeds: list[int] | None = None) -> list[Run]:
+         seeds: list[int] | None = None) -> list[PlannedRun]:
     """Every run's recipe arguments, each checked by the recipe's own parser (nothing launched)."""
     overrides = _check_flags("command line", "--", overrides)
     for arm in arms or []:
@@ -266,7 +238,7 @@ def plan(ablation: Ablation, overrides: dict, arms: list[str] | None = None,
                 continue
             out = ablation.output_dir / arm / f"seed{seed}"
             args = ((["--config", ablation.recipe_config] if ablation.recipe_config else [])
-                    + flag_args({**ablation.recipe, **overrides, **arm_flags})
+                    + to_cli_args({**ablation.recipe, **overrides, **arm_flags})
                     + ["--output_dir", str(out), "--seed", str(seed),
                        "--run_name", f"{arm}-seed{seed}", "--wandb_group", ablation.name,
                        "--wandb_tags", arm, f"seed{seed}"])
@@ -278,12 +250,12 @@ def plan(ablation: Ablation, overrides: dict, arms: list[str] | None = None,
                                                     f"`arms: {arm}:` (or on the command line).")
                 raise ConfigError(
                     f"{ablation.path}: arm '{arm}' (seed {seed}): {err}{fix}") from err
-            runs.append(Run(arm, seed, out, args, cfg))
+            runs.append(PlannedRun(arm, seed, out, args, cfg))
     return runs
 
 
 # ================================================================================ running
-def command(ablation: Ablation, run: Run, launcher: list[str] | None = None) -> list[str]:
+def command(ablation: Ablation, run: PlannedRun, launcher: list[str] | None = None) -> list[str]:
     """`accelerate launch ...` for one run; ``launcher`` replaces the `accelerate launch` words."""
     return [*(launcher or ["accelerate", "launch"]), "--config_file", ablation.accelerate_config,
             _display(RECIPE), *run.recipe_args]
@@ -297,18 +269,17 @@ def accelerate_launcher() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def config_drift(run: Run) -> list[str]:
-    """Keys where a finished run's config.yaml differs from what the plan would run now."""
+def config_drift(run: PlannedRun) -> list[str]:
+    """Settings where a finished run's config.yaml differs from what the plan would run now
+    (keys that do not change the result, such as logging_steps, are not compared)."""
     try:
-        saved = yaml.safe_load((run.output_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml_mapping(run.output_dir / "config.yaml", what="run config")
+    except ConfigError:
         return ["config.yaml unreadable"]
-    planned = run.config.to_dict()
-    return [f"{k}: {saved[k]!r} (plan: {planned[k]!r})" for k in planned
-            if k in saved and k not in NOT_COMPARED and saved[k] != planned[k]]
+    return differences(saved, run.config.to_dict())
 
 
-def write_plan(ablation: Ablation, runs: list[Run]) -> None:
+def write_plan(ablation: Ablation, runs: list[PlannedRun]) -> None:
     """ablation.json: the arms, seeds and run folders, merged with an earlier plan of the folder."""
     path = ablation.output_dir / PLAN_FILE
     old = {}
@@ -333,12 +304,10 @@ def write_plan(ablation: Ablation, runs: list[Run]) -> None:
             "seeds": seeds, "config": ablation.path,
             "runs": sorted(entries.values(), key=lambda r: (r["seed"], arm_order.index(r["arm"])
                                                             if r["arm"] in arm_order else 0))}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
-def launch(ablation: Ablation, run: Run) -> tuple[int, float]:
+def launch(ablation: Ablation, run: PlannedRun) -> tuple[int, float]:
     """Run one recipe process, its output appended to <run>/launch.log; (exit code, seconds)."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(ablation, run, accelerate_launcher())

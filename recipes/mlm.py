@@ -16,13 +16,13 @@ checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_to
 Kill it anywhere and run the same command again: it resumes from the newest complete checkpoint
 (--resume_from_checkpoint auto) to the same result. SIGTERM/SIGINT stop it cleanly: every process
 finishes the current step, a checkpoint is saved, and it exits with status 0 without summary.json
-or model/ (Slurm's --requeue then reruns the same command); see mlmkit/checkpoint.py.
+or model/ (Slurm's --requeue then reruns the same command); see mlmkit/preemption.py.
+How a run flows and which module keeps which contract: docs/design.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,10 +33,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from mlmkit import checkpoint as ckpt  # noqa: E402
 from mlmkit import tracking as M  # noqa: E402  (metric names)
 from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
 from mlmkit.data import DataError  # noqa: E402
+from mlmkit.rundir import check_output_dir, prepare_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,45 +46,35 @@ def main(argv: list[str] | None = None) -> dict:
     trackers = M.check_trackers(cfg.report_to)  # a missing tracker package is a ConfigError
     output_dir = Path(cfg.output_dir)
     # A finished run or other settings in output_dir -> ConfigError; else fresh start or resume.
-    resume = ckpt.check_output_dir(cfg)
+    resume = check_output_dir(cfg)
 
     # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
     import transformers
-    from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
     from mlmkit.collator import MaskedLMCollator, drop_targets
     from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
-    from mlmkit.loop import TokenCounter, build_optimizer, build_scheduler, train_step
-    from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset
+    from mlmkit.fileio import write_json_atomic
+    from mlmkit.loop import build_optimizer, build_scheduler, train_step
+    from mlmkit.modeling import (MaskedLMModule, export_hf_model, load_model, load_tokenizer,
+                                 position_offset)
+    from mlmkit.preemption import StopSignal
     from mlmkit.sampler import TrainPlan
 
     # ============================================================================ accelerator
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    no_gpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
-        # Without a GPU: DDP needs cpu=True (else each process thinks it is alone); DeepSpeed
-        # must keep cpu=False (cpu=True disables it) and needs an explicit gloo group.
-        cpu=no_gpu and not use_deepspeed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and distributed else [],
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=trackers or None, project_dir=str(output_dir),
-    )
-    if accelerator.state.deepspeed_plugin is not None:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        # The recipe owns these; the DeepSpeed config says "auto" for them.
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    accelerator = build_accelerator(cfg, trackers)  # CPU/GPU/DeepSpeed cases: see its docstring
     main_proc = accelerator.is_main_process
     log = accelerator.print
     if not main_proc:
         transformers.logging.set_verbosity_error()
-    ckpt.check_launch(resume, accelerator)  # same processes and engine as the checkpoint's
+    if resume.state is not None:  # same processes and engine as the checkpoint's
+        check_launch(resume.state.launch, resume.checkpoint, accelerator)
     if main_proc:  # wipe (--overwrite_output_dir), cut metrics.jsonl back to the checkpoint
-        ckpt.prepare_output_dir(cfg, resume)
+        prepare_output_dir(cfg, resume)
     for warning in resume.warnings:
         log(f"warning: {warning}")
     accelerator.wait_for_everyone()
@@ -107,11 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
     if cfg.sparse_prediction and not module.sparse_prediction:
         log(f"notice: {type(model).__name__} has no known MLM head layout; using the full head.")
-    collator = MaskedLMCollator(
-        tokenizer, mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
-        random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
-        padding=cfg.padding, max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        seed=cfg.seed, attn_implementation=cfg.attn_implementation, position_offset=offset)
+    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=offset)
     eval_coll = eval_collator(tokenizer, cfg, position_offset=offset)
 
     plan = TrainPlan(lengths, per_device_batch_size=cfg.per_device_train_batch_size,
@@ -136,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         notice = M.setup_wandb_env(cfg.output_dir)
         if notice:
             log(notice)
-    ts = resume.state or ckpt.TrainState(launch=ckpt.launch_signature(accelerator))
+    ts = resume.state or TrainState(launch=launch_signature(accelerator))
     if trackers:  # a resumed run continues its W&B run (same id)
         accelerator.init_trackers(cfg.wandb_project, config=cfg.to_dict(),
                                   init_kwargs=M.tracker_init_kwargs(cfg, ts.wandb_run_id))
@@ -162,22 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     # ============================================================================ resume
     # Last before the loop: load_state restores every process's RNG as it was at the save.
     if resume.checkpoint is not None:
-        ckpt.load_checkpoint(accelerator, resume)
+        load_checkpoint(accelerator, resume.checkpoint)
         log(f"resuming from {resume.checkpoint} (step {ts.step}; epoch {ts.epoch}, "
             f"batch {ts.step_in_epoch} of it)")
     ts.first_eval = ts.first_eval or run_eval(0)
 
     # ============================================================================ train
-    counter, totals = TokenCounter(), TokenCounter()  # this log window; the whole run
-    counter.computed, counter.real = ts.window_tokens
-    totals.computed, totals.real = ts.total_tokens
-    stopper = ckpt.StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, stop
-
-    def save_checkpoint() -> Path:
-        ts.window_tokens = [counter.computed, counter.real]
-        ts.total_tokens = [totals.computed, totals.real]
-        return ckpt.save_checkpoint(accelerator, cfg, ts)
-
+    stopper = StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, then stop
     progress = tqdm(total=max_steps, initial=ts.step, desc="train",
                     disable=not (main_proc and cfg.progress_bar))
     module.train()
@@ -194,40 +171,38 @@ def main(argv: list[str] | None = None) -> dict:
                 batch = collator(train_set.fetch(indices or [0]), rows=rows)
                 if not indices:  # this process ran out of examples
                     drop_targets(batch)
-                counter.add(batch, dummy=not indices)
-                totals.add(batch, dummy=not indices)
+                for stats in (ts.window, ts.total):
+                    stats.add_batch(batch, dummy=not indices)
                 micro_batches.append(batch)
             t0 = time.perf_counter()
             out = train_step(accelerator, module, optimizer, scheduler, micro_batches,
                              mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm)
-            ts.train_time += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            for stats in (ts.window, ts.total):
+                stats.add_step(out["loss"], out["masked_tokens"], seconds)
             ts.step, ts.epoch, ts.step_in_epoch = ts.step + 1, epoch, step_in_epoch + 1
             step = ts.step
-            ts.window_loss += out["loss"] * out["masked_tokens"]
-            ts.window_masked += out["masked_tokens"]
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == max_steps:
-                rates = counter.pop(ts.train_time - ts.logged_time, accelerator.num_processes)
-                ts.logged_time = ts.train_time
-                loss = ts.window_loss / max(ts.window_masked, 1)
-                metrics = {M.TRAIN_LOSS: loss, M.TRAIN_LR: scheduler.get_last_lr()[0],
-                           M.TRAIN_MASKED_TOKENS: ts.window_masked, M.EPOCH: step / len(plan),
+                window, ts.window = ts.window, RunningStats()
+                rates = window.rates(accelerator.num_processes)
+                metrics = {M.TRAIN_LOSS: window.mean_loss(), M.TRAIN_LR: scheduler.get_last_lr()[0],
+                           M.TRAIN_MASKED_TOKENS: window.masked, M.EPOCH: step / len(plan),
                            M.SYS_PEAK_MEM_GB: peak_mem_gb(), **rates}
                 if out["grad_norm"] is not None:
                     metrics[M.TRAIN_GRAD_NORM] = out["grad_norm"]
                 metrics_log.log(metrics, step)
-                progress.set_postfix(loss=f"{loss:.3f}",
+                progress.set_postfix(loss=f"{window.mean_loss():.3f}",
                                      tok_s=f"{rates[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
-                ts.window_loss, ts.window_masked = 0.0, 0
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < max_steps:
                 run_eval(step)
             # ---- checkpoint; after a signal every process stops after this same step
             periodic = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
             if periodic:
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = save_checkpoint(accelerator, cfg, ts)
             stop = stopper.agreed(accelerator)
             if stop and not periodic:
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = save_checkpoint(accelerator, cfg, ts)
     progress.close()
     stopper.restore()  # signals are handled between training steps only
     if stop:  # pre-empted: not finished, so no summary.json and no model/
@@ -240,16 +215,17 @@ def main(argv: list[str] | None = None) -> dict:
     # ============================================================================ final eval + export
     first_eval = ts.first_eval
     final_eval = run_eval(ts.step)
-    ckpt.export_hf_model(accelerator, module, tokenizer, output_dir / "model")
+    export_hf_model(accelerator, module, tokenizer, output_dir / "model")
     summary = {**final_eval, "first/" + M.EVAL_LOSS: first_eval[M.EVAL_LOSS],
                "first/" + M.EVAL_PERPLEXITY: first_eval[M.EVAL_PERPLEXITY],
-               M.TRAIN_RUNTIME: ts.train_time, M.STEP: ts.step, M.SYS_PEAK_MEM_GB: peak_mem_gb(),
-               **totals.pop(ts.train_time, accelerator.num_processes),  # whole-run throughput
+               M.TRAIN_RUNTIME: ts.total.seconds, M.STEP: ts.step,
+               M.SYS_PEAK_MEM_GB: peak_mem_gb(),
+               **ts.total.rates(accelerator.num_processes),  # whole-run throughput
                "train/examples": len(train_set), "num_processes": accelerator.num_processes}
     if main_proc:
-        ckpt.write_json_atomic(output_dir / "summary.json", summary)
+        write_json_atomic(output_dir / "summary.json", summary)
         log(f"done: eval perplexity {first_eval[M.EVAL_PERPLEXITY]:.2f} -> "
-            f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {ts.train_time:.0f} s of training; "
+            f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {ts.total.seconds:.0f} s of training; "
             f"outputs in {output_dir}")
     accelerator.end_training()
     return summary

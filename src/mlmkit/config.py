@@ -12,28 +12,36 @@ Launch settings (processes, machines, mixed precision, ZeRO stage) are *not* her
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import HfArgumentParser
 
-PADDING_MODES = ("longest", "max_length", "packed")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-REPORT_TO = ("none", "wandb", "tensorboard", "trackio", "all")
-SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "warmup_stable_decay",
-)
+from .choices import ATTN_IMPLEMENTATIONS, PADDING_MODES, REPORT_TO, SCHEDULERS
+from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_mapping,
+                       to_cli_args)
+from .fileio import atomic_write_text
+
+__all__ = ["ConfigError", "MLMConfig", "parse_config", "save_config", "BOOKKEEPING_KEYS",
+           "PER_RUN_KEYS", "differences"]
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the fix."""
+_OWN_METADATA = ("bookkeeping", "per_run")
 
+
+def _meta(help: str | None = None, *, bookkeeping: bool = False, per_run: bool = False) -> dict:
+    """Field metadata. ``bookkeeping``: the key does not change what a run computes (logging,
+    tracking, checkpoint cadence, resume control), so a run may be resumed with it changed and a
+    finished run is not "different" because of it. ``per_run``: the key names one run of a set
+    (an ablation's arms x seeds), so it differs between runs by construction."""
+    meta: dict[str, Any] = {"bookkeeping": bookkeeping, "per_run": per_run}  # _OWN_METADATA
+    if help:
+        meta["help"] = help
+    return meta
 
 @dataclass
 class MLMConfig:
@@ -67,8 +75,8 @@ class MLMConfig:
         metadata={"help": "One example per non-blank line (true) or concatenate and chunk into "
                           "max_seq_length blocks (false)."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example / packed row."})
-    preprocessing_num_workers: int | None = field(default=None)
-    overwrite_cache: bool = field(default=False)
+    preprocessing_num_workers: int | None = field(default=None, metadata=_meta(bookkeeping=True))
+    overwrite_cache: bool = field(default=False, metadata=_meta(bookkeeping=True))
     # --- batching and masking ----------------------------------------------------------------
     padding: str = field(default="longest", metadata={"help": f"One of {PADDING_MODES}."})
     pad_to_multiple_of: int | None = field(default=None)
@@ -102,25 +110,31 @@ class MLMConfig:
     num_train_epochs: float = field(default=1.0)
     max_train_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps; overrides num_train_epochs."})
-    seed: int = field(default=42)
+    seed: int = field(default=42, metadata=_meta(per_run=True))
     # --- logging, eval, checkpoints ----------------------------------------------------------
-    output_dir: str = field(default="outputs/mlm")
-    overwrite_output_dir: bool = field(default=False)
-    logging_steps: int = field(default=10)
+    output_dir: str = field(default="outputs/mlm",
+                            metadata=_meta(bookkeeping=True, per_run=True))
+    overwrite_output_dir: bool = field(default=False,
+                                       metadata=_meta(bookkeeping=True, per_run=True))
+    logging_steps: int = field(default=10, metadata=_meta(bookkeeping=True))
     eval_steps: int | None = field(
-        default=None, metadata={"help": "Evaluate every N optimizer steps (and always at the end)."})
+        default=None, metadata=_meta("Evaluate every N optimizer steps (and always at the end).",
+                                     bookkeeping=True))
     eval_pad_sensitivity: bool = field(
-        default=True, metadata={"help": "Log eval/loss_unmasked and eval/pad_sensitivity."})
-    checkpointing_steps: int | None = field(default=None)
-    save_total_limit: int | None = field(default=None)
+        default=True, metadata=_meta("Log eval/loss_unmasked and eval/pad_sensitivity.",
+                                     bookkeeping=True))
+    checkpointing_steps: int | None = field(default=None, metadata=_meta(bookkeeping=True))
+    save_total_limit: int | None = field(default=None, metadata=_meta(bookkeeping=True))
     resume_from_checkpoint: str = field(
-        default="auto", metadata={"help": "auto (newest complete checkpoint), a path, or none."})
-    report_to: str = field(default="wandb", metadata={"help": f"One of {REPORT_TO}."})
-    run_name: str | None = field(default=None)
-    wandb_project: str = field(default="mlmkit")
-    wandb_group: str | None = field(default=None)
-    wandb_tags: list[str] = field(default_factory=list)
-    progress_bar: bool = field(default=True)
+        default="auto", metadata=_meta("auto (newest complete checkpoint), a path, or none.",
+                                       bookkeeping=True, per_run=True))
+    report_to: str = field(default="wandb", metadata=_meta(f"One of {REPORT_TO}.", bookkeeping=True))
+    run_name: str | None = field(default=None, metadata=_meta(bookkeeping=True, per_run=True))
+    wandb_project: str = field(default="mlmkit", metadata=_meta(bookkeeping=True))
+    wandb_group: str | None = field(default=None, metadata=_meta(bookkeeping=True))
+    wandb_tags: list[str] = field(default_factory=list,
+                                  metadata=_meta(bookkeeping=True, per_run=True))
+    progress_bar: bool = field(default=True, metadata=_meta(bookkeeping=True))
 
     # -----------------------------------------------------------------------------------------
     def validate(self) -> "MLMConfig":
@@ -189,46 +203,51 @@ class MLMConfig:
         return dataclasses.asdict(self)
 
 
+FIELDS = tuple(f.name for f in dataclasses.fields(MLMConfig))
+BOOKKEEPING_KEYS = frozenset(f.name for f in dataclasses.fields(MLMConfig)
+                             if f.metadata.get("bookkeeping"))
+PER_RUN_KEYS = frozenset(f.name for f in dataclasses.fields(MLMConfig) if f.metadata.get("per_run"))
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """Settings that change what a run computes and differ between ``saved`` and ``current``
+    (bookkeeping keys are free to differ; a key an older mlmkit did not write is its default)."""
+    return config_differences(saved, current, defaults=MLMConfig().to_dict(),
+                              ignore=BOOKKEEPING_KEYS)
+
+
 # -------------------------------------------------------------------------------------------------
 class _Parser(HfArgumentParser):
-    """HfArgumentParser that raises ConfigError instead of printing usage and exiting."""
+    """HfArgumentParser that raises ConfigError instead of printing usage and exiting, and keeps
+    mlmkit's own field metadata (bookkeeping, per_run) away from argparse."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        field = copy.copy(field)
+        field.metadata = {k: v for k, v in field.metadata.items() if k not in _OWN_METADATA}
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
     def error(self, message: str):  # noqa: D401 - argparse hook
         raise ConfigError(message)
 
 
-def _as_cli(key: str, value: Any) -> list[str]:
-    """Turn one YAML key/value into the flags the typed parser understands."""
-    if value is None:
-        return []  # null in YAML keeps the dataclass default (None for optional keys)
-    if isinstance(value, list):
-        return [f"--{key}", *map(str, value)] if value else []
-    return [f"--{key}", str(value)]
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    """The error for a YAML key that is not a recipe flag, with the nearest flag as a hint."""
+    hint = did_you_mean(key, FIELDS, "see `recipes/mlm.py --help`")
+    return ConfigError(f"{where}: unknown key '{key}'. Fix: remove it or rename it ({hint}). "
+                       "Launch settings (processes, ZeRO stage, mixed precision) belong in "
+                       "accelerate_configs/, not in recipe YAMLs.")
 
 
-def _yaml_args(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {path}: no such file. Fix: pass an existing YAML file, "
-                          "e.g. --config recipes/configs/default.yaml.")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({err}). Fix the syntax.") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of key: value pairs.")
-    known = {f.name for f in dataclasses.fields(MLMConfig)}
-    args: list[str] = []
-    for key, value in data.items():
-        if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean '{near[0]}'?" if near else "see `recipes/mlm.py --help`"
-            raise ConfigError(f"{path}: unknown key '{key}'. Fix: remove it or rename it ({hint}). "
-                              "Launch settings (processes, ZeRO stage, mixed precision) belong in "
-                              "accelerate_configs/, not in recipe YAMLs.")
-        args += _as_cli(key, value)
-    # Type-check the file on its own so the error names the file.
-    try:
+def yaml_args(path: str) -> list[str]:
+    """A recipe YAML as command-line arguments, each key checked and type-checked (errors name
+    the file)."""
+    data = read_yaml_mapping(path)
+    for key in data:
+        if key not in FIELDS:
+            raise unknown_key_error(str(key), path)
+    args = to_cli_args(data)
+    try:  # type-check the file on its own so the error names the file
         _Parser(MLMConfig).parse_args_into_dataclasses(args=args)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
@@ -241,28 +260,23 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
     Precedence: dataclass defaults < YAML file < command line.
     """
     argv = list(argv or [])
-    yaml_args: list[str] = []
+    from_yaml: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise ConfigError("--config needs a path. Fix: --config recipes/configs/default.yaml.")
-        yaml_args = _yaml_args(argv[i + 1])
+        from_yaml = yaml_args(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
-    parser = _Parser(MLMConfig)
-    unknown = [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in
-               {f.name for f in dataclasses.fields(MLMConfig)} | {"help"}]
-    if unknown:
-        key = unknown[0][2:].split("=")[0]
-        near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(MLMConfig)], n=1)
-        hint = f"did you mean --{near[0]}?" if near else "see --help"
-        raise ConfigError(f"unknown option --{key}. Fix: remove it ({hint}).")
-    (cfg,) = parser.parse_args_into_dataclasses(args=yaml_args + argv)
+    for arg in argv:
+        key = arg[2:].split("=")[0]
+        if arg.startswith("--") and key not in FIELDS and key != "help":
+            hint = did_you_mean(key, FIELDS, "see --help", flag=True)
+            raise ConfigError(f"unknown option --{key}. Fix: remove it ({hint}).")
+    (cfg,) = _Parser(MLMConfig).parse_args_into_dataclasses(args=from_yaml + argv)
     return cfg.validate()
 
 
 def save_config(cfg: MLMConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (atomically: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically."""
+    import yaml
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

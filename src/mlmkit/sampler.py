@@ -82,7 +82,7 @@ class TrainPlan:
         return [full[i] for i in rng.permutation(len(full))] + tail
 
     def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
-        from .collator import pack_rows  # the collator's packer: one packing algorithm
+        from .layout import pack_rows  # the collator's packer: one packing algorithm
 
         cap, gbs = self.pack_capacity, self.global_batch_size
         lengths = np.minimum(self.lengths, cap)  # the collator truncates to the row length

@@ -13,6 +13,9 @@ import netrc
 import os
 from pathlib import Path
 
+from .choices import TRACKERS
+from .fileio import read_jsonl
+
 # --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
@@ -30,8 +33,6 @@ SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
 STEP = "step"
 EPOCH = "epoch"
 
-TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
-            "all": ["wandb", "tensorboard"], "none": []}
 # The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
                     "trackio": ("trackio",)}
@@ -125,7 +126,6 @@ def _plain(value):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl (``path`` is the file or the run folder)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path / "metrics.jsonl" if path.is_dir() else path)

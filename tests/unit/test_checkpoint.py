@@ -1,18 +1,15 @@
-"""checkpoint.py helpers without processes: finding the newest complete checkpoint, retention,
-output-folder checks, metrics.jsonl truncation and the stop signal."""
+"""checkpoint.py without processes: the train state, validating and finding the newest complete
+checkpoint, retention. `make_checkpoint` and `config` are shared with test_rundir.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import types
 from pathlib import Path
 
 import pytest
 
 from mlmkit import checkpoint as C
-from mlmkit.config import ConfigError, MLMConfig, save_config
+from mlmkit.config import MLMConfig
 
 
 def make_checkpoint(out: Path, step: int, *, complete: bool = True, **state) -> Path:
@@ -90,112 +87,26 @@ def test_retention_keeps_the_newest_complete_ones():
     assert C.checkpoints_to_delete([(4, P("c4"), False)], 1) == []
 
 
-# ------------------------------------------------------------------------------ output folder
-def test_config_differences_ignore_keys_that_do_not_change_results():
-    base = MLMConfig().to_dict()
-    same = {**base, "logging_steps": 99, "report_to": "none", "run_name": "x", "wandb_tags": ["a"],
-            "checkpointing_steps": 7, "save_total_limit": 1, "resume_from_checkpoint": "none",
-            "overwrite_output_dir": True, "progress_bar": False, "eval_steps": 3}
-    assert C.config_differences(base, same) == []
-    diffs = C.config_differences(base, {**base, "learning_rate": 1e-3, "seed": 1})
-    assert len(diffs) == 2 and diffs[0].startswith("learning_rate: 5e-05 there, 0.001 now")
-    # a key an older mlmkit did not write counts as its default
-    old = {k: v for k, v in base.items() if k != "whole_word_mask"}
-    assert C.config_differences(old, base) == []
-    assert "whole_word_mask" in C.config_differences(old, {**base, "whole_word_mask": True})[0]
-
-
-def test_check_output_dir_fresh_resume_and_refusals(tmp_path):
-    out = tmp_path / "run"
-    assert C.check_output_dir(config(out)).checkpoint is None  # nothing there: fresh
-
-    out.mkdir()
-    save_config(config(out, learning_rate=1e-4), out / "config.yaml")
-    # same settings (logging frequency aside), no checkpoint yet: fresh start
-    plan = C.check_output_dir(config(out, learning_rate=1e-4, logging_steps=1))
-    assert plan.checkpoint is None and not plan.wipe
-
-    make_checkpoint(out, 4)
-    newest = make_checkpoint(out, 8, epoch=1, step_in_epoch=3)
-    plan = C.check_output_dir(config(out, learning_rate=1e-4))
-    assert plan.checkpoint == newest and plan.state.step == 8 and plan.state.step_in_epoch == 3
-
-    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.0001 there, "
-                                          r"0.001 now\).*--overwrite_output_dir true"):
-        C.check_output_dir(config(out, learning_rate=1e-3))
-    with pytest.raises(ConfigError, match="unfinished run.*checkpoint-8.*auto"):
-        C.check_output_dir(config(out, learning_rate=1e-4, resume_from_checkpoint="none"))
-
-    explicit = config(out, learning_rate=1e-4, resume_from_checkpoint=str(out / "checkpoints" /
-                                                                          "checkpoint-4"))
-    assert C.check_output_dir(explicit).state.step == 4
-    (out / "checkpoints" / "checkpoint-4" / C.MARKER).unlink()
-    with pytest.raises(ConfigError, match="not a complete checkpoint.*marker"):
-        C.check_output_dir(explicit)
-
-    wipe = C.check_output_dir(config(out, learning_rate=1e-3, overwrite_output_dir=True))
-    assert wipe.wipe and wipe.checkpoint is None
-    with pytest.raises(ConfigError, match="drop one"):  # resume from a folder it would delete
-        C.check_output_dir(config(out, overwrite_output_dir=True,
-                                  resume_from_checkpoint=str(newest)))
-
-    (out / "summary.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"finished run \(summary.json\).*--overwrite_output_dir"):
-        C.check_output_dir(config(out, learning_rate=1e-4))
-
-
-def test_prepare_output_dir_wipes_cleans_and_truncates(tmp_path):
-    out = tmp_path / "run"
-    make_checkpoint(out, 4)
-    stale = out / C.CHECKPOINTS / ".tmp-checkpoint-6"
-    stale.mkdir()
-    (stale / "x").write_text("partial")
-    lines = [{"step": 0, "eval/loss": 3.0}, {"step": 2, "train/loss": 2.0},
-             {"step": 4, "train/loss": 1.5}, {"step": 6, "train/loss": 1.0}]
-    cut = '{"step": 8, "tr'  # the line a kill interrupted
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + cut)
-    cfg = config(out)
-    C.prepare_output_dir(cfg, C.check_output_dir(cfg))  # resumes from checkpoint-4
-    assert not stale.exists()
-    kept = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in kept] == [0, 2, 4]
-    assert (out / "config.yaml").exists()
-
-    for name in ("summary.json", "metrics.jsonl"):
-        (out / name).write_text("{}\n")
-    (out / "model").mkdir()
-    wipe = config(out, overwrite_output_dir=True, seed=3)
-    C.prepare_output_dir(wipe, C.check_output_dir(wipe))
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
-
-
 def test_train_state_round_trips_exactly():
-    state = C.TrainState(step=5, epoch=1, step_in_epoch=2, window_loss=0.1 + 0.2, window_masked=7,
+    window = C.RunningStats(computed=40, real=30, masked=7, loss_sum=0.1 + 0.2, seconds=1 / 7)
+    state = C.TrainState(step=5, epoch=1, step_in_epoch=2, window=window,
                          first_eval={"eval/loss": 1 / 3}, wandb_run_id="abc",
                          launch={"num_processes": 2, "distributed_type": "MULTI_CPU"})
     again = C.TrainState.from_dict(json.loads(json.dumps({**state.to_dict(), "future_key": 1})))
     assert again == state
 
 
-def test_check_launch_refuses_another_process_count(tmp_path):
-    accelerator = types.SimpleNamespace(num_processes=1, distributed_type="NO")
-    state = C.TrainState(launch={"num_processes": 2, "distributed_type": "MULTI_CPU"})
-    with pytest.raises(ConfigError, match="num_processes"):
-        C.check_launch(C.ResumePlan(tmp_path, state), accelerator)
-    C.check_launch(C.ResumePlan(tmp_path, C.TrainState(launch=C.launch_signature(accelerator))),
-                   accelerator)
 
 
-# ------------------------------------------------------------------------------ signals
-def test_stop_signal_sets_a_flag_instead_of_killing():
-    accelerator = types.SimpleNamespace(num_processes=1)
-    before = signal.getsignal(signal.SIGTERM)
-    stopper = C.StopSignal().install()
-    try:
-        assert not stopper.agreed(accelerator)
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt either
-        assert stopper.received == "SIGTERM" and stopper.agreed(accelerator)
-    finally:
-        stopper.restore()
-    assert signal.getsignal(signal.SIGTERM) == before
+def test_running_stats_count_tokens_and_weigh_the_loss_by_masked_tokens():
+    import torch
+    stats = C.RunningStats()
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "num_real_tokens": torch.tensor(12)}
+    stats.add_batch(batch)
+    stats.add_batch(batch, dummy=True)  # computed, not real
+    stats.add_step(loss=2.0, masked=3, seconds=0.5)
+    stats.add_step(loss=1.0, masked=1, seconds=0.5)
+    assert stats.mean_loss() == pytest.approx((2.0 * 3 + 1.0) / 4)
+    rates = stats.rates(num_processes=2)
+    assert rates["train/tokens_per_s"] == 64 and rates["train/real_tokens_per_s"] == 24
+    assert rates["train/pad_fraction"] == pytest.approx(1 - 12 / 32)

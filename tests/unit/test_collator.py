@@ -10,13 +10,8 @@ import re
 import pytest
 import torch
 
-from mlmkit.collator import (
-    ISOLATION_KEYS,
-    METADATA_KEYS,
-    MaskedLMCollator,
-    model_inputs,
-    pack_rows,
-)
+from mlmkit.collator import ISOLATION_KEYS, METADATA_KEYS, MaskedLMCollator, model_inputs
+from mlmkit.layout import pack_rows
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 

@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from mlmkit import report as R
+from mlmkit import stats as S
+from mlmkit.report_render import PLOTS
 from mlmkit import tracking as M
 
 # Final eval losses per arm and seed. Hand computation of the paired differences vs `masked`:
@@ -72,19 +74,19 @@ def ablation(tmp_path):
 
 
 def test_t_quantiles():
-    assert R.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
-    assert R.t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
-    assert R.t_quantile_975(10) == pytest.approx(2.2281, abs=1e-4)
-    assert R.t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert S.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert S.t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert S.t_quantile_975(10) == pytest.approx(2.2281, abs=1e-4)
+    assert S.t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
     with pytest.raises(ValueError):
-        R.t_quantile_975(0)
+        S.t_quantile_975(0)
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in range(1, 200):
-        assert R.t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-5)
+        assert S.t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-5)
 
 
 def test_paired_difference_by_hand():
-    d = R.paired_difference(LOSSES["unmasked"], LOSSES["masked"])
+    d = S.paired_difference(LOSSES["unmasked"], LOSSES["masked"])
     assert d["n"] == 3
     assert d["per_seed"] == pytest.approx({"0": 0.05, "1": 0.10, "2": 0.08})
     assert d["mean"] == pytest.approx(0.0766667, abs=1e-6)
@@ -92,13 +94,13 @@ def test_paired_difference_by_hand():
     assert d["se"] == pytest.approx(0.0145297, abs=1e-6)
     assert d["ci95"] == pytest.approx([0.0141507, 0.1391826], abs=1e-6)
 
-    d = R.paired_difference(LOSSES["packed"], LOSSES["masked"])  # only the shared seeds pair
+    d = S.paired_difference(LOSSES["packed"], LOSSES["masked"])  # only the shared seeds pair
     assert d["n"] == 2 and d["mean"] == pytest.approx(-0.005)
     assert d["ci95"] == pytest.approx([-0.1955931, 0.1855931], abs=1e-6)
 
-    d = R.paired_difference(LOSSES["packed_naive"], LOSSES["masked"])
+    d = S.paired_difference(LOSSES["packed_naive"], LOSSES["masked"])
     assert d["n"] == 1 and d["mean"] == pytest.approx(0.20) and d["ci95"] is None
-    assert R.paired_difference({}, LOSSES["masked"])["n"] == 0
+    assert S.paired_difference({}, LOSSES["masked"])["n"] == 0
 
 
 def test_report_from_run_folders(ablation):
@@ -145,7 +147,7 @@ def test_report_from_run_folders(ablation):
     saved = json.loads((ablation / "report.json").read_text())
     assert saved["arms"]["unmasked"]["eval_loss"]["per_seed"] == pytest.approx(
         {"0": 3.05, "1": 3.20, "2": 2.98})
-    for name in R.PLOTS:
+    for name in PLOTS:
         png = ablation / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
 

@@ -1,0 +1,19 @@
+"""The value lists of options that several modules check: defined once, here, with no imports.
+
+`config.py` validates flags against them before anything heavy loads; `collator.py` and
+`layout.py` validate their arguments against the same lists.
+"""
+
+PADDING_MODES = ("longest", "max_length", "packed")
+# Attention backends the collator can lay packed rows out for (see layout.packed_attention).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+ADDITIVE_MASK_ATTENTION = ("eager", "flex_attention")  # take a float mask added to the scores
+# --report_to -> the trackers Accelerate starts for it.
+TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
+            "all": ["wandb", "tensorboard"], "none": []}
+REPORT_TO = tuple(TRACKERS)
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "warmup_stable_decay",
+)

@@ -1,0 +1,152 @@
+"""MLM masking: which tokens become targets, and what they are replaced with.
+
+The contracts that live here (and nowhere else):
+
+* **Padding and special tokens are never targets.** Masking runs on the examples' own tokens
+  only (padding does not exist yet: `layout.py` adds it afterwards), and every special id of the
+  tokenizer is excluded through a lookup table; random replacements are drawn from ordinary
+  (non-special) vocabulary ids only. Labels are -100 everywhere except at targets.
+* **Masking is reproducible**: the targets of an example and their replacements are a pure
+  function of ``(seed, epoch, idx)`` (`example_seed`), independent of the batch the example lands
+  in, its position there, the padding and the padding mode, the number of processes.
+
+`Masker.mask` is the one masking function; `MaskedLMCollator` calls it for every batch and
+`MaskedLMCollator.mask_example` for a single example.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of the SplitMix64 finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def example_seed(seed: int, epoch: int, idx: int) -> int:
+    """The generator seed for one example's masking: a hash of (seed, epoch, idx) in [0, 2**63).
+
+    Chained hashing (rather than e.g. ``seed * P + epoch * Q + idx``) keeps distinct triples from
+    colliding and neighbouring idx values from getting correlated streams.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (epoch & _MASK64))
+    h = _splitmix64(h ^ (idx & _MASK64))
+    return h & ((1 << 63) - 1)  # torch.Generator.manual_seed accepts it on every platform
+
+
+class VocabularyTables:
+    """Lookup tables over the tokenizer's ids, built once so that per-batch work is indexing.
+
+    ``is_special`` (V,) bool: every id in ``tokenizer.all_special_ids``; ``replacement_ids``: the
+    ordinary ids (< len(tokenizer), not special) that random replacement draws from;
+    ``is_continuation`` (V,) bool or None: WordPiece ``##`` pieces, for whole-word masking.
+    """
+
+    def __init__(self, tokenizer: Any, whole_word: bool = False):
+        vocab_size = len(tokenizer)
+        special_ids = sorted({int(i) for i in tokenizer.all_special_ids})
+        table_size = max([vocab_size, *(i + 1 for i in special_ids)])
+        self.is_special = torch.zeros(table_size, dtype=torch.bool)  # (V,)
+        self.is_special[special_ids] = True
+        self.replacement_ids = torch.nonzero(~self.is_special[:vocab_size]).flatten()  # (V_ord,)
+        self.is_continuation: torch.Tensor | None = None
+        if whole_word:
+            tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+            cont = torch.zeros(table_size, dtype=torch.bool)  # (V,)
+            cont[:vocab_size] = torch.tensor(
+                [isinstance(t, str) and t.startswith("##") for t in tokens])
+            self.is_continuation = cont
+
+    def __len__(self) -> int:
+        return len(self.is_special)
+
+
+class Masker:
+    """Reproducible MLM masking of concatenated examples (HF's 80/10/10 semantics by default).
+
+    Args are those of `MaskedLMCollator` (validated there): ``mlm_probability`` selects targets
+    (whole words with ``whole_word_mask``); of the targets, ``mask_replace_prob`` become the mask
+    token, ``random_replace_prob`` a random ordinary token, the rest stay unchanged.
+    """
+
+    def __init__(self, tables: VocabularyTables, *, mask_token_id: int, mlm_probability: float,
+                 mask_replace_prob: float, random_replace_prob: float, whole_word_mask: bool,
+                 seed: int):
+        self.tables = tables
+        self.mask_token_id = mask_token_id
+        self.mlm_probability = float(mlm_probability)
+        self.mask_replace_prob = float(mask_replace_prob)
+        self.random_replace_prob = float(random_replace_prob)
+        self.whole_word_mask = bool(whole_word_mask)
+        self.seed = seed
+        self._generator: torch.Generator | None = None  # built lazily: the Masker pickles
+
+    def __getstate__(self) -> dict[str, Any]:  # into DataLoader worker processes
+        return {**self.__dict__, "_generator": None}
+
+    def _word_index(self, ids: torch.Tensor, special: torch.Tensor,
+                    lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """(N,) the word of every token, and the number of words per example."""
+        lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
+        first = torch.cumsum(lens, 0) - lens  # (E,) offset of each example's first token
+        # A word starts at any non-continuation token, at a special token and right after one
+        # (so a stray '##' piece after [CLS] does not join the [CLS] "word"), and every example
+        # starts a word (so words never span two examples).
+        starts = ~self.tables.is_continuation[ids] | special  # (N,)
+        starts[1:] |= special[:-1]
+        starts[first] = True
+        word_of = torch.cumsum(starts.to(torch.long), 0) - 1  # (N,) global word index per token
+        example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,)
+        words = torch.zeros(len(lengths), dtype=torch.long).index_add_(
+            0, example_of, starts.to(torch.long)).tolist()  # words per example
+        return word_of, words
+
+    def mask(self, ids: torch.Tensor, special: torch.Tensor, lengths: list[int],
+             idxs: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask examples given concatenated, ids/special (N,) with N = sum(lengths); returns
+        ``(masked_ids, labels)``, both (N,).
+
+        Only the random draws loop over examples: each example seeds the generator with
+        `example_seed` (seed, epoch, idx) and draws for its own tokens (and words), so its
+        result cannot depend on the other examples, the batch layout or the padding. Selection
+        and replacement then run once over the whole batch. No minimum number of targets is
+        forced: a short example can get none (the loss is token weighted, so it adds no terms).
+        """
+        if self.whole_word_mask:
+            word_of, units = self._word_index(ids, special, lengths)
+        else:
+            units = lengths
+        if self._generator is None:
+            self._generator = torch.Generator()
+        gen, n_replacements = self._generator, len(self.tables.replacement_ids)
+        select_u, action_u, picks = [], [], []
+        for n, w, idx in zip(lengths, units, idxs):
+            gen.manual_seed(example_seed(self.seed, epoch, idx))
+            u = torch.rand(w + n, generator=gen)  # (W + L,): one draw per unit, then per token
+            select_u.append(u[:w])
+            action_u.append(u[w:])
+            picks.append(torch.randint(n_replacements, (n,), generator=gen))  # (L,)
+        select = torch.cat(select_u)  # (W_total,) or (N,)
+        action = torch.cat(action_u)  # (N,)
+        pick = torch.cat(picks)  # (N,)
+        if self.whole_word_mask:
+            select = select[word_of]  # (N,) every token takes its word's draw
+        selected = (select < self.mlm_probability) & ~special  # (N,) never a special token
+        # One uniform per token splits the targets three ways: [0, m) -> mask token,
+        # [m, m + r) -> random ordinary token, the rest unchanged.
+        to_mask = selected & (action < self.mask_replace_prob)
+        to_random = selected & ~to_mask & (
+            action < self.mask_replace_prob + self.random_replace_prob)
+        labels = torch.where(selected, ids, -100)  # (N,)
+        masked = torch.where(to_mask, self.mask_token_id, ids)
+        masked = torch.where(to_random, self.tables.replacement_ids[pick], masked)  # (N,)
+        return masked, labels

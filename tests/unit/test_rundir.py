@@ -1,0 +1,101 @@
+"""rundir.py (fresh start, resume or refuse; cleaning and metrics truncation), the config
+comparison it relies on, and distributed.check_launch, without processes."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from mlmkit import checkpoint as C
+from mlmkit import rundir as R
+from mlmkit.config import ConfigError, MLMConfig, differences, save_config
+from mlmkit.distributed import check_launch, launch_signature
+from test_checkpoint import config, make_checkpoint
+
+
+def test_config_differences_ignore_keys_that_do_not_change_results():
+    base = MLMConfig().to_dict()
+    same = {**base, "logging_steps": 99, "report_to": "none", "run_name": "x", "wandb_tags": ["a"],
+            "checkpointing_steps": 7, "save_total_limit": 1, "resume_from_checkpoint": "none",
+            "overwrite_output_dir": True, "progress_bar": False, "eval_steps": 3}
+    assert differences(base, same) == []
+    diffs = differences(base, {**base, "learning_rate": 1e-3, "seed": 1})
+    assert len(diffs) == 2 and diffs[0].startswith("learning_rate: 5e-05 there, 0.001 now")
+    # a key an older mlmkit did not write counts as its default
+    old = {k: v for k, v in base.items() if k != "whole_word_mask"}
+    assert differences(old, base) == []
+    assert "whole_word_mask" in differences(old, {**base, "whole_word_mask": True})[0]
+
+
+def test_check_output_dir_fresh_resume_and_refusals(tmp_path):
+    out = tmp_path / "run"
+    assert R.check_output_dir(config(out)).checkpoint is None  # nothing there: fresh
+
+    out.mkdir()
+    save_config(config(out, learning_rate=1e-4), out / "config.yaml")
+    # same settings (logging frequency aside), no checkpoint yet: fresh start
+    plan = R.check_output_dir(config(out, learning_rate=1e-4, logging_steps=1))
+    assert plan.checkpoint is None and not plan.wipe
+
+    make_checkpoint(out, 4)
+    newest = make_checkpoint(out, 8, epoch=1, step_in_epoch=3)
+    plan = R.check_output_dir(config(out, learning_rate=1e-4))
+    assert plan.checkpoint == newest and plan.state.step == 8 and plan.state.step_in_epoch == 3
+
+    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.0001 there, "
+                                          r"0.001 now\).*--overwrite_output_dir true"):
+        R.check_output_dir(config(out, learning_rate=1e-3))
+    with pytest.raises(ConfigError, match="unfinished run.*checkpoint-8.*auto"):
+        R.check_output_dir(config(out, learning_rate=1e-4, resume_from_checkpoint="none"))
+
+    explicit = config(out, learning_rate=1e-4, resume_from_checkpoint=str(out / "checkpoints" /
+                                                                          "checkpoint-4"))
+    assert R.check_output_dir(explicit).state.step == 4
+    (out / "checkpoints" / "checkpoint-4" / C.MARKER).unlink()
+    with pytest.raises(ConfigError, match="not a complete checkpoint.*marker"):
+        R.check_output_dir(explicit)
+
+    wipe = R.check_output_dir(config(out, learning_rate=1e-3, overwrite_output_dir=True))
+    assert wipe.wipe and wipe.checkpoint is None
+    with pytest.raises(ConfigError, match="drop one"):  # resume from a folder it would delete
+        R.check_output_dir(config(out, overwrite_output_dir=True,
+                                  resume_from_checkpoint=str(newest)))
+
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"finished run \(summary.json\).*--overwrite_output_dir"):
+        R.check_output_dir(config(out, learning_rate=1e-4))
+
+
+def test_prepare_output_dir_wipes_cleans_and_truncates(tmp_path):
+    out = tmp_path / "run"
+    make_checkpoint(out, 4)
+    stale = out / C.CHECKPOINTS / ".tmp-checkpoint-6"
+    stale.mkdir()
+    (stale / "x").write_text("partial")
+    lines = [{"step": 0, "eval/loss": 3.0}, {"step": 2, "train/loss": 2.0},
+             {"step": 4, "train/loss": 1.5}, {"step": 6, "train/loss": 1.0}]
+    cut = '{"step": 8, "tr'  # the line a kill interrupted
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + cut)
+    cfg = config(out)
+    R.prepare_output_dir(cfg, R.check_output_dir(cfg))  # resumes from checkpoint-4
+    assert not stale.exists()
+    kept = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in kept] == [0, 2, 4]
+    assert (out / "config.yaml").exists()
+
+    for name in ("summary.json", "metrics.jsonl"):
+        (out / name).write_text("{}\n")
+    (out / "model").mkdir()
+    wipe = config(out, overwrite_output_dir=True, seed=3)
+    R.prepare_output_dir(wipe, R.check_output_dir(wipe))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_check_launch_refuses_another_process_count(tmp_path):
+    accelerator = types.SimpleNamespace(num_processes=1, distributed_type="NO")
+    state = C.TrainState(launch={"num_processes": 2, "distributed_type": "MULTI_CPU"})
+    with pytest.raises(ConfigError, match="num_processes"):
+        check_launch(state.launch, tmp_path, accelerator)
+    check_launch(launch_signature(accelerator), tmp_path, accelerator)
