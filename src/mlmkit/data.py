@@ -13,11 +13,17 @@ grouped (all text concatenated and cut into ``max_seq_length`` blocks; the remai
 batch is kept as a shorter block rather than dropped, so a corpus shorter than one block still
 yields one example). Tokenization is cached by ``datasets`` for file and hub sources, and computes
 the special-tokens mask once, here, so the collator never has to.
+
+Dirty files: bytes of a .txt or .csv file that are not UTF-8 are replaced by U+FFFD and the run
+goes on; the lines that held them are counted per file (:class:`DataRepairs`) and reported in one
+warning line. A file that is empty, or holds only blank lines, is a :class:`DataError` saying so.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
@@ -34,8 +40,34 @@ FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "js
                  ".csv": "csv", ".parquet": "parquet"}
 
 
+# Builders that can replace undecodable bytes (``encoding_errors``, as in ``open()``); JSON is
+# parsed by pyarrow from raw bytes, which has no such option.
+REPAIRABLE_BUILDERS = ("text", "csv")
+
+
 class DataError(ValueError):
     """Unusable data (empty corpus, missing column, unsupported file); names the fix."""
+
+
+@dataclass
+class DataRepairs:
+    """Lines of the data files whose bytes were not UTF-8 (replaced by U+FFFD, not dropped)."""
+
+    lines: dict[str, int] = field(default_factory=dict)  # file -> lines repaired
+    first: dict[str, int] = field(default_factory=dict)  # file -> first such line (1-based)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lines.values())
+
+    def warning(self) -> str | None:
+        """One line for the log, or None when nothing was repaired."""
+        if not self.total:
+            return None
+        parts = [f"{n} line{'s' if n > 1 else ''} of {path} (first: line {self.first[path]})"
+                 for path, n in self.lines.items()]
+        return (f"{' and '.join(parts)} held bytes that are not UTF-8: replaced them with U+FFFD "
+                "and went on (convert the file to UTF-8 to keep those characters)")
 
 
 def embedded_corpus() -> list[str]:
@@ -48,8 +80,13 @@ def embedded_corpus() -> list[str]:
     return paragraphs
 
 
-def load_raw_datasets(cfg: MLMConfig) -> DatasetDict:
-    """Return a DatasetDict with ``train`` and ``validation`` splits holding ``cfg.text_column``."""
+def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> DatasetDict:
+    """Return a DatasetDict with ``train`` and ``validation`` splits holding ``cfg.text_column``.
+
+    Undecodable bytes in .txt/.csv files are replaced and counted into ``repairs``; the caller
+    reports ``repairs.warning()``. Without ``repairs``, the warning is printed here (to stderr,
+    by the launch's main process only).
+    """
     pct = cfg.validation_split_percentage
     if cfg.dataset_name:
         raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
@@ -65,12 +102,25 @@ def load_raw_datasets(cfg: MLMConfig) -> DatasetDict:
             raise DataError(f"train_file={cfg.train_file!r}: unsupported or mixed file types "
                             f"{sorted(exts)}. Fix: use one of {sorted(FILE_BUILDERS)} for both files.")
         builder = FILE_BUILDERS[exts.pop()]
+        for split, path in data_files.items():
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{split}_file={path!r} is empty (0 bytes). Fix: point "
+                                f"--{split}_file at a file with text in it.")
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+        if builder in REPAIRABLE_BUILDERS:
+            kwargs["encoding_errors"] = "replace"
         try:
             raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
         except Exception as err:  # datasets raises many types for unreadable files
             raise DataError(f"train_file={cfg.train_file!r}: could not be read as {builder} "
                             f"({type(err).__name__}: {err}). Fix: check the file's format.") from err
+        found = _check_files(raw, data_files, cfg.text_column, builder)
+        if repairs is None:
+            if found.total and os.environ.get("RANK", "0") == "0":
+                print(f"mlmkit: warning: {found.warning()}", file=sys.stderr)
+        else:
+            repairs.lines.update(found.lines)
+            repairs.first.update(found.first)
     else:
         raw = DatasetDict({"train": Dataset.from_dict({"text": embedded_corpus()})})
         if cfg.text_column != "text":
@@ -156,6 +206,45 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
     return tokenized
 
 
+def _check_files(raw: DatasetDict, data_files: dict[str, str], column: str,
+                 builder: str) -> DataRepairs:
+    """Refuse blank files; count the lines whose bytes were not UTF-8 (replaced on loading)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = DataRepairs()
+    for split, path in data_files.items():
+        if split not in raw or column not in raw[split].column_names:
+            continue  # a missing column is reported by the caller
+        text = raw[split].data.column(column)
+        if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+            continue  # not text: tokenization reports it
+        if text.null_count == len(text) or not pc.any(pc.invert(pc.equal(
+                pc.utf8_trim_whitespace(text.fill_null("")), ""))).as_py():
+            raise DataError(f"{split}_file={path!r} is empty: it holds only blank lines. Fix: "
+                            f"point --{split}_file at a file with text in it.")
+        # Replacement leaves U+FFFD; only then are the raw bytes read, to tell a replaced byte
+        # from a U+FFFD that the file really contains.
+        if builder in REPAIRABLE_BUILDERS and pc.any(pc.match_substring(text, "\ufffd")).as_py():
+            bad, first = _undecodable_lines(path)
+            if bad:
+                found.lines[path], found.first[path] = bad, first
+    return found
+
+
+def _undecodable_lines(path: str) -> tuple[int, int]:
+    """(lines holding bytes that are not UTF-8, the first of them, 1-based) of a file."""
+    bad = first = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad += 1
+                first = first or number
+    return bad, first
+
+
 class IndexedExamples:
     """A tokenized split as a map-style dataset whose items carry their own index ``idx``.
 
@@ -180,9 +269,3 @@ class IndexedExamples:
         rows = self.dataset[[int(i) for i in indices]]
         return [{"input_ids": ids, "special_tokens_mask": stm, "idx": int(i)}
                 for ids, stm, i in zip(rows["input_ids"], rows["special_tokens_mask"], indices)]
-
-
-def disable_progress_bars_unless_main(is_main: bool) -> None:
-    if not is_main:
-        datasets.disable_progress_bars()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

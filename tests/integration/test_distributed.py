@@ -1,5 +1,8 @@
 """The same recipe on 2-process DDP, ZeRO-2, ZeRO-3 (+ CPU offload) and a simulated 2-node launch,
-all on CPU with gloo. Launch settings come only from accelerate_configs/."""
+all on CPU with gloo. Launch settings come only from accelerate_configs/, and every launch is the
+README's own `accelerate launch` line for that config (tests/readme_commands.py) with only the
+README's CPU note applied (`--num_processes 2 --mixed_precision no`): no flag the README does not
+tell a CPU user to add."""
 
 from __future__ import annotations
 
@@ -15,12 +18,16 @@ import yaml
 from conftest import ACCELERATE, ROOT, launch
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
+from readme_commands import accelerate_args, accelerate_launch, cpu_note, launches_of
 
-TWO_PROCS = ["--num_processes", "2", "--mixed_precision", "no"]
+# The README's single-node launch lines (ddp, zero2, zero3, zero3_offload, ...).
+SINGLE_NODE = [launch.config for launch in launches_of("accelerate")
+               if "--num_machines" not in launch.argv]
 
 
-def accel(config: str, *extra: str) -> list[str]:
-    return ["--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"), *TWO_PROCS, *extra]
+def accel(config: str) -> list[str]:
+    """The README's `accelerate launch` options for this config, plus its CPU note."""
+    return accelerate_args(accelerate_launch(config))
 
 
 def free_port() -> int:
@@ -49,7 +56,12 @@ def exported_eval_loss(out) -> float:
     return metrics[M.EVAL_LOSS]
 
 
-@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3", "zero3_offload"])
+def test_the_readme_shows_a_launch_line_for_each_single_node_config():
+    assert {"ddp", "zero2", "zero3", "zero3_offload"} <= set(SINGLE_NODE)
+    assert cpu_note()[0][:2] == ["--num_processes", "2"]  # what "2 processes" below relies on
+
+
+@pytest.mark.parametrize("config", SINGLE_NODE)
 def test_two_process_training_exports_the_trained_weights(tmp_path, tiny_args, config):
     out = tmp_path / config
     proc = launch([*tiny_args, "--output_dir", str(out), "--max_train_steps", "4",
@@ -82,9 +94,9 @@ def test_global_batch_equivalence_across_processes_and_accumulation(tmp_path, ti
         "zero2": (["--per_device_train_batch_size", "4"], accel("zero2")),
     }
     losses = {}
-    for name, (extra, accelerate_args) in runs.items():
+    for name, (extra, launch_args) in runs.items():
         out = tmp_path / name
-        launch([*common, *extra, "--output_dir", str(out)], accelerate_args=accelerate_args)
+        launch([*common, *extra, "--output_dir", str(out)], accelerate_args=launch_args)
         losses[name] = [r[M.TRAIN_LOSS] for r in read_metrics(out) if M.TRAIN_LOSS in r]
     assert len(losses["one"]) == 5
     for name in ("ddp", "accum", "zero2"):
@@ -95,15 +107,19 @@ def test_global_batch_equivalence_across_processes_and_accumulation(tmp_path, ti
 
 
 def test_simulated_two_node_launch(tmp_path, tiny_args):
-    """Two `accelerate launch` processes with --num_machines 2 and ranks 0/1 form one group."""
+    """The README's "several nodes by hand" line, run twice on this machine as its comment says
+    ("the same command on every node, with its own --machine_rank"): ranks 0 and 1 form one
+    group. The placeholders of a cluster become this machine's: --main_process_ip node-0 ->
+    127.0.0.1, --main_process_port -> a free port."""
+    (line,) = [launch for launch in launches_of("accelerate") if "--num_machines" in launch.argv]
+    assert line.argv[line.argv.index("--num_machines") + 1] == "2"
     out = tmp_path / "multi"
     port = free_port()
     cmd = lambda rank: [  # noqa: E731
         str(ACCELERATE), "launch",
-        "--config_file", str(ROOT / "accelerate_configs" / "multi_node.yaml"),
-        "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "--mixed_precision", "no", str(ROOT / "recipes" / "mlm.py"), *tiny_args,
+        *accelerate_args(line, replace={"--machine_rank": rank, "--main_process_ip": "127.0.0.1",
+                                        "--main_process_port": port}),
+        str(ROOT / "recipes" / "mlm.py"), *tiny_args,
         "--output_dir", str(out), "--max_train_steps", "3", "--max_train_samples", "100",
         "--eval_pad_sensitivity", "false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -1,7 +1,8 @@
 import pytest
 
 from mlmkit.config import parse_config
-from mlmkit.data import DataError, IndexedExamples, embedded_corpus, load_raw_datasets, tokenize_datasets
+from mlmkit.data import (DataError, DataRepairs, IndexedExamples, embedded_corpus,
+                         load_raw_datasets, tokenize_datasets)
 
 
 def test_embedded_corpus_is_cpython_docs_split_90_10(tokenizer):
@@ -64,12 +65,81 @@ def test_tabular_files_and_text_column(tmp_path, tokenizer, suffix):
         load_raw_datasets(parse_config(["--train_file", str(path)]))
 
 
-def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer):
-    file = tmp_path / "empty.txt"
-    file.write_text("\n \n\n")
-    cfg = parse_config(["--train_file", str(file), "--validation_file", str(file)])
-    with pytest.raises(DataError, match="Fix"):
+@pytest.mark.parametrize("content", [b"", b"\n \n\n\t\n"], ids=["zero_bytes", "blank_lines"])
+@pytest.mark.parametrize("which", ["train", "validation"])
+def test_an_empty_file_is_an_error_that_says_it_is_empty(tmp_path, tokenizer, content, which):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\nmore text\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(content)
+    files = {"train": good, "validation": good, which: empty}
+    cfg = parse_config(["--train_file", str(files["train"]),
+                        "--validation_file", str(files["validation"])])
+    with pytest.raises(DataError) as err:
         tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    message = str(err.value)
+    assert f"{which}_file={str(empty)!r} is empty" in message and "Fix:" in message
+    assert ("0 bytes" if not content else "only blank lines") in message
+
+
+def test_undecodable_bytes_are_replaced_counted_and_reported(tmp_path, tokenizer, capsys,
+                                                             monkeypatch):
+    file = tmp_path / "dirty.txt"
+    lines = [f"good line number {i}".encode() for i in range(20)]
+    lines[6] = b"a Latin-1 caf\xe9 in a UTF-8 file"
+    lines[13] = b"broken \xff\xfe bytes and \xc3 a cut sequence"
+    lines[17] = "a real replacement character \ufffd is not a repair".encode()
+    file.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = parse_config(["--train_file", str(file), "--validation_file", str(file)])
+
+    repairs = DataRepairs()
+    raw = load_raw_datasets(cfg, repairs)
+    text = [t.rstrip("\n") for t in raw["train"]["text"]]
+    assert len(text) == 20  # nothing dropped: the bad bytes became U+FFFD
+    assert text[6] == "a Latin-1 caf\ufffd in a UTF-8 file"
+    assert text[13].startswith("broken \ufffd\ufffd bytes")
+    assert repairs.lines == {str(file): 2} and repairs.first == {str(file): 7}
+    assert repairs.total == 2  # train and validation read the same file: counted once, per file
+    warning = repairs.warning()
+    assert "\n" not in warning and "2 lines of" in warning and "(first: line 7)" in warning
+    assert "U+FFFD" in warning
+    assert mlmkit_lines(capsys) == []  # the caller reports it
+    tok = tokenize_datasets(raw, tokenizer, cfg)  # and training data follows
+    assert len(tok["train"]) == 20
+
+    # without a DataRepairs to fill, the main process prints the one line itself
+    monkeypatch.delenv("RANK", raising=False)
+    load_raw_datasets(cfg)
+    err = mlmkit_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("mlmkit: warning: 2 lines of")
+    monkeypatch.setenv("RANK", "1")  # other processes stay quiet
+    load_raw_datasets(cfg)
+    assert mlmkit_lines(capsys) == []
+
+
+def mlmkit_lines(capsys) -> list[str]:
+    """stderr lines of our own (datasets' progress bars go there too)."""
+    err = capsys.readouterr().err.replace("\r", "\n")
+    return [line for line in err.splitlines() if line.startswith("mlmkit")]
+
+
+def test_a_clean_file_reports_no_repairs_even_with_a_real_replacement_character(tmp_path):
+    file = tmp_path / "clean.txt"
+    file.write_text("plain text\nwith a genuine \ufffd character\nand more\n", encoding="utf-8")
+    repairs = DataRepairs()
+    load_raw_datasets(parse_config(["--train_file", str(file), "--validation_file", str(file)]),
+                      repairs)
+    assert repairs.total == 0 and repairs.warning() is None
+
+
+def test_undecodable_bytes_in_a_csv_are_replaced_too(tmp_path):
+    file = tmp_path / "dirty.csv"
+    file.write_bytes(b"text\n" + b"".join(f"row {i}\n".encode() for i in range(9))
+                     + b"bad \xff row\n")
+    repairs = DataRepairs()
+    raw = load_raw_datasets(parse_config(["--train_file", str(file)]), repairs)
+    assert len(raw["train"]) + len(raw["validation"]) == 10
+    assert repairs.lines == {str(file): 1} and repairs.first == {str(file): 11}
 
 
 def test_hub_loading_path_on_a_local_copy(tmp_path, tokenizer):

@@ -1,0 +1,139 @@
+"""Every launch the README documents works as written.
+
+The commands come from README.md itself (tests/readme_commands.py): each `accelerate launch
+--config_file accelerate_configs/...` line and each `sbatch` line of its code blocks, and the CPU
+note ("**Without a GPU**"), which is the only change made for this GPU-less machine. `...` is the
+README's placeholder for recipe flags; here it becomes the flags of a tiny, few-step run.
+
+* Each `accelerate launch` line as written -- no CPU note: 8 processes, bf16 -- goes through
+  Accelerate's own launcher code up to the worker's DeepSpeed setup, where a precision written
+  next to a DeepSpeed JSON is refused. That is what a GPU node runs first.
+* Each `accelerate launch` line runs for real with the CPU note in test_distributed.py (its
+  configs and its two-node launch are read from the README).
+* Each `sbatch` line runs for real here, through stand-ins for Slurm's commands
+  (tests/slurm_standins): the script, its flags and ACCELERATE_CONFIG as written, plus the CPU
+  note's GPUS_PER_NODE; precision stays the config's bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+from mlmkit import tracking as M
+from mlmkit.tracking import read_metrics
+from readme_commands import (RECIPE_PATH, accelerate_args, cpu_note, launches_of,
+                             readme_launches, sbatch_command)
+from slurm_harness import free_port, slurm_env, submit
+
+# Runs, in one fresh interpreter, Accelerate's `accelerate launch` code for each command line
+# (argument parsing, config-file merging, the launcher's environment for the workers) and then
+# what each worker's Accelerator does with that environment for DeepSpeed (DeepSpeedPlugin,
+# set_mixed_precision) -- everything but starting processes.
+CHECK = textwrap.dedent("""
+    import json, sys
+    import accelerate.commands.launch as launch
+    from accelerate.utils import DeepSpeedPlugin, patch_environment
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    def check(argv):
+        seen = {}
+        launch.deepspeed_launcher = lambda a: seen.update(env=prepare_deepspeed_cmd_env(a)[1])
+        launch.multi_gpu_launcher = lambda a: seen.update(env=prepare_multi_gpu_env(a))
+        launch.simple_launcher = lambda a: seen.update(env={})
+        try:
+            launch.launch_command(launch.launch_command_parser().parse_args(argv))
+            env = seen["env"]
+            result = {"ok": True, "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION"),
+                      "deepspeed": env.get("ACCELERATE_USE_DEEPSPEED") == "true"}
+            if result["deepspeed"]:
+                with patch_environment(**env):
+                    plugin = DeepSpeedPlugin()
+                    plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
+                result["zero_stage"] = plugin.deepspeed_config["zero_optimization"]["stage"]
+                result["bf16"] = plugin.deepspeed_config["bf16"]["enabled"]
+            return result
+        except BaseException as err:  # argparse exits with SystemExit
+            return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+
+    print(json.dumps([check(argv) for argv in json.loads(sys.argv[1])]))
+""")
+
+
+def launch_checks(argvs: list[list[str]]) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(argvs)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():
+    configs = [launch.config for launch in launches_of("accelerate")]
+    assert len(configs) == len(set(configs))  # one line per config
+    assert {"ddp", "multi_node", "zero2", "zero3", "zero3_offload"} <= set(configs)
+    assert [(launch.config, launch.env) for launch in launches_of("sbatch")] == [
+        ("multi_node", {}), ("zero3", {"ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"})]
+    for launch in readme_launches():
+        assert (ROOT / "accelerate_configs" / f"{launch.config}.yaml").is_file(), launch.text
+    flags, env = cpu_note()
+    assert flags[:2] == ["--num_processes", "2"]
+    assert env == {"GPUS_PER_NODE": "1"}
+
+
+def test_every_accelerate_line_as_written_passes_accelerates_launch_checks():
+    launches = launches_of("accelerate")
+    # --main_process_port: a free one (other tests on this machine may hold 29500 right now)
+    argvs = [[*accelerate_args(launch, cpu=False, replace={
+        "--main_process_port": free_port()} if "--main_process_port" in launch.argv else None),
+        RECIPE_PATH] for launch in launches]
+    for launch, result in zip(launches, launch_checks(argvs)):
+        assert result["ok"], f"{launch.text}\n{result.get('error')}"
+        assert result["mixed_precision"] == "bf16", launch.text  # from the config file
+        if result["deepspeed"]:
+            assert result["bf16"] is True and result["zero_stage"] in (2, 3), launch.text
+
+
+def test_the_launch_check_refuses_precision_next_to_a_deepspeed_json(tmp_path):
+    """Not vacuous: the previous ZeRO configs (a DeepSpeed JSON plus the config file's
+    mixed_precision) fail it as they failed on GPU nodes."""
+    (tmp_path / "zero3.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}))
+    (tmp_path / "zero3.yaml").write_text(textwrap.dedent(f"""\
+        compute_environment: LOCAL_MACHINE
+        distributed_type: DEEPSPEED
+        deepspeed_config:
+          deepspeed_config_file: {tmp_path / "zero3.json"}
+        num_processes: 8
+        num_machines: 1
+        mixed_precision: bf16
+        """))
+    (result,) = launch_checks([["--config_file", str(tmp_path / "zero3.yaml"), RECIPE_PATH]])
+    assert not result["ok"] and "mixed_precision" in result["error"]
+    assert "will be ignored" in result["error"]
+
+
+@pytest.mark.parametrize("launch", launches_of("sbatch"), ids=lambda launch: launch.config)
+def test_readme_sbatch_line_trains_on_simulated_nodes(launch, tmp_path, tiny_args):
+    argv, env = sbatch_command(launch)
+    nodes = int(argv[argv.index("--nodes") + 1]) if "--nodes" in argv else 2  # #SBATCH --nodes=2
+    out = tmp_path / "out"
+    recipe = [*tiny_args, "--max_train_steps", "2", "--max_train_samples", "100",
+              "--max_eval_samples", "32", "--per_device_train_batch_size", "4",
+              "--eval_pad_sensitivity", "false", "--output_dir", str(out)]
+    done = submit([*argv, *recipe], slurm_env(tmp_path / "slurm", **env))
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert f"{nodes} nodes x 1 GPUs = {nodes} processes" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == nodes and summary[M.STEP] == 2
+    assert math.isfinite(summary[M.EVAL_LOSS])
+    assert (out / "model" / "config.json").is_file()
+    steps = [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r]
+    assert steps == [2]  # logged once, by the main process of the first node
+    assert not (tmp_path / "slurm" / "requeue.log").exists()

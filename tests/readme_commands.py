@@ -1,0 +1,117 @@
+"""The launch commands the README documents, read from README.md itself, and its CPU note.
+
+Tests run these instead of commands of their own, so a launch line in the README that does not
+work on a GPU node (as written) or on CPU (with only the README's CPU note applied) fails a test.
+
+* :func:`readme_launches`: every ``accelerate launch --config_file accelerate_configs/...`` and
+  every ``sbatch`` line of the README's code blocks (backslash continuations joined); ``...`` is
+  the README's placeholder for recipe flags.
+* :func:`cpu_note`: what the README tells a CPU user to change -- the ``accelerate launch`` flags
+  and the sbatch environment, parsed from the "**Without a GPU**" paragraph.
+* :func:`accelerate_args` / :func:`sbatch_command`: a README line turned into a command for this
+  machine, changing only what the CPU note says, with recipe flags in place of ``...``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RECIPE_PATH = "recipes/mlm.py"
+SBATCH_SCRIPT = "recipes/slurm/mlm.sbatch"
+
+
+@dataclass(frozen=True)
+class Launch:
+    text: str                 # the line as the README shows it (continuations joined)
+    env: dict                 # VAR=value prefixes
+    argv: list                # the command, shell-split, without the env prefixes
+
+    @property
+    def kind(self) -> str:
+        return "sbatch" if self.argv[0] == "sbatch" else "accelerate"
+
+    @property
+    def config(self) -> str:
+        """The accelerate config's name: ``zero3`` for accelerate_configs/zero3.yaml."""
+        if self.kind == "accelerate":
+            path = self.argv[self.argv.index("--config_file") + 1]
+        else:
+            path = self.env.get("ACCELERATE_CONFIG", "accelerate_configs/multi_node.yaml")
+        return Path(path).stem
+
+    @property
+    def recipe_args(self) -> list:
+        """The recipe flags written on the line (``...`` dropped)."""
+        script = RECIPE_PATH if self.kind == "accelerate" else SBATCH_SCRIPT
+        return [a for a in self.argv[self.argv.index(script) + 1:] if a != "..."]
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+
+
+def readme_launches(readme: Path = README) -> list[Launch]:
+    launches = []
+    for block in _code_blocks(readme.read_text()):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            words = shlex.split(line)
+            env = {}
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+                key, value = words.pop(0).split("=", 1)
+                env[key] = value
+            if not words:
+                continue
+            is_accelerate = (words[:2] == ["accelerate", "launch"] and "--config_file" in words
+                             and words[words.index("--config_file") + 1].startswith(
+                                 "accelerate_configs/"))
+            if is_accelerate or words[0] == "sbatch":
+                launches.append(Launch(line, env, words))
+    return launches
+
+
+def cpu_note(readme: Path = README) -> tuple[list, dict]:
+    """(flags to add to ``accelerate launch``, environment for the sbatch script) on CPU."""
+    text = readme.read_text()
+    start = text.index("**Without a GPU**")
+    paragraph = text[start:text.index("\n\n", start)]
+    spans = re.findall(r"`([^`]+)`", paragraph.replace("\n", " "))
+    flags = next(shlex.split(s) for s in spans if s.startswith("--"))
+    env = dict(s.split("=", 1) for s in spans if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S+", s))
+    return flags, env
+
+
+def launches_of(kind: str) -> list[Launch]:
+    return [launch for launch in readme_launches() if launch.kind == kind]
+
+
+def accelerate_launch(config: str) -> Launch:
+    """The README's ``accelerate launch`` line for accelerate_configs/<config>.yaml."""
+    found = [launch for launch in launches_of("accelerate") if launch.config == config]
+    assert len(found) == 1, f"README.md shows {len(found)} launch lines for {config}.yaml"
+    return found[0]
+
+
+def accelerate_args(launch: Launch, *, cpu: bool = True, replace: dict | None = None) -> list:
+    """The ``accelerate launch`` options of a README line, the config path made absolute; with
+    ``cpu`` the CPU note's flags are added after the README's own (the later flag wins).
+    ``replace``: option -> value, for the placeholders of one machine (host, port, rank)."""
+    args = list(launch.argv[2:launch.argv.index(RECIPE_PATH)])
+    i = args.index("--config_file")
+    args[i + 1] = str(ROOT / args[i + 1])
+    for option, value in (replace or {}).items():
+        args[args.index(option) + 1] = str(value)
+    return args + (cpu_note()[0] if cpu else [])
+
+
+def sbatch_command(launch: Launch) -> tuple[list, dict]:
+    """(argv, env additions) for a README sbatch line run through the stand-ins on CPU: the
+    line's own environment plus the CPU note's."""
+    return [a for a in launch.argv if a != "..."], {**launch.env, **cpu_note()[1]}
