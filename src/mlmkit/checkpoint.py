@@ -4,10 +4,11 @@ A run can be killed at any moment and started again with the same command to rea
 result. What makes that true here:
 
 * **What a checkpoint holds** -- Accelerate's ``save_state`` (model, optimizer, the registered LR
-  scheduler, grad scaler, every process's RNG states; under ZeRO DeepSpeed's sharded checkpoint)
+  scheduler, grad scaler, every process's RNG states; under ZeRO DeepSpeed's sharded checkpoint,
+  under FSDP2 one shard of the model and optimizer per process, torch.distributed.checkpoint)
   plus ``trainer_state.json`` (:class:`TrainState`: step counters, the data position, the running
-  statistics of the log window and of the whole run, the step-0 eval, the W&B run id, the launch
-  shape) and a copy of ``config.yaml``. The data position is just ``(epoch, step_in_epoch)``:
+  statistics of the log window and of the whole run, the step-0 eval and fill-mask check, the W&B
+  run id, the launch shape) and a copy of ``config.yaml``. The data position is just ``(epoch, step_in_epoch)``:
   batch order is a pure function of (seed, epoch) and masking of (seed, epoch, example index).
 * **Atomic writes** (:func:`save_checkpoint`) -- all processes save into
   ``checkpoints/.tmp-checkpoint-<step>``, files are fsynced, then the main process writes the
@@ -22,7 +23,9 @@ The run-folder policy (fresh start, resume or refuse) is in `rundir.py`; pre-emp
 `preemption.py`; the final HF export in `modeling.export_hf_model`.
 
 Layout of one checkpoint (DDP or one process; under DeepSpeed ``model.safetensors`` and
-``optimizer.bin`` are replaced by DeepSpeed's ``pytorch_model/`` folder and ``latest``)::
+``optimizer.bin`` are replaced by DeepSpeed's ``pytorch_model/`` folder and ``latest``, under
+FSDP2 by ``pytorch_model_fsdp_0/`` and ``optimizer_0/``, each holding ``__<rank>_0.distcp`` shards
+and a ``.metadata`` file; the marker lists them all)::
 
     <output_dir>/checkpoints/checkpoint-<step>/
         model.safetensors  optimizer.bin  custom_checkpoint_0.pkl (scheduler)
@@ -101,6 +104,7 @@ class TrainState:
     window: RunningStats = field(default_factory=RunningStats)  # since the last log line
     total: RunningStats = field(default_factory=RunningStats)   # the whole run
     first_eval: dict[str, float] = field(default_factory=dict)  # the step-0 eval (first/eval/*)
+    fill_mask_before: list[dict] = field(default_factory=list)  # the initial model's fill-mask
     wandb_run_id: str | None = None    # a resumed run continues the same W&B run
     launch: dict[str, Any] = field(default_factory=dict)  # num_processes, distributed_type
     format: int = FORMAT
@@ -210,7 +214,7 @@ def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState) -> Path:
     quiet = logging.getLogger("accelerate.utils.other")
     level, quiet.level = quiet.level, logging.ERROR
     try:
-        accelerator.save_state(str(tmp))  # every rank: its RNG states; under ZeRO its shards
+        accelerator.save_state(str(tmp))  # every rank: its RNG states; under ZeRO/FSDP its shards
     finally:
         quiet.setLevel(level)
     if accelerator.is_main_process:

@@ -5,6 +5,8 @@
   always pads dynamically with the attention mask, whatever the training padding mode, so every
   run (every ablation arm) is scored the same way. Eval masks are fixed once: they depend on a
   constant seed and the example index, not on the run's seed, so all runs score the same targets.
+  The eval masking rate is ``--eval_mlm_probability`` (default 0.15), independent of the training
+  rate, so a run trained at 30% is scored on the usual 15%.
 * ``eval/loss_unmasked``: the same batches with the attention mask withheld (padding attended).
 * ``eval/pad_sensitivity``: mean |log p(token) alone - log p(token) padded to max_seq_length with
   no mask| over the real positions of a fixed set of validation examples (unmasked inputs). Zero
@@ -27,10 +29,14 @@ EVAL_MASK_EPOCH = 0
 PAD_PROBE_EXAMPLES = 32
 
 
-def eval_collator(tokenizer, cfg, position_offset: int = 0) -> MaskedLMCollator:
-    """Eval pads dynamically (whatever the training padding) with masks fixed once."""
+def eval_collator(tokenizer, cfg, position_offset: int = 0,
+                  attn_implementation: str | None = None) -> MaskedLMCollator:
+    """Eval pads dynamically (whatever the training padding) with masks fixed once, at the eval
+    masking rate (``cfg.eval_mlm_probability``)."""
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=position_offset,
-                                            padding="longest", seed=EVAL_MASK_SEED)
+                                            attn_implementation=attn_implementation,
+                                            padding="longest", seed=EVAL_MASK_SEED,
+                                            mlm_probability=cfg.eval_mlm_probability)
     collator.set_epoch(EVAL_MASK_EPOCH)
     return collator
 

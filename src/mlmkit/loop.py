@@ -17,6 +17,7 @@ from accelerate.utils import send_to_device
 from transformers import get_scheduler
 
 from .collator import model_inputs
+from .configio import ConfigError
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -35,10 +36,31 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                              eps=cfg.adam_epsilon, fused=True)
 
 
+def scheduler_phases(cfg, num_training_steps: int) -> dict[str, int]:
+    """Warmup steps (``num_warmup_steps``, else ``warmup_ratio`` of the steps) and, for
+    ``warmup_stable_decay``, decay steps (``decay_ratio`` of the steps, at least 1)."""
+    phases = {"warmup": cfg.num_warmup_steps or math.ceil(cfg.warmup_ratio * num_training_steps)}
+    if cfg.lr_scheduler_type == "warmup_stable_decay":
+        phases["decay"] = max(1, math.ceil(cfg.decay_ratio * num_training_steps))
+        if phases["warmup"] + phases["decay"] > num_training_steps:
+            raise ConfigError(
+                f"decay_ratio={cfg.decay_ratio!r}: {phases['warmup']} warmup + {phases['decay']} "
+                f"decay steps exceed the {num_training_steps} training steps. Fix: lower "
+                "--num_warmup_steps/--warmup_ratio or --decay_ratio, or train longer.")
+    return phases
+
+
 def build_scheduler(optimizer, cfg, num_training_steps: int):
-    warmup = cfg.num_warmup_steps or math.ceil(cfg.warmup_ratio * num_training_steps)
-    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=num_training_steps)
+    """The LR schedule for ``num_training_steps`` optimizer steps; every name in
+    `choices.SCHEDULERS` builds here. Each takes transformers' defaults for its own knobs
+    (cosine_with_restarts: 1 cycle; polynomial: power 1 down to lr_end 1e-7; inverse_sqrt:
+    timescale = warmup), except warmup_stable_decay, whose decay phase is ``decay_ratio`` of the
+    steps (cosine decay to 0; stable at the peak rate in between)."""
+    phases = scheduler_phases(cfg, num_training_steps)
+    specific = {"num_decay_steps": phases["decay"]} if "decay" in phases else None
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=phases["warmup"],
+                         num_training_steps=num_training_steps,
+                         scheduler_specific_kwargs=specific)
 
 
 def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask_padding: bool,

@@ -10,6 +10,14 @@ The contracts that live here (and nowhere else):
   function of ``(seed, epoch, idx)`` (`example_seed`), independent of the batch the example lands
   in, its position there, the padding and the padding mode, the number of processes.
 
+Whole-word masking works for any tokenizer whose vocabulary marks word boundaries, found by
+`word_start_scheme`: WordPiece (BERT: ``##`` continues a word), byte-level BPE (RoBERTa, GPT-2,
+ModernBERT: ``Ġ``, the byte-level image of a space, starts one) and SentencePiece / Metaspace
+(XLM-R, DeBERTa-v3, T5, ALBERT: ``▁`` starts one). For the last two a word is what lies between
+whitespace, as in fairseq's ``--mask-whole-words``: punctuation written against a word is masked
+with it. The tables are per vocabulary id (`VocabularyTables`), so no tokenization-time word ids
+are needed and the masks stay a function of the ids alone.
+
 `Masker.mask` is the one masking function; `MaskedLMCollator` calls it for every batch and
 `MaskedLMCollator.mask_example` for a single example.
 """
@@ -21,6 +29,73 @@ from typing import Any
 import torch
 
 _MASK64 = (1 << 64) - 1
+METASPACE = "\u2581"  # '▁', SentencePiece's word-start mark
+
+
+def _byte_level_whitespace() -> frozenset[str]:
+    """The characters that byte-level BPE (GPT-2's ``bytes_to_unicode``) writes for the
+    whitespace bytes \\t \\n \\v \\f \\r and space: 'ĉ Ċ ċ Č č Ġ'."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]  # mapped to 256, 257, ... in order
+    return frozenset(chr(256 + others.index(b)) for b in (9, 10, 11, 12, 13, 32))
+
+
+BYTE_LEVEL_WHITESPACE = _byte_level_whitespace()  # 'Ġ' (U+0120) is the space
+
+
+def _component_types(component: Any) -> list[dict]:
+    """The JSON descriptions of a tokenizers pre-tokenizer or decoder, Sequences flattened."""
+    import json
+    if component is None:
+        return []
+    try:
+        data = json.loads(component.__getstate__())
+    except Exception:  # noqa: BLE001 - an exotic component: no information
+        return []
+    stack, found = [data], []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found.append(item)
+            stack += item.get("pretokenizers", []) + item.get("decoders", [])
+    return found
+
+
+def word_start_scheme(tokenizer: Any) -> tuple[str, str] | None:
+    """How ``tokenizer``'s vocabulary marks words, or None when it does not (word-level or
+    character tokenizers, unknown schemes).
+
+    ``("continuation", prefix)``: pieces starting with ``prefix`` continue the word before them
+    (WordPiece, ``##``). ``("start", mark)``: pieces starting with ``mark`` begin a word (byte-level
+    BPE ``Ġ``, SentencePiece ``▁``). Read from the fast tokenizer's model, pre-tokenizer and decoder;
+    for a tokenizer without one (a slow tokenizer), from its vocabulary.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = backend.model
+        kind = type(model).__name__
+        prefix = getattr(model, "continuing_subword_prefix", None)
+        if kind == "WordPiece" or (kind == "BPE" and prefix):
+            return ("continuation", prefix or "##")
+        if kind == "BPE" and getattr(model, "end_of_word_suffix", None):
+            return None  # words marked at their end (</w>): not supported
+        parts = _component_types(backend.pre_tokenizer) + _component_types(backend.decoder)
+        types = {p.get("type") for p in parts}
+        if "ByteLevel" in types:
+            return ("start", "\u0120")
+        for part in parts:
+            if part.get("type") == "Metaspace":
+                return ("start", part.get("replacement") or METASPACE)
+        if kind in ("WordLevel",) or types:
+            return None
+    vocab = list(tokenizer.get_vocab())  # a slow tokenizer: what its pieces look like
+    if any(t.startswith("##") for t in vocab):
+        return ("continuation", "##")
+    for mark in ("\u0120", METASPACE):
+        if sum(t.startswith(mark) for t in vocab) > 0.1 * max(len(vocab), 1):
+            return ("start", mark)
+    return None
 
 
 def _splitmix64(x: int) -> int:
@@ -47,8 +122,14 @@ class VocabularyTables:
     """Lookup tables over the tokenizer's ids, built once so that per-batch work is indexing.
 
     ``is_special`` (V,) bool: every id in ``tokenizer.all_special_ids``; ``replacement_ids``: the
-    ordinary ids (< len(tokenizer), not special) that random replacement draws from;
-    ``is_continuation`` (V,) bool or None: WordPiece ``##`` pieces, for whole-word masking.
+    ordinary ids (< len(tokenizer), not special) that random replacement draws from. For
+    whole-word masking (`word_start_scheme`): ``starts_word`` (V,) bool, the pieces that begin a
+    word (not ``##`` pieces; pieces starting with ``Ġ``/``▁`` or another whitespace image), and
+    ``ends_word`` (V,) bool, the pieces after which a new word begins (byte-level pieces ending in
+    whitespace, e.g. ``Ċ`` before a word at the start of a line); both None without it.
+
+    Raises:
+        ValueError: ``whole_word`` with a tokenizer whose vocabulary marks no words.
     """
 
     def __init__(self, tokenizer: Any, whole_word: bool = False):
@@ -58,13 +139,31 @@ class VocabularyTables:
         self.is_special = torch.zeros(table_size, dtype=torch.bool)  # (V,)
         self.is_special[special_ids] = True
         self.replacement_ids = torch.nonzero(~self.is_special[:vocab_size]).flatten()  # (V_ord,)
-        self.is_continuation: torch.Tensor | None = None
+        self.starts_word: torch.Tensor | None = None
+        self.ends_word: torch.Tensor | None = None
+        self.word_scheme: tuple[str, str] | None = None
         if whole_word:
-            tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-            cont = torch.zeros(table_size, dtype=torch.bool)  # (V,)
-            cont[:vocab_size] = torch.tensor(
-                [isinstance(t, str) and t.startswith("##") for t in tokens])
-            self.is_continuation = cont
+            scheme = word_start_scheme(tokenizer)
+            if scheme is None:
+                raise ValueError(
+                    f"MaskedLMCollator: invalid whole_word_mask=True; {type(tokenizer).__name__} "
+                    "marks no word boundaries that mlmkit knows (WordPiece '##', byte-level BPE "
+                    "'Ġ', SentencePiece '▁'); pass whole_word_mask=False")
+            self.word_scheme = scheme
+            how, mark = scheme
+            tokens = [t if isinstance(t, str) else "" for t in
+                      tokenizer.convert_ids_to_tokens(list(range(vocab_size)))]
+            space = BYTE_LEVEL_WHITESPACE if mark == "\u0120" else frozenset(mark)
+            if how == "continuation":
+                starts = [not t.startswith(mark) for t in tokens]
+                ends = [False] * vocab_size
+            else:
+                starts = [not t or t[0] in space for t in tokens]
+                ends = [bool(t) and t[-1] in space for t in tokens]
+            self.starts_word = torch.ones(table_size, dtype=torch.bool)  # (V,) added ids: words
+            self.starts_word[:vocab_size] = torch.tensor(starts, dtype=torch.bool)
+            self.ends_word = torch.zeros(table_size, dtype=torch.bool)  # (V,)
+            self.ends_word[:vocab_size] = torch.tensor(ends, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.is_special)
@@ -98,11 +197,12 @@ class Masker:
         """(N,) the word of every token, and the number of words per example."""
         lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
         first = torch.cumsum(lens, 0) - lens  # (E,) offset of each example's first token
-        # A word starts at any non-continuation token, at a special token and right after one
-        # (so a stray '##' piece after [CLS] does not join the [CLS] "word"), and every example
-        # starts a word (so words never span two examples).
-        starts = ~self.tables.is_continuation[ids] | special  # (N,)
-        starts[1:] |= special[:-1]
+        # A word starts at a word-starting piece (`VocabularyTables`), after a piece that ends in
+        # whitespace, at a special token and right after one (so a stray '##' piece, or RoBERTa's
+        # first word, which has no 'Ġ', does not join the <s> "word"), and every example starts a
+        # word (so words never span two examples).
+        starts = self.tables.starts_word[ids] | special  # (N,)
+        starts[1:] |= special[:-1] | self.tables.ends_word[ids[:-1]]
         starts[first] = True
         word_of = torch.cumsum(starts.to(torch.long), 0) - 1  # (N,) global word index per token
         example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,)

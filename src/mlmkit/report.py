@@ -10,7 +10,9 @@ W&B. Writes into the ablation folder (or ``--output_dir``):
 * ``report.md``   the table (arm, seeds, final eval loss mean ± sd, perplexity, eval loss with the
                   mask withheld, paired Δ vs the reference arm with a 95% t-interval, pad
                   sensitivity, real tokens/s, pad fraction, runtime), a "what the numbers say"
-                  paragraph computed from the numbers, the per-run table, and the plots;
+                  paragraph computed from the numbers, the fill-mask check per arm (mean rank of
+                  the masked word after training, and each sentence's top-1), the per-run table,
+                  and the plots;
 * ``report.json`` the same numbers, machine-readable (null where a number does not exist);
 * ``eval_loss.png``, ``perplexity.png``, ``paired_delta.png``, ``pad_sensitivity.png``,
   ``throughput.png`` (matplotlib, Agg backend; skipped with a note if matplotlib is missing).
@@ -49,7 +51,8 @@ PLAN_FILE = "ablation.json"  # written by recipes/ablate_padding.py
 DEFAULT_REFERENCE = "masked"
 SEED_TAG = re.compile(r"^seed(\d+)$")
 # Folders inside a run that are never runs themselves (W&B's files/ holds a config.yaml).
-NOT_RUNS = {"wandb", "model", "model.tmp", "tensorboard", "checkpoints", "__pycache__"}
+NOT_RUNS = {"wandb", "model", "model.tmp", "model.initial", "model.initial.tmp", "tensorboard",
+            "checkpoints", "__pycache__"}
 
 
 # ================================================================================ reading runs
@@ -75,6 +78,18 @@ class RunResult:
     def eval_curve(self) -> list[tuple[int, float]]:
         return [(int(r[STEP]), float(r[EVAL_LOSS])) for r in self.records
                 if EVAL_LOSS in r and STEP in r]
+
+    def fill_mask(self) -> list[dict]:
+        """summary.json's fill-mask check (`fill_mask.combine`), [] when the run has none."""
+        entries = self.summary.get("fill_mask")
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+    def mean_fill_mask_rank(self, when: str = "after") -> float | None:
+        """Mean rank of the masked word over the check's sentences (1 = the model's first
+        choice), ``when`` "after" or "before" training."""
+        ranks = [e.get(f"rank_{when}") for e in self.fill_mask()]
+        ranks = [r for r in ranks if isinstance(r, (int, float))]
+        return sum(ranks) / len(ranks) if ranks else None
 
     def epochs_per_step(self) -> float | None:
         """Epochs per optimizer step, from any train record (epoch = step / steps_per_epoch)."""
@@ -247,6 +262,9 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             "pad_fraction": stats(per_seed(
                 arm, lambda r: r.train_mean(TRAIN_PAD_FRACTION, how="mean"))),
             "runtime_s": stats(per_seed(arm, lambda r: r.final(TRAIN_RUNTIME))),
+            "fill_mask_rank_after": stats(per_seed(arm, lambda r: r.mean_fill_mask_rank())),
+            "fill_mask_rank_before": stats(per_seed(
+                arm, lambda r: r.mean_fill_mask_rank("before"))),
             "paired_delta_vs_reference": None,
             "curve": _mean_curve(list(finished.values())),
         }
@@ -271,8 +289,27 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             for a, b in plan.get("comparisons", []) if a in final_loss and b in final_loss],
         "n_runs": len(runs), "n_finished": len(runs) - len(unfinished),
         "arm_differences": _config_differences(runs),
+        "fill_mask": _fill_mask_sentences(by_arm),
         "notes": notes,
     }
+
+
+def _fill_mask_sentences(by_arm: dict[str, dict[int, RunResult]]) -> dict | None:
+    """The fill-mask check's sentences (from any run: every run of an ablation evaluates on the
+    same split, so gets the same ones) and, per arm, the top-1 filler of each after training in
+    its lowest-seed run that has the check."""
+    sentences, top1 = None, {}
+    for arm, finished in by_arm.items():
+        for _, run in sorted(finished.items()):
+            entries = run.fill_mask()
+            if not entries:
+                continue
+            if sentences is None:
+                sentences = [{"text": e.get("text"), "answer": e.get("answer")} for e in entries]
+            if [e.get("text") for e in entries] == [s["text"] for s in sentences]:
+                top1[arm] = [(e.get("after") or [None])[0] for e in entries]
+                break
+    return {"sentences": sentences, "top1_after": top1} if sentences else None
 
 
 def _mean_curve(runs: list[RunResult]) -> dict | None:

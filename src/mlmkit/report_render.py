@@ -64,6 +64,17 @@ def what_the_numbers_say(numbers: dict) -> list[str]:
     if speed:
         lines.append("Training throughput in real (non-padding) tokens/s: " + "; ".join(speed)
                      + ".")
+    ranks = []
+    for arm, entry in arms.items():
+        after = entry.get("fill_mask_rank_after", {}).get("mean")
+        before = entry.get("fill_mask_rank_before", {}).get("mean")
+        if after is not None:
+            ranks.append(f"`{arm}` {after:,.1f}" + (f" (before: {before:,.0f})"
+                                                     if before is not None else ""))
+    if ranks:
+        lines.append("Fill-mask check, mean rank of the masked word in the vocabulary after "
+                     "training (1 = the model's first choice; mean over sentences and seeds): "
+                     + ", ".join(ranks) + ".")
     missing = [r for r in numbers["runs"] if r["status"] != "finished"]
     if missing:
         names = ", ".join(f"{r['arm']} seed {r['seed']} ({r['status']})" for r in missing)
@@ -86,6 +97,23 @@ def _paired_sentence(arm: str, against: str, d: dict) -> str:
     same = f"; {sum(v > 0 for v in diffs)} of {len(diffs)} seeds positive"
     return (f"{head} (95% CI [{_f(lo, signed=True)}, {_f(hi, signed=True)}], n = {d['n']} paired "
             f"seeds{same}); {verdict}.")
+
+
+def _fill_mask_table(check: dict | None) -> list[str]:
+    """Each fill-mask sentence with its masked word and every arm's top-1 after training."""
+    if not check or not check.get("top1_after"):
+        return []
+    arms = list(check["top1_after"])
+    out = ["", "## Fill-mask check", "",
+           "Top-1 filler of the masked word after training (each arm's lowest seed); the answer "
+           "is the word that was masked.", "",
+           "| sentence | answer | " + " | ".join(f"`{a}`" for a in arms) + " |",
+           "|---|---|" + "---|" * len(arms)]
+    for i, sentence in enumerate(check["sentences"]):
+        text = str(sentence["text"]).replace("|", "\\|")
+        cells = [str(check["top1_after"][a][i]).replace("|", "\\|") for a in arms]
+        out.append(f"| {text} | {sentence['answer']} | " + " | ".join(cells) + " |")
+    return out
 
 
 PLOTS = {  # file -> title (short: it must fit a narrow figure)
@@ -121,6 +149,7 @@ def render_markdown(numbers: dict, plots: list[str], plot_note: str = "") -> str
             _f(e["runtime_s"]["mean"], 1)]) + " |")
     out += ["", "## What the numbers say", ""]
     out += [f"- {line}" for line in what_the_numbers_say(numbers)] or ["- No finished runs."]
+    out += _fill_mask_table(numbers.get("fill_mask"))
     if numbers["arm_differences"]:
         with_config = [a for a in arms if a in next(iter(numbers["arm_differences"].values()))]
         out += ["", "## What the arms change", "",

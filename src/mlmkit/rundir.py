@@ -25,7 +25,8 @@ from .configio import ConfigError, read_yaml_mapping
 from .fileio import atomic_write_text, read_jsonl
 
 # What --overwrite_output_dir deletes (config.yaml is rewritten; tracker folders are left alone).
-RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", "summary.json", "model", "model.tmp", CONFIG_FILE)
+RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", "summary.json", "model", "model.tmp",
+               "model.initial", "model.initial.tmp", CONFIG_FILE)  # model.initial: fill_mask.py
 
 
 @dataclass

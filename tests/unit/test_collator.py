@@ -365,9 +365,9 @@ def test_random_replacements_come_from_ordinary_vocabulary():
     assert not targets[:, [2, 3]].any()  # the literal [PAD] and [UNK] are special: never targets
 
 
-def test_whole_word_mask_needs_wordpiece():
-    word_level = _word_level_tokenizer()
-    with pytest.raises(ValueError, match="WordPiece"):
+def test_whole_word_mask_needs_a_tokenizer_that_marks_words():
+    word_level = _word_level_tokenizer()  # BPE / SentencePiece ones: tests/unit/test_masking.py
+    with pytest.raises(ValueError, match=r"marks no word boundaries.*WordPiece '##', byte-level"):
         MaskedLMCollator(word_level, whole_word_mask=True)
     MaskedLMCollator(word_level)  # fine without whole-word masking
 

@@ -139,6 +139,7 @@ def test_report_from_run_folders(ablation):
     assert "the interval excludes 0: `unmasked` ends with a higher eval loss" in md
     assert "the interval includes 0: no difference detectable with 2 seeds" in md
     assert "3 of 12 runs did not finish" in md and "launch.log" in md
+    assert "Fill-mask" not in md and numbers["fill_mask"] is None  # runs without the check
     # an extra comparison from the plan: unmasked - packed over seeds 0, 1: (0.04, 0.12)
     (extra,) = numbers["comparisons"]
     assert (extra["arm"], extra["against"]) == ("unmasked", "packed")
@@ -150,6 +151,36 @@ def test_report_from_run_folders(ablation):
     for name in PLOTS:
         png = ablation / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+
+
+def test_fill_mask_check_per_arm(ablation):
+    """Mean rank of the masked word after training per arm (over sentences, then seeds), and the
+    top-1 of each sentence from each arm's lowest seed; runs without the check are left out."""
+    ranks = {"masked": 2, "unmasked": 6, "packed": 1}  # packed_naive: no check (older runs)
+    for file in ablation.glob("*/seed*/summary.json"):
+        arm, seed = file.parent.parent.name, int(file.parent.name[4:])
+        if arm not in ranks:
+            continue
+        summary = json.loads(file.read_text())
+        summary["fill_mask"] = [
+            {"text": f"sentence {i} [MASK].", "answer": "word", "before": ["x"] * 5,
+             "after": [f"{arm}{seed}", "y", "y", "y", "y"], "rank_before": 1000,
+             "rank_after": ranks[arm] + i} for i in range(2)]
+        file.write_text(json.dumps(summary))
+    numbers = R.build_report(ablation)
+    arms = numbers["arms"]
+    assert arms["masked"]["fill_mask_rank_after"]["mean"] == pytest.approx(2.5)  # (2 + 3) / 2
+    assert arms["masked"]["fill_mask_rank_before"]["mean"] == pytest.approx(1000)
+    assert arms["packed"]["fill_mask_rank_after"]["n"] == 2  # its seed 2 did not finish
+    assert arms["packed_naive"]["fill_mask_rank_after"]["n"] == 0
+    check = numbers["fill_mask"]
+    assert [s["text"] for s in check["sentences"]] == ["sentence 0 [MASK].", "sentence 1 [MASK]."]
+    assert check["top1_after"] == {"masked": ["masked0"] * 2, "unmasked": ["unmasked0"] * 2,
+                                   "packed": ["packed0"] * 2}
+    md = (ablation / "report.md").read_text()
+    assert "`masked` 2.5 (before: 1,000), `unmasked` 6.5 (before: 1,000)" in md
+    assert "## Fill-mask check" in md
+    assert "| sentence 0 [MASK]. | word | masked0 | unmasked0 | packed0 |" in md
 
 
 def test_report_without_plan_and_with_a_broken_run(tmp_path):

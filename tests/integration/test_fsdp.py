@@ -1,0 +1,111 @@
+"""PyTorch FSDP2 (accelerate_configs/fsdp2.yaml) on 2 CPU processes with gloo: the same per-step
+losses as one process, sharded checkpoints inside the atomic checkpoint scheme, an exact resume
+after SIGKILL, and a consolidated model/ that re-evaluates to the run's final eval loss.
+
+Helpers come from test_distributed.py (launch arguments, re-evaluating model/) and test_resume.py
+(background launch, kill, comparing runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_BERT, launch
+from mlmkit import tracking as M
+from mlmkit.tracking import read_metrics
+from test_distributed import accel, exported_eval_loss
+from test_resume import assert_same_run, complete_checkpoints, kill_tree, start, wait_for_checkpoint
+
+FSDP2 = accel("fsdp2")  # --config_file accelerate_configs/fsdp2.yaml --num_processes 2 ...
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def args(tiny_args) -> list[str]:
+    """16 steps of a global batch of 8 (fp32, no dropout), a log line and a checkpoint every 2."""
+    return [*tiny_args, "--max_train_steps", str(STEPS), "--logging_steps", "1",
+            "--learning_rate", "3e-3", "--max_train_samples", "200", "--padding", "longest",
+            "--eval_pad_sensitivity", "false", "--checkpointing_steps", "2",
+            "--save_total_limit", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, args):
+    """The uninterrupted FSDP2 run: 2 processes x 4 examples."""
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp2"
+    proc = launch([*args, "--per_device_train_batch_size", "4", "--output_dir", str(out)],
+                  accelerate_args=FSDP2)
+    return out, proc.stdout
+
+
+def train_losses(out) -> list[float]:
+    return [r[M.TRAIN_LOSS] for r in read_metrics(out) if M.TRAIN_LOSS in r]
+
+
+def test_layer_units_keep_the_tied_embeddings_together():
+    """Each BertLayer is a unit of its own; BertEmbeddings (BERT's _no_split_modules lists it)
+    is not, since it holds the word embeddings that the MLM decoder is tied to."""
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    from mlmkit.distributed import fsdp_layer_classes
+    from mlmkit.modeling import MaskedLMModule
+
+    model = AutoModelForMaskedLM.from_config(BertConfig(**{
+        k: v for k, v in TINY_BERT.items() if k != "model_type"}))
+    assert set(model._no_split_modules) == {"BertEmbeddings", "BertLayer"}
+    assert fsdp_layer_classes(MaskedLMModule(model)) == ["BertLayer"]
+
+
+def test_fsdp2_matches_one_process_and_exports_the_trained_weights(tmp_path, args, fsdp_run):
+    out, stdout = fsdp_run
+    assert "x 2 processes" in stdout
+    one = tmp_path / "one"
+    launch([*args, "--per_device_train_batch_size", "8", "--output_dir", str(one)])
+    losses, reference = train_losses(out), train_losses(one)
+    assert len(reference) == STEPS
+    for a, b in zip(reference, losses):
+        assert abs(a - b) / abs(a) <= 1e-4, (reference, losses)
+    assert abs(reference[-1] - reference[0]) > 1e-3  # training moved: the comparison has teeth
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary[M.STEP] == STEPS
+    assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]
+    # model/ is one consolidated HF checkpoint (gathered from the shards), its decoder still tied
+    # to the word embeddings, and it re-evaluates to the engine's final eval loss
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(out / "model")
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert sorted(p.name for p in (out / "model").glob("*.safetensors")) == ["model.safetensors"]
+    assert exported_eval_loss(out) == pytest.approx(summary[M.EVAL_LOSS], rel=1e-5)
+    # the fill-mask check ran on model/ after FSDP2 training
+    assert len(summary["fill_mask"]) == 3
+
+    # checkpoints: each process's shard of the model and of the optimizer, all in the manifest
+    ckpt = out / "checkpoints" / f"checkpoint-{STEPS}"
+    manifest = json.loads((ckpt / "COMPLETE").read_text())["files"]
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert {f"{part}/__0_0.distcp", f"{part}/__1_0.distcp", f"{part}/.metadata"} <= set(manifest)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(manifest)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["launch"] == {"num_processes": 2, "distributed_type": "FSDP"}
+
+
+def test_fsdp2_sigkill_then_resume_is_exact(tmp_path, args, fsdp_run):
+    reference, _ = fsdp_run
+    out = tmp_path / "run"
+    cmd = [*args, "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    proc = start(cmd, FSDP2)
+    wait_for_checkpoint(proc, out, 2)
+    kill_tree(proc)
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    resumed_from = complete_checkpoints(out)[-1]
+    assert resumed_from < STEPS
+
+    proc = launch(cmd, accelerate_args=FSDP2)
+    assert f"checkpoint-{resumed_from} (step {resumed_from}" in proc.stdout
+    assert_same_run(out, reference)  # bit-identical: weights, metrics.jsonl, final eval
+    summary = json.loads((out / "summary.json").read_text())
+    ref = json.loads((reference / "summary.json").read_text())
+    assert [e["rank_before"] for e in summary["fill_mask"]] == \
+        [e["rank_before"] for e in ref["fill_mask"]]  # the initial model's check, from the state
