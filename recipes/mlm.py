@@ -37,6 +37,7 @@ from mlmkit import tracking as M  # noqa: E402  (metric names)
 from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
 from mlmkit.data import DataError  # noqa: E402
 from mlmkit.rundir import check_output_dir, prepare_output_dir  # noqa: E402
+from mlmkit.runlock import lock_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg: MLMConfig = parse_config(sys.argv[1:] if argv is None else argv)
     trackers = M.check_trackers(cfg.report_to)  # a missing tracker package is a ConfigError
     output_dir = Path(cfg.output_dir)
+    # One run per output folder: a live holder -> ConfigError naming it; released at exit.
+    run_lock = lock_output_dir(output_dir)  # main process only
+    if run_lock is not None and run_lock.warning:
+        print(f"mlmkit: warning: {run_lock.warning}", file=sys.stderr)
     # A finished run or other settings in output_dir -> ConfigError; else fresh start or resume.
     resume = check_output_dir(cfg)
 
@@ -55,14 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
     from mlmkit.collator import MaskedLMCollator, drop_targets
-    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.data import DataRepairs, IndexedExamples, load_raw_datasets, tokenize_datasets
     from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
     from mlmkit.fileio import write_json_atomic
+    from mlmkit.fill_mask import choose_probes, combine, format_lines, initial_predictions, predict
     from mlmkit.loop import build_optimizer, build_scheduler, train_step
-    from mlmkit.modeling import (MaskedLMModule, export_hf_model, load_model, load_tokenizer,
-                                 position_offset)
+    from mlmkit.modeling import (MaskedLMModule, attn_implementation, export_hf_model, load_model,
+                                 load_tokenizer, position_offset)
     from mlmkit.preemption import StopSignal
+    from mlmkit.probe import probe_isolation, resolve_padding
     from mlmkit.sampler import TrainPlan
 
     # ============================================================================ accelerator
@@ -73,11 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.logging.set_verbosity_error()
     if resume.state is not None:  # same processes and engine as the checkpoint's
         check_launch(resume.state.launch, resume.checkpoint, accelerator)
-    if main_proc:  # wipe (--overwrite_output_dir), cut metrics.jsonl back to the checkpoint
-        prepare_output_dir(cfg, resume)
-    for warning in resume.warnings:
-        log(f"warning: {warning}")
-    accelerator.wait_for_everyone()
     # Same seed on every process while the model is built (a new MLM head must be identical on
     # all ranks, ZeRO-3 included); per-process seeds for dropout afterwards.
     set_seed(cfg.seed)
@@ -85,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ============================================================================ data
     tokenizer = load_tokenizer(cfg)
     with accelerator.main_process_first():
-        tokenized = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+        repairs = DataRepairs()  # lines with bytes that are not UTF-8, replaced and counted
+        tokenized = tokenize_datasets(load_raw_datasets(cfg, repairs), tokenizer, cfg)
+    if repairs.total:
+        log(f"warning: {repairs.warning()}")
     train_set, eval_set = IndexedExamples(tokenized["train"]), IndexedExamples(tokenized["validation"])
     lengths = train_set.lengths
     log(f"data: {len(train_set)} train / {len(eval_set)} validation examples, "
@@ -93,24 +98,48 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ============================================================================ model
     model = load_model(cfg, tokenizer)
-    offset = position_offset(model)
+    offset, attn = position_offset(model), attn_implementation(model)
     module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
-    if cfg.sparse_prediction and not module.sparse_prediction:
-        log(f"notice: {type(model).__name__} has no known MLM head layout; using the full head.")
-    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=offset)
-    eval_coll = eval_collator(tokenizer, cfg, position_offset=offset)
+    optimizer = build_optimizer(module, cfg)
+    module, optimizer = accelerator.prepare(module, optimizer)
 
+    # ============================================================================ isolation probe
+    # On the model in hand (every process, same forwards): is padding under the mask, and are
+    # packed neighbours, invisible to each example? A mode that is not is refused here, before
+    # anything is written to output_dir.
+    inner = accelerator.unwrap_model(module)
+    isolation = probe_isolation(inner.model, tokenizer, attn_implementation=attn,
+                                position_offset=offset, max_length=cfg.max_seq_length,
+                                device=accelerator.device,
+                                head_logits=inner.head_logits if inner.sparse_prediction else None)
+    padding, why = resolve_padding(cfg.padding, isolation, group_by_length=cfg.group_by_length,
+                                   accept_padding_leak=cfg.accept_padding_leak)
+    log(f"isolation probe ({isolation.architecture}, {attn}): padded "
+        f"{isolation.describe('padded')}; packed {isolation.describe('packed')}; {why}")
+    if cfg.sparse_prediction and not isolation.sparse_head:
+        inner.sparse_prediction = False
+        log(f"notice: {isolation.architecture} has no masked-only head layout that matches its "
+            "full head; using the full head.")
+
+    # ============================================================================ run folder
+    if main_proc:  # wipe (--overwrite_output_dir), cut metrics.jsonl back to the checkpoint
+        prepare_output_dir(cfg, resume)
+    for warning in resume.warnings:
+        log(f"warning: {warning}")
+    accelerator.wait_for_everyone()
+
+    # ============================================================================ batches
+    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=offset,
+                                            attn_implementation=attn, padding=padding)
+    eval_coll = eval_collator(tokenizer, cfg, position_offset=offset, attn_implementation=attn)
     plan = TrainPlan(lengths, per_device_batch_size=cfg.per_device_train_batch_size,
                      grad_accum=cfg.gradient_accumulation_steps,
                      num_processes=accelerator.num_processes,
                      process_index=accelerator.process_index, seed=cfg.seed,
                      group_by_length=cfg.group_by_length,
-                     pack_capacity=cfg.max_seq_length if cfg.padding == "packed" else None)
+                     pack_capacity=cfg.max_seq_length if padding == "packed" else None)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
     num_epochs = math.ceil(max_steps / len(plan))
-
-    optimizer = build_optimizer(module, cfg)
-    module, optimizer = accelerator.prepare(module, optimizer)
     # Built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped by us, once per
     # optimizer step; not handed to prepare(), which would step it once per process.
     scheduler = build_scheduler(optimizer, cfg, max_steps)
@@ -124,15 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
             log(notice)
     ts = resume.state or TrainState(launch=launch_signature(accelerator))
     if trackers:  # a resumed run continues its W&B run (same id)
-        accelerator.init_trackers(cfg.wandb_project, config=cfg.to_dict(),
+        accelerator.init_trackers(cfg.wandb_project, config={
+                                      **cfg.to_dict(), "padding_resolved": padding,
+                                      **isolation.metrics()},
                                   init_kwargs=M.tracker_init_kwargs(cfg, ts.wandb_run_id))
         ts.wandb_run_id = M.wandb_run_id(accelerator)
     metrics_log = M.MetricsLog(accelerator, output_dir)
-    unit = "rows" if cfg.padding == "packed" else "examples"
+    unit = "rows" if padding == "packed" else "examples"
     log(f"train: {max_steps} steps x {plan.global_batch_size} {unit} "
         f"({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes), padding={cfg.padding}, "
-        f"mask_padding={cfg.mask_padding}, sparse_prediction={module_sparse(accelerator, module)}")
+        f"accumulation x {accelerator.num_processes} processes), padding={padding}, "
+        f"mask_padding={cfg.mask_padding}, sparse_prediction={inner.sparse_prediction}")
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(accelerator, module, eval_set, eval_coll,
@@ -152,6 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"resuming from {resume.checkpoint} (step {ts.step}; epoch {ts.epoch}, "
             f"batch {ts.step_in_epoch} of it)")
     ts.first_eval = ts.first_eval or run_eval(0)
+    # Fill-mask check, "before": the initial model, exported like model/ and tried on CPU (main
+    # process); kept in the train state, so a resumed run reports it too.
+    probes = choose_probes(tokenizer, eval_set) if cfg.fill_mask_check else []
+    if probes and ts.step == 0:
+        ts.fill_mask_before = initial_predictions(accelerator, module, tokenizer,
+                                                  output_dir / "model.initial", probes)
 
     # ============================================================================ train
     stopper = StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, then stop
@@ -216,13 +253,22 @@ def main(argv: list[str] | None = None) -> dict:
     first_eval = ts.first_eval
     final_eval = run_eval(ts.step)
     export_hf_model(accelerator, module, tokenizer, output_dir / "model")
+    # Fill-mask check, "after": the exported model/ read back from disk (main process, CPU).
+    fill_mask = combine(probes, ts.fill_mask_before, predict(output_dir / "model", probes)) \
+        if probes and main_proc else []
     summary = {**final_eval, "first/" + M.EVAL_LOSS: first_eval[M.EVAL_LOSS],
                "first/" + M.EVAL_PERPLEXITY: first_eval[M.EVAL_PERPLEXITY],
                M.TRAIN_RUNTIME: ts.total.seconds, M.STEP: ts.step,
                M.SYS_PEAK_MEM_GB: peak_mem_gb(),
                **ts.total.rates(accelerator.num_processes),  # whole-run throughput
-               "train/examples": len(train_set), "num_processes": accelerator.num_processes}
+               "train/examples": len(train_set), "num_processes": accelerator.num_processes,
+               "data/repaired_lines": repairs.total,
+               "padding": padding, **isolation.metrics()}
     if main_proc:
+        if fill_mask:
+            summary["fill_mask"] = fill_mask
+            for line in format_lines(fill_mask):
+                log(line)
         write_json_atomic(output_dir / "summary.json", summary)
         log(f"done: eval perplexity {first_eval[M.EVAL_PERPLEXITY]:.2f} -> "
             f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {ts.total.seconds:.0f} s of training; "
@@ -232,10 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 # ================================================================================ helpers
-def module_sparse(accelerator, module) -> bool:
-    return accelerator.unwrap_model(module).sparse_prediction
-
-
 def peak_mem_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30

@@ -4,7 +4,9 @@
 `layout.py` validate their arguments against the same lists.
 """
 
-PADDING_MODES = ("longest", "max_length", "packed")
+PADDING_MODES = ("longest", "max_length", "packed")  # the collator's layouts
+# --padding: "auto" is resolved per model by the start-up probe (probe.resolve_padding).
+PADDING_CHOICES = ("auto", *PADDING_MODES)
 # Attention backends the collator can lay packed rows out for (see layout.packed_attention).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")

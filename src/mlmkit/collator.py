@@ -214,7 +214,9 @@ class MaskedLMCollator:
         mlm_probability: probability that a token (or word, with ``whole_word_mask``) is a target.
         mask_replace_prob / random_replace_prob: fractions of the targets replaced by the mask
             token / a random ordinary token; the rest are left unchanged (HF's 80/10/10).
-        whole_word_mask: select whole words (WordPiece ``##`` continuations follow their word).
+        whole_word_mask: select whole words (all pieces of a word together; words from the
+            tokenizer's WordPiece ``##``, byte-level ``Ġ`` or SentencePiece ``▁`` marks, see
+            `masking.word_start_scheme`).
         padding: ``"longest"``, ``"max_length"`` or ``"packed"`` (see the module docstring).
         max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
         pad_to_multiple_of: round the time dimension T up to a multiple of this.
@@ -241,10 +243,8 @@ class MaskedLMCollator:
         self.tokenizer = tokenizer
         self.mlm = mlm
         self.epoch = 0
+        # Raises ValueError for whole_word_mask with a tokenizer that marks no words.
         self.tables = VocabularyTables(tokenizer, whole_word=whole_word_mask)
-        if whole_word_mask and not bool(self.tables.is_continuation.any()):
-            raise _fail("whole_word_mask", True, "whole-word masking needs a WordPiece tokenizer "
-                        "(one with '##' continuation tokens); pass whole_word_mask=False")
         self.masker = Masker(self.tables, mask_token_id=tokenizer.mask_token_id,
                              mlm_probability=mlm_probability, mask_replace_prob=mask_replace_prob,
                              random_replace_prob=random_replace_prob,
@@ -257,15 +257,17 @@ class MaskedLMCollator:
 
     @classmethod
     def from_config(cls, tokenizer: Any, cfg: Any, *, position_offset: int,
-                    **overrides: Any) -> "MaskedLMCollator":
-        """The collator a run's config (`config.MLMConfig`) asks for; ``overrides`` win (eval
-        pads dynamically with its own fixed seed)."""
+                    attn_implementation: str | None = None, **overrides: Any) -> "MaskedLMCollator":
+        """The collator a run's config (`config.MLMConfig`) asks for, laid out for the attention
+        implementation the model actually runs; ``overrides`` win (the padding ``auto`` resolved
+        to; eval pads dynamically with its own fixed seed)."""
         options = dict(
             mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
             random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
             padding=cfg.padding, max_length=cfg.max_seq_length,
             pad_to_multiple_of=cfg.pad_to_multiple_of, seed=cfg.seed,
-            attn_implementation=cfg.attn_implementation, position_offset=position_offset)
+            attn_implementation=attn_implementation or cfg.attn_implementation or "sdpa",
+            position_offset=position_offset)
         return cls(tokenizer, **{**options, **overrides})
 
     # The options, readable where they are kept.

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .choices import ATTN_IMPLEMENTATIONS, PADDING_MODES, REPORT_TO, SCHEDULERS
+from .choices import ATTN_IMPLEMENTATIONS, PADDING_CHOICES, REPORT_TO, SCHEDULERS
 from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_mapping,
                        to_cli_args)
 from .fileio import atomic_write_text
@@ -56,8 +56,10 @@ class MLMConfig:
                           "instead of pretrained weights; needs a tokenizer."})
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer, if not the model's."})
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": f"One of {ATTN_IMPLEMENTATIONS}."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": f"One of {ATTN_IMPLEMENTATIONS}; unset: transformers' choice (SDPA "
+                          "where the architecture supports it, else eager)."})
     # --- data --------------------------------------------------------------------------------
     dataset_name: str | None = field(
         default=None, metadata={"help": "A `datasets.load_dataset` name (hub or local folder)."})
@@ -78,7 +80,14 @@ class MLMConfig:
     preprocessing_num_workers: int | None = field(default=None, metadata=_meta(bookkeeping=True))
     overwrite_cache: bool = field(default=False, metadata=_meta(bookkeeping=True))
     # --- batching and masking ----------------------------------------------------------------
-    padding: str = field(default="longest", metadata={"help": f"One of {PADDING_MODES}."})
+    padding: str = field(
+        default="auto",
+        metadata={"help": f"One of {PADDING_CHOICES}. auto: packed where the start-up probe "
+                          "proves that packed examples are isolated on this model, else longest."})
+    accept_padding_leak: bool = field(
+        default=False,
+        metadata={"help": "Train a model whose outputs depend on padding even with the attention "
+                          "mask (ConvBERT, FNet, ...), which the start-up probe otherwise refuses."})
     pad_to_multiple_of: int | None = field(default=None)
     mask_padding: bool = field(
         default=True,
@@ -86,9 +95,17 @@ class MLMConfig:
                           "attended (the ablation's unmasked arm). Never for real training."})
     group_by_length: bool = field(default=False)
     mlm_probability: float = field(default=0.15)
+    eval_mlm_probability: float = field(
+        default=0.15,
+        metadata={"help": "Masking rate of the eval set, independent of --mlm_probability (e.g. "
+                          "train at 0.3 and evaluate at 0.15, as ModernBERT and MosaicBERT do)."})
     mask_replace_prob: float = field(default=0.8)
     random_replace_prob: float = field(default=0.1)
-    whole_word_mask: bool = field(default=False)
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask whole words: every piece of a word together. Words from the "
+                          "tokenizer's scheme: WordPiece '##', byte-level BPE 'Ġ', SentencePiece "
+                          "'▁' (masking.word_start_scheme)."})
     sparse_prediction: bool = field(
         default=True,
         metadata={"help": "Apply the MLM head only at masked positions (same loss, less compute)."})
@@ -107,6 +124,10 @@ class MLMConfig:
     lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {SCHEDULERS}."})
     num_warmup_steps: int = field(default=0)
     warmup_ratio: float = field(default=0.0, metadata={"help": "Used when num_warmup_steps is 0."})
+    decay_ratio: float = field(
+        default=0.1,
+        metadata={"help": "warmup_stable_decay only: fraction of the training steps in the final "
+                          "decay phase (the rest after warmup is stable at the peak rate)."})
     num_train_epochs: float = field(default=1.0)
     max_train_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps; overrides num_train_epochs."})
@@ -135,6 +156,11 @@ class MLMConfig:
     wandb_tags: list[str] = field(default_factory=list,
                                   metadata=_meta(bookkeeping=True, per_run=True))
     progress_bar: bool = field(default=True, metadata=_meta(bookkeeping=True))
+    fill_mask_check: bool = field(
+        default=True,
+        metadata=_meta("After training, fill one masked word in a few validation sentences with "
+                       "the exported model/ and the initial model (top-5 in the log and "
+                       "summary.json; mlmkit.fill_mask).", bookkeeping=True))
 
     # -----------------------------------------------------------------------------------------
     def validate(self) -> "MLMConfig":
@@ -142,12 +168,13 @@ class MLMConfig:
         def bad(key: str, why: str, fix: str) -> None:
             raise ConfigError(f"{key}={getattr(self, key)!r}: {why}. Fix: {fix}.")
 
-        choices = {"padding": PADDING_MODES, "attn_implementation": ATTN_IMPLEMENTATIONS,
+        choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
                    "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
+            if getattr(self, key) not in allowed and not (
+                    key == "attn_implementation" and self.attn_implementation is None):
                 bad(key, "not a known value", f"use one of {', '.join(allowed)}")
-        for key in ("mlm_probability",):
+        for key in ("mlm_probability", "eval_mlm_probability"):
             if not 0.0 < getattr(self, key) < 1.0:
                 bad(key, "must lie strictly between 0 and 1", f"pass e.g. --{key} 0.15")
         for key in ("mask_replace_prob", "random_replace_prob", "warmup_ratio"):
@@ -156,6 +183,13 @@ class MLMConfig:
         if self.mask_replace_prob + self.random_replace_prob > 1.0:
             bad("random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1",
                 "make the two sum to at most 1 (default 0.8 + 0.1)")
+        if not 0.0 < self.decay_ratio <= 1.0:
+            bad("decay_ratio", "must lie in (0, 1]", "pass a fraction of the steps, e.g. "
+                "--decay_ratio 0.1")
+        if self.lr_scheduler_type == "warmup_stable_decay" and not self.num_warmup_steps and \
+                self.warmup_ratio + self.decay_ratio > 1.0:
+            bad("decay_ratio", f"warmup_ratio ({self.warmup_ratio}) + decay_ratio exceeds 1, so "
+                "warmup and decay overlap", "make the two sum to at most 1")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
             if getattr(self, key) < 1:

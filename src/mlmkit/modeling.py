@@ -44,7 +44,10 @@ def load_tokenizer(cfg: MLMConfig):
 
 
 def load_model(cfg: MLMConfig, tokenizer) -> nn.Module:
-    kwargs = {"attn_implementation": cfg.attn_implementation}
+    """The ``*ForMaskedLM`` model; ``--attn_implementation`` unset leaves the choice to
+    transformers (SDPA where the architecture supports it, else eager): read the one taken
+    with `attn_implementation`."""
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.config_name:
         config = AutoConfig.from_pretrained(cfg.config_name)
         model = AutoModelForMaskedLM.from_config(config, **kwargs)
@@ -64,16 +67,42 @@ def position_offset(model: nn.Module) -> int:
     return 0 if padding_idx is None else int(padding_idx) + 1
 
 
-def mlm_head(model: nn.Module):
-    """The module mapping hidden states (..., H) to vocabulary logits (..., V), or None.
+def attn_implementation(model: nn.Module) -> str:
+    """The attention implementation the model actually runs (what the collator must lay out)."""
+    return getattr(model.config, "_attn_implementation", None) or "eager"
 
-    Known layouts: BERT-style ``cls`` (BERT, MiniLM), RoBERTa-style ``lm_head`` (RoBERTa,
-    XLM-R, CamemBERT). Others fall back to the full head.
-    """
-    for attr in ("cls", "lm_head"):
-        head = getattr(model, attr, None)
-        if isinstance(head, nn.Module):
-            return head
+
+def _chain(*names: str):
+    def head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            hidden = getattr(model, name)(hidden)
+        return hidden
+    return head
+
+
+# Masked-LM head layouts: name -> (the attributes that identify it, hidden (N, H) -> logits
+# (N, V)). Checked in this order; the start-up probe also compares each against the full head
+# on the model in hand (probe.probe_isolation) before it is used.
+HEAD_LAYOUTS = {
+    "deberta": (("lm_predictions",), lambda m, h: m.lm_predictions(
+        h, m.base_model.embeddings.word_embeddings)),                # DeBERTa(-v2/v3), non-legacy
+    "modernbert": (("head", "decoder"), _chain("head", "decoder")),  # ModernBERT
+    "electra": (("generator_predictions", "generator_lm_head"),
+                _chain("generator_predictions", "generator_lm_head")),  # ELECTRA, ConvBERT
+    "distilbert": (("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+                   _chain("vocab_transform", "activation", "vocab_layer_norm",
+                          "vocab_projector")),                        # DistilBERT
+    "cls": (("cls",), _chain("cls")),                # BERT, MiniLM, MegatronBERT, RoFormer, ...
+    "lm_head": (("lm_head",), _chain("lm_head")),    # RoBERTa, XLM-R, CamemBERT, MPNet, ESM, ...
+    "predictions": (("predictions",), _chain("predictions")),  # ALBERT
+}
+
+
+def mlm_head_layout(model: nn.Module) -> str | None:
+    """The name of the model's head layout in `HEAD_LAYOUTS`, or None (full head only)."""
+    for name, (attrs, _) in HEAD_LAYOUTS.items():
+        if all(isinstance(getattr(model, a, None), nn.Module) for a in attrs):
+            return name
     return None
 
 
@@ -85,13 +114,18 @@ class MaskedLMModule(nn.Module):
 
     With ``sparse_prediction`` the vocabulary projection runs only at masked positions (about 15%
     of real tokens), as in ModernBERT and MosaicBERT; the loss is the same as the full head's.
+    It applies to the layouts in `HEAD_LAYOUTS`; other models use the full head.
     """
 
     def __init__(self, model: nn.Module, sparse_prediction: bool = True):
         super().__init__()
         self.model = model
-        self.head = mlm_head(model) if sparse_prediction else None
-        self.sparse_prediction = self.head is not None
+        self.head_layout = mlm_head_layout(model) if sparse_prediction else None
+        self.sparse_prediction = self.head_layout is not None
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The masked-only head: hidden states (N, H) -> vocabulary logits (N, V)."""
+        return HEAD_LAYOUTS[self.head_layout][1](self.model, hidden)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **kwargs):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -100,7 +134,7 @@ class MaskedLMModule(nn.Module):
         if self.sparse_prediction:
             hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H)
             selected = labels != -100  # (B, T)
-            logits = self.head(hidden[selected])  # (N, V)
+            logits = self.head_logits(hidden[selected])  # (N, V)
             targets = labels[selected]  # (N,)
         else:
             logits = self.model(**inputs).logits  # (B, T, V)

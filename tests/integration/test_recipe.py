@@ -16,13 +16,23 @@ from mlmkit.tracking import read_metrics
 def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
     out = tmp_path / "run"
     proc = launch([*tiny_args, "--output_dir", str(out), "--max_train_steps", "12",
-                   "--learning_rate", "3e-3", "--eval_steps", "6", "--max_train_samples", "400"])
+                   "--padding", "longest", "--learning_rate", "3e-3", "--eval_steps", "6", "--max_train_samples", "400"])
     assert "eval @ step 0" in proc.stdout and "eval @ step 12" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary[M.STEP] == 12
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS] - 0.05  # it learned
     assert summary[M.TRAIN_RUNTIME] > 0
+    # the fill-mask check: held-out sentences, top-5 of the initial model and of model/
+    assert "fill-mask check" in proc.stdout
+    assert len(summary["fill_mask"]) == 3
+    for entry in summary["fill_mask"]:
+        assert entry["text"].count("[MASK]") == 1 and entry["answer"].isalpha()
+        assert len(entry["before"]) == len(entry["after"]) == 5
+        assert entry["before"] != entry["after"]  # model/ holds the trained weights
+        assert all(isinstance(entry[k], int) and entry[k] >= 1
+                   for k in ("rank_before", "rank_after"))
+    assert not (out / "model.initial").exists()  # the initial model's export is cleaned up
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["learning_rate"] == 3e-3 and resolved["max_train_steps"] == 12
