@@ -51,7 +51,7 @@ from mlmkit.config import FIELDS, MLMConfig, differences, parse_config  # noqa: 
 from mlmkit.configio import (ConfigError, did_you_mean, read_yaml_mapping,  # noqa: E402
                              to_cli_args)
 from mlmkit.fileio import write_json_atomic  # noqa: E402
-from mlmkit.report import PLAN_FILE  # noqa: E402  (read by the report)
+from mlmkit.report_runs import PLAN_FILE  # noqa: E402  (read by the report)
 from mlmkit.tracking import check_trackers  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "mlm.py"

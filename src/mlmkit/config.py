@@ -165,76 +165,81 @@ class MLMConfig:
     # -----------------------------------------------------------------------------------------
     def validate(self) -> "MLMConfig":
         """Raise ConfigError for impossible values; called before anything heavy is loaded."""
-        def bad(key: str, why: str, fix: str) -> None:
-            raise ConfigError(f"{key}={getattr(self, key)!r}: {why}. Fix: {fix}.")
-
-        choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
-                   "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed and not (
-                    key == "attn_implementation" and self.attn_implementation is None):
-                bad(key, "not a known value", f"use one of {', '.join(allowed)}")
-        for key in ("mlm_probability", "eval_mlm_probability"):
-            if not 0.0 < getattr(self, key) < 1.0:
-                bad(key, "must lie strictly between 0 and 1", f"pass e.g. --{key} 0.15")
-        for key in ("mask_replace_prob", "random_replace_prob", "warmup_ratio"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                bad(key, "must lie in [0, 1]", f"pass a probability, e.g. --{key} 0.1")
-        if self.mask_replace_prob + self.random_replace_prob > 1.0:
-            bad("random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1",
-                "make the two sum to at most 1 (default 0.8 + 0.1)")
-        if not 0.0 < self.decay_ratio <= 1.0:
-            bad("decay_ratio", "must lie in (0, 1]", "pass a fraction of the steps, e.g. "
-                "--decay_ratio 0.1")
-        if self.lr_scheduler_type == "warmup_stable_decay" and not self.num_warmup_steps and \
-                self.warmup_ratio + self.decay_ratio > 1.0:
-            bad("decay_ratio", f"warmup_ratio ({self.warmup_ratio}) + decay_ratio exceeds 1, so "
-                "warmup and decay overlap", "make the two sum to at most 1")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
-            if getattr(self, key) < 1:
-                bad(key, "must be at least 1", f"pass a positive integer, e.g. --{key} 8")
-        for key in ("max_train_steps", "eval_steps", "checkpointing_steps", "save_total_limit",
-                    "max_train_samples", "max_eval_samples", "pad_to_multiple_of"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                bad(key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
-        if self.num_train_epochs <= 0 and self.max_train_steps is None:
-            bad("num_train_epochs", "must be positive", "pass --num_train_epochs 1 or set --max_train_steps")
-        for key in ("learning_rate", "adam_epsilon"):
-            if getattr(self, key) <= 0:
-                bad(key, "must be positive", f"pass e.g. --{key} 5e-5")
-        if not 0 < self.validation_split_percentage < 100:
-            bad("validation_split_percentage", "must lie in 1..99", "pass e.g. 10")
-        if self.max_seq_length > 8192:
-            bad("max_seq_length", "is larger than any supported encoder", "use at most the "
-                "model's max_position_embeddings (512 for BERT)")
-        if self.dataset_name and (self.train_file or self.validation_file):
-            bad("dataset_name", "given together with train_file/validation_file",
-                "pass either --dataset_name or --train_file, not both")
-        if self.group_by_length and self.padding == "packed":
-            bad("group_by_length", "has no effect with --padding packed (packed rows carry no "
-                "padding to save)", "drop --group_by_length or use --padding longest")
-        if self.validation_file and not self.train_file:
-            bad("validation_file", "given without train_file", "add --train_file")
-        for key in ("train_file", "validation_file"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                bad(key, "no such file", "check the path (relative paths start from the "
-                    f"current directory {os.getcwd()})")
-        if self.config_name and self.model_name_or_path:
-            bad("config_name", "given together with model_name_or_path",
-                "pass --config_name to train from scratch or --model_name_or_path to fine-tune")
-        if self.config_name and not (self.tokenizer_name or self.model_name_or_path):
-            bad("config_name", "training from scratch needs a tokenizer", "add --tokenizer_name")
-        if self.resume_from_checkpoint not in ("auto", "none") and not Path(
-                self.resume_from_checkpoint).is_dir():
-            bad("resume_from_checkpoint", "no such checkpoint folder",
-                "pass auto, none, or an existing checkpoint folder")
-        return self
+        return validate_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def validate_config(cfg: MLMConfig) -> MLMConfig:
+    """Raise ConfigError for impossible values of ``cfg``; called before anything heavy loads."""
+    def bad(key: str, why: str, fix: str) -> None:
+        raise ConfigError(f"{key}={getattr(cfg, key)!r}: {why}. Fix: {fix}.")
+
+    choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
+               "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed and not (
+                key == "attn_implementation" and cfg.attn_implementation is None):
+            bad(key, "not a known value", f"use one of {', '.join(allowed)}")
+    for key in ("mlm_probability", "eval_mlm_probability"):
+        if not 0.0 < getattr(cfg, key) < 1.0:
+            bad(key, "must lie strictly between 0 and 1", f"pass e.g. --{key} 0.15")
+    for key in ("mask_replace_prob", "random_replace_prob", "warmup_ratio"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            bad(key, "must lie in [0, 1]", f"pass a probability, e.g. --{key} 0.1")
+    if cfg.mask_replace_prob + cfg.random_replace_prob > 1.0:
+        bad("random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1",
+            "make the two sum to at most 1 (default 0.8 + 0.1)")
+    if not 0.0 < cfg.decay_ratio <= 1.0:
+        bad("decay_ratio", "must lie in (0, 1]", "pass a fraction of the steps, e.g. "
+            "--decay_ratio 0.1")
+    if cfg.lr_scheduler_type == "warmup_stable_decay" and not cfg.num_warmup_steps and \
+            cfg.warmup_ratio + cfg.decay_ratio > 1.0:
+        bad("decay_ratio", f"warmup_ratio ({cfg.warmup_ratio}) + decay_ratio exceeds 1, so "
+            "warmup and decay overlap", "make the two sum to at most 1")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
+        if getattr(cfg, key) < 1:
+            bad(key, "must be at least 1", f"pass a positive integer, e.g. --{key} 8")
+    for key in ("max_train_steps", "eval_steps", "checkpointing_steps", "save_total_limit",
+                "max_train_samples", "max_eval_samples", "pad_to_multiple_of"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            bad(key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
+    if cfg.num_train_epochs <= 0 and cfg.max_train_steps is None:
+        bad("num_train_epochs", "must be positive", "pass --num_train_epochs 1 or set --max_train_steps")
+    for key in ("learning_rate", "adam_epsilon"):
+        if getattr(cfg, key) <= 0:
+            bad(key, "must be positive", f"pass e.g. --{key} 5e-5")
+    if not 0 < cfg.validation_split_percentage < 100:
+        bad("validation_split_percentage", "must lie in 1..99", "pass e.g. 10")
+    if cfg.max_seq_length > 8192:
+        bad("max_seq_length", "is larger than any supported encoder", "use at most the "
+            "model's max_position_embeddings (512 for BERT)")
+    if cfg.dataset_name and (cfg.train_file or cfg.validation_file):
+        bad("dataset_name", "given together with train_file/validation_file",
+            "pass either --dataset_name or --train_file, not both")
+    if cfg.group_by_length and cfg.padding == "packed":
+        bad("group_by_length", "has no effect with --padding packed (packed rows carry no "
+            "padding to save)", "drop --group_by_length or use --padding longest")
+    if cfg.validation_file and not cfg.train_file:
+        bad("validation_file", "given without train_file", "add --train_file")
+    for key in ("train_file", "validation_file"):
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).is_file():
+            bad(key, "no such file", "check the path (relative paths start from the "
+                f"current directory {os.getcwd()})")
+    if cfg.config_name and cfg.model_name_or_path:
+        bad("config_name", "given together with model_name_or_path",
+            "pass --config_name to train from scratch or --model_name_or_path to fine-tune")
+    if cfg.config_name and not (cfg.tokenizer_name or cfg.model_name_or_path):
+        bad("config_name", "training from scratch needs a tokenizer", "add --tokenizer_name")
+    if cfg.resume_from_checkpoint not in ("auto", "none") and not Path(
+            cfg.resume_from_checkpoint).is_dir():
+        bad("resume_from_checkpoint", "no such checkpoint folder",
+            "pass auto, none, or an existing checkpoint folder")
+    return cfg
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MLMConfig))

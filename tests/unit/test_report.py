@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mlmkit import report as R
+from mlmkit.report_runs import PLAN_FILE
 from mlmkit import stats as S
 from mlmkit.report_render import PLOTS
 from mlmkit import tracking as M
@@ -69,7 +70,7 @@ def ablation(tmp_path):
             "comparisons": [["unmasked", "packed"]],
             "runs": [{"arm": a, "seed": s, "output_dir": f"{a}/seed{s}"}
                      for s in (0, 1, 2) for a in LOSSES]}
-    (root / R.PLAN_FILE).write_text(json.dumps(plan))
+    (root / PLAN_FILE).write_text(json.dumps(plan))
     return root
 
 
