@@ -45,11 +45,21 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can be wrong with the config fails here, before any model loads.
     cfg: MLMConfig = parse_config(sys.argv[1:] if argv is None else argv)
     trackers = M.check_trackers(cfg.report_to)  # a missing tracker package is a ConfigError
-    output_dir = Path(cfg.output_dir)
-    # One run per output folder: a live holder -> ConfigError naming it; released at exit.
-    run_lock = lock_output_dir(output_dir)  # main process only
+    # One run per output folder: a live holder -> ConfigError naming it. Released when the run
+    # ends, however it ends (at interpreter exit at the latest).
+    run_lock = lock_output_dir(cfg.output_dir)  # main process only
     if run_lock is not None and run_lock.warning:
         print(f"mlmkit: warning: {run_lock.warning}", file=sys.stderr)
+    try:
+        return run(cfg, trackers)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def run(cfg: MLMConfig, trackers: list[str]) -> dict:
+    """One run, start to finish, in the folder this process holds the lock of."""
+    output_dir = Path(cfg.output_dir)
     # A finished run or other settings in output_dir -> ConfigError; else fresh start or resume.
     resume = check_output_dir(cfg)
 
