@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from slurm_standins.slurm_standin import descendants  # the stand-ins' /proc walk
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDINS = ROOT / "tests" / "slurm_standins"
 
@@ -70,25 +72,6 @@ def submit(argv: list[str], env: dict, *, background: bool = False, timeout: int
         out, _ = proc.communicate()
         raise AssertionError(f"sbatch still running after {timeout} s:\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, whatever its session, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(
-                int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_tree(pid: int) -> None:
