@@ -69,15 +69,17 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
-    from mlmkit.collator import MaskedLMCollator, drop_targets
+    from mlmkit.collator import MaskedLMCollator
     from mlmkit.data import DataRepairs, IndexedExamples, load_raw_datasets, tokenize_datasets
     from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
     from mlmkit.fileio import write_json_atomic
     from mlmkit.fill_mask import choose_probes, combine, format_lines, initial_predictions, predict
-    from mlmkit.loop import build_optimizer, build_scheduler, train_step
+    from mlmkit.flops import FlopCounter, device_peak_tflops
+    from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step
     from mlmkit.modeling import (MaskedLMModule, attn_implementation, export_hf_model, load_model,
                                  load_tokenizer, position_offset)
+    from mlmkit.prefetch import Prefetcher, planned_steps
     from mlmkit.preemption import StopSignal
     from mlmkit.probe import probe_isolation, resolve_padding
     from mlmkit.sampler import TrainPlan
@@ -108,10 +110,16 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ model
     model = load_model(cfg, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     offset, attn = position_offset(model), attn_implementation(model)
+    flop_counter = FlopCounter.for_model(model)  # train/tflops and train/mfu
     module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
     optimizer = build_optimizer(module, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
+    # The training forward, compiled with --torch_compile (eval and the probe run eager).
+    compiled = compile_forward(module, accelerator) if cfg.torch_compile else None
+    peak_tflops = device_peak_tflops(accelerator, cfg.peak_tflops)
 
     # ============================================================================ isolation probe
     # On the model in hand (every process, same forwards): is padding under the mask, and are
@@ -139,8 +147,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     accelerator.wait_for_everyone()
 
     # ============================================================================ batches
+    # Compiled + packed: rows at a fixed (rows, max_seq_length) shape, so the graph is static.
+    fixed = {"pad_to_multiple_of": cfg.max_seq_length} \
+        if cfg.torch_compile and padding == "packed" else {}
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=offset,
-                                            attn_implementation=attn, padding=padding)
+                                            attn_implementation=attn, padding=padding, **fixed)
     eval_coll = eval_collator(tokenizer, cfg, position_offset=offset, attn_implementation=attn)
     plan = TrainPlan(lengths, per_device_batch_size=cfg.per_device_train_batch_size,
                      grad_accum=cfg.gradient_accumulation_steps,
@@ -201,55 +212,72 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                                                   output_dir / "model.initial", probes)
 
     # ============================================================================ train
+    # Steps are prepared (collated, counted, pinned) ahead on a thread; the step itself never
+    # waits for the device: its results are read in one transfer at log/eval/checkpoint steps.
     stopper = StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, then stop
     progress = tqdm(total=max_steps, initial=ts.step, desc="train",
                     disable=not (main_proc and cfg.progress_bar))
+    prefetcher = Prefetcher(planned_steps(
+        plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
+        num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
+        sparse_head=inner.sparse_prediction, pin_memory=accelerator.device.type == "cuda"),
+        depth=cfg.prefetch_steps)
+    pending = StepResults()
+    grad_norm = None
+
+    def read_results() -> None:  # the device's results of the pending steps -> the statistics
+        nonlocal grad_norm
+        for loss, masked, norm, seconds in pending.read():
+            for stats in (ts.window, ts.total):
+                stats.add_step(loss, masked, seconds)
+            grad_norm = norm
+
     module.train()
     stop = False
-    for epoch in range(ts.epoch, num_epochs):
-        collator.set_epoch(epoch)
-        start = ts.step_in_epoch if epoch == ts.epoch else 0
-        for step_in_epoch, micro_plan in plan.epoch(epoch, start_step=start):
-            if stop or ts.step >= max_steps:
-                break
-            micro_batches = []
-            for micro in micro_plan:
-                indices, rows = plan.layout(micro)  # rows: the packed layout, or None
-                batch = collator(train_set.fetch(indices or [0]), rows=rows)
-                if not indices:  # this process ran out of examples
-                    drop_targets(batch)
-                for stats in (ts.window, ts.total):
-                    stats.add_batch(batch, dummy=not indices)
-                micro_batches.append(batch)
+    try:
+        while not stop and ts.step < max_steps:
             t0 = time.perf_counter()
-            out = train_step(accelerator, module, optimizer, scheduler, micro_batches,
-                             mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm)
-            seconds = time.perf_counter() - t0
+            try:
+                prepared, waited = prefetcher.next()
+            except StopIteration:
+                break
             for stats in (ts.window, ts.total):
-                stats.add_step(out["loss"], out["masked_tokens"], seconds)
-            ts.step, ts.epoch, ts.step_in_epoch = ts.step + 1, epoch, step_in_epoch + 1
+                stats.add_data(prepared.computed, prepared.real, prepared.flops, waited)
+            out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                             mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm,
+                             forward=compiled)
+            pending.add(out, time.perf_counter() - t0)
+            ts.step, ts.epoch = ts.step + 1, prepared.epoch
+            ts.step_in_epoch = prepared.step_in_epoch + 1
             step = ts.step
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == max_steps:
+                read_results()
                 window, ts.window = ts.window, RunningStats()
-                rates = window.rates(accelerator.num_processes)
+                rates = window.rates(accelerator.num_processes, peak_tflops)
                 metrics = {M.TRAIN_LOSS: window.mean_loss(), M.TRAIN_LR: scheduler.get_last_lr()[0],
                            M.TRAIN_MASKED_TOKENS: window.masked, M.EPOCH: step / len(plan),
                            M.SYS_PEAK_MEM_GB: peak_mem_gb(), **rates}
-                if out["grad_norm"] is not None:
-                    metrics[M.TRAIN_GRAD_NORM] = out["grad_norm"]
+                if grad_norm is not None:
+                    metrics[M.TRAIN_GRAD_NORM] = grad_norm
                 metrics_log.log(metrics, step)
                 progress.set_postfix(loss=f"{window.mean_loss():.3f}",
                                      tok_s=f"{rates[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < max_steps:
+                read_results()
                 run_eval(step)
             # ---- checkpoint; after a signal every process stops after this same step
             periodic = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
             if periodic:
+                read_results()
                 last_checkpoint = save_checkpoint(accelerator, cfg, ts)
             stop = stopper.agreed(accelerator)
             if stop and not periodic:
+                read_results()
                 last_checkpoint = save_checkpoint(accelerator, cfg, ts)
+    finally:
+        prefetcher.close()
+    read_results()
     progress.close()
     stopper.restore()  # signals are handled between training steps only
     if stop:  # pre-empted: not finished, so no summary.json and no model/
@@ -270,7 +298,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                "first/" + M.EVAL_PERPLEXITY: first_eval[M.EVAL_PERPLEXITY],
                M.TRAIN_RUNTIME: ts.total.seconds, M.STEP: ts.step,
                M.SYS_PEAK_MEM_GB: peak_mem_gb(),
-               **ts.total.rates(accelerator.num_processes),  # whole-run throughput
+               M.TRAIN_MFU: None, "train/peak_tflops": peak_tflops,  # None: peak unknown
+               **ts.total.rates(accelerator.num_processes, peak_tflops),  # whole-run throughput
                "train/examples": len(train_set), "num_processes": accelerator.num_processes,
                "data/repaired_lines": repairs.total,
                "padding": padding, **isolation.metrics()}
@@ -288,6 +317,17 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
 
 # ================================================================================ helpers
+def compile_forward(module, accelerator):
+    """``torch.compile`` of the prepared training module (inductor; DDP or one process)."""
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                            DistributedType.MULTI_CPU):
+        raise ConfigError(f"--torch_compile is supported with DDP or one process, not under "
+                          f"{accelerator.distributed_type.value}. Fix: drop --torch_compile, or "
+                          "launch without DeepSpeed/FSDP.")
+    return torch.compile(module)
+
+
 def peak_mem_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30

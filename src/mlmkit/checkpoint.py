@@ -48,7 +48,8 @@ from typing import Any
 from .config import MLMConfig, save_config
 from .configio import ConfigError
 from .fileio import fsync_dir, fsync_tree, write_json_atomic
-from .tracking import TRAIN_PAD_FRACTION, TRAIN_REAL_TOKENS_PER_S, TRAIN_TOKENS_PER_S
+from .tracking import (TRAIN_DATA_WAIT_FRACTION, TRAIN_MFU, TRAIN_PAD_FRACTION,
+                       TRAIN_REAL_TOKENS_PER_S, TRAIN_TFLOPS, TRAIN_TOKENS_PER_S)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"                 # written last; JSON manifest {"step", "files": {path: bytes}}
@@ -67,17 +68,24 @@ class RunningStats:
     included) and ``real`` its real tokens: ``train/tokens_per_s``, ``train/real_tokens_per_s``
     and ``train/pad_fraction`` come from them. ``masked`` and ``loss_sum`` (loss x masked tokens)
     are global (all processes), so ``mean_loss`` is the token-weighted mean over the span.
+    ``flops`` (this process's model FLOPs, `flops.FlopCounter`) gives ``train/tflops`` and
+    ``train/mfu``; ``data_wait`` (seconds the loop waited for a prepared step) gives
+    ``train/data_wait_fraction``.
     """
     computed: int = 0
     real: int = 0
     masked: int = 0
     loss_sum: float = 0.0
-    seconds: float = 0.0               # time inside train_step
+    seconds: float = 0.0               # wall time of the training steps (data wait included)
+    flops: float = 0.0
+    data_wait: float = 0.0
 
-    def add_batch(self, batch: dict, dummy: bool = False) -> None:
-        self.computed += batch["input_ids"].numel()
-        if not dummy:
-            self.real += int(batch["num_real_tokens"])
+    def add_data(self, computed: int, real: int, flops: float = 0.0,
+                 data_wait: float = 0.0) -> None:
+        self.computed += computed
+        self.real += real
+        self.flops += flops
+        self.data_wait += data_wait
 
     def add_step(self, loss: float, masked: int, seconds: float) -> None:
         self.loss_sum += loss * masked
@@ -87,12 +95,19 @@ class RunningStats:
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.masked, 1)
 
-    def rates(self, num_processes: int) -> dict[str, float]:
-        """Throughput over all processes (every process sees statistically the same load)."""
+    def rates(self, num_processes: int, peak_tflops: float | None = None) -> dict[str, float]:
+        """Throughput over all processes (every process sees statistically the same load);
+        TFLOP/s per device, and MFU against ``peak_tflops`` when it is known."""
         seconds = max(self.seconds, 1e-9)
-        return {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
-                TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
-                TRAIN_PAD_FRACTION: 1.0 - self.real / max(self.computed, 1)}
+        out = {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
+               TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
+               TRAIN_PAD_FRACTION: 1.0 - self.real / max(self.computed, 1),
+               TRAIN_DATA_WAIT_FRACTION: self.data_wait / seconds}
+        if self.flops:
+            out[TRAIN_TFLOPS] = self.flops / seconds / 1e12
+            if peak_tflops:
+                out[TRAIN_MFU] = out[TRAIN_TFLOPS] / peak_tflops
+        return out
 
 
 @dataclass

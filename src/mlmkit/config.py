@@ -129,6 +129,20 @@ class MLMConfig:
         metadata={"help": "warmup_stable_decay only: fraction of the training steps in the final "
                           "decay phase (the rest after warmup is stable at the peak rate)."})
     num_train_epochs: float = field(default=1.0)
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the training module (inductor). With --padding packed "
+                          "the rows are laid out at a fixed (rows, max_seq_length) shape."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass (large models, long "
+                          "sequences): less memory, about a third more compute."})
+    prefetch_steps: int = field(
+        default=2, metadata=_meta("Steps collated ahead on a background thread (pinned, copied "
+                                  "asynchronously on CUDA); 0 collates inline.", bookkeeping=True))
+    peak_tflops: float | None = field(
+        default=None, metadata=_meta("The device's dense peak TFLOP/s for train/mfu (default: "
+                                     "looked up for known GPUs; mlmkit.flops).", bookkeeping=True))
     max_train_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps; overrides num_train_epochs."})
     seed: int = field(default=42, metadata=_meta(per_run=True))
@@ -209,6 +223,11 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
             bad(key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
     if cfg.num_train_epochs <= 0 and cfg.max_train_steps is None:
         bad("num_train_epochs", "must be positive", "pass --num_train_epochs 1 or set --max_train_steps")
+    if cfg.prefetch_steps < 0:
+        bad("prefetch_steps", "must be at least 0", "pass e.g. --prefetch_steps 2 (0: inline)")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        bad("peak_tflops", "must be positive when set", "pass the device's dense TFLOP/s, "
+            "e.g. --peak_tflops 989 for an H100 SXM in bf16")
     for key in ("learning_rate", "adam_epsilon"):
         if getattr(cfg, key) <= 0:
             bad(key, "must be positive", f"pass e.g. --{key} 5e-5")

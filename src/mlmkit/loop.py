@@ -11,6 +11,7 @@ exactly the gradient of the global token mean.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from accelerate.utils import send_to_device
@@ -64,21 +65,31 @@ def build_scheduler(optimizer, cfg, num_training_steps: int):
 
 
 def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask_padding: bool,
-               max_grad_norm: float) -> dict:
-    """Run one optimizer step over this process's ``grad_accum`` micro-batches.
+               max_grad_norm: float, forward=None) -> dict:
+    """Run one optimizer step over this process's ``grad_accum`` micro-batches (on the device).
 
-    Returns the global token-mean loss, the global masked-token count and the grad norm.
+    Returns device tensors, read by nobody here: ``loss_sum`` (the global sum of the MLM loss over
+    masked tokens), ``masked_tokens`` (their global count) and ``grad_norm`` (or None). The step
+    makes no host-device synchronisation (no ``.item()``, no data-dependent shapes): the global
+    count is all-reduced on the device and the scale stays a device tensor, so a GPU is fed as
+    fast as the host can queue kernels. `StepResults` reads the results at log steps.
+    ``forward``: what computes each micro-batch's loss, e.g. ``torch.compile(module)``
+    (default: ``module``); accumulation and the backward still go through ``module``.
     """
+    forward = module if forward is None else forward
     device = accelerator.device
-    local_masked = sum(int(b["num_masked_tokens"]) for b in micro_batches)
-    global_masked = accelerator.reduce(torch.tensor(local_masked, device=device), "sum").item()
-    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(global_masked, 1)
+    # Pinned batches (see prefetch.Prefetcher) are copied while earlier kernels still run.
+    micro_batches = [send_to_device(b, device, non_blocking=True) for b in micro_batches]
+    local_masked = sum(b["num_masked_tokens"] for b in micro_batches).float()
+    global_masked = accelerator.reduce(local_masked, "sum") if accelerator.num_processes > 1 \
+        else local_masked
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / \
+        global_masked.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     for batch in micro_batches:
-        batch = send_to_device(batch, device)
         with accelerator.accumulate(module):
-            micro_loss_sum, _ = module(**model_inputs(batch, mask_padding=mask_padding))
+            micro_loss_sum, _ = forward(**model_inputs(batch, mask_padding=mask_padding))
             accelerator.backward(micro_loss_sum * scale)
             loss_sum += micro_loss_sum.detach().float()
             if accelerator.sync_gradients:
@@ -89,7 +100,48 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
                 optimizer.zero_grad(set_to_none=True)
     if not accelerator.sync_gradients:
         raise RuntimeError("internal error: a step ended off a gradient-accumulation boundary")
-    global_loss = accelerator.reduce(loss_sum, "sum").item() / max(global_masked, 1)
-    if grad_norm is not None and hasattr(grad_norm, "item"):
-        grad_norm = grad_norm.item()
-    return {"loss": global_loss, "masked_tokens": global_masked, "grad_norm": grad_norm}
+    if accelerator.num_processes > 1:
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+    return {"loss_sum": loss_sum, "masked_tokens": global_masked, "grad_norm": grad_norm}
+
+
+class StepResults:
+    """The device-side results of the steps since the last read, read in one transfer.
+
+    `add` keeps each step's tensors and its host time (no synchronisation); `read` (at log and
+    eval steps, checkpoints and the end) stacks them, copies them to the host once and returns
+    per-step ``(loss, masked_tokens, grad_norm, seconds)`` -- the same numbers, in the same order,
+    as reading every step would give, so the log and the checkpointed statistics do not depend on
+    when reads happen. The wait for the device is added to the last step's seconds: the steps'
+    seconds then sum to the wall time the device needed for them.
+    """
+
+    def __init__(self):
+        self._steps: list[tuple[dict, float]] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, out: dict, seconds: float) -> None:
+        self._steps.append((out, seconds))
+
+    def read(self) -> list[tuple[float, int, float | None, float]]:
+        if not self._steps:
+            return []
+        t0 = time.perf_counter()
+        rows = []
+        for out, _ in self._steps:
+            loss_sum, norm = out["loss_sum"].float(), out["grad_norm"]
+            if not isinstance(norm, torch.Tensor):  # None, or DeepSpeed's float
+                norm = loss_sum.new_full((), float("nan") if norm is None else float(norm))
+            rows.append(torch.stack([loss_sum, out["masked_tokens"].float(), norm.float()]))
+        values = torch.stack(rows).cpu().tolist()  # the one synchronisation
+        waited = time.perf_counter() - t0
+        result = []
+        for i, ((loss_sum, masked, norm), (out, seconds)) in enumerate(zip(values, self._steps)):
+            masked = int(masked)
+            result.append((loss_sum / max(masked, 1), masked,
+                           None if out["grad_norm"] is None else norm,
+                           seconds + (waited if i == len(values) - 1 else 0.0)))
+        self._steps = []
+        return result

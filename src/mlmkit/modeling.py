@@ -127,15 +127,21 @@ class MaskedLMModule(nn.Module):
         """The masked-only head: hidden states (N, H) -> vocabulary logits (N, V)."""
         return HEAD_LAYOUTS[self.head_layout][1](self.model, hidden)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None,
+                masked_positions=None, **kwargs):
+        """``masked_positions`` (optional): the flat indices of ``labels != -100``, computed on
+        the host ahead of time (`prefetch.Prefetcher`), so that the masked-only head gathers
+        without a data-dependent shape on the device (no host-device synchronisation)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if position_ids is not None:
             inputs["position_ids"] = position_ids
         if self.sparse_prediction:
             hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H)
-            selected = labels != -100  # (B, T)
-            logits = self.head_logits(hidden[selected])  # (N, V)
-            targets = labels[selected]  # (N,)
+            if masked_positions is None:
+                masked_positions = (labels.flatten() != -100).nonzero().squeeze(1)  # syncs
+            selected = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
+            logits = self.head_logits(selected)  # (N, V)
+            targets = labels.flatten().index_select(0, masked_positions)  # (N,)
         else:
             logits = self.model(**inputs).logits  # (B, T, V)
             logits, targets = logits.flatten(0, 1), labels.flatten()

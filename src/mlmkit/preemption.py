@@ -42,13 +42,33 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:  # no I/O here: it may interrupt a print
         self.received = self.received or signal.Signals(signum).name
 
+    # On CUDA the processes agree on a flag all-reduced CUDA_LAG steps earlier, copied to the
+    # host asynchronously: asking every step must not stall the GPU (no host-device sync).
+    CUDA_LAG = 2
+
     def agreed(self, accelerator) -> bool:
-        """True on every process when any process got a signal; a collective every process calls."""
+        """True on every process when any process got a signal; a collective every process calls
+        at every step boundary. One process: at once. Several on CPU: at this step. Several on
+        CUDA: ``CUDA_LAG`` steps later (the same step on every process)."""
         if accelerator.num_processes == 1:
             return self.received is not None
         import torch
-        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() > 0)
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if accelerator.device.type != "cuda":
+            return bool(accelerator.reduce(flag.to(accelerator.device), "sum").item() > 0)
+        reduced = accelerator.reduce(flag.pin_memory().to(accelerator.device, non_blocking=True),
+                                     "sum")
+        host = torch.empty_like(flag).pin_memory()
+        host.copy_(reduced, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight = getattr(self, "_in_flight", [])
+        self._in_flight.append((host, event))
+        if len(self._in_flight) <= self.CUDA_LAG:
+            return False
+        host, event = self._in_flight.pop(0)
+        event.synchronize()  # recorded CUDA_LAG steps ago: long done, this does not stall
+        return bool(host[0] > 0)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

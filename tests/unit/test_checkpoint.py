@@ -96,17 +96,16 @@ def test_train_state_round_trips_exactly():
     assert again == state
 
 
-
-
 def test_running_stats_count_tokens_and_weigh_the_loss_by_masked_tokens():
-    import torch
     stats = C.RunningStats()
-    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "num_real_tokens": torch.tensor(12)}
-    stats.add_batch(batch)
-    stats.add_batch(batch, dummy=True)  # computed, not real
+    stats.add_data(computed=16, real=12, flops=3e12, data_wait=0.25)
+    stats.add_data(computed=16, real=0)  # a dummy step: computed, not real
     stats.add_step(loss=2.0, masked=3, seconds=0.5)
     stats.add_step(loss=1.0, masked=1, seconds=0.5)
     assert stats.mean_loss() == pytest.approx((2.0 * 3 + 1.0) / 4)
     rates = stats.rates(num_processes=2)
     assert rates["train/tokens_per_s"] == 64 and rates["train/real_tokens_per_s"] == 24
     assert rates["train/pad_fraction"] == pytest.approx(1 - 12 / 32)
+    assert rates["train/data_wait_fraction"] == pytest.approx(0.25)
+    assert rates["train/tflops"] == pytest.approx(3.0) and "train/mfu" not in rates  # no peak
+    assert stats.rates(2, peak_tflops=10.0)["train/mfu"] == pytest.approx(0.3)

@@ -1,0 +1,139 @@
+"""The training step never synchronises host and device outside the reads at log steps.
+
+Counted on CPU through the tensor calls that would synchronise with a GPU: ``.item()``,
+``.tolist()``, ``bool()/float()/int()`` of a tensor, ``.cpu()``, ``.numpy()``, ``nonzero`` and
+boolean-mask indexing (data-dependent shapes). The count covers what the training loop's thread
+does per step: take a prepared step from the prefetcher, run `train_step`, keep its results.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from mlmkit.collator import MaskedLMCollator
+from mlmkit.config import parse_config
+from mlmkit.flops import FlopCounter
+from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step
+from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer
+from mlmkit.prefetch import Prefetcher, planned_steps
+from mlmkit.sampler import TrainPlan
+
+SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
+           "nonzero", "masked_select"}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Records each syncing tensor call (thread-local: the prefetch thread is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        boolean_index = name in ("__getitem__", "__setitem__") and len(args) > 1 and \
+            isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        if name in SYNCING or boolean_index:
+            frame = traceback.extract_stack(limit=2)[0]  # the calling line
+            self.calls.append((name, f"{frame.filename}:{frame.lineno}"))
+        return func(*args, **(kwargs or {}))
+
+
+class Examples:
+    """A few synthetic tokenized examples (the IndexedExamples interface)."""
+
+    def __init__(self, tokenizer, n=100):
+        gen = torch.Generator().manual_seed(0)
+        self.rows = []
+        for i in range(n):
+            body = torch.randint(2000, 9000, (int(torch.randint(5, 40, (1,), generator=gen)),),
+                                 generator=gen).tolist()
+            self.rows.append([tokenizer.cls_token_id, *body, tokenizer.sep_token_id])
+        self.lengths = [len(r) for r in self.rows]
+
+    def fetch(self, indices):
+        return [{"input_ids": self.rows[i], "idx": int(i)} for i in indices]
+
+
+def setup(tiny_bert_dir, tokenizer_path, padding):
+    from accelerate import Accelerator
+    cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
+                        "--padding", padding, "--max_seq_length", "64",
+                        "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4"])
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    accelerator = Accelerator(cpu=True)
+    module = MaskedLMModule(model)
+    optimizer = build_optimizer(module, cfg)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scheduler = build_scheduler(optimizer, cfg, 100)
+    examples = Examples(tokenizer)
+    plan = TrainPlan(examples.lengths, per_device_batch_size=4, grad_accum=2, num_processes=1,
+                     process_index=0, seed=0,
+                     pack_capacity=64 if padding == "packed" else None)
+    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
+                                            attn_implementation="sdpa", padding=padding)
+    steps = planned_steps(plan, collator, examples, start_epoch=0, start_step=0, num_epochs=3,
+                          max_length=64, flop_counter=FlopCounter.for_model(model))
+    return accelerator, module, optimizer, scheduler, steps
+
+
+@pytest.mark.parametrize("padding", ["packed", "longest"])
+def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding):
+    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
+                                                             padding)
+    prefetcher = Prefetcher(steps, depth=2)
+    pending, outs = StepResults(), []
+    n_steps, micro = 4, 0
+    with SyncCounter() as counter:
+        for _ in range(n_steps):
+            prepared, _ = prefetcher.next()
+            micro += len(prepared.micro_batches)
+            out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                             mask_padding=True, max_grad_norm=1.0)
+            pending.add(out, 0.0)
+            outs.append(out)
+    prefetcher.close()
+    ours = [c for c in counter.calls if "transformers" not in c[1]]
+    assert ours == [], f"the step synchronises: {ours}"
+    if padding == "packed":  # the block-diagonal 4-D mask reaches SDPA as it is
+        assert counter.calls == []
+    else:  # transformers' sdpa_mask checks `padding_mask.all()`: once per forward, not ours
+        assert len(counter.calls) == micro
+        assert all("masking_utils" in where for _, where in counter.calls)
+
+    with SyncCounter() as counter:
+        results = pending.read()
+    assert [c[0] for c in counter.calls] == ["cpu", "tolist"]  # one transfer for all steps
+    assert len(results) == n_steps and len(pending) == 0
+    for (loss, masked, grad_norm, _), out in zip(results, outs):
+        assert masked == int(out["masked_tokens"]) > 0
+        assert loss == pytest.approx(float(out["loss_sum"]) / masked, rel=1e-6)
+        assert grad_norm == pytest.approx(float(out["grad_norm"]), rel=1e-6)
+
+
+def test_prefetcher_hands_the_steps_of_the_plan_in_order_and_raises_errors():
+    assert [x for x, _ in iter_all(Prefetcher(iter(range(7)), depth=2))] == list(range(7))
+    assert [x for x, _ in iter_all(Prefetcher(iter(range(3)), depth=0))] == [0, 1, 2]
+
+    def broken():
+        yield 1
+        raise ValueError("bad example 7")
+    prefetcher = Prefetcher(broken(), depth=2)
+    assert prefetcher.next()[0] == 1
+    with pytest.raises(ValueError, match="bad example 7"):
+        prefetcher.next()
+
+
+def iter_all(prefetcher):
+    while True:
+        try:
+            yield prefetcher.next()
+        except StopIteration:
+            return
