@@ -1,8 +1,8 @@
 """Training throughput: mlmkit's modes against the Hugging Face baseline, side by side.
 
     python benchmarks/throughput.py [--steps 20] [--batch_size 16] [--max_seq_length 128] \
-        [--model_name_or_path PATH] [--attn_implementation sdpa] [--bf16] \
-        [--output benchmarks/results/throughput.json]
+        [--model_name_or_path PATH] [--attn_implementation sdpa] [--bf16] [--torch_compile] \
+        [--peak_tflops N] [--output benchmarks/results/throughput.json]
 
 Same model (default: the embedded all-MiniLM-L6-v2), same corpus (the embedded CPython docs,
 line by line), same batch size, same optimizer (fused AdamW) and the same number of timed steps
@@ -17,9 +17,19 @@ for every mode, in one process run. Modes:
 * ``packed`` -- rows of max_seq_length packed with isolated examples (block-diagonal mask,
   restarted positions), full head; ``--per_device_train_batch_size`` counts rows here, so packed
   steps hold more examples: compare real tokens/s, not steps/s;
-* ``packed_sparse`` -- packed with the masked-only head.
+* ``packed_sparse`` -- packed with the masked-only head;
+* ``recipe`` -- the recipe's own training step on the packed_sparse batches: Accelerate
+  (``mixed_precision`` bf16 or no), `prefetch.Prefetcher` over `prefetch.planned_steps`,
+  `loop.train_step` and `loop.StepResults` (results read every 10 steps, as ``--logging_steps``),
+  so that "recipe vs inner loop" is one column. The inner-loop modes synchronise every step (to
+  time it); the recipe's step does not, and is timed from the first to the last step's read.
 
-Reported per mode: real (non-padding) tokens/s, all positions/s, pad fraction, ms per step, peak
+``--torch_compile`` compiles the training module of every mlmkit mode and the recipe step (packed
+rows then have the fixed shape ``(rows, max_seq_length)``, as in the recipe); the first
+``--warmup`` steps absorb compilation.
+
+Reported per mode: real (non-padding) tokens/s, all positions/s, pad fraction, ms per step, model
+TFLOP/s and MFU (`mlmkit.flops`: the FLOPs each mode must do, so padding is not counted), peak
 memory (GPU: max allocated per mode; CPU: n/a, as the process's peak RSS only grows across modes),
 and the ratio of real tokens/s to the baseline's. Written as JSON too.
 """
@@ -44,7 +54,9 @@ from accelerate.utils import send_to_device  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
 from mlmkit.config import parse_config  # noqa: E402
 from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
-from mlmkit.loop import build_optimizer  # noqa: E402
+from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
+from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step  # noqa: E402
+from mlmkit.prefetch import Prefetcher, planned_steps  # noqa: E402
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
 from mlmkit.sampler import TrainPlan  # noqa: E402
 
@@ -66,19 +78,22 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(name, model, batches, real, device, args, *, sparse: bool, hf: bool) -> dict:
+def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, hf: bool) -> dict:
     """Train ``len(batches)`` steps (the first ``args.warmup`` untimed); return the measurements.
 
-    ``real``: non-padding tokens per batch. ``hf``: the baseline's own step, ``model(**batch).loss``
-    (mean over its masked tokens, full head at every position), as the HF script does.
+    ``real``: non-padding tokens per batch; ``flops``: model FLOPs per batch. ``hf``: the
+    baseline's own step, ``model(**batch).loss`` (mean over its masked tokens, full head at every
+    position), as the HF script does.
     """
     module = MaskedLMModule(model, sparse_prediction=sparse).to(device)
+    forward = torch.compile(module) if args.torch_compile and not hf else module
     optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    module.train()  # dropout on, as in training (from_pretrained returns eval mode)
     reset_peak(device)
-    n_real = computed = 0
+    n_real = computed = n_flops = 0
     elapsed = 0.0
-    for i, (batch, r) in enumerate(zip(batches, real)):
+    for i, (batch, r, f) in enumerate(zip(batches, real, flops)):
         sync(device)
         t0 = time.perf_counter()
         batch = send_to_device(batch, device)
@@ -86,7 +101,7 @@ def run_mode(name, model, batches, real, device, args, *, sparse: bool, hf: bool
             if hf:
                 loss = model(**batch).loss
             else:
-                loss_sum, count = module(**model_inputs(batch))
+                loss_sum, count = forward(**model_inputs(batch))
                 loss = loss_sum / count.clamp(min=1)
         loss.backward()
         optimizer.step()
@@ -96,10 +111,62 @@ def run_mode(name, model, batches, real, device, args, *, sparse: bool, hf: bool
             elapsed += time.perf_counter() - t0
             computed += batch["input_ids"].numel()
             n_real += r
-    steps = len(batches) - args.warmup
+            n_flops += f
+    return measurements(name, len(batches) - args.warmup, n_real, computed, n_flops, elapsed,
+                        device)
+
+
+def run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args) -> dict:
+    """The recipe's own training step (see the module doc) on packed rows, masked-only head."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
+                              cpu=device.type == "cpu")
+    counter = FlopCounter.for_model(model)
+    module = MaskedLMModule(model, sparse_prediction=True)
+    optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    forward = torch.compile(module) if args.torch_compile else None
+    scheduler = build_scheduler(optimizer, cfg, 10 * n_steps)
+    plan = TrainPlan(examples.lengths, per_device_batch_size=rows, grad_accum=1, num_processes=1,
+                     process_index=0, seed=0, pack_capacity=args.max_seq_length)
+    fixed = {"pad_to_multiple_of": args.max_seq_length} if args.torch_compile else {}
+    collator = MaskedLMCollator(tokenizer, padding="packed", max_length=args.max_seq_length,
+                                attn_implementation=args.attn_implementation,
+                                position_offset=position_offset(model), **fixed)
+    steps = Prefetcher(planned_steps(plan, collator, examples, start_epoch=0, start_step=0,
+                                     num_epochs=1000, max_length=args.max_seq_length,
+                                     flop_counter=counter, pin_memory=device.type == "cuda"),
+                       depth=0 if device.type == "cpu" else 2)  # the recipe's default
+    pending = StepResults()
+    reset_peak(device)
+    n_real = computed = n_flops = 0
+    module.train()
+    for i in range(n_steps):
+        if i == args.warmup:
+            pending.read()  # everything before is warm-up (and compilation)
+            t0 = time.perf_counter()
+        prepared, _ = steps.next()
+        out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                         mask_padding=True, max_grad_norm=1.0, forward=forward)
+        pending.add(out, 0.0)
+        if (i + 1) % 10 == 0:
+            pending.read()  # what --logging_steps 10 reads
+        if i >= args.warmup:
+            computed += prepared.computed
+            n_real += prepared.real
+            n_flops += prepared.flops
+    pending.read()
+    elapsed = time.perf_counter() - t0
+    steps.close()
+    return measurements("recipe", n_steps - args.warmup, n_real, computed, n_flops, elapsed,
+                        device)
+
+
+def measurements(name, steps, n_real, computed, n_flops, elapsed, device) -> dict:
     return {"mode": name, "steps": steps, "real_tokens_per_s": n_real / elapsed,
             "tokens_per_s": computed / elapsed, "pad_fraction": 1 - n_real / computed,
-            "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": peak_mem_gb(device)}
+            "ms_per_step": 1000 * elapsed / steps, "tflops": n_flops / elapsed / 1e12,
+            "peak_mem_gb": peak_mem_gb(device)}
 
 
 def main() -> None:
@@ -113,8 +180,12 @@ def main() -> None:
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="torch.compile the training module (mlmkit modes and recipe)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's dense peak for MFU (default: mlmkit.flops' table)")
     parser.add_argument("--modes", default="hf_baseline,padded,padded_sparse,group_by_length,"
-                                           "packed,packed_sparse")
+                                           "packed,packed_sparse,recipe")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/throughput.json"))
     args = parser.parse_args()
 
@@ -134,28 +205,38 @@ def main() -> None:
     model = load_model(cfg, tokenizer).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     offset = position_offset(model)
+    counter = FlopCounter.for_model(model)
+    lengths = examples.lengths
 
     def plan(**kw):
         return TrainPlan(examples.lengths, grad_accum=1, num_processes=1, process_index=0, seed=0,
                          **kw)
 
-    def mlmkit_batches(padding: str, p: TrainPlan):
+    def mlmkit_batches(padding: str, p: TrainPlan, sparse: bool):
+        fixed = {"pad_to_multiple_of": args.max_seq_length} \
+            if args.torch_compile and padding == "packed" else {}
         collator = MaskedLMCollator(tokenizer, padding=padding, max_length=args.max_seq_length,
                                     attn_implementation=args.attn_implementation,
-                                    position_offset=offset)
+                                    position_offset=offset, **fixed)
         out = []
-        for _, (micro,) in p.epoch(0):
-            indices, rows = p.layout(micro)
-            out.append(collator(examples.fetch(indices), rows=rows))
+        for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
+            indices, rows = p.layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
+            batch = collator(examples.fetch(indices), rows=rows)
+            batch["_flops"] = counter.step_flops(
+                [min(lengths[i], args.max_seq_length) for i in indices],
+                int(batch["num_masked_tokens"]), sparse)
+            out.append(batch)
             if len(out) == n_steps:
                 return out
-        raise SystemExit("corpus too small for --steps")
+        raise SystemExit("corpus too small for --steps")  # not reached
 
     def hf_batches():
         # run_mlm_no_trainer --line_by_line: tokenized without padding (input_ids, attention_mask,
         # special_tokens_mask), random batches, DataCollatorForLanguageModeling pads them.
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-        order = np.random.default_rng(0).permutation(len(examples))
+        rng = np.random.default_rng(0)
+        order = np.concatenate([rng.permutation(len(examples))
+                                for _ in range(-(-n_steps * args.batch_size // len(examples)))])
         out = []
         for s in range(n_steps):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
@@ -163,54 +244,70 @@ def main() -> None:
                       "attention_mask": [1] * len(e["input_ids"])} for e in examples.fetch(idx)]
             batch = dict(collator(feats))
             batch["_real"] = sum(len(f["input_ids"]) for f in feats)
+            batch["_flops"] = counter.step_flops([len(f["input_ids"]) for f in feats],
+                                                 int((batch["labels"] != -100).sum()), False)
             out.append(batch)
         return out
 
     rows = args.packed_rows or args.batch_size
-    builders = {
+    padded = dict(per_device_batch_size=args.batch_size)
+    packed = dict(per_device_batch_size=rows, pack_capacity=args.max_seq_length)
+    builders = {  # name -> (batches, sparse head, the HF step)
         "hf_baseline": lambda: (hf_batches(), False, True),
-        "padded": lambda: (mlmkit_batches("longest", plan(per_device_batch_size=args.batch_size)),
-                           False, False),
-        "padded_sparse": lambda: (mlmkit_batches("longest", plan(
-            per_device_batch_size=args.batch_size)), True, False),
-        "group_by_length": lambda: (mlmkit_batches("longest", plan(
-            per_device_batch_size=args.batch_size, group_by_length=True)), True, False),
-        "packed": lambda: (mlmkit_batches("packed", plan(
-            per_device_batch_size=rows, pack_capacity=args.max_seq_length)), False, False),
-        "packed_sparse": lambda: (mlmkit_batches("packed", plan(
-            per_device_batch_size=rows, pack_capacity=args.max_seq_length)), True, False),
+        "padded": lambda: (mlmkit_batches("longest", plan(**padded), False), False, False),
+        "padded_sparse": lambda: (mlmkit_batches("longest", plan(**padded), True), True, False),
+        "group_by_length": lambda: (mlmkit_batches("longest", plan(**padded, group_by_length=True),
+                                                   True), True, False),
+        "packed": lambda: (mlmkit_batches("packed", plan(**packed), False), False, False),
+        "packed_sparse": lambda: (mlmkit_batches("packed", plan(**packed), True), True, False),
     }
     results = []
     for name in args.modes.split(","):
-        batches, sparse, hf = builders[name]()
-        real = [b.pop("_real") if hf else int(b["num_real_tokens"]) for b in batches]
         model.load_state_dict(initial)  # every mode starts from the same weights
-        res = run_mode(name, model, batches, real, device, args, sparse=sparse, hf=hf)
+        if name == "recipe":
+            res = run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args)
+        else:
+            batches, sparse, hf = builders[name]()
+            real = [b.pop("_real") if hf else int(b["num_real_tokens"]) for b in batches]
+            flops = [b.pop("_flops") for b in batches]
+            res = run_mode(name, model, batches, real, flops, device, args, sparse=sparse, hf=hf)
         results.append(res)
         print(f"  {name:16s} {res['real_tokens_per_s']:9.0f} real tok/s", flush=True)
 
     base = next((r for r in results if r["mode"] == "hf_baseline"), results[0])
-    for r in results:
-        r["ratio_vs_baseline"] = r["real_tokens_per_s"] / base["real_tokens_per_s"]
+    inner = next((r for r in results if r["mode"] == "packed_sparse"), None)
     device_name = (torch.cuda.get_device_name() if device.type == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads)")
-    header = (f"| mode | real tokens/s | all positions/s | pad fraction | ms/step | "
-              f"peak mem (GB) | × baseline |\n|---|---:|---:|---:|---:|---:|---:|")
+    peak = args.peak_tflops or (peak_tflops(device_name, args.bf16) if device.type == "cuda"
+                                else None)
+    for r in results:
+        r["ratio_vs_baseline"] = r["real_tokens_per_s"] / base["real_tokens_per_s"]
+        r["mfu"] = r["tflops"] / peak if peak else None
+        r["ratio_vs_packed_sparse"] = (r["real_tokens_per_s"] / inner["real_tokens_per_s"]
+                                       if inner else None)
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+    header = ("| mode | real tokens/s | all positions/s | pad fraction | ms/step | TFLOP/s | MFU | "
+              "peak mem (GB) | × baseline | × packed_sparse |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header] + [
         f"| {r['mode']} | {r['real_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-        f"{r['pad_fraction']:.3f} | {r['ms_per_step']:.0f} | "
-        f"{'n/a' if r['peak_mem_gb'] is None else format(r['peak_mem_gb'], '.2f')} | "
-        f"{r['ratio_vs_baseline']:.2f} |" for r in results]
+        f"{r['pad_fraction']:.3f} | {r['ms_per_step']:.1f} | {r['tflops']:.2f} | "
+        f"{fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gb'], '.2f')} | "
+        f"{r['ratio_vs_baseline']:.2f} | {fmt(r['ratio_vs_packed_sparse'], '.2f')} |"
+        for r in results]
     print(f"\n{device_name}; model {cfg.model_name_or_path or 'all-MiniLM-L6-v2 (embedded)'}, "
           f"batch {args.batch_size} (packed: {rows} rows of {args.max_seq_length}), "
           f"{args.steps} timed steps, attn {args.attn_implementation}, "
-          f"{'bf16' if args.bf16 else 'fp32'}\n")
+          f"{'bf16' if args.bf16 else 'fp32'}{', torch.compile' if args.torch_compile else ''}, "
+          f"peak {fmt(peak, '.0f')} TFLOP/s\n")
     print("\n".join(lines))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device_name, "args": vars(args), "results": results},
-                              indent=2) + "\n")
+    out.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "args": vars(args),
+                               "results": results, "table": "\n".join(lines)}, indent=2) + "\n")
     print(f"\nwritten to {out}")
 
 

@@ -221,7 +221,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
         plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
         num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
         sparse_head=inner.sparse_prediction, pin_memory=accelerator.device.type == "cuda"),
-        depth=cfg.prefetch_steps)
+        depth=cfg.prefetch_steps if cfg.prefetch_steps is not None else
+        (0 if accelerator.device.type == "cpu" else 2))
     pending = StepResults()
     grad_norm = None
 

@@ -31,6 +31,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
+    """The embedded model's tokenizer; MLMKIT_TEST_TOKENIZER names another folder (a GPU machine
+    without the embedded model package: .gpu/tok)."""
+    if os.environ.get("MLMKIT_TEST_TOKENIZER"):
+        return os.environ["MLMKIT_TEST_TOKENIZER"]
     from mlmkit.modeling import embedded_model_path
     return str(embedded_model_path())
 

@@ -4,6 +4,8 @@ Counted on CPU through the tensor calls that would synchronise with a GPU: ``.it
 ``.tolist()``, ``bool()/float()/int()`` of a tensor, ``.cpu()``, ``.numpy()``, ``nonzero`` and
 boolean-mask indexing (data-dependent shapes). The count covers what the training loop's thread
 does per step: take a prepared step from the prefetcher, run `train_step`, keep its results.
+On a CUDA machine the same steps also run under ``torch.cuda.set_sync_debug_mode("error")``,
+which raises at any operation that synchronises with the GPU (skipped without CUDA).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Examples:
         return [{"input_ids": self.rows[i], "idx": int(i)} for i in indices]
 
 
-def setup(tiny_bert_dir, tokenizer_path, padding):
+def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
     from accelerate import Accelerator
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
@@ -68,7 +70,8 @@ def setup(tiny_bert_dir, tokenizer_path, padding):
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=device == "cpu",
+                              mixed_precision="bf16" if device == "cuda" else "no")
     module = MaskedLMModule(model)
     optimizer = build_optimizer(module, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -80,7 +83,8 @@ def setup(tiny_bert_dir, tokenizer_path, padding):
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
                                             attn_implementation="sdpa", padding=padding)
     steps = planned_steps(plan, collator, examples, start_epoch=0, start_step=0, num_epochs=3,
-                          max_length=64, flop_counter=FlopCounter.for_model(model))
+                          max_length=64, flop_counter=FlopCounter.for_model(model),
+                          pin_memory=device == "cuda")
     return accelerator, module, optimizer, scheduler, steps
 
 
@@ -137,3 +141,27 @@ def iter_all(prefetcher):
             yield prefetcher.next()
         except StopIteration:
             return
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path):
+    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
+                                                             "packed", device="cuda")
+    prefetcher = Prefetcher(steps, depth=2)
+    pending = StepResults()
+    prepared, _ = prefetcher.next()  # a first step outside: lazy CUDA initialisation may sync
+    pending.add(train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                           mask_padding=True, max_grad_norm=1.0), 0.0)
+    pending.read()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            prepared, _ = prefetcher.next()
+            pending.add(train_step(accelerator, module, optimizer, scheduler,
+                                   prepared.micro_batches, mask_padding=True, max_grad_norm=1.0),
+                        0.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        prefetcher.close()
+    results = pending.read()
+    assert len(results) == 4 and all(masked > 0 for _, masked, _, _ in results)
