@@ -58,7 +58,7 @@ def throughput_tables(out: Path) -> list[str]:
 def recipe_table(out: Path) -> list[str]:
     lines = ["## The recipe itself (accelerate launch recipes/mlm.py, bf16, 72 packed rows of 128)",
              "", "Steady state: the mean over the log windows (10 steps each) after the first two.",
-             "", "| model | --torch_compile | real tokens/s | train/tflops | train/mfu | "
+             "", "| model | compile | real tokens/s | train/tflops | train/mfu | "
              "data wait | peak mem (GB) | eval loss first -> last |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for run in sorted(p for p in out.glob("recipe-*") if p.is_dir()):

@@ -118,7 +118,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     optimizer = build_optimizer(module, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
     # The training forward, compiled with --torch_compile (eval and the probe run eager).
-    compiled = compile_forward(module, accelerator) if cfg.torch_compile else None
+    compiled = compile_forward(module, accelerator, cfg.torch_compile_mode) \
+        if cfg.torch_compile else None
     peak_tflops = device_peak_tflops(accelerator, cfg.peak_tflops)
 
     # ============================================================================ isolation probe
@@ -220,7 +221,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     prefetcher = Prefetcher(planned_steps(
         plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
         num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
-        sparse_head=inner.sparse_prediction, pin_memory=accelerator.device.type == "cuda"),
+        sparse_head=inner.sparse_prediction, pin_memory=accelerator.device.type == "cuda",
+        positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None),
         depth=cfg.prefetch_steps if cfg.prefetch_steps is not None else
         (0 if accelerator.device.type == "cpu" else 2))
     pending = StepResults()
@@ -318,7 +320,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
 
 # ================================================================================ helpers
-def compile_forward(module, accelerator):
+def compile_forward(module, accelerator, mode: str):
     """``torch.compile`` of the prepared training module (inductor; DDP or one process)."""
     from accelerate.utils import DistributedType
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
@@ -326,7 +328,7 @@ def compile_forward(module, accelerator):
         raise ConfigError(f"--torch_compile is supported with DDP or one process, not under "
                           f"{accelerator.distributed_type.value}. Fix: drop --torch_compile, or "
                           "launch without DeepSpeed/FSDP.")
-    return torch.compile(module)
+    return torch.compile(module, mode=mode)
 
 
 def peak_mem_gb() -> float:

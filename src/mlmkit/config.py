@@ -21,7 +21,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .choices import ATTN_IMPLEMENTATIONS, PADDING_CHOICES, REPORT_TO, SCHEDULERS
+from .choices import (ATTN_IMPLEMENTATIONS, COMPILE_MODES, PADDING_CHOICES, REPORT_TO,
+                      SCHEDULERS)
 from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_mapping,
                        to_cli_args)
 from .fileio import atomic_write_text
@@ -133,6 +134,11 @@ class MLMConfig:
         default=False,
         metadata={"help": "torch.compile the training module (inductor). With --padding packed "
                           "the rows are laid out at a fixed (rows, max_seq_length) shape."})
+    torch_compile_mode: str = field(
+        default="default",
+        metadata={"help": f"torch.compile mode, one of {COMPILE_MODES}; reduce-overhead "
+                          "replays CUDA graphs (masked positions are then padded to a multiple "
+                          "of 256 so few shapes occur)."})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass (large models, long "
@@ -193,7 +199,8 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
         raise ConfigError(f"{key}={getattr(cfg, key)!r}: {why}. Fix: {fix}.")
 
     choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
-               "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS}
+               "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS,
+               "torch_compile_mode": COMPILE_MODES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed and not (
                 key == "attn_implementation" and cfg.attn_implementation is None):

@@ -88,6 +88,8 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     for batch in micro_batches:
+        if forward is not module:  # CUDA graphs (compile mode reduce-overhead): a new step
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.accumulate(module):
             micro_loss_sum, _ = forward(**model_inputs(batch, mask_padding=mask_padding))
             accelerator.backward(micro_loss_sum * scale)

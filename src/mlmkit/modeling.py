@@ -137,11 +137,16 @@ class MaskedLMModule(nn.Module):
             inputs["position_ids"] = position_ids
         if self.sparse_prediction:
             hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H)
+            flat_labels = labels.flatten()
             if masked_positions is None:
-                masked_positions = (labels.flatten() != -100).nonzero().squeeze(1)  # syncs
-            selected = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
+                masked_positions = (flat_labels != -100).nonzero().squeeze(1)  # syncs
+                rows = masked_positions
+            else:  # computed on the host; labels.numel() marks padding, no target
+                rows = masked_positions.clamp(max=flat_labels.numel() - 1)
+                flat_labels = torch.cat([flat_labels, flat_labels.new_full((1,), -100)])
+            selected = hidden.flatten(0, 1).index_select(0, rows)  # (N, H)
             logits = self.head_logits(selected)  # (N, V)
-            targets = labels.flatten().index_select(0, masked_positions)  # (N,)
+            targets = flat_labels.index_select(0, masked_positions)  # (N,)
         else:
             logits = self.model(**inputs).logits  # (B, T, V)
             logits, targets = logits.flatten(0, 1), labels.flatten()

@@ -36,17 +36,27 @@ class PreparedStep:
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
 
 
-def add_masked_positions(batch: dict) -> dict:
-    """The flat indices of ``labels != -100`` as ``masked_positions`` (host side, in place)."""
-    batch["masked_positions"] = (batch["labels"].flatten() != -100).nonzero().squeeze(1)
+def add_masked_positions(batch: dict, multiple: int | None = None) -> dict:
+    """The flat indices of ``labels != -100`` as ``masked_positions`` (host side, in place).
+
+    With ``multiple``, padded up to a multiple of it with the index ``labels.numel()`` (one past
+    the end), which `modeling.MaskedLMModule` reads as "no target": a compiled graph (CUDA graphs
+    above all) then sees a handful of shapes instead of a new one every step."""
+    positions = (batch["labels"].flatten() != -100).nonzero().squeeze(1)
+    if multiple:
+        pad = -len(positions) % multiple
+        positions = torch.cat([positions, positions.new_full((pad,), batch["labels"].numel())])
+    batch["masked_positions"] = positions
     return batch
 
 
 def planned_steps(plan, collator, examples, *, start_epoch: int, start_step: int,
                   num_epochs: int, max_length: int, flop_counter=None, sparse_head: bool = True,
-                  pin_memory: bool = False) -> Iterator[PreparedStep]:
+                  pin_memory: bool = False,
+                  positions_multiple: int | None = None) -> Iterator[PreparedStep]:
     """Every step of ``plan`` from (``start_epoch``, ``start_step``) to the end of
-    ``num_epochs`` epochs, prepared (see the module doc)."""
+    ``num_epochs`` epochs, prepared (see the module doc; ``positions_multiple``: see
+    `add_masked_positions`)."""
     lengths = examples.lengths
     for epoch in range(start_epoch, num_epochs):
         collator.set_epoch(epoch)
@@ -58,7 +68,7 @@ def planned_steps(plan, collator, examples, *, start_epoch: int, start_step: int
                 batch = collator(examples.fetch(indices or [0]), rows=rows)
                 if not indices:  # this process ran out of examples: a zero-weight dummy
                     drop_targets(batch)
-                add_masked_positions(batch)
+                add_masked_positions(batch, positions_multiple)
                 computed += batch["input_ids"].numel()
                 if indices:
                     real += int(batch["num_real_tokens"])

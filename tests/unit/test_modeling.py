@@ -75,6 +75,30 @@ def test_loss_is_a_sum_matching_hf_mean_times_count():
     torch.testing.assert_close(loss_sum / count, hf_mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("multiple", [None, 1, 64])
+def test_host_computed_masked_positions_give_the_same_loss_and_gradients(multiple):
+    from mlmkit.prefetch import add_masked_positions
+    model = tiny("bert")
+    ids, mask, labels = batch()
+    module = MaskedLMModule(model)
+    results = []
+    for positions in (None, add_masked_positions({"labels": labels}, multiple)["masked_positions"]):
+        model.zero_grad()
+        loss_sum, count = module(input_ids=ids, attention_mask=mask, labels=labels,
+                                 masked_positions=positions)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), int(count),
+                        {n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None}))
+    (loss0, n0, g0), (loss1, n1, g1) = results
+    assert n0 == n1 == int((labels != -100).sum())
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6)  # float noise
+    if multiple == 64:  # padded with "no target" entries
+        assert len(add_masked_positions({"labels": labels}, 64)["masked_positions"]) % 64 == 0
+
+
 def test_unknown_head_layout_falls_back_to_full_head():
     model = tiny("bert")
     model.pred_layer = model.cls  # a layout mlmkit does not know (XLM's name)
