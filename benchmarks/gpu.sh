@@ -26,9 +26,13 @@ precision=${PRECISION:-bf16}  # "no": fp32 (a CPU dry run of this script: bf16 i
 bf16=$([ "$precision" = bf16 ] && echo --bf16 || true)
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-"$py" "$root/benchmarks/random_bert.py" "$models" ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+sizes=${SIZES-minilm bert-base bert-large}
+recipe_sizes=${RECIPE_SIZES-bert-base bert-large}
+needed=$(echo $sizes $recipe_sizes | tr ' ' '\n' | sort -u | paste -sd, -)
+[ -z "$needed" ] || "$py" "$root/benchmarks/random_bert.py" "$models" --sizes "$needed" \
+  ${TOKENIZER:+--tokenizer "$TOKENIZER"}
 
-for size in ${SIZES-minilm bert-base bert-large}; do
+for size in $sizes; do
   for shape in "64 22" "224 72"; do
     set -- $shape
     "$py" "$root/benchmarks/throughput.py" $bf16 --steps "$steps" --batch_size "$1" \
@@ -38,7 +42,7 @@ for size in ${SIZES-minilm bert-base bert-large}; do
   done
 done
 for compile in ${COMPILE_VARIANTS-false default reduce-overhead}; do  # eager; compiled; + CUDA graphs
-  for size in ${RECIPE_SIZES-bert-base bert-large}; do
+  for size in $recipe_sizes; do
     run="$out/recipe-$size-compile-$compile"
     flags=(--torch_compile false)
     [ "$compile" = false ] || flags=(--torch_compile true --torch_compile_mode "$compile")

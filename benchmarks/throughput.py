@@ -19,7 +19,7 @@ for every mode, in one process run. Modes:
   steps hold more examples: compare real tokens/s, not steps/s;
 * ``packed_sparse`` -- packed with the masked-only head;
 * ``recipe`` -- the recipe's own training step on the packed_sparse batches: Accelerate
-  (``mixed_precision`` bf16 or no), `prefetch.Prefetcher` over `prefetch.planned_steps`,
+  (``mixed_precision`` bf16 or no), `prefetch.Prefetcher` over `prefetch.PlannedSteps`,
   `loop.train_step` and `loop.StepResults` (results read every 10 steps, as ``--logging_steps``),
   so that "recipe vs inner loop" is one column. The inner-loop modes synchronise every step (to
   time it); the recipe's step does not, and is timed from the first to the last step's read.
@@ -56,7 +56,7 @@ from mlmkit.config import parse_config  # noqa: E402
 from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
 from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
 from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step  # noqa: E402
-from mlmkit.prefetch import Prefetcher, planned_steps  # noqa: E402
+from mlmkit.prefetch import PlannedSteps, Prefetcher  # noqa: E402
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
 from mlmkit.sampler import TrainPlan  # noqa: E402
 
@@ -133,10 +133,12 @@ def run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args
     collator = MaskedLMCollator(tokenizer, padding="packed", max_length=args.max_seq_length,
                                 attn_implementation=args.attn_implementation,
                                 position_offset=position_offset(model), **fixed)
-    steps = Prefetcher(planned_steps(plan, collator, examples, start_epoch=0, start_step=0,
-                                     num_epochs=1000, max_length=args.max_seq_length,
-                                     flop_counter=counter, pin_memory=device.type == "cuda"),
-                       depth=0 if device.type == "cpu" else 2)  # the recipe's default
+    workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else \
+        (2 if device.type == "cuda" else 0)  # the recipe's default
+    steps = Prefetcher(PlannedSteps(plan, collator, examples, start_epoch=0, start_step=0,
+                                    num_epochs=1000, max_length=args.max_seq_length,
+                                    flop_counter=counter),
+                       num_workers=workers, pin_memory=workers > 0)
     pending = StepResults()
     reset_peak(device)
     n_real = computed = n_flops = 0
@@ -182,6 +184,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--torch_compile", action="store_true",
                         help="torch.compile the training module (mlmkit modes and recipe)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=None,
+                        help="the recipe mode's collating workers (default: 2 on a GPU, 0 on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense peak for MFU (default: mlmkit.flops' table)")
     parser.add_argument("--modes", default="hf_baseline,padded,padded_sparse,group_by_length,"

@@ -79,7 +79,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step
     from mlmkit.modeling import (MaskedLMModule, attn_implementation, export_hf_model, load_model,
                                  load_tokenizer, position_offset)
-    from mlmkit.prefetch import Prefetcher, planned_steps
+    from mlmkit.prefetch import PlannedSteps, Prefetcher
     from mlmkit.preemption import StopSignal
     from mlmkit.probe import probe_isolation, resolve_padding
     from mlmkit.sampler import TrainPlan
@@ -213,18 +213,20 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                                                   output_dir / "model.initial", probes)
 
     # ============================================================================ train
-    # Steps are prepared (collated, counted, pinned) ahead on a thread; the step itself never
+    # Steps are prepared (collated, counted, pinned) ahead by workers; the step itself never
     # waits for the device: its results are read in one transfer at log/eval/checkpoint steps.
     stopper = StopSignal().install()  # SIGTERM/SIGINT: checkpoint at the next step, then stop
     progress = tqdm(total=max_steps, initial=ts.step, desc="train",
                     disable=not (main_proc and cfg.progress_bar))
-    prefetcher = Prefetcher(planned_steps(
+    on_gpu = accelerator.device.type == "cuda"
+    workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else \
+        (2 if on_gpu else 0)
+    prefetcher = Prefetcher(PlannedSteps(
         plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
         num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
-        sparse_head=inner.sparse_prediction, pin_memory=accelerator.device.type == "cuda",
+        sparse_head=inner.sparse_prediction,
         positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None),
-        depth=cfg.prefetch_steps if cfg.prefetch_steps is not None else
-        (0 if accelerator.device.type == "cpu" else 2))
+        num_workers=workers, pin_memory=on_gpu and workers > 0)
     pending = StepResults()
     grad_norm = None
 

@@ -143,10 +143,10 @@ class MLMConfig:
         default=False,
         metadata={"help": "Recompute activations in the backward pass (large models, long "
                           "sequences): less memory, about a third more compute."})
-    prefetch_steps: int | None = field(
+    dataloader_num_workers: int | None = field(
         default=None, metadata=_meta(
-            "Steps collated ahead on a background thread (pinned, copied asynchronously); 0 "
-            "collates inline. Default: 2 on a GPU, 0 on CPU (where the thread would compete with "
+            "Worker processes that collate steps ahead (pinned, copied asynchronously); 0 "
+            "collates inline. Default: 2 on a GPU, 0 on CPU (where workers would compete with "
             "training for the same cores).", bookkeeping=True))
     peak_tflops: float | None = field(
         default=None, metadata=_meta("The device's dense peak TFLOP/s for train/mfu (default: "
@@ -232,8 +232,9 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
             bad(key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
     if cfg.num_train_epochs <= 0 and cfg.max_train_steps is None:
         bad("num_train_epochs", "must be positive", "pass --num_train_epochs 1 or set --max_train_steps")
-    if cfg.prefetch_steps is not None and cfg.prefetch_steps < 0:
-        bad("prefetch_steps", "must be at least 0", "pass e.g. --prefetch_steps 2 (0: inline)")
+    if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
+        bad("dataloader_num_workers", "must be at least 0",
+            "pass e.g. --dataloader_num_workers 2 (0: collate inline)")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         bad("peak_tflops", "must be positive when set", "pass the device's dense TFLOP/s, "
             "e.g. --peak_tflops 989 for an H100 SXM in bf16")

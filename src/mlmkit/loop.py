@@ -78,7 +78,7 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     """
     forward = module if forward is None else forward
     device = accelerator.device
-    # Pinned batches (see prefetch.Prefetcher) are copied while earlier kernels still run.
+    # Pinned batches (prefetch.Prefetcher, with workers) are copied while earlier kernels still run.
     micro_batches = [send_to_device(b, device, non_blocking=True) for b in micro_batches]
     local_masked = sum(b["num_masked_tokens"] for b in micro_batches).float()
     global_masked = accelerator.reduce(local_masked, "sum") if accelerator.num_processes > 1 \

@@ -1,24 +1,24 @@
 """Data preparation off the training step's critical path.
 
-`planned_steps` turns the batch plan into ready steps: each planned micro-batch fetched, collated
+`PlannedSteps` turns the batch plan into ready steps: each planned micro-batch fetched, collated
 (masks are a pure function of (seed, epoch, example index)), made a dummy where this process ran
 out of examples, given the flat indices of its masked positions (so the masked-only head gathers
-without a data-dependent shape on the device), counted on the host (positions computed, real
-tokens, masked tokens, model FLOPs) and, on CUDA, pinned so its copy to the device is
-asynchronous. `Prefetcher` runs that generator on a background thread, a few steps ahead of the
-training loop, and reports how long the loop waited for each step.
+without a data-dependent shape on the device) and counted on the host (positions computed, real
+tokens, masked tokens, model FLOPs). `Prefetcher` hands them to the training loop: inline
+(``--dataloader_num_workers 0``, the default on CPU, where workers would compete with training
+for the same cores), or prepared ahead by worker processes (a torch ``DataLoader``; the default
+on a GPU is 2), pinned so the copy to the device is asynchronous, without holding the training
+process's GIL while it launches kernels. It reports how long the loop waited for each step.
 
-Exact resume is untouched: what a step holds depends only on the plan and (epoch, step_in_epoch),
-never on how far ahead the thread ran; the loop's own counters say where to resume.
+Exact resume is untouched: worker ``w`` of ``W`` prepares the steps ``k`` with ``k % W == w``
+and the loader returns them round-robin, i.e. in plan order; what a step holds depends only on
+the plan and (epoch, step_in_epoch), never on the number of workers.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,12 @@ class PreparedStep:
     real: int           # real tokens (dummies excluded)
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
 
+    def pin_memory(self) -> "PreparedStep":
+        """Called by the DataLoader's pinning thread."""
+        return replace(self, micro_batches=[
+            {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            for b in self.micro_batches])
+
 
 def add_masked_positions(batch: dict, multiple: int | None = None) -> dict:
     """The flat indices of ``labels != -100`` as ``masked_positions`` (host side, in place).
@@ -50,91 +56,76 @@ def add_masked_positions(batch: dict, multiple: int | None = None) -> dict:
     return batch
 
 
-def planned_steps(plan, collator, examples, *, start_epoch: int, start_step: int,
-                  num_epochs: int, max_length: int, flop_counter=None, sparse_head: bool = True,
-                  pin_memory: bool = False,
-                  positions_multiple: int | None = None) -> Iterator[PreparedStep]:
+class PlannedSteps(torch.utils.data.IterableDataset):
     """Every step of ``plan`` from (``start_epoch``, ``start_step``) to the end of
     ``num_epochs`` epochs, prepared (see the module doc; ``positions_multiple``: see
-    `add_masked_positions`)."""
-    lengths = examples.lengths
-    for epoch in range(start_epoch, num_epochs):
-        collator.set_epoch(epoch)
-        first = start_step if epoch == start_epoch else 0
-        for step_in_epoch, micro_plan in plan.epoch(epoch, start_step=first):
-            micro_batches, computed, real, flops = [], 0, 0, 0.0
-            for micro in micro_plan:
-                indices, rows = plan.layout(micro)  # rows: the packed layout, or None
-                batch = collator(examples.fetch(indices or [0]), rows=rows)
-                if not indices:  # this process ran out of examples: a zero-weight dummy
-                    drop_targets(batch)
-                add_masked_positions(batch, positions_multiple)
-                computed += batch["input_ids"].numel()
-                if indices:
-                    real += int(batch["num_real_tokens"])
-                    if flop_counter is not None:
-                        flops += flop_counter.step_flops(
-                            [min(lengths[i], max_length) for i in indices],
-                            int(batch["num_masked_tokens"]), sparse_head)
-                if pin_memory:
-                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                             for k, v in batch.items()}
-                micro_batches.append(batch)
-            yield PreparedStep(epoch, step_in_epoch, micro_batches, computed, real, flops)
+    `add_masked_positions`). In a DataLoader worker, only that worker's share of the steps."""
+
+    def __init__(self, plan, collator, examples, *, start_epoch: int, start_step: int,
+                 num_epochs: int, max_length: int, flop_counter=None, sparse_head: bool = True,
+                 positions_multiple: int | None = None):
+        self.plan, self.collator, self.examples = plan, collator, examples
+        self.start_epoch, self.start_step, self.num_epochs = start_epoch, start_step, num_epochs
+        self.max_length, self.flop_counter = max_length, flop_counter
+        self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = 0
+        for epoch in range(self.start_epoch, self.num_epochs):
+            first = self.start_step if epoch == self.start_epoch else 0
+            for step_in_epoch, micro_plan in self.plan.epoch(epoch, start_step=first):
+                if k % workers == worker:
+                    yield self.prepare(epoch, step_in_epoch, micro_plan)
+                k += 1
+
+    def prepare(self, epoch: int, step_in_epoch: int, micro_plan) -> PreparedStep:
+        self.collator.set_epoch(epoch)
+        lengths = self.examples.lengths
+        micro_batches, computed, real, flops = [], 0, 0, 0.0
+        for micro in micro_plan:
+            indices, rows = self.plan.layout(micro)  # rows: the packed layout, or None
+            batch = self.collator(self.examples.fetch(indices or [0]), rows=rows)
+            if not indices:  # this process ran out of examples: a zero-weight dummy
+                drop_targets(batch)
+            add_masked_positions(batch, self.positions_multiple)
+            computed += batch["input_ids"].numel()
+            if indices:
+                real += int(batch["num_real_tokens"])
+                if self.flop_counter is not None:
+                    flops += self.flop_counter.step_flops(
+                        [min(lengths[i], self.max_length) for i in indices],
+                        int(batch["num_masked_tokens"]), self.sparse_head)
+            micro_batches.append(batch)
+        return PreparedStep(epoch, step_in_epoch, micro_batches, computed, real, flops)
+
+
+def _identity(item):
+    return item
 
 
 class Prefetcher:
-    """Runs an iterator on a daemon thread, ``depth`` items ahead; ``next()`` returns
-    ``(item, seconds waited)``. An exception in the thread is raised in the caller; `close`
-    stops the thread (call it when the loop ends early). ``depth=0`` runs inline."""
+    """Hands out the items of ``steps`` (an iterable dataset): inline with ``num_workers=0``,
+    else from a DataLoader's worker processes, ``prefetch_factor`` items ahead per worker and
+    pinned with ``pin_memory``. ``next()`` returns ``(item, seconds waited)``; an exception in a
+    worker is raised here; `close` stops the workers (call it when the loop ends early)."""
 
-    _END = object()
-
-    def __init__(self, items: Iterator, depth: int = 2):
-        self._items = iter(items)
-        self._depth = depth
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = None
-        if depth > 0:
-            self._thread = threading.Thread(target=self._run, name="mlmkit-prefetch", daemon=True)
-            self._thread.start()
-
-    def _put(self, value) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put((item, None)):
-                    return
-        except BaseException as err:  # noqa: BLE001 -- handed to the consumer, raised there
-            self._put((None, err))
-            return
-        self._put((self._END, None))
+    def __init__(self, steps, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
+        if num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                steps, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                prefetch_factor=prefetch_factor, collate_fn=_identity)
+            self._items = iter(loader)
+        else:
+            self._items = iter(steps)
 
     def next(self):
         """The next item and the seconds the caller waited for it; StopIteration at the end."""
         t0 = time.perf_counter()
-        if self._thread is None:
-            item = next(self._items)
-            return item, time.perf_counter() - t0
-        item, err = self._queue.get()
-        waited = time.perf_counter() - t0
-        if err is not None:
-            raise err
-        if item is self._END:
-            self._queue.put((self._END, None))  # stay exhausted
-            raise StopIteration
-        return item, waited
+        item = next(self._items)
+        return item, time.perf_counter() - t0
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._items = iter(())  # drops the DataLoader iterator: its workers shut down

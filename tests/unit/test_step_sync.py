@@ -22,7 +22,7 @@ from mlmkit.config import parse_config
 from mlmkit.flops import FlopCounter
 from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer
-from mlmkit.prefetch import Prefetcher, planned_steps
+from mlmkit.prefetch import PlannedSteps, Prefetcher
 from mlmkit.sampler import TrainPlan
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
@@ -64,6 +64,8 @@ class Examples:
 
 def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)  # each test its own device and precision
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
                         "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4"])
@@ -82,9 +84,8 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
                      pack_capacity=64 if padding == "packed" else None)
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
                                             attn_implementation="sdpa", padding=padding)
-    steps = planned_steps(plan, collator, examples, start_epoch=0, start_step=0, num_epochs=3,
-                          max_length=64, flop_counter=FlopCounter.for_model(model),
-                          pin_memory=device == "cuda")
+    steps = PlannedSteps(plan, collator, examples, start_epoch=0, start_step=0, num_epochs=3,
+                         max_length=64, flop_counter=FlopCounter.for_model(model))
     return accelerator, module, optimizer, scheduler, steps
 
 
@@ -92,7 +93,7 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
 def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding):
     accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
                                                              padding)
-    prefetcher = Prefetcher(steps, depth=2)
+    prefetcher = Prefetcher(steps, num_workers=2)
     pending, outs = StepResults(), []
     n_steps, micro = 4, 0
     with SyncCounter() as counter:
@@ -122,19 +123,6 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, pad
         assert grad_norm == pytest.approx(float(out["grad_norm"]), rel=1e-6)
 
 
-def test_prefetcher_hands_the_steps_of_the_plan_in_order_and_raises_errors():
-    assert [x for x, _ in iter_all(Prefetcher(iter(range(7)), depth=2))] == list(range(7))
-    assert [x for x, _ in iter_all(Prefetcher(iter(range(3)), depth=0))] == [0, 1, 2]
-
-    def broken():
-        yield 1
-        raise ValueError("bad example 7")
-    prefetcher = Prefetcher(broken(), depth=2)
-    assert prefetcher.next()[0] == 1
-    with pytest.raises(ValueError, match="bad example 7"):
-        prefetcher.next()
-
-
 def iter_all(prefetcher):
     while True:
         try:
@@ -143,11 +131,34 @@ def iter_all(prefetcher):
             return
 
 
+def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_path):
+    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+    inline = list(iter_all(Prefetcher(steps, num_workers=0)))
+    workers = list(iter_all(Prefetcher(steps, num_workers=3)))
+    assert len(inline) == len(workers) > 6
+    for (a, _), (b, _) in zip(inline, workers):
+        assert (a.epoch, a.step_in_epoch, a.real, a.flops) == (b.epoch, b.step_in_epoch, b.real,
+                                                               b.flops)
+        for x, y in zip(a.micro_batches, b.micro_batches):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_an_error_in_a_worker_reaches_the_training_loop():
+    class Broken(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield 1
+            raise ValueError("bad example 7")
+    prefetcher = Prefetcher(Broken(), num_workers=1)
+    assert prefetcher.next()[0] == 1
+    with pytest.raises(ValueError, match="bad example 7"):
+        prefetcher.next()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path):
     accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
                                                              "packed", device="cuda")
-    prefetcher = Prefetcher(steps, depth=2)
+    prefetcher = Prefetcher(steps, num_workers=2, pin_memory=True)
     pending = StepResults()
     prepared, _ = prefetcher.next()  # a first step outside: lazy CUDA initialisation may sync
     pending.add(train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
