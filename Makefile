@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.mlmkit-installed
 # Tests: everything but the slow marker; SLOW=1 runs those too.
 PYTEST_MARK ?= $(if $(SLOW),,-m "not slow")
 
-.PHONY: demo test test-unit bench ablation clean
+.PHONY: demo test test-unit bench ablation ablation-scratch clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: $(STAMP)
 ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
 	    --config recipes/configs/ablation_padding.yaml $(ARGS)
+
+ablation-scratch: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
+	    --config recipes/configs/ablation_scratch_bert.yaml $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
+	    --config recipes/configs/ablation_scratch_roberta.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

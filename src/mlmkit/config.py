@@ -54,7 +54,8 @@ class MLMConfig:
     config_name: str | None = field(
         default=None,
         metadata={"help": "Train from scratch from this config (hub id, folder or config.json) "
-                          "instead of pretrained weights; needs a tokenizer."})
+                          "instead of pretrained weights; the tokenizer is --tokenizer_name, else the "
+                          "embedded model's (uncased WordPiece, 30,522 ids)."})
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer, if not the model's."})
     attn_implementation: str | None = field(
@@ -262,8 +263,6 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
     if cfg.config_name and cfg.model_name_or_path:
         bad("config_name", "given together with model_name_or_path",
             "pass --config_name to train from scratch or --model_name_or_path to fine-tune")
-    if cfg.config_name and not (cfg.tokenizer_name or cfg.model_name_or_path):
-        bad("config_name", "training from scratch needs a tokenizer", "add --tokenizer_name")
     if cfg.resume_from_checkpoint not in ("auto", "none") and not Path(
             cfg.resume_from_checkpoint).is_dir():
         bad("resume_from_checkpoint", "no such checkpoint folder",

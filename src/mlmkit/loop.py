@@ -97,6 +97,8 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
             if accelerator.sync_gradients:
                 if max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (every process)
+                        grad_norm = grad_norm.full_tensor()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

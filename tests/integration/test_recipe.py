@@ -43,8 +43,10 @@ def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
     assert [r[M.STEP] for r in evals] == [0, 6, 12]
     assert [r[M.STEP] for r in train] == [2, 4, 6, 8, 10, 12]
     for name in (M.TRAIN_LR, M.TRAIN_GRAD_NORM, M.TRAIN_TOKENS_PER_S, M.TRAIN_REAL_TOKENS_PER_S,
-                 M.TRAIN_PAD_FRACTION, M.TRAIN_MASKED_TOKENS, M.SYS_PEAK_MEM_GB, M.EPOCH):
-        assert name in train[-1], name
+                 M.TRAIN_PAD_FRACTION, M.TRAIN_MASKED_TOKENS, M.SYS_PEAK_MEM_GB, M.EPOCH,
+                 M.TRAIN_TFLOPS, M.TRAIN_DATA_WAIT_FRACTION):
+        assert all(name in line for line in train), name
+    assert all(line[M.TRAIN_TFLOPS] > 0 for line in train)
     for name in (M.EVAL_PERPLEXITY, M.EVAL_LOSS_UNMASKED, M.EVAL_PAD_SENSITIVITY):
         assert name in evals[-1], name
     # dynamic padding of a line-by-line corpus: real padding, and the mask hides it
