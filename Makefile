@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.mlmkit-installed
 # Tests: everything but the slow marker; SLOW=1 runs those too.
 PYTEST_MARK ?= $(if $(SLOW),,-m "not slow")
 
-.PHONY: demo test test-unit bench ablation ablation-scratch clean
+.PHONY: demo test test-unit bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,14 @@ ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
 	    --config recipes/configs/ablation_padding.yaml $(ARGS)
 
-ablation-scratch: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
-	    --config recipes/configs/ablation_scratch_bert.yaml $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
-	    --config recipes/configs/ablation_scratch_roberta.yaml $(ARGS)
+# The second ablation regime, both architectures; `make -j2 ablation-scratch` runs them side by
+# side (one core each).
+ablation-scratch: ablation-scratch-bert ablation-scratch-roberta
+
+SCRATCH_THREADS = $(if $(filter -j%,$(MAKEFLAGS)),1,2)
+ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
+	OMP_NUM_THREADS=$(SCRATCH_THREADS) HF_HUB_OFFLINE=1 $(BIN)/python \
+	    recipes/ablate_padding.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
