@@ -128,3 +128,9 @@ def test_embedded_model_is_a_real_pretrained_bert():
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == "bert" and config.num_hidden_layers == 6 and config.hidden_size == 384
     assert (path / "model.safetensors").is_file() and (path / "vocab.txt").is_file()
+
+
+def test_from_scratch_without_a_tokenizer_uses_the_embedded_one(tiny_bert_dir):
+    from mlmkit.modeling import load_tokenizer
+    tokenizer = load_tokenizer(parse_config(["--config_name", tiny_bert_dir]))
+    assert tokenizer.name_or_path == str(embedded_model_path()) and len(tokenizer) == 30522
