@@ -30,6 +30,7 @@ class StopSignal:
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
+        self._in_flight: list = []  # CUDA: (pinned host flag, event) per step, oldest first
 
     def install(self) -> "StopSignal":
         if threading.current_thread() is not threading.main_thread():
@@ -62,7 +63,6 @@ class StopSignal:
         host.copy_(reduced, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._in_flight = getattr(self, "_in_flight", [])
         self._in_flight.append((host, event))
         if len(self._in_flight) <= self.CUDA_LAG:
             return False
