@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -70,7 +71,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
     from mlmkit.collator import MaskedLMCollator
-    from mlmkit.data import DataRepairs, IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.data import DataRepairs, IndexedExamples, load_and_tokenize
     from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
     from mlmkit.fileio import write_json_atomic
@@ -80,6 +81,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from mlmkit.modeling import (MaskedLMModule, attn_implementation, export_hf_model, load_model,
                                  load_tokenizer, position_offset)
     from mlmkit.prefetch import PlannedSteps, Prefetcher
+    from mlmkit.pretokenize import load_pretokenized
     from mlmkit.preemption import StopSignal
     from mlmkit.probe import probe_isolation, resolve_padding
     from mlmkit.sampler import TrainPlan
@@ -98,15 +100,21 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ data
     tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():
-        repairs = DataRepairs()  # lines with bytes that are not UTF-8, replaced and counted
-        tokenized = tokenize_datasets(load_raw_datasets(cfg, repairs), tokenizer, cfg)
+    repairs = DataRepairs()  # lines with bytes that are not UTF-8, replaced and counted
+    if cfg.tokenized_dir:  # written by recipes/pretokenize.py: nothing to tokenize
+        tokenized = load_pretokenized(cfg.tokenized_dir, tokenizer, cfg)
+    else:  # one process tokenizes into the datasets cache (one per node with a node-local
+        # cache), the others wait (up to --ddp_timeout) and read it
+        first = accelerator.local_main_process_first if cfg.data_cache_per_node \
+            else accelerator.main_process_first
+        with first():
+            tokenized = load_and_tokenize(cfg, tokenizer, repairs)
     if repairs.total:
         log(f"warning: {repairs.warning()}")
     train_set, eval_set = IndexedExamples(tokenized["train"]), IndexedExamples(tokenized["validation"])
     lengths = train_set.lengths
     log(f"data: {len(train_set)} train / {len(eval_set)} validation examples, "
-        f"{sum(lengths)} train tokens, median length {sorted(lengths)[len(lengths) // 2]}")
+        f"{int(lengths.sum(dtype='int64'))} train tokens, median length {int(np.median(lengths))}")
 
     # ============================================================================ model
     model = load_model(cfg, tokenizer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,37 @@ class MLMConfig:
         metadata={"help": "One example per non-blank line (true) or concatenate and chunk into "
                           "max_seq_length blocks (false)."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example / packed row."})
+    mixture_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Train on a weighted mixture of local corpora instead of --train_file: "
+                          "one file or glob per source (with --mixture_weights)."})
+    mixture_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Sampling probability of each --mixture_files source (per example; "
+                          "normalised to sum to 1; drawn reproducibly from --seed)."})
+    tokenized_dir: str | None = field(
+        default=None,
+        metadata={"help": "Train from a folder written by recipes/pretokenize.py (no "
+                          "tokenization at start); model tokenizer and max_seq_length must match."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the corpus as a stream (datasets IterableDataset), tokenized on "
+                          "the fly, each process its own shards; needs --max_train_steps."})
+    streaming_eval_examples: int = field(
+        default=1000,
+        metadata={"help": "--streaming without --validation_file: the first N examples of the "
+                          "stream are held out for eval and never trained on."})
     preprocessing_num_workers: int | None = field(default=None, metadata=_meta(bookkeeping=True))
     overwrite_cache: bool = field(default=False, metadata=_meta(bookkeeping=True))
+    data_cache_per_node: bool = field(
+        default=False, metadata=_meta(
+            "The datasets cache is node-local (not on a shared filesystem): one process per node "
+            "tokenizes, the node's others wait. Default: one process in all (shared cache).",
+            bookkeeping=True))
+    ddp_timeout: int = field(
+        default=1800, metadata=_meta(
+            "Seconds a collective may wait (e.g. while one process tokenizes) before the run "
+            "fails; every backend (gloo, NCCL, DeepSpeed).", bookkeeping=True))
     # --- batching and masking ----------------------------------------------------------------
     padding: str = field(
         default="auto",
@@ -194,6 +224,11 @@ class MLMConfig:
         return dataclasses.asdict(self)
 
 
+def has_glob(path: str) -> bool:
+    """True when ``path`` is a glob pattern (several shards) rather than one file."""
+    return any(c in path for c in "*?[")
+
+
 def validate_config(cfg: MLMConfig) -> MLMConfig:
     """Raise ConfigError for impossible values of ``cfg``; called before anything heavy loads."""
     def bad(key: str, why: str, fix: str) -> None:
@@ -253,13 +288,50 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
     if cfg.group_by_length and cfg.padding == "packed":
         bad("group_by_length", "has no effect with --padding packed (packed rows carry no "
             "padding to save)", "drop --group_by_length or use --padding longest")
-    if cfg.validation_file and not cfg.train_file:
+    if cfg.validation_file and not (cfg.train_file or cfg.mixture_files):
         bad("validation_file", "given without train_file", "add --train_file")
+    sources = [k for k in ("dataset_name", "train_file", "mixture_files", "tokenized_dir")
+               if getattr(cfg, k)]
+    if len(sources) > 1:
+        bad(sources[1], f"given together with {sources[0]}", "pass one source of training data: "
+            "--dataset_name, --train_file, --mixture_files or --tokenized_dir")
+    if len(cfg.mixture_files) != len(cfg.mixture_weights):
+        bad("mixture_weights", f"{len(cfg.mixture_weights)} weights for "
+            f"{len(cfg.mixture_files)} --mixture_files sources", "give one weight per source, "
+            "e.g. --mixture_files a.parquet b.parquet --mixture_weights 0.7 0.3")
+    if cfg.mixture_files and (len(cfg.mixture_files) < 2 or
+                              not all(w > 0 for w in cfg.mixture_weights)):
+        bad("mixture_weights", "a mixture needs at least 2 sources with positive weights",
+            "use --train_file for one source, or give every source a weight > 0")
+    if cfg.streaming and cfg.max_train_steps is None:
+        bad("streaming", "a stream has no known length, so the run needs a step budget",
+            "add --max_train_steps N")
+    if cfg.streaming and cfg.tokenized_dir:
+        bad("streaming", "given together with tokenized_dir (already tokenized: read it "
+            "map-style)", "drop --streaming")
+    if cfg.streaming and cfg.group_by_length:
+        bad("group_by_length", "is not available with --streaming", "drop --group_by_length, "
+            "or use --padding packed")
+    if cfg.streaming_eval_examples < 1:
+        bad("streaming_eval_examples", "must be at least 1", "pass e.g. 1000")
+    if cfg.ddp_timeout < 1:
+        bad("ddp_timeout", "must be at least 1 second", "pass e.g. --ddp_timeout 7200")
+    if cfg.tokenized_dir is not None and not Path(cfg.tokenized_dir).is_dir():
+        bad("tokenized_dir", "no such folder", "run recipes/pretokenize.py first, or check "
+            "the path")
     for key in ("train_file", "validation_file"):
         path = getattr(cfg, key)
-        if path is not None and not Path(path).is_file():
+        if path is not None and has_glob(path):
+            if not glob.glob(path):
+                bad(key, "the pattern matches no file", "check the pattern (relative paths "
+                    f"start from the current directory {os.getcwd()})")
+        elif path is not None and not Path(path).is_file():
             bad(key, "no such file", "check the path (relative paths start from the "
                 f"current directory {os.getcwd()})")
+    for pattern in cfg.mixture_files:
+        if not (glob.glob(pattern) if has_glob(pattern) else Path(pattern).is_file()):
+            raise ConfigError(f"mixture_files: {pattern!r} matches no file. Fix: check the path "
+                              f"(relative paths start from the current directory {os.getcwd()}).")
     if cfg.config_name and cfg.model_name_or_path:
         bad("config_name", "given together with model_name_or_path",
             "pass --config_name to train from scratch or --model_name_or_path to fine-tune")

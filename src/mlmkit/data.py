@@ -21,6 +21,8 @@ warning line. A file that is empty, or holds only blank lines, is a :class:`Data
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from itertools import chain
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict
 
 from .config import ConfigError, MLMConfig
@@ -80,6 +83,66 @@ def embedded_corpus() -> list[str]:
     return paragraphs
 
 
+def expand_files(pattern: str) -> list[str]:
+    """The files of one source: ``pattern`` itself, or the sorted matches of a glob (shards)."""
+    from .config import has_glob
+    return sorted(glob.glob(pattern)) if has_glob(pattern) else [pattern]
+
+
+def file_source(train: str, validation: str | None = None) -> tuple[str, dict, dict]:
+    """``(builder, data_files, load_dataset kwargs)`` for local files (each a path or a glob of
+    shards), after checking their type and that none is empty."""
+    data_files = {"train": expand_files(train)}
+    if validation:
+        data_files["validation"] = expand_files(validation)
+    exts = {Path(f).suffix.lower() for files in data_files.values() for f in files}
+    if len(exts) != 1 or next(iter(exts)) not in FILE_BUILDERS:
+        raise DataError(f"train_file={train!r}: unsupported or mixed file types "
+                        f"{sorted(exts)}. Fix: use one of {sorted(FILE_BUILDERS)} for every file.")
+    builder = FILE_BUILDERS[exts.pop()]
+    for split, files in data_files.items():
+        if not files:
+            raise DataError(f"{split}_file={train if split == 'train' else validation!r} matches "
+                            "no file. Fix: check the path or pattern.")
+        for path in files:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{split}_file={path!r} is empty (0 bytes). Fix: point "
+                                f"--{split}_file at a file with text in it.")
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+    if builder in REPAIRABLE_BUILDERS:
+        kwargs["encoding_errors"] = "replace"
+    return builder, data_files, kwargs
+
+
+def load_and_tokenize(cfg: MLMConfig, tokenizer, repairs: DataRepairs | None = None
+                      ) -> DatasetDict:
+    """The run's tokenized ``train`` and ``validation`` splits, whatever the source (see the
+    module doc); with ``--mixture_files``, each source tokenized on its own (blocks never mix
+    sources), its validation part held out per source, and the training parts interleaved
+    with ``--mixture_weights`` as sampling probabilities (``datasets.interleave_datasets``,
+    seeded by ``--seed``, until every source is exhausted: an epoch sees every example of every
+    source at least once). Every example then carries its ``source`` (index into the list).
+
+    Call under ``accelerator.main_process_first()`` so that one process fills the cache.
+    """
+    if not cfg.mixture_files:
+        return tokenize_datasets(load_raw_datasets(cfg, repairs), tokenizer, cfg)
+    trains, validations = [], []
+    for i, source in enumerate(cfg.mixture_files):
+        one = dataclasses.replace(cfg, mixture_files=[], mixture_weights=[], train_file=source,
+                                  max_train_samples=None, max_eval_samples=None)
+        parts = tokenize_datasets(load_raw_datasets(one, repairs), tokenizer, one)
+        trains.append(parts["train"].add_column("source", [i] * len(parts["train"])))
+        validations.append(parts["validation"].add_column("source",
+                                                          [i] * len(parts["validation"])))
+    total = sum(cfg.mixture_weights)
+    train = datasets.interleave_datasets(
+        trains, probabilities=[w / total for w in cfg.mixture_weights], seed=cfg.seed,
+        stopping_strategy="all_exhausted")
+    out = DatasetDict({"train": train, "validation": datasets.concatenate_datasets(validations)})
+    return limit_samples(out, cfg)
+
+
 def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> DatasetDict:
     """Return a DatasetDict with ``train`` and ``validation`` splits holding ``cfg.text_column``.
 
@@ -94,21 +157,7 @@ def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> Dat
             raise DataError(f"dataset_name={cfg.dataset_name!r} has no 'train' split. Fix: pass a "
                             "dataset with a train split, or use --train_file.")
     elif cfg.train_file:
-        data_files = {"train": cfg.train_file}
-        if cfg.validation_file:
-            data_files["validation"] = cfg.validation_file
-        exts = {Path(f).suffix.lower() for f in data_files.values()}
-        if len(exts) != 1 or next(iter(exts)) not in FILE_BUILDERS:
-            raise DataError(f"train_file={cfg.train_file!r}: unsupported or mixed file types "
-                            f"{sorted(exts)}. Fix: use one of {sorted(FILE_BUILDERS)} for both files.")
-        builder = FILE_BUILDERS[exts.pop()]
-        for split, path in data_files.items():
-            if os.path.getsize(path) == 0:
-                raise DataError(f"{split}_file={path!r} is empty (0 bytes). Fix: point "
-                                f"--{split}_file at a file with text in it.")
-        kwargs = {"keep_linebreaks": True} if builder == "text" else {}
-        if builder in REPAIRABLE_BUILDERS:
-            kwargs["encoding_errors"] = "replace"
+        builder, data_files, kwargs = file_source(cfg.train_file, cfg.validation_file)
         try:
             raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
         except Exception as err:  # datasets raises many types for unreadable files
@@ -192,17 +241,23 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
                  **map_kwargs)
             for name in raw})
 
+    tokenized = limit_samples(tokenized, cfg)
+    for name in ("train", "validation"):
+        if len(tokenized[name]) == 0:
+            source = cfg.train_file or cfg.dataset_name or "the embedded corpus"
+            raise DataError(f"the {name} split of {source} holds no text after dropping blank "
+                            "lines. Fix: point --train_file/--validation_file at non-empty data.")
+    return tokenized
+
+
+def limit_samples(tokenized: DatasetDict, cfg: MLMConfig) -> DatasetDict:
+    """Apply ``--max_train_samples`` / ``--max_eval_samples`` (the first N examples)."""
     if cfg.max_train_samples:
         tokenized["train"] = tokenized["train"].select(
             range(min(cfg.max_train_samples, len(tokenized["train"]))))
     if cfg.max_eval_samples:
         tokenized["validation"] = tokenized["validation"].select(
             range(min(cfg.max_eval_samples, len(tokenized["validation"]))))
-    for name in ("train", "validation"):
-        if len(tokenized[name]) == 0:
-            source = cfg.train_file or cfg.dataset_name or "the embedded corpus"
-            raise DataError(f"the {name} split of {source} holds no text after dropping blank "
-                            "lines. Fix: point --train_file/--validation_file at non-empty data.")
     return tokenized
 
 
@@ -213,9 +268,10 @@ def _check_files(raw: DatasetDict, data_files: dict[str, str], column: str,
     import pyarrow.compute as pc
 
     found = DataRepairs()
-    for split, path in data_files.items():
+    for split, paths in data_files.items():
         if split not in raw or column not in raw[split].column_names:
             continue  # a missing column is reported by the caller
+        path = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
         text = raw[split].data.column(column)
         if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
             continue  # not text: tokenization reports it
@@ -226,9 +282,10 @@ def _check_files(raw: DatasetDict, data_files: dict[str, str], column: str,
         # Replacement leaves U+FFFD; only then are the raw bytes read, to tell a replaced byte
         # from a U+FFFD that the file really contains.
         if builder in REPAIRABLE_BUILDERS and pc.any(pc.match_substring(text, "\ufffd")).as_py():
-            bad, first = _undecodable_lines(path)
-            if bad:
-                found.lines[path], found.first[path] = bad, first
+            for one in paths:
+                bad, first = _undecodable_lines(one)
+                if bad:
+                    found.lines[one], found.first[one] = bad, first
     return found
 
 
@@ -254,18 +311,24 @@ class IndexedExamples:
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset.with_format(None, columns=["input_ids", "special_tokens_mask"])
-        self.lengths: list[int] = list(dataset["length"])
+        # numpy, not Python lists: 4 bytes per example rather than ~36
+        numeric = dataset.with_format("numpy")
+        self.lengths = np.asarray(numeric["length"], dtype=np.int32)
+        self.sources = np.asarray(numeric["source"], dtype=np.int16) \
+            if "source" in dataset.column_names else None  # --mixture_files
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, idx: int) -> dict:
-        item = self.dataset[int(idx)]
-        return {"input_ids": item["input_ids"], "special_tokens_mask": item["special_tokens_mask"],
-                "idx": int(idx)}
+        return self.fetch([idx])[0]
 
     def fetch(self, indices) -> list[dict]:
         """Fetch many examples with one Arrow read (much faster than one read per example)."""
         rows = self.dataset[[int(i) for i in indices]]
-        return [{"input_ids": ids, "special_tokens_mask": stm, "idx": int(i)}
-                for ids, stm, i in zip(rows["input_ids"], rows["special_tokens_mask"], indices)]
+        out = [{"input_ids": ids, "special_tokens_mask": stm, "idx": int(i)}
+               for ids, stm, i in zip(rows["input_ids"], rows["special_tokens_mask"], indices)]
+        if self.sources is not None:
+            for item, i in zip(out, indices):
+                item["source"] = int(self.sources[int(i)])
+        return out

@@ -6,6 +6,7 @@ launch` and its config file, never from the recipe config; this module only adap
 
 from __future__ import annotations
 
+import datetime
 import os
 
 from .configio import ConfigError
@@ -22,6 +23,8 @@ def build_accelerator(cfg, trackers: list[str]):
     * DeepSpeed (any device): the recipe owns the micro batch and clipping, so the DeepSpeed
       config's ``"auto"`` values for them are filled from ``cfg`` here; accumulation is given to
       the Accelerator, which passes it on.
+    * Every backend: collectives time out after ``--ddp_timeout`` seconds (default 1800, e.g.
+      while one process tokenizes and the others wait at a barrier).
     * FSDP (``distributed_type: FSDP``, ``fsdp_version: 2``; any device): the plugin comes from the
       launch's ``FSDP_*`` settings, with one change (`fsdp_plugin`): when the config names no
       layer classes, each transformer layer is its own FSDP unit, chosen from the model by
@@ -46,7 +49,10 @@ def build_accelerator(cfg, trackers: list[str]):
                           "its fsdp_config, as accelerate_configs/fsdp2.yaml does.")
     accelerator = Accelerator(
         cpu=no_gpu and not use_deepspeed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and several else [],
+        # --ddp_timeout for every collective (DDP, FSDP and DeepSpeed alike init through it)
+        kwargs_handlers=[InitProcessGroupKwargs(
+            backend="gloo" if no_gpu and several else "nccl",
+            timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],
         fsdp_plugin=plugin,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=trackers or None, project_dir=str(cfg.output_dir))
