@@ -71,7 +71,10 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
     from mlmkit.collator import MaskedLMCollator
-    from mlmkit.data import DataRepairs, IndexedExamples, load_and_tokenize
+    from datasets import DatasetDict
+
+    from mlmkit.checkpoint import read_rank_state
+    from mlmkit.data import DataRepairs, IndexedExamples, load_and_tokenize, tokenize_datasets
     from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
     from mlmkit.fileio import write_json_atomic
@@ -85,6 +88,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from mlmkit.preemption import StopSignal
     from mlmkit.probe import probe_isolation, resolve_padding
     from mlmkit.sampler import TrainPlan
+    from mlmkit.streaming import StreamPosition, StreamSteps, describe_source, held_out_eval
 
     # ============================================================================ accelerator
     accelerator = build_accelerator(cfg, trackers)  # CPU/GPU/DeepSpeed cases: see its docstring
@@ -101,20 +105,33 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ data
     tokenizer = load_tokenizer(cfg)
     repairs = DataRepairs()  # lines with bytes that are not UTF-8, replaced and counted
+    # One process tokenizes into the datasets cache (one per node with a node-local cache), the
+    # others wait (up to --ddp_timeout) and read it.
+    first = accelerator.local_main_process_first if cfg.data_cache_per_node \
+        else accelerator.main_process_first
+    stream_exclude = frozenset()  # --streaming: texts held out for eval, never trained on
     if cfg.tokenized_dir:  # written by recipes/pretokenize.py: nothing to tokenize
         tokenized = load_pretokenized(cfg.tokenized_dir, tokenizer, cfg)
-    else:  # one process tokenizes into the datasets cache (one per node with a node-local
-        # cache), the others wait (up to --ddp_timeout) and read it
-        first = accelerator.local_main_process_first if cfg.data_cache_per_node \
-            else accelerator.main_process_first
+    elif cfg.streaming:  # only the eval set is tokenized up front
+        with first():
+            raw_eval, stream_exclude = held_out_eval(cfg)
+            tokenized = tokenize_datasets(DatasetDict({"validation": raw_eval}), tokenizer, cfg)
+    else:
         with first():
             tokenized = load_and_tokenize(cfg, tokenizer, repairs)
     if repairs.total:
         log(f"warning: {repairs.warning()}")
-    train_set, eval_set = IndexedExamples(tokenized["train"]), IndexedExamples(tokenized["validation"])
-    lengths = train_set.lengths
-    log(f"data: {len(train_set)} train / {len(eval_set)} validation examples, "
-        f"{int(lengths.sum(dtype='int64'))} train tokens, median length {int(np.median(lengths))}")
+    eval_set = IndexedExamples(tokenized["validation"])
+    if cfg.streaming:
+        train_set = None
+        log(f"data: streaming {describe_source(cfg)}; {len(eval_set)} validation examples "
+            f"({'held out from the stream' if stream_exclude else 'from the validation split'})")
+    else:
+        train_set = IndexedExamples(tokenized["train"])
+        lengths = train_set.lengths
+        log(f"data: {len(train_set)} train / {len(eval_set)} validation examples, "
+            f"{int(lengths.sum(dtype='int64'))} train tokens, median length "
+            f"{int(np.median(lengths))}")
 
     # ============================================================================ model
     model = load_model(cfg, tokenizer)
@@ -162,14 +179,19 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=offset,
                                             attn_implementation=attn, padding=padding, **fixed)
     eval_coll = eval_collator(tokenizer, cfg, position_offset=offset, attn_implementation=attn)
-    plan = TrainPlan(lengths, per_device_batch_size=cfg.per_device_train_batch_size,
-                     grad_accum=cfg.gradient_accumulation_steps,
-                     num_processes=accelerator.num_processes,
-                     process_index=accelerator.process_index, seed=cfg.seed,
-                     group_by_length=cfg.group_by_length,
-                     pack_capacity=cfg.max_seq_length if padding == "packed" else None)
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
-    num_epochs = math.ceil(max_steps / len(plan))
+    global_batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * \
+        accelerator.num_processes  # examples, or rows when packed
+    if cfg.streaming:  # no plan: steps come from the stream (streaming.py)
+        plan, max_steps, num_epochs = None, cfg.max_train_steps, None
+    else:
+        plan = TrainPlan(train_set.lengths, per_device_batch_size=cfg.per_device_train_batch_size,
+                         grad_accum=cfg.gradient_accumulation_steps,
+                         num_processes=accelerator.num_processes,
+                         process_index=accelerator.process_index, seed=cfg.seed,
+                         group_by_length=cfg.group_by_length,
+                         pack_capacity=cfg.max_seq_length if padding == "packed" else None)
+        max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
+        num_epochs = math.ceil(max_steps / len(plan))
     # Built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped by us, once per
     # optimizer step; not handed to prepare(), which would step it once per process.
     scheduler = build_scheduler(optimizer, cfg, max_steps)
@@ -190,7 +212,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
         ts.wandb_run_id = M.wandb_run_id(accelerator)
     metrics_log = M.MetricsLog(accelerator, output_dir)
     unit = "rows" if padding == "packed" else "examples"
-    log(f"train: {max_steps} steps x {plan.global_batch_size} {unit} "
+    log(f"train: {max_steps} steps x {global_batch_size} {unit} "
         f"({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
         f"accumulation x {accelerator.num_processes} processes), padding={padding}, "
         f"mask_padding={cfg.mask_padding}, sparse_prediction={inner.sparse_prediction}")
@@ -210,8 +232,23 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # Last before the loop: load_state restores every process's RNG as it was at the save.
     if resume.checkpoint is not None:
         load_checkpoint(accelerator, resume.checkpoint)
-        log(f"resuming from {resume.checkpoint} (step {ts.step}; epoch {ts.epoch}, "
-            f"batch {ts.step_in_epoch} of it)")
+        log(f"resuming from {resume.checkpoint} (step {ts.step}; "
+            + (f"pass {ts.epoch} of the stream)" if cfg.streaming else
+               f"epoch {ts.epoch}, batch {ts.step_in_epoch} of it)"))
+    # What only this process knows: its stream position, its tokens per mixture source.
+    rank_state = read_rank_state(resume.checkpoint, accelerator.process_index) or {}
+    num_sources = len(cfg.mixture_files)
+    source_tokens = rank_state.get("source_tokens") or [0] * num_sources
+    data_state = rank_state.get("stream")
+    if cfg.streaming and resume.checkpoint is not None and data_state is None:
+        raise ConfigError(f"checkpoint {resume.checkpoint} holds no stream position for process "
+                          f"{accelerator.process_index}. Fix: resume it without --streaming, or "
+                          "start afresh with --overwrite_output_dir true.")
+
+    def rank_state_now() -> dict | None:
+        if not (cfg.streaming or num_sources):
+            return None
+        return {"stream": data_state, "source_tokens": source_tokens}
     ts.first_eval = ts.first_eval or run_eval(0)
     # Fill-mask check, "before": the initial model, exported like model/ and tried on CPU (main
     # process); kept in the train state, so a resumed run reports it too.
@@ -229,12 +266,24 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     on_gpu = accelerator.device.type == "cuda"
     workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else \
         (2 if on_gpu else 0)
-    prefetcher = Prefetcher(PlannedSteps(
-        plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
-        num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
-        sparse_head=inner.sparse_prediction,
-        positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None),
-        num_workers=workers, pin_memory=on_gpu and workers > 0)
+    positions_multiple = 256 if cfg.torch_compile_mode == "reduce-overhead" else None
+    if cfg.streaming:  # read, tokenized and packed on the fly by one process (its order is
+        # its state), in a worker when there are workers
+        workers = min(workers, 1)
+        steps = StreamSteps(
+            cfg, tokenizer, collator, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, packed=padding == "packed",
+            exclude=stream_exclude,
+            position=StreamPosition.from_dict(data_state) if data_state else None,
+            flop_counter=flop_counter, sparse_head=inner.sparse_prediction,
+            positions_multiple=positions_multiple, num_sources=num_sources)
+    else:
+        steps = PlannedSteps(
+            plan, collator, train_set, start_epoch=ts.epoch, start_step=ts.step_in_epoch,
+            num_epochs=num_epochs, max_length=cfg.max_seq_length, flop_counter=flop_counter,
+            sparse_head=inner.sparse_prediction, positions_multiple=positions_multiple,
+            num_sources=num_sources)
+    prefetcher = Prefetcher(steps, num_workers=workers, pin_memory=on_gpu and workers > 0)
     pending = StepResults()
     grad_norm = None
 
@@ -256,6 +305,10 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                 break
             for stats in (ts.window, ts.total):
                 stats.add_data(prepared.computed, prepared.real, prepared.flops, waited)
+            if prepared.source_tokens is not None:
+                source_tokens = [a + b for a, b in zip(source_tokens, prepared.source_tokens)]
+            if prepared.data_state is not None:
+                data_state = prepared.data_state
             out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
                              mask_padding=cfg.mask_padding, max_grad_norm=cfg.max_grad_norm,
                              forward=compiled)
@@ -269,7 +322,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                 window, ts.window = ts.window, RunningStats()
                 rates = window.rates(accelerator.num_processes, peak_tflops)
                 metrics = {M.TRAIN_LOSS: window.mean_loss(), M.TRAIN_LR: scheduler.get_last_lr()[0],
-                           M.TRAIN_MASKED_TOKENS: window.masked, M.EPOCH: step / len(plan),
+                           M.TRAIN_MASKED_TOKENS: window.masked,
+                           M.EPOCH: step / len(plan) if plan else prepared.epoch,
                            M.SYS_PEAK_MEM_GB: peak_mem_gb(), **rates}
                 if grad_norm is not None:
                     metrics[M.TRAIN_GRAD_NORM] = grad_norm
@@ -283,11 +337,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             periodic = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
             if periodic:
                 read_results()
-                last_checkpoint = save_checkpoint(accelerator, cfg, ts)
+                last_checkpoint = save_checkpoint(accelerator, cfg, ts, rank_state_now())
             stop = stopper.agreed(accelerator)
             if stop and not periodic:
                 read_results()
-                last_checkpoint = save_checkpoint(accelerator, cfg, ts)
+                last_checkpoint = save_checkpoint(accelerator, cfg, ts, rank_state_now())
     finally:
         prefetcher.close()
     read_results()
@@ -303,6 +357,14 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ final eval + export
     first_eval = ts.first_eval
     final_eval = run_eval(ts.step)
+    mixture = {}
+    if num_sources:  # trained tokens per source, all processes
+        counts = accelerator.reduce(torch.tensor(source_tokens, device=accelerator.device),
+                                    reduction="sum").tolist()
+        mixture = {"data/mixture": dict(zip(cfg.mixture_files, cfg.mixture_weights)),
+                   "data/source_tokens": dict(zip(cfg.mixture_files, counts)),
+                   "data/source_share": {f: n / max(sum(counts), 1)
+                                         for f, n in zip(cfg.mixture_files, counts)}}
     export_hf_model(accelerator, module, tokenizer, output_dir / "model")
     # Fill-mask check, "after": the exported model/ read back from disk (main process, CPU).
     fill_mask = combine(probes, ts.fill_mask_before, predict(output_dir / "model", probes)) \
@@ -313,7 +375,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                M.SYS_PEAK_MEM_GB: peak_mem_gb(),
                M.TRAIN_MFU: None, "train/peak_tflops": peak_tflops,  # None: peak unknown
                **ts.total.rates(accelerator.num_processes, peak_tflops),  # whole-run throughput
-               "train/examples": len(train_set), "num_processes": accelerator.num_processes,
+               "train/examples": len(train_set) if train_set else None,
+               "num_processes": accelerator.num_processes, **mixture,
                "data/repaired_lines": repairs.total,
                "padding": padding, **isolation.metrics()}
     if main_proc:

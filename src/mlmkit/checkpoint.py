@@ -10,6 +10,7 @@ result. What makes that true here:
   statistics of the log window and of the whole run, the step-0 eval and fill-mask check, the W&B
   run id, the launch shape) and a copy of ``config.yaml``. The data position is just ``(epoch, step_in_epoch)``:
   batch order is a pure function of (seed, epoch) and masking of (seed, epoch, example index).
+  Under ``--streaming`` every process also saves its own stream position (`streaming.py`).
 * **Atomic writes** (:func:`save_checkpoint`) -- all processes save into
   ``checkpoints/.tmp-checkpoint-<step>``, files are fsynced, then the main process writes the
   completion marker ``COMPLETE`` (a manifest of every file and its size) and renames the folder
@@ -31,6 +32,7 @@ and a ``.metadata`` file; the marker lists them all)::
         model.safetensors  optimizer.bin  custom_checkpoint_0.pkl (scheduler)
         random_states_<rank>.pkl (one per process)  [scaler.pt]
         trainer_state.json  config.yaml  COMPLETE
+        [data_state_<rank>.json (one per process: --streaming / --mixture_files)]
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .tracking import (TRAIN_DATA_WAIT_FRACTION, TRAIN_MFU, TRAIN_PAD_FRACTION,
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"                 # written last; JSON manifest {"step", "files": {path: bytes}}
 STATE_FILE = "trainer_state.json"
+RANK_STATE_PREFIX = "data_state_"  # + <rank>.json: one process's data position (--streaming)
 CONFIG_FILE = "config.yaml"
 TMP_PREFIX = ".tmp-"
 FORMAT = 2
@@ -214,8 +217,24 @@ def checkpoints_to_delete(checkpoints: list[tuple[int, Path, bool]],
 
 
 # ------------------------------------------------------------------------------ save / load
-def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState) -> Path:
-    """Write ``checkpoints/checkpoint-<state.step>`` atomically; every process must call it."""
+def rank_state_file(folder: Path, process_index: int) -> Path:
+    return Path(folder) / f"{RANK_STATE_PREFIX}{process_index}.json"
+
+
+def read_rank_state(folder: Path | None, process_index: int) -> dict | None:
+    """This process's own part of a checkpoint (see `save_checkpoint`), or None."""
+    if folder is None:
+        return None
+    path = rank_state_file(folder, process_index)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState,
+                    rank_state: dict | None = None) -> Path:
+    """Write ``checkpoints/checkpoint-<state.step>`` atomically; every process must call it.
+
+    ``rank_state``: what only this process knows (its stream position under --streaming, its
+    per-source token counts with --mixture_files), saved as ``data_state_<rank>.json``."""
     root = Path(cfg.output_dir) / CHECKPOINTS
     final = root / f"checkpoint-{state.step}"
     tmp = root / f"{TMP_PREFIX}checkpoint-{state.step}"
@@ -232,6 +251,8 @@ def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState) -> Path:
         accelerator.save_state(str(tmp))  # every rank: its RNG states; under ZeRO/FSDP its shards
     finally:
         quiet.setLevel(level)
+    if rank_state is not None:
+        write_json_atomic(rank_state_file(tmp, accelerator.process_index), rank_state)
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state.to_dict())
         save_config(cfg, tmp / CONFIG_FILE)

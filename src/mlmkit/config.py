@@ -309,6 +309,9 @@ def validate_config(cfg: MLMConfig) -> MLMConfig:
     if cfg.streaming and cfg.tokenized_dir:
         bad("streaming", "given together with tokenized_dir (already tokenized: read it "
             "map-style)", "drop --streaming")
+    if cfg.streaming and cfg.max_train_samples:
+        bad("max_train_samples", "has no effect with --streaming (the stream has no first N "
+            "to select)", "drop it; --max_train_steps bounds the run")
     if cfg.streaming and cfg.group_by_length:
         bad("group_by_length", "is not available with --streaming", "drop --group_by_length, "
             "or use --padding packed")

@@ -242,7 +242,7 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
             for name in raw})
 
     tokenized = limit_samples(tokenized, cfg)
-    for name in ("train", "validation"):
+    for name in tokenized:
         if len(tokenized[name]) == 0:
             source = cfg.train_file or cfg.dataset_name or "the embedded corpus"
             raise DataError(f"the {name} split of {source} holds no text after dropping blank "
@@ -252,7 +252,7 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
 
 def limit_samples(tokenized: DatasetDict, cfg: MLMConfig) -> DatasetDict:
     """Apply ``--max_train_samples`` / ``--max_eval_samples`` (the first N examples)."""
-    if cfg.max_train_samples:
+    if cfg.max_train_samples and "train" in tokenized:
         tokenized["train"] = tokenized["train"].select(
             range(min(cfg.max_train_samples, len(tokenized["train"]))))
     if cfg.max_eval_samples:

@@ -34,6 +34,8 @@ class PreparedStep:
     computed: int       # positions computed (padding and dummies included)
     real: int           # real tokens (dummies excluded)
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
+    source_tokens: list[int] | None = None  # real tokens per --mixture_files source
+    data_state: dict | None = None  # --streaming: the stream position after this step
 
     def pin_memory(self) -> "PreparedStep":
         """Called by the DataLoader's pinning thread."""
@@ -63,8 +65,9 @@ class PlannedSteps(torch.utils.data.IterableDataset):
 
     def __init__(self, plan, collator, examples, *, start_epoch: int, start_step: int,
                  num_epochs: int, max_length: int, flop_counter=None, sparse_head: bool = True,
-                 positions_multiple: int | None = None):
+                 positions_multiple: int | None = None, num_sources: int = 0):
         self.plan, self.collator, self.examples = plan, collator, examples
+        self.num_sources = num_sources  # --mixture_files: count real tokens per source
         self.start_epoch, self.start_step, self.num_epochs = start_epoch, start_step, num_epochs
         self.max_length, self.flop_counter = max_length, flop_counter
         self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
@@ -82,23 +85,42 @@ class PlannedSteps(torch.utils.data.IterableDataset):
 
     def prepare(self, epoch: int, step_in_epoch: int, micro_plan) -> PreparedStep:
         self.collator.set_epoch(epoch)
-        lengths = self.examples.lengths
-        micro_batches, computed, real, flops = [], 0, 0, 0.0
+        micros = []
         for micro in micro_plan:
             indices, rows = self.plan.layout(micro)  # rows: the packed layout, or None
-            batch = self.collator(self.examples.fetch(indices or [0]), rows=rows)
-            if not indices:  # this process ran out of examples: a zero-weight dummy
-                drop_targets(batch)
-            add_masked_positions(batch, self.positions_multiple)
-            computed += batch["input_ids"].numel()
-            if indices:
-                real += int(batch["num_real_tokens"])
-                if self.flop_counter is not None:
-                    flops += self.flop_counter.step_flops(
-                        [min(lengths[i], self.max_length) for i in indices],
-                        int(batch["num_masked_tokens"]), self.sparse_head)
-            micro_batches.append(batch)
-        return PreparedStep(epoch, step_in_epoch, micro_batches, computed, real, flops)
+            micros.append((self.examples.fetch(indices) if indices else [], rows))
+        step = prepare_micro_batches(
+            self.collator, micros, max_length=self.max_length, flop_counter=self.flop_counter,
+            sparse_head=self.sparse_head, positions_multiple=self.positions_multiple,
+            num_sources=self.num_sources, dummy=lambda: self.examples.fetch([0]))
+        step.epoch, step.step_in_epoch = epoch, step_in_epoch
+        return step
+
+
+def prepare_micro_batches(collator, micros, *, max_length: int, flop_counter=None,
+                          sparse_head: bool = True, positions_multiple: int | None = None,
+                          num_sources: int = 0, dummy=None) -> PreparedStep:
+    """One step from ``micros``, a list of ``(examples, rows)`` (``rows``: the packed layout or
+    None); an empty example list is a zero-weight dummy made from ``dummy()``'s examples."""
+    micro_batches, computed, real, flops = [], 0, 0, 0.0
+    source_tokens = [0] * num_sources if num_sources else None
+    for examples, rows in micros:
+        batch = collator(examples or dummy(), rows=rows if examples else None)
+        if not examples:  # this process ran out of examples: a zero-weight dummy
+            drop_targets(batch)
+        add_masked_positions(batch, positions_multiple)
+        computed += batch["input_ids"].numel()
+        if examples:
+            real += int(batch["num_real_tokens"])
+            lengths = [min(len(e["input_ids"]), max_length) for e in examples]
+            if flop_counter is not None:
+                flops += flop_counter.step_flops(lengths, int(batch["num_masked_tokens"]),
+                                                 sparse_head)
+            if source_tokens is not None:
+                for e, n in zip(examples, lengths):
+                    source_tokens[e["source"]] += n
+        micro_batches.append(batch)
+    return PreparedStep(0, 0, micro_batches, computed, real, flops, source_tokens)
 
 
 def _identity(item):

@@ -1,0 +1,345 @@
+"""Streaming corpora (``--streaming true``): train from a stream that never sits in memory whole.
+
+The raw text comes from a ``datasets`` IterableDataset (`open_stream`): local files (one path or
+a glob of shards; text, json/jsonl, csv, parquet), a hub id or local dataset folder, a weighted
+mixture of local sources (``datasets.interleave_datasets`` with probabilities), or the embedded
+corpus. Every process reads its own part (``datasets.distributed.split_dataset_by_node``: whole
+shards when their number divides by the processes, else every N-th example) and tokenizes it on
+the fly (`StreamExamples`). Memory holds one packing window, never the corpus: it stays flat as
+the corpus grows.
+
+**Passes.** A pass reads the whole stream once; then the next starts, each with the files of
+each source in another order (a function of seed and pass). Every example is trained on exactly
+once per pass, across processes. Passes are this process's own: processes that read different
+amounts may be in different passes, which changes nothing else.
+
+**Batches.** `StreamSteps` fills a *window* of about ``WINDOW_STEPS`` steps' worth of examples,
+cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's best-fit packer,
+or single examples when padded), emits whole steps of units in an order shuffled by (seed,
+process, window) and carries the rest (the least-full rows) into the next window. The masking of
+an example is keyed by a stable id, ``pass << 40 | ordinal * processes + process`` (its ordinal
+in this process's pass), so it does not depend on batching.
+
+**Exact resume.** The data position after a step is its window's starting point (the pass, the
+ordinal, the stream's ``state_dict()`` -- shard and offset --, the carried examples) plus the
+number of the window's steps already trained. Refilling the window from there gives the same
+window, so a run killed anywhere resumes to the result of an uninterrupted one. Each process saves
+its own position in the checkpoint (``data_state_<rank>.json``).
+
+**Eval.** ``--validation_file`` (or a hub dataset's validation split), else the first
+``--streaming_eval_examples`` examples of the stream in file order, held out: their texts are
+never trained on (the training stream skips every row whose text is one of them).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .config import MLMConfig
+from .data import DataError, file_source
+from .prefetch import PreparedStep, prepare_micro_batches
+
+WINDOW_STEPS = 4        # steps of units per packing/shuffling window
+CHUNK_ROWS = 256        # raw rows read and tokenized at a time
+PASS_SHIFT = 40         # example id = pass << PASS_SHIFT | ordinal * processes + process
+
+
+def _pass_seed(seed: int, pass_: int) -> int:
+    return int(np.random.SeedSequence([seed, pass_]).generate_state(1)[0])
+
+
+def describe_source(cfg: MLMConfig) -> str:
+    if cfg.mixture_files:
+        return "mixture of " + ", ".join(f"{f} ({w:g})" for f, w in
+                                          zip(cfg.mixture_files, cfg.mixture_weights))
+    return cfg.train_file or cfg.dataset_name or "the embedded corpus"
+
+
+def _file_stream(pattern: str, cfg: MLMConfig, order_seed: int | None):
+    import datasets
+    builder, data_files, kwargs = file_source(pattern)
+    files = data_files["train"]
+    if order_seed is not None:  # each pass reads the shards in another order
+        files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
+    return datasets.load_dataset(builder, data_files={"train": files}, split="train",
+                                 streaming=True, **kwargs)
+
+
+def open_stream(cfg: MLMConfig, pass_: int | None = None):
+    """The raw stream (``text`` [+ ``source``] columns), the same on every process.
+
+    ``pass_`` None: file order (the eval hold-out is read from it); else the order of that pass.
+    """
+    import datasets
+    order = None if pass_ is None else _pass_seed(cfg.seed, pass_)
+    col = cfg.text_column
+    try:
+        if cfg.mixture_files:
+            streams = []
+            for i, pattern in enumerate(cfg.mixture_files):
+                one = _file_stream(pattern, cfg, None if order is None else order + i)
+                one = one.select_columns([col]).map(lambda row, i=i: {"source": i})
+                streams.append(one)
+            total = sum(cfg.mixture_weights)
+            return datasets.interleave_datasets(
+                streams, probabilities=[w / total for w in cfg.mixture_weights],
+                seed=_pass_seed(cfg.seed, 0 if pass_ is None else pass_ + 1),
+                stopping_strategy="all_exhausted")
+        if cfg.train_file:
+            stream = _file_stream(cfg.train_file, cfg, order)
+        elif cfg.dataset_name:
+            stream = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name,
+                                           split="train", streaming=True)
+        else:
+            from .data import embedded_corpus
+            stream = datasets.Dataset.from_dict({"text": embedded_corpus()}) \
+                .to_iterable_dataset(num_shards=8)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types for unreadable sources
+        raise DataError(f"{describe_source(cfg)}: could not be opened as a stream "
+                        f"({type(err).__name__}: {err}). Fix: check the path and the file "
+                        "format.") from err
+    if stream.column_names is not None and col not in stream.column_names:
+        raise DataError(f"text_column={col!r} is not a column of {describe_source(cfg)} "
+                        f"(columns: {stream.column_names}). Fix: pass --text_column <name>.")
+    return stream.select_columns([col])
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.strip().encode("utf-8"), digest_size=12).digest()
+
+
+def held_out_eval(cfg: MLMConfig):
+    """``(raw validation Dataset, keys of texts never to train on)``: --validation_file, a hub
+    dataset's validation split, or the stream's first --streaming_eval_examples examples."""
+    import datasets
+    col, n = cfg.text_column, cfg.streaming_eval_examples
+    if cfg.validation_file:
+        builder, data_files, kwargs = file_source(cfg.validation_file)
+        raw = datasets.load_dataset(builder, data_files={"validation": data_files["train"]},
+                                    split="validation", **kwargs)
+        return raw.select_columns([col]), frozenset()
+    if cfg.dataset_name:
+        try:
+            stream = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name,
+                                           split="validation", streaming=True)
+            rows = [r[col] for r in itertools.islice(stream, n)]
+            return datasets.Dataset.from_dict({col: rows}), frozenset()
+        except (ValueError, KeyError):
+            pass  # no validation split: hold out from the training stream
+    rows = []
+    for row in open_stream(cfg, None):
+        text = row[cfg.text_column]
+        if text and text.strip():
+            rows.append(text)
+            if len(rows) == n:
+                break
+    if not rows:
+        raise DataError(f"{describe_source(cfg)} holds no text. Fix: point the run at "
+                        "non-empty data.")
+    return datasets.Dataset.from_dict({col: rows}), frozenset(_text_key(t) for t in rows)
+
+
+@dataclass
+class StreamPosition:
+    """Where this process's stream stands at the start of a window (JSON-able)."""
+    pass_: int = 0
+    ordinal: int = 0                 # examples this process has read in the pass
+    source: dict | None = None       # the stream's state_dict(); None = the pass's start
+    carry: list = field(default_factory=list)  # [[id, ids, source], ...] carried examples
+    window: int = 0                  # windows done (seeds the window's shuffle)
+    consumed: int = 0                # steps of the window already trained
+
+    def to_dict(self) -> dict:
+        return {"pass": self.pass_, "ordinal": self.ordinal, "source": self.source,
+                "carry": self.carry, "window": self.window, "consumed": self.consumed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamPosition":
+        return cls(d["pass"], d["ordinal"], d["source"], d["carry"], d["window"], d["consumed"])
+
+
+class StreamExamples:
+    """This process's tokenized examples, from a position on, pass after pass (see module doc).
+
+    `read` returns the next chunk; `position` the state after the last chunk read."""
+
+    def __init__(self, cfg: MLMConfig, tokenizer, *, process_index: int, num_processes: int,
+                 exclude: frozenset = frozenset(), position: StreamPosition | None = None):
+        self.cfg, self.tokenizer, self.exclude = cfg, tokenizer, exclude
+        self.rank, self.world = process_index, num_processes
+        position = position or StreamPosition()
+        self.pass_, self.ordinal, self._source_state = (position.pass_, position.ordinal,
+                                                       position.source)
+        self._stream = self._rows = None
+        self._read_in_pass = position.ordinal > 0 or position.source is not None
+
+    def _open(self):
+        from datasets.distributed import split_dataset_by_node
+        stream = split_dataset_by_node(open_stream(self.cfg, self.pass_), rank=self.rank,
+                                       world_size=self.world)
+        if self._source_state is not None:
+            stream.load_state_dict(self._source_state)
+        self._stream, self._rows = stream, iter(stream)
+
+    def read(self) -> list[list]:
+        """The next chunk of examples, each ``[id, ids, source]``; the stream never ends (the
+        next pass starts where one ends). A pass without a single example is a DataError."""
+        while True:
+            if self._rows is None:
+                self._open()
+            rows = list(itertools.islice(self._rows, CHUNK_ROWS))
+            if rows:
+                self._source_state = copy.deepcopy(self._stream.state_dict())
+                examples = self._tokenize(rows)
+                if examples:
+                    self._read_in_pass = True
+                    return examples
+                continue
+            if not self._read_in_pass:
+                raise DataError(
+                    f"process {self.rank} of {self.world} found no training text in "
+                    f"{describe_source(self.cfg)} (pass {self.pass_}). Fix: give the stream "
+                    "more rows (or shards) than processes, and text beyond the held-out "
+                    "--streaming_eval_examples.")
+            self.pass_, self.ordinal, self._source_state = self.pass_ + 1, 0, None
+            self._rows, self._read_in_pass = None, False
+
+    def position(self) -> tuple[int, int, dict | None]:
+        return self.pass_, self.ordinal, self._source_state
+
+    def _tokenize(self, rows: list[dict]) -> list[list]:
+        col = self.cfg.text_column
+        texts, sources = [], []
+        for row in rows:
+            text = row[col]
+            if not isinstance(text, str) or not text.strip():
+                continue
+            if self.exclude and _text_key(text) in self.exclude:
+                continue
+            texts.append(text.strip() if self.cfg.line_by_line else text)
+            sources.append(int(row.get("source", 0)))
+        if not texts:
+            return []
+        max_len = self.cfg.max_seq_length
+        if self.cfg.line_by_line:
+            ids = self.tokenizer(texts, truncation=True, max_length=max_len,
+                                 return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        else:  # concatenated and cut into blocks within the chunk (rows of one source only)
+            ids, src = [], []
+            for source, group in itertools.groupby(zip(texts, sources), key=lambda x: x[1]):
+                tok = self.tokenizer([t for t, _ in group], return_attention_mask=False,
+                                     return_token_type_ids=False)["input_ids"]
+                flat = list(itertools.chain.from_iterable(tok))
+                blocks = [flat[i:i + max_len] for i in range(0, len(flat), max_len)]
+                ids += blocks
+                src += [source] * len(blocks)
+            sources = src
+        out = []
+        for one, source in zip(ids, sources):
+            idx = (self.pass_ << PASS_SHIFT) | (self.ordinal * self.world + self.rank)
+            self.ordinal += 1
+            out.append([idx, list(one), source])
+        return out
+
+
+class StreamSteps(torch.utils.data.IterableDataset):
+    """Prepared steps from the stream, from ``position`` on (see the module doc). Each step's
+    ``data_state`` is the position to resume from after it. Iterated by one process (inline or
+    one DataLoader worker: its order is its state)."""
+
+    def __init__(self, cfg: MLMConfig, tokenizer, collator, *, process_index: int,
+                 num_processes: int, packed: bool, exclude: frozenset = frozenset(),
+                 position: StreamPosition | None = None, flop_counter=None,
+                 sparse_head: bool = True, positions_multiple: int | None = None,
+                 num_sources: int = 0):
+        self.cfg, self.tokenizer, self.collator = cfg, tokenizer, collator
+        self.rank, self.world, self.packed, self.exclude = (process_index, num_processes,
+                                                            packed, exclude)
+        self.position = position or StreamPosition()
+        self.per_micro = cfg.per_device_train_batch_size
+        self.units_per_step = self.per_micro * cfg.gradient_accumulation_steps
+        self.flop_counter, self.sparse_head = flop_counter, sparse_head
+        self.positions_multiple, self.num_sources = positions_multiple, num_sources
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise RuntimeError("StreamSteps is read by one worker at most (its order is its state)")
+        skip = self.position.consumed
+        for start, steps in self.windows():
+            for k, units in enumerate(steps):
+                if k >= skip:
+                    yield self._prepare(units, replace(start, consumed=k + 1))
+            skip = 0
+
+    def windows(self):
+        """Yield ``(window's start position, its steps of units)`` from ``position`` on; a unit
+        is a packed row (a list of examples) or a list of one example."""
+        pos = self.position
+        reader = StreamExamples(self.cfg, self.tokenizer, process_index=self.rank,
+                                num_processes=self.world, exclude=self.exclude, position=pos)
+        carry, window = [list(e) for e in pos.carry], pos.window
+        while True:
+            start = StreamPosition(*reader.position(), carry=carry, window=window)
+            steps, carry = self._window(reader, carry, window)
+            yield start, steps
+            window += 1
+
+    def _window(self, reader: StreamExamples, carry: list, window: int):
+        """(steps of units, carried examples) of one window."""
+        cap, per_step = self.cfg.max_seq_length, self.units_per_step
+        pool = list(carry)
+        need = WINDOW_STEPS * per_step * (cap if self.packed else 1)
+        rng = np.random.default_rng([self.cfg.seed, self.rank, window])
+        while True:
+            size = sum(min(len(e[1]), cap) for e in pool) if self.packed else len(pool)
+            while size < need:
+                chunk = reader.read()
+                pool += chunk
+                size += sum(min(len(e[1]), cap) for e in chunk) if self.packed else len(chunk)
+            if self.packed:
+                from .layout import pack_rows
+                lengths = [min(len(e[1]), cap) for e in pool]
+                rows = pack_rows(lengths, cap)
+                rows.sort(key=lambda row: -sum(lengths[i] for i in row))  # fullest first
+                keep = (len(rows) // per_step) * per_step
+                units = [[pool[i] for i in row] for row in rows[:keep]]
+                rest = [pool[i] for row in rows[keep:] for i in row]
+            else:
+                order = rng.permutation(len(pool))
+                keep = (len(pool) // per_step) * per_step
+                units = [[pool[i]] for i in order[:keep]]
+                rest = [pool[i] for i in sorted(order[keep:])]
+            if keep:
+                break
+            need *= 2  # too few full units: widen the window
+        if self.packed:
+            units = [units[i] for i in rng.permutation(len(units))]
+        steps = [units[i:i + per_step] for i in range(0, len(units), per_step)]
+        return steps, rest
+
+    def _prepare(self, units: list, state: StreamPosition) -> PreparedStep:
+        micros = []
+        for g in range(self.cfg.gradient_accumulation_steps):
+            chunk = units[g * self.per_micro:(g + 1) * self.per_micro]
+            examples, rows = [], [] if self.packed else None
+            for unit in chunk:
+                if self.packed:
+                    rows.append(list(range(len(examples), len(examples) + len(unit))))
+                examples += [{"input_ids": e[1], "idx": e[0], "source": e[2]} for e in unit]
+            micros.append((examples, rows))
+        step = prepare_micro_batches(
+            self.collator, micros, max_length=self.cfg.max_seq_length,
+            flop_counter=self.flop_counter, sparse_head=self.sparse_head,
+            positions_multiple=self.positions_multiple, num_sources=self.num_sources)
+        step.epoch, step.step_in_epoch, step.data_state = state.pass_, 0, state.to_dict()
+        return step
