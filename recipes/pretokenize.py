@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     if (cfg.preprocessing_num_workers or 1) > 1:  # forked workers: no Rust threads in each
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from mlmkit.pretokenize import pretokenize, source_name  # heavy imports after validation
+    from mlmkit.pretokenize import check_destination, pretokenize, source_name  # heavy
+    check_destination(cfg, Path(cfg.output_dir), num_shards)  # before any work is announced
     workers = cfg.preprocessing_num_workers or 1
     print(f"pretokenize: {source_name(cfg)} -> {cfg.output_dir} (max_seq_length "
           f"{cfg.max_seq_length}, line_by_line {str(cfg.line_by_line).lower()}, {workers} "

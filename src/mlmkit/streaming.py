@@ -46,7 +46,7 @@ from .data import DataError, file_source
 from .prefetch import PreparedStep, prepare_micro_batches
 
 WINDOW_STEPS = 4        # steps of units per packing/shuffling window
-CHUNK_ROWS = 256        # raw rows read and tokenized at a time
+CHUNK_ROWS = 64         # raw rows read and tokenized at a time
 PASS_SHIFT = 40         # example id = pass << PASS_SHIFT | ordinal * processes + process
 
 
@@ -341,5 +341,7 @@ class StreamSteps(torch.utils.data.IterableDataset):
             self.collator, micros, max_length=self.cfg.max_seq_length,
             flop_counter=self.flop_counter, sparse_head=self.sparse_head,
             positions_multiple=self.positions_multiple, num_sources=self.num_sources)
-        step.epoch, step.step_in_epoch, step.data_state = state.pass_, 0, state.to_dict()
+        # epoch: the pass of the step's newest example
+        step.epoch = max(e[0] for unit in units for e in unit) >> PASS_SHIFT
+        step.step_in_epoch, step.data_state = 0, state.to_dict()
         return step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,12 +21,15 @@ LINES = [f"line {i} of the corpus says {' '.join(['word'] * (i % 13 + 1))} {i * 
          for i in range(700)]
 
 
-def write_shards(folder, lines, shards: int, name: str = "part") -> str:
+def write_shards(folder, lines, shards: int, name: str = "part", fmt: str = "parquet") -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        pq.write_table(pa.table({"text": lines[s::shards]}), folder / f"{name}-{s}.parquet",
-                       row_group_size=37)
-    return str(folder / f"{name}-*.parquet")
+        path = folder / f"{name}-{s}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": lines[s::shards]}), path, row_group_size=37)
+        else:
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[s::shards]))
+    return str(folder / f"{name}-*.{fmt}")
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +111,10 @@ def test_text_column_missing_and_empty_sources_are_clear_errors(tmp_path, corpus
 
 
 def mixture_sources(tmp_path) -> list[str]:
-    """Two sources with the same length distribution, told apart by their first word."""
+    """Two sources with the same length distribution, told apart by their first word (JSON
+    lines: datasets waits 5 s whenever an interleaved stream of parquet files is closed)."""
     return [write_shards(tmp_path / name, [t.replace("line", name) for t in LINES], shards=3,
-                         name=name) for name in ("alpha", "beta")]
+                         name=name, fmt="jsonl") for name in ("alpha", "beta")]
 
 
 def test_streaming_mixture_shares_follow_the_weights(tmp_path, tokenizer):
