@@ -195,7 +195,12 @@ class StreamExamples:
         while True:
             if self._rows is None:
                 self._open()
-            rows = list(itertools.islice(self._rows, CHUNK_ROWS))
+            try:
+                rows = list(itertools.islice(self._rows, CHUNK_ROWS))
+            except Exception as err:  # a corrupt shard surfaces only when it is read
+                raise DataError(f"{describe_source(self.cfg)}: reading the stream failed in "
+                                f"pass {self.pass_} ({type(err).__name__}: {err}). Fix: repair "
+                                "or remove the unreadable file.") from err
             if rows:
                 self._source_state = copy.deepcopy(self._stream.state_dict())
                 examples = self._tokenize(rows)

@@ -79,3 +79,27 @@ def test_streaming_ddp_sigkill_then_resume_matches(tmp_path, args):
     out = tmp_path / "run"
     killed_then_resumed([*args, "--output_dir", str(out)], out, accelerate_args=DDP)
     assert_same_run(out, ref, tol=1e-5)
+
+
+def test_weighted_mixture_lands_in_the_summary(tmp_path, args, tokenizer_path):
+    """Two JSON-lines sources at 0.7 / 0.3, streamed: the summary holds the mixture, the tokens
+    trained per source (all processes) and shares near the weights (the 2-point bound over 200
+    steps is tests/unit/test_streaming.py's; this run is 40 steps)."""
+    sources = []
+    for name in ("alpha", "beta"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{name} {t}"}) + "\n"
+                                for t in embedded_corpus()[:300]))
+        sources.append(str(path))
+    base = [a for a in args]
+    i = base.index("--train_file")
+    del base[i:i + 2]
+    out = tmp_path / "mix"
+    launch([*base, "--mixture_files", *sources, "--mixture_weights", "0.7", "0.3",
+            "--max_train_steps", "40", "--eval_steps", "40", "--checkpointing_steps", "40",
+            "--output_dir", str(out)], accelerate_args=DDP)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data/mixture"] == {sources[0]: 0.7, sources[1]: 0.3}
+    tokens = summary["data/source_tokens"]
+    assert all(tokens[s] > 0 for s in sources)
+    assert abs(summary["data/source_share"][sources[0]] - 0.7) < 0.06

@@ -104,6 +104,15 @@ def test_text_column_missing_and_empty_sources_are_clear_errors(tmp_path, corpus
                             num_processes=2)
     with pytest.raises(DataError, match="process 1 of 2 found no training text"):
         reader.read()
+    # a shard that is not parquet, found only when the stream reaches it
+    broken = tmp_path / "broken"
+    write_shards(broken, LINES[:50], shards=1)
+    (broken / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    reader = StreamExamples(config("--train_file", str(broken / "part-*.parquet")), tokenizer,
+                            process_index=0, num_processes=1)
+    with pytest.raises(DataError, match="reading the stream failed.*Fix: repair or remove"):
+        for _ in range(5):
+            reader.read()
     with pytest.raises(ConfigError, match="needs a step budget.*--max_train_steps"):
         parse_config(["--streaming", "true", "--train_file", corpus])
     with pytest.raises(ConfigError, match="matches no file"):
