@@ -1,7 +1,7 @@
 """Peak memory against corpus size: ``--streaming true`` stays flat, the map-style path grows.
 
     python benchmarks/memory.py [--rows 40000] [--factor 10] [--steps 40] [--shards 8] \
-        [--workdir /tmp/mlmkit-memory] [--output benchmarks/results/memory.json]
+        [--repeats 3] [--workdir /tmp/mlmkit-memory] [--output benchmarks/results/memory.json]
 
 Generates two parquet corpora of ``rows`` and ``rows x factor`` paragraphs (the embedded corpus's
 paragraphs, repeated with a counter so no two rows are equal, ``shards`` files each), then runs
@@ -9,7 +9,13 @@ the recipe as users do (``accelerate launch recipes/mlm.py``, one CPU process, t
 the tests, ``--max_train_steps`` steps) on each, streaming and map-style, and reports the recipe
 process's peak RSS (``sys/peak_mem_gb`` of summary.json: ``ru_maxrss``) and the wall time. The
 map-style runs tokenize the whole corpus first (with a fresh datasets cache each, so no run
-reads another's); the streaming runs only the held-out eval set.
+reads another's); the streaming runs only the held-out eval set. Each run is repeated
+``--repeats`` times and the median reported.
+
+glibc's malloc raises its mmap threshold as large blocks are freed, after which they come from
+the heap and stay in RSS: identical runs then differ by up to ~100 MB of peak RSS (measured here:
+0.758 and 0.866 GB for one command). The runs set ``MALLOC_MMAP_THRESHOLD_=131072`` (the default,
+held fixed), so a peak is what was live, not what the allocator kept.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +58,8 @@ def write_corpus(folder: Path, rows: int, shards: int) -> tuple[str, int]:
 def run(corpus: str, out: Path, model: Path, streaming: bool, steps: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(out) + "-cache", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_DATASETS_CACHE": str(out) + "-cache", "TOKENIZERS_PARALLELISM": "false",
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "mlm.py"),
            "--config_name", str(model), "--train_file", corpus, "--output_dir", str(out),
@@ -76,6 +84,7 @@ def main() -> None:
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/mlmkit-memory")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     args = ap.parse_args()
@@ -87,11 +96,16 @@ def main() -> None:
     for rows in (args.rows, args.rows * args.factor):
         corpus, size = write_corpus(work / f"corpus-{rows}", rows, args.shards)
         for streaming in (True, False):
-            r = run(corpus, work / f"run-{rows}-{streaming}", model, streaming, args.steps)
+            runs = [run(corpus, work / f"run-{rows}-{streaming}", model, streaming, args.steps)
+                    for _ in range(args.repeats)]
+            peaks = sorted(r["peak_rss_gb"] for r in runs)
+            r = {"peak_rss_gb": statistics.median(peaks), "peak_rss_gb_runs": peaks,
+                 "seconds": statistics.median(x["seconds"] for x in runs)}
             results.append({"rows": rows, "parquet_mb": size / 2**20, "streaming": streaming, **r})
             print(f"{rows:>9,} rows ({size / 2**20:7.1f} MB parquet)  "
                   f"{'streaming ' if streaming else 'map-style '}  peak RSS "
-                  f"{r['peak_rss_gb']:.3f} GB  wall {r['seconds']:.0f} s", flush=True)
+                  f"{r['peak_rss_gb']:.3f} GB (runs: {', '.join(f'{x:.3f}' for x in peaks)})  "
+                  f"wall {r['seconds']:.0f} s", flush=True)
     for streaming in (True, False):
         small, large = (r["peak_rss_gb"] for r in results if r["streaming"] == streaming)
         print(f"{'streaming' if streaming else 'map-style'}: peak RSS x{large / small:.3f} "

@@ -115,3 +115,17 @@ def sbatch_command(launch: Launch) -> tuple[list, dict]:
     """(argv, env additions) for a README sbatch line run through the stand-ins on CPU: the
     line's own environment plus the CPU note's."""
     return [a for a in launch.argv if a != "..."], {**launch.env, **cpu_note()[1]}
+
+
+def readme_lines(prefix: str, readme: Path = README) -> list[list[str]]:
+    """Every command line of the README's code blocks that starts with ``prefix`` (words),
+    continuations joined, shell-split: e.g. the data section's ``python recipes/pretokenize.py``
+    and ``accelerate launch recipes/mlm.py --streaming`` lines."""
+    want = shlex.split(prefix)
+    found = []
+    for block in _code_blocks(readme.read_text()):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and shlex.split(line)[:len(want)] == want:
+                found.append(shlex.split(line))
+    return found

@@ -6,7 +6,13 @@ Three sources, one code path after loading:
   (``pydoc_data.topics``), split into paragraphs, 90/10 train/validation with a fixed seed;
 * ``--dataset_name [--dataset_config_name]``: anything ``datasets.load_dataset`` can open (a hub
   id, or a local folder/script);
-* ``--train_file [--validation_file]``: local .txt, .json/.jsonl, .csv or .parquet files.
+* ``--train_file [--validation_file]``: local .txt, .json/.jsonl, .csv or .parquet files, each
+  one path or a glob of shards of one type;
+* ``--mixture_files`` with ``--mixture_weights``: several such sources sampled with weights
+  (`load_and_tokenize`).
+
+``--streaming`` reads the same sources as a stream instead (`streaming.py`); ``--tokenized_dir``
+reads what `pretokenize.py` wrote.
 
 Examples are either ``line_by_line`` (one per non-blank line, truncated at ``max_seq_length``) or
 grouped (all text concatenated and cut into ``max_seq_length`` blocks; the remainder of each map

@@ -67,6 +67,9 @@ def _file_stream(pattern: str, cfg: MLMConfig, order_seed: int | None):
     files = data_files["train"]
     if order_seed is not None:  # each pass reads the shards in another order
         files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
+    if builder == "parquet":  # read one row group at a time: memory independent of shard size
+        import pyarrow.dataset as pads
+        kwargs["fragment_scan_options"] = pads.ParquetFragmentScanOptions(pre_buffer=False)
     return datasets.load_dataset(builder, data_files={"train": files}, split="train",
                                  streaming=True, **kwargs)
 
