@@ -10,6 +10,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.config import ConfigError, parse_config
@@ -154,3 +155,36 @@ def test_map_style_mixture_shares_follow_the_weights(tmp_path, tokenizer):
     assert abs(tokens[0] / sum(tokens) - 0.7) < 0.02
     # every example of the smaller-weight source is in the epoch at least once
     assert (train.sources == 1).sum() >= len(LINES) * 0.9 * 0.9
+
+
+def test_dataset_folder_streams_with_its_validation_split(tmp_path, tokenizer):
+    """--dataset_name (here a local copy of a hub-style dataset folder): its train files are the
+    stream; its validation split, when it has one, is the eval set (nothing held out)."""
+    folder = tmp_path / "dataset"
+    write_shards(folder / "data", LINES[:400], shards=2, name="train")
+    cfg = config("--dataset_name", str(folder), "--streaming_eval_examples", "30")
+    raw_eval, exclude = held_out_eval(cfg)
+    assert len(raw_eval) == 30 and len(exclude) == 30  # no validation split: held out
+    write_shards(folder / "data", LINES[400:450], shards=1, name="validation")
+    raw_eval, exclude = held_out_eval(cfg)
+    assert list(raw_eval["text"]) == LINES[400:430] and not exclude
+    step = next(iter(steps_for(cfg, tokenizer, 0, 1, exclude)))
+    assert step.real > 0 and step.data_state["consumed"] == 1
+
+
+def test_a_worker_process_hands_out_the_same_steps(corpus, tokenizer):
+    """On a GPU the stream is read by one DataLoader worker process: same steps, same states."""
+    from mlmkit.prefetch import Prefetcher
+    cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
+                 "--per_device_train_batch_size", "2")
+    _, exclude = held_out_eval(cfg)
+    inline = list(itertools.islice(iter(steps_for(cfg, tokenizer, 0, 1, exclude)), 8))
+    prefetcher = Prefetcher(steps_for(cfg, tokenizer, 0, 1, exclude), num_workers=1)
+    try:
+        ahead = [prefetcher.next()[0] for _ in range(8)]
+    finally:
+        prefetcher.close()
+    for a, b in zip(inline, ahead):
+        assert a.data_state == b.data_state and a.real == b.real
+        assert all(torch.equal(x["input_ids"], y["input_ids"])
+                   for x, y in zip(a.micro_batches, b.micro_batches))
