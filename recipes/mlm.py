@@ -69,11 +69,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mlmkit.checkpoint import RunningStats, TrainState, load_checkpoint, save_checkpoint
-    from mlmkit.collator import MaskedLMCollator
     from datasets import DatasetDict
 
-    from mlmkit.checkpoint import read_rank_state
+    from mlmkit.checkpoint import (RunningStats, TrainState, load_checkpoint, read_rank_state,
+                                   save_checkpoint)
+    from mlmkit.collator import MaskedLMCollator
     from mlmkit.data import DataRepairs, IndexedExamples, load_and_tokenize, tokenize_datasets
     from mlmkit.distributed import build_accelerator, check_launch, launch_signature
     from mlmkit.evaluation import evaluate, eval_collator
@@ -241,9 +241,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     source_tokens = rank_state.get("source_tokens") or [0] * num_sources
     data_state = rank_state.get("stream")
     if cfg.streaming and resume.checkpoint is not None and data_state is None:
-        raise ConfigError(f"checkpoint {resume.checkpoint} holds no stream position for process "
-                          f"{accelerator.process_index}. Fix: resume it without --streaming, or "
-                          "start afresh with --overwrite_output_dir true.")
+        raise ConfigError(f"checkpoint {resume.checkpoint} has no data_state_"
+                          f"{accelerator.process_index}.json (the stream position of process "
+                          f"{accelerator.process_index}). Fix: resume from another checkpoint "
+                          "(--resume_from_checkpoint), or start afresh with "
+                          "--overwrite_output_dir true.")
 
     def rank_state_now() -> dict | None:
         if not (cfg.streaming or num_sources):
