@@ -124,7 +124,8 @@ def load_and_tokenize(cfg: MLMConfig, tokenizer, repairs: DataRepairs | None = N
                       ) -> DatasetDict:
     """The run's tokenized ``train`` and ``validation`` splits, whatever the source (see the
     module doc); with ``--mixture_files``, each source tokenized on its own (blocks never mix
-    sources), its validation part held out per source, and the training parts interleaved
+    sources), its validation part held out per source (or ``--validation_file``, used whole
+    for every source), and the training parts interleaved
     with ``--mixture_weights`` as sampling probabilities (``datasets.interleave_datasets``,
     seeded by ``--seed``, until every source is exhausted: an epoch sees every example of every
     source at least once). Every example then carries its ``source`` (index into the list).
@@ -139,8 +140,9 @@ def load_and_tokenize(cfg: MLMConfig, tokenizer, repairs: DataRepairs | None = N
                                   max_train_samples=None, max_eval_samples=None)
         parts = tokenize_datasets(load_raw_datasets(one, repairs), tokenizer, one)
         trains.append(parts["train"].add_column("source", [i] * len(parts["train"])))
-        validations.append(parts["validation"].add_column("source",
-                                                          [i] * len(parts["validation"])))
+        if i == 0 or not cfg.validation_file:  # --validation_file: the one eval set, once
+            validations.append(parts["validation"].add_column("source",
+                                                              [i] * len(parts["validation"])))
     total = sum(cfg.mixture_weights)
     train = datasets.interleave_datasets(
         trains, probabilities=[w / total for w in cfg.mixture_weights], seed=cfg.seed,

@@ -188,3 +188,19 @@ def test_a_worker_process_hands_out_the_same_steps(corpus, tokenizer):
         assert a.data_state == b.data_state and a.real == b.real
         assert all(torch.equal(x["input_ids"], y["input_ids"])
                    for x, y in zip(a.micro_batches, b.micro_batches))
+
+
+def test_map_style_mixture_with_a_validation_file_uses_it_once(tmp_path, tokenizer):
+    """With --validation_file the sources are trained on whole and the file is the eval set,
+    once (not once per source)."""
+    a, b = mixture_sources(tmp_path)
+    valid = tmp_path / "valid.jsonl"  # the sources' type: one builder reads both splits
+    valid.write_text("".join(json.dumps({"text": f"held out sentence number {i}."}) + "\n"
+                             for i in range(40)))
+    cfg = parse_config(["--mixture_files", a, b, "--mixture_weights", "0.5", "0.5",
+                        "--validation_file", str(valid), "--max_seq_length", "32"])
+    tokenized = load_and_tokenize(cfg, tokenizer)
+    assert len(tokenized["validation"]) == 40
+    train = IndexedExamples(tokenized["train"])
+    assert {int(i) for i in set(train.sources)} == {0, 1}
+    assert (train.sources == 1).sum() >= len(LINES)  # nothing held out of the sources
