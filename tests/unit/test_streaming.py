@@ -82,7 +82,7 @@ def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
     _, exclude = held_out_eval(cfg)
     run = list(itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude)), 120))
-    assert len({s.epoch for s in run}) == 2  # crosses a pass boundary
+    assert len({s.epoch for s in run}) >= 2  # crosses pass boundaries
     for k in (0, 5, 37, 90):
         position = StreamPosition.from_dict(run[k].data_state)
         again = itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude, position)), 6)
