@@ -76,6 +76,16 @@ def test_each_example_trained_once_per_pass_across_processes(corpus, tokenizer, 
     assert trained == want
 
 
+def without_reader(state: dict) -> dict:
+    """A stream position without the Arrow reader's read-ahead state (see below)."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()
+                    if not (k == "examples_iterable" and "previous_state" in node)}
+        return node
+    return strip(state)
+
+
 def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
     """The resume contract: from any step's data_state, the following steps are the same."""
     cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
@@ -87,7 +97,10 @@ def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
         position = StreamPosition.from_dict(run[k].data_state)
         again = itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude, position)), 6)
         for want, got in zip(run[k + 1:], again):
-            assert got.data_state == want.data_state
+            # The stream's state_dict also records how far its Arrow reader has read ahead,
+            # which may differ after a resume and is not used to resume (datasets replays from
+            # the batch position); everything else is the same.
+            assert without_reader(got.data_state) == without_reader(want.data_state)
             for a, b in zip(want.micro_batches, got.micro_batches):
                 assert a.keys() == b.keys()
                 assert all((a[key] == b[key]).all() for key in a)
