@@ -10,6 +10,10 @@ for the same cores), or prepared ahead by worker processes (a torch ``DataLoader
 on a GPU is 2), pinned so the copy to the device is asynchronous, without holding the training
 process's GIL while it launches kernels. It reports how long the loop waited for each step.
 
+`prepare_micro_batches` is that preparation for one step, shared with `streaming.StreamSteps`
+(whose steps come from a stream instead of a plan); with ``--mixture_files`` it also counts real
+tokens per source.
+
 Exact resume is untouched: worker ``w`` of ``W`` prepares the steps ``k`` with ``k % W == w``
 and the loader returns them round-robin, i.e. in plan order; what a step holds depends only on
 the plan and (epoch, step_in_epoch), never on the number of workers.
