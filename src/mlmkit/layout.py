@@ -52,6 +52,18 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def fullest_rows(lengths: Sequence[int], capacity: int, multiple: int,
+                 keep_all: bool = False) -> tuple[list[list[int]], list[int]]:
+    """Pack a window of examples (`pack_rows`) and keep its fullest rows, a multiple of
+    ``multiple`` of them (all with ``keep_all``): ``(kept rows, fullest first, stable; the
+    positions of the examples of the other rows)``. The planned and the streamed windows both
+    cut batches this way and carry the rest into their next window."""
+    rows = pack_rows(lengths, capacity)
+    rows.sort(key=lambda row: -sum(lengths[i] for i in row))
+    keep = len(rows) if keep_all else (len(rows) // multiple) * multiple
+    return rows[:keep], [i for row in rows[keep:] for i in row]
+
+
 def round_up(n: int, multiple: int | None) -> int:
     return -(-n // multiple) * multiple if multiple else n
 

@@ -82,7 +82,7 @@ class TrainPlan:
         return [full[i] for i in rng.permutation(len(full))] + tail
 
     def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
-        from .layout import pack_rows  # the collator's packer: one packing algorithm
+        from .layout import fullest_rows  # the collator's packer: one packing algorithm
 
         cap, gbs = self.pack_capacity, self.global_batch_size
         lengths = np.minimum(self.lengths, cap)  # the collator truncates to the row length
@@ -94,14 +94,14 @@ class TrainPlan:
                 pool.append(int(order[pos]))
                 tokens += int(lengths[order[pos]])
                 pos += 1
-            rows = [[pool[i] for i in row] for row in pack_rows(lengths[pool].tolist(), cap)]
-            rows.sort(key=lambda row: -int(lengths[row].sum()))  # fullest first (stable)
-            keep = len(rows) if pos >= len(order) else (len(rows) // gbs) * gbs
-            if keep == 0:  # window too small to fill a batch: widen it
+            kept, rest = fullest_rows(lengths[pool].tolist(), cap, gbs,
+                                      keep_all=pos >= len(order))
+            if not kept:  # window too small to fill a batch: widen it
                 window_tokens *= 2
                 carry = pool
                 continue
-            emitted, carry = rows[:keep], [i for row in rows[keep:] for i in row]
+            emitted = [[pool[i] for i in row] for row in kept]
+            carry = [pool[i] for i in rest]
             emitted = [emitted[i] for i in rng.permutation(len(emitted))]
             batches += [emitted[i:i + gbs] for i in range(0, len(emitted), gbs)]
         # a short batch (the epoch's last rows) goes last, as in the unpacked plan

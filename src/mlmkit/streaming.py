@@ -308,20 +308,21 @@ class StreamSteps(torch.utils.data.IterableDataset):
         pool = list(carry)
         need = WINDOW_STEPS * per_step * (cap if self.packed else 1)
         rng = np.random.default_rng([self.cfg.seed, self.rank, window])
+        def size(examples: list) -> int:  # tokens (packed) or examples (padded)
+            return sum(min(len(e[1]), cap) for e in examples) if self.packed else len(examples)
+
         while True:
-            size = sum(min(len(e[1]), cap) for e in pool) if self.packed else len(pool)
-            while size < need:
+            have = size(pool)
+            while have < need:
                 chunk = reader.read()
                 pool += chunk
-                size += sum(min(len(e[1]), cap) for e in chunk) if self.packed else len(chunk)
+                have += size(chunk)
             if self.packed:
-                from .layout import pack_rows
-                lengths = [min(len(e[1]), cap) for e in pool]
-                rows = pack_rows(lengths, cap)
-                rows.sort(key=lambda row: -sum(lengths[i] for i in row))  # fullest first
-                keep = (len(rows) // per_step) * per_step
-                units = [[pool[i] for i in row] for row in rows[:keep]]
-                rest = [pool[i] for row in rows[keep:] for i in row]
+                from .layout import fullest_rows  # as the planned windows (sampler.TrainPlan)
+                kept, rest_at = fullest_rows([min(len(e[1]), cap) for e in pool], cap, per_step)
+                keep = len(kept)
+                units = [[pool[i] for i in row] for row in kept]
+                rest = [pool[i] for i in rest_at]
             else:
                 order = rng.permutation(len(pool))
                 keep = (len(pool) // per_step) * per_step
