@@ -75,3 +75,46 @@ def test_default_yaml_spells_out_the_real_defaults():
     from pathlib import Path
     file = Path(__file__).parents[2] / "recipes" / "configs" / "default.yaml"
     assert parse_config(["--config", str(file)]) == parse_config([])
+
+
+def test_bookkeeping_and_per_run_keys_are_pinned():
+    from mlmkit.config import BOOKKEEPING_KEYS, PER_RUN_KEYS
+    assert BOOKKEEPING_KEYS == {
+        "checkpointing_steps", "data_cache_per_node", "dataloader_num_workers", "ddp_timeout",
+        "eval_pad_sensitivity", "eval_steps", "fill_mask_check", "logging_steps", "output_dir",
+        "overwrite_cache", "overwrite_output_dir", "peak_tflops", "preprocessing_num_workers",
+        "progress_bar", "report_to", "resume_from_checkpoint", "run_name", "save_total_limit",
+        "wandb_group", "wandb_project", "wandb_tags"}
+    assert PER_RUN_KEYS == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint",
+                            "run_name", "seed", "wandb_tags"}
+
+
+def test_parser_hook_into_hf_argparser_still_works():
+    """_Parser overrides HfArgumentParser._parse_dataclass_field (private) to keep mlmkit's own
+    metadata away from argparse: fails if a transformers upgrade renames or reshapes it."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from mlmkit.config import FIELDS, MLMConfig, _Parser
+
+    assert callable(getattr(HfArgumentParser, "_parse_dataclass_field", None))
+    seen = []
+
+    class Counting(_Parser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            seen.append(field.name)
+            _Parser._parse_dataclass_field(parser, field)
+
+    parser = Counting(MLMConfig)
+    assert seen == [f.name for f in dataclasses.fields(MLMConfig)]  # called once per field
+    for action in parser._actions:
+        assert not hasattr(action, "bookkeeping") and not hasattr(action, "per_run")
+    help_text = " ".join(_Parser(MLMConfig).format_help().split())  # unwrapped
+    assert "Column holding the text." in help_text
+    assert all(f"--{key}" in help_text for key in FIELDS)
+    # bookkeeping / per_run fields parse like any other
+    (cfg,) = _Parser(MLMConfig).parse_args_into_dataclasses(
+        args=["--logging_steps", "5", "--seed", "3", "--wandb_tags", "a", "b"])
+    assert (cfg.logging_steps, cfg.seed, cfg.wandb_tags) == (5, 3, ["a", "b"])
