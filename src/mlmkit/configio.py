@@ -4,7 +4,7 @@
 * `did_you_mean`: the hint for an unknown key;
 * `to_cli_args`: a mapping of flags -> ``--key value`` arguments, in the recipe parser's spelling;
 * `config_differences`: which settings differ between two configs, skipping the keys that the
-  config's own fields mark as free to differ (``metadata={"differs": ...}``, see `config.py`).
+  config's own fields mark as free to differ (``bookkeeping`` in their metadata, see `config.py`).
 """
 
 from __future__ import annotations

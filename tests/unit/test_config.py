@@ -118,3 +118,12 @@ def test_parser_hook_into_hf_argparser_still_works():
     (cfg,) = _Parser(MLMConfig).parse_args_into_dataclasses(
         args=["--logging_steps", "5", "--seed", "3", "--wandb_tags", "a", "b"])
     assert (cfg.logging_steps, cfg.seed, cfg.wandb_tags) == (5, 3, ["a", "b"])
+
+
+def test_every_field_has_help_and_mlmkit_metadata():
+    import dataclasses
+
+    from mlmkit.config import MLMConfig
+    for f in dataclasses.fields(MLMConfig):  # one idiom: field(..., metadata=_meta(help, ...))
+        assert f.metadata.get("help"), f.name
+        assert set(f.metadata) == {"help", "bookkeeping", "per_run"}, f.name
