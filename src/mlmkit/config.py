@@ -6,6 +6,11 @@ Flag names follow ``run_mlm_no_trainer.py`` (and the HF Trainer for ``--logging_
 overrides. YAML values go through the same typed parser as CLI flags, so a wrong type in a file is
 caught the same way, and the error names the file and the key.
 
+Every field carries its ``--help`` text and two flags (`_meta`): ``bookkeeping`` (may change on
+resume, not a difference between runs) and ``per_run`` (names one run of a set). `validate_config`
+checks by topic, before anything heavy loads. `run_shape` derives, once, the settings that follow
+from the config, the launch and the resolved padding (workers, collator widths, global batch).
+
 Launch settings (processes, machines, mixed precision, ZeRO stage) are *not* here: they belong to
 ``accelerate launch --config_file accelerate_configs/X.yaml``.
 """
@@ -29,7 +34,7 @@ from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_
 from .fileio import atomic_write_text
 
 __all__ = ["ConfigError", "MLMConfig", "parse_config", "save_config", "BOOKKEEPING_KEYS",
-           "PER_RUN_KEYS", "differences"]
+           "PER_RUN_KEYS", "differences", "RunShape", "run_shape"]
 
 
 _OWN_METADATA = ("bookkeeping", "per_run")
@@ -281,7 +286,8 @@ def _check_sizes(cfg: MLMConfig) -> None:
                 "max_train_samples", "max_eval_samples", "pad_to_multiple_of"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
-            _bad(cfg, key, "must be at least 1 when set", f"pass a positive integer or drop --{key}")
+            _bad(cfg, key, "must be at least 1 when set",
+                 f"pass a positive integer or drop --{key}")
     if cfg.num_train_epochs <= 0 and cfg.max_train_steps is None:
         _bad(cfg, "num_train_epochs", "must be positive",
              "pass --num_train_epochs 1 or set --max_train_steps")
@@ -410,6 +416,36 @@ def differences(saved: dict, current: dict) -> list[str]:
     (bookkeeping keys are free to differ; a key an older mlmkit did not write is its default)."""
     return config_differences(saved, current, defaults=MLMConfig().to_dict(),
                               ignore=BOOKKEEPING_KEYS)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Settings derived from the config, the launch and the resolved padding, computed once."""
+    workers: int                    # DataLoader workers that prepare steps ahead
+    pad_to_multiple_of: int | None  # train collator's width multiple (compile+packed: fixed)
+    positions_multiple: int | None  # masked positions padded to a multiple (CUDA-graph friendly)
+    global_batch_size: int          # examples (or packed rows) per optimizer step, all processes
+    unit: str                       # "rows" when packed, else "examples"
+
+
+def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str) -> RunShape:
+    """The `RunShape` of a run of ``cfg`` on ``num_processes`` processes, with ``padding`` the
+    resolved layout (``probe.resolve_padding``: never "auto")."""
+    workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else \
+        (2 if on_gpu else 0)
+    if cfg.streaming:  # one process reads the stream (its order is its state): one worker at most
+        workers = min(workers, 1)
+    packed = padding == "packed"
+    return RunShape(
+        workers=workers,
+        # compiled + packed: rows at a fixed (rows, max_seq_length) shape, so the graph is static
+        pad_to_multiple_of=cfg.max_seq_length if cfg.torch_compile and packed
+        else cfg.pad_to_multiple_of,
+        # reduce-overhead replays CUDA graphs: few distinct shapes of masked positions
+        positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None,
+        global_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        * num_processes,
+        unit="rows" if packed else "examples")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -127,3 +127,41 @@ def test_every_field_has_help_and_mlmkit_metadata():
     for f in dataclasses.fields(MLMConfig):  # one idiom: field(..., metadata=_meta(help, ...))
         assert f.metadata.get("help"), f.name
         assert set(f.metadata) == {"help", "bookkeeping", "per_run"}, f.name
+
+
+def test_run_shape_defaults_follow_the_device_and_the_padding():
+    from mlmkit.config import MLMConfig, RunShape, run_shape
+    cfg = MLMConfig(per_device_train_batch_size=8, gradient_accumulation_steps=4)
+    assert run_shape(cfg, num_processes=2, on_gpu=True, padding="longest") == RunShape(
+        workers=2, pad_to_multiple_of=None, positions_multiple=None, global_batch_size=64,
+        unit="examples")
+    cpu = run_shape(cfg, num_processes=1, on_gpu=False, padding="packed")
+    assert (cpu.workers, cpu.global_batch_size, cpu.unit) == (0, 32, "rows")
+
+
+@pytest.mark.parametrize("flags, on_gpu, expected", [
+    (dict(dataloader_num_workers=3), False, 3),  # explicit wins over the device default
+    (dict(dataloader_num_workers=0), True, 0),
+    (dict(streaming=True), True, 1),  # a stream is read by one worker at most
+    (dict(streaming=True), False, 0),
+    (dict(streaming=True, dataloader_num_workers=4), True, 1),
+])
+def test_run_shape_workers(flags, on_gpu, expected):
+    from mlmkit.config import MLMConfig, run_shape
+    shape = run_shape(MLMConfig(**flags), num_processes=1, on_gpu=on_gpu, padding="longest")
+    assert shape.workers == expected
+
+
+@pytest.mark.parametrize("flags, padding, pad_multiple, positions_multiple", [
+    (dict(pad_to_multiple_of=8), "packed", 8, None),
+    (dict(pad_to_multiple_of=8, torch_compile=True), "packed", 128, None),  # fixed width
+    (dict(pad_to_multiple_of=8, torch_compile=True), "longest", 8, None),
+    (dict(torch_compile=True, torch_compile_mode="reduce-overhead"), "packed", 128, 256),
+    # positions are padded under reduce-overhead even without --torch_compile (as the recipe does)
+    (dict(torch_compile_mode="reduce-overhead"), "longest", None, 256),
+])
+def test_run_shape_compile_widths(flags, padding, pad_multiple, positions_multiple):
+    from mlmkit.config import MLMConfig, run_shape
+    shape = run_shape(MLMConfig(**flags), num_processes=1, on_gpu=True, padding=padding)
+    assert (shape.pad_to_multiple_of, shape.positions_multiple) == (pad_multiple,
+                                                                    positions_multiple)
