@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -463,6 +464,29 @@ class _Parser(HfArgumentParser):
         raise ConfigError(message)
 
 
+def _parse_args(args: list[str]) -> MLMConfig:
+    """``--key value`` arguments -> an MLMConfig, not yet validated. A word left over (a stray
+    value, often a glob the shell expanded) is a ConfigError, not HfArgumentParser's ValueError."""
+    cfg, leftover = _Parser(MLMConfig).parse_args_into_dataclasses(
+        args=args, return_remaining_strings=True)
+    flags = [arg for arg in leftover if re.match(r"--?[A-Za-z]", arg)]
+    if flags:  # e.g. a single-dash -flag (its value is left over too)
+        raise _unknown_option(flags[0])
+    if leftover:
+        raise ConfigError(
+            f"unexpected argument(s) {', '.join(map(repr, leftover))} (not a --flag; a flag that "
+            "takes one value was given several, often a glob the shell expanded). Fix: quote "
+            "globs so the shell does not expand them (--train_file 'data/*.parquet'), or remove "
+            "the stray words.")
+    return cfg
+
+
+def _unknown_option(flag: str) -> ConfigError:
+    """The error for a command-line option that is not a recipe flag, with the nearest flag."""
+    hint = did_you_mean(flag.lstrip("-"), FIELDS, "see --help", flag=True)
+    return ConfigError(f"unknown option {flag}. Fix: remove it ({hint}).")
+
+
 def unknown_key_error(key: str, where: str) -> ConfigError:
     """The error for a YAML key that is not a recipe flag, with the nearest flag as a hint."""
     hint = did_you_mean(key, FIELDS, "see `recipes/mlm.py --help`")
@@ -480,7 +504,7 @@ def yaml_args(path: str) -> list[str]:
             raise unknown_key_error(str(key), path)
     args = to_cli_args(data)
     try:  # type-check the file on its own so the error names the file
-        _Parser(MLMConfig).parse_args_into_dataclasses(args=args)
+        _parse_args(args)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return args
@@ -502,10 +526,8 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
     for arg in argv:
         key = arg[2:].split("=")[0]
         if arg.startswith("--") and key not in FIELDS and key != "help":
-            hint = did_you_mean(key, FIELDS, "see --help", flag=True)
-            raise ConfigError(f"unknown option --{key}. Fix: remove it ({hint}).")
-    (cfg,) = _Parser(MLMConfig).parse_args_into_dataclasses(args=from_yaml + argv)
-    return cfg.validate()
+            raise _unknown_option(f"--{key}")
+    return _parse_args(from_yaml + argv).validate()
 
 
 def save_config(cfg: MLMConfig, path: str | os.PathLike) -> None:

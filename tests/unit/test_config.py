@@ -165,3 +165,22 @@ def test_run_shape_compile_widths(flags, padding, pad_multiple, positions_multip
     shape = run_shape(MLMConfig(**flags), num_processes=1, on_gpu=True, padding=padding)
     assert (shape.pad_to_multiple_of, shape.positions_multiple) == (pad_multiple,
                                                                     positions_multiple)
+
+
+def test_stray_words_are_a_config_error_that_names_them(tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("one line\n")
+    # an unquoted glob the shell expanded: --train_file a.txt b.parquet
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--train_file", str(data), "b.parquet", "--seed", "1"])
+    message = str(err.value)
+    assert message.startswith("unexpected argument(s) 'b.parquet' (not a --flag")
+    assert "quote globs" in message and "--train_file 'data/*.parquet'" in message
+    with pytest.raises(ConfigError, match=r"unexpected argument\(s\) 'x', '-5'"):
+        parse_config(["x", "--seed", "1", "-5"])
+    with pytest.raises(ConfigError, match=r"unknown option -learning_rate\. .*--learning_rate"):
+        parse_config(["-learning_rate", "1e-4"])
+    listed = tmp_path / "l.yaml"  # several values for a one-value key, in a file
+    listed.write_text(f"train_file: [{data}, b.parquet]\n")
+    with pytest.raises(ConfigError, match=r"l\.yaml: unexpected argument\(s\) 'b\.parquet'"):
+        parse_config(["--config", str(listed)])
