@@ -37,6 +37,7 @@ and the ratio of real tokens/s to the baseline's. Written as JSON too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -51,14 +52,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from accelerate.utils import send_to_device  # noqa: E402
 
+from mlmkit.checkpoint import RankState, TrainState  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
-from mlmkit.config import parse_config  # noqa: E402
-from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
+from mlmkit.config import parse_config, run_shape  # noqa: E402
+from mlmkit.data import (DataRepairs, IndexedExamples, RunData, load_raw_datasets,  # noqa: E402
+                         tokenize_datasets)
 from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
-from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step  # noqa: E402
-from mlmkit.prefetch import PlannedSteps, Prefetcher  # noqa: E402
+from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_training,  # noqa: E402
+                         train_step)
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
-from mlmkit.sampler import TrainPlan  # noqa: E402
+from mlmkit.prefetch import Prefetcher, build_step_source  # noqa: E402
+from mlmkit.sampler import TrainPlan, plan_schedule  # noqa: E402
 
 
 def peak_mem_gb(device) -> float | None:
@@ -116,40 +120,41 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
                         device)
 
 
-def run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args) -> dict:
-    """The recipe's own training step (see the module doc) on packed rows, masked-only head."""
+def run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args) -> dict:
+    """The recipe's own training step (see the module doc) on packed rows, masked-only head:
+    the recipe's builders (`loop.prepare_training`, `config.run_shape`, `sampler.plan_schedule`,
+    `prefetch.build_step_source`) on the same flags, so this column measures the recipe."""
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               cpu=device.type == "cpu")
-    counter = FlopCounter.for_model(model)
-    module = MaskedLMModule(model, sparse_prediction=True)
-    optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
-    module, optimizer = accelerator.prepare(module, optimizer)
-    forward = torch.compile(module) if args.torch_compile else None
-    scheduler = build_scheduler(optimizer, cfg, 10 * n_steps)
-    plan = TrainPlan(examples.lengths, per_device_batch_size=rows, grad_accum=1, num_processes=1,
-                     process_index=0, seed=0, pack_capacity=args.max_seq_length)
-    fixed = {"pad_to_multiple_of": args.max_seq_length} if args.torch_compile else {}
-    collator = MaskedLMCollator(tokenizer, padding="packed", max_length=args.max_seq_length,
-                                attn_implementation=args.attn_implementation,
-                                position_offset=position_offset(model), **fixed)
-    workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else \
-        (2 if device.type == "cuda" else 0)  # the recipe's default
-    steps = Prefetcher(PlannedSteps(plan, collator, examples, start_epoch=0, start_step=0,
-                                    num_epochs=1000, max_length=args.max_seq_length,
-                                    flop_counter=counter),
-                       num_workers=workers, pin_memory=workers > 0)
+    cfg = recipe_config(cfg, args, padding="packed", max_train_steps=n_steps)
+    training = prepare_training(cfg, accelerator, model)
+    shape = run_shape(cfg, num_processes=1, on_gpu=device.type == "cuda", padding="packed")
+    collator = MaskedLMCollator.from_config(
+        tokenizer, cfg, position_offset=training.position_offset, padding="packed",
+        attn_implementation=training.attn_implementation,
+        pad_to_multiple_of=shape.pad_to_multiple_of)
+    schedule = plan_schedule(cfg, examples, padding="packed", num_processes=1, process_index=0)
+    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
+    data = RunData(examples, examples, frozenset(), DataRepairs())
+    steps = Prefetcher(build_step_source(cfg, schedule=schedule, data=data, collator=collator,
+                                         tokenizer=tokenizer, training=training,
+                                         state=TrainState(),
+                                         rank_state=RankState.load(cfg, None, 0),
+                                         process_index=0, num_processes=1, shape=shape),
+                       num_workers=shape.workers, pin_memory=shape.workers > 0)
     pending = StepResults()
     reset_peak(device)
     n_real = computed = n_flops = 0
-    module.train()
+    training.module.train()
     for i in range(n_steps):
         if i == args.warmup:
             pending.read()  # everything before is warm-up (and compilation)
             t0 = time.perf_counter()
         prepared, _ = steps.next()
-        out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
-                         mask_padding=True, max_grad_norm=1.0, forward=forward)
+        out = train_step(accelerator, training.module, training.optimizer, scheduler,
+                         prepared.micro_batches, mask_padding=True, max_grad_norm=1.0,
+                         forward=training.forward)
         pending.add(out, 0.0)
         if (i + 1) % 10 == 0:
             pending.read()  # what --logging_steps 10 reads
@@ -162,6 +167,15 @@ def run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args
     steps.close()
     return measurements("recipe", n_steps - args.warmup, n_real, computed, n_flops, elapsed,
                         device)
+
+
+def recipe_config(cfg, args, *, padding: str, **more):
+    """The recipe config of a mode: the benchmark's batch, compile and worker flags."""
+    rows = args.packed_rows or args.batch_size
+    return dataclasses.replace(
+        cfg, padding=padding, learning_rate=1e-5, torch_compile=args.torch_compile,
+        per_device_train_batch_size=rows if padding == "packed" else args.batch_size,
+        dataloader_num_workers=args.dataloader_num_workers, **more)
 
 
 def measurements(name, steps, n_real, computed, n_flops, elapsed, device) -> dict:
@@ -217,11 +231,13 @@ def main() -> None:
                          **kw)
 
     def mlmkit_batches(padding: str, p: TrainPlan, sparse: bool):
-        fixed = {"pad_to_multiple_of": args.max_seq_length} \
-            if args.torch_compile and padding == "packed" else {}
-        collator = MaskedLMCollator(tokenizer, padding=padding, max_length=args.max_seq_length,
-                                    attn_implementation=args.attn_implementation,
-                                    position_offset=offset, **fixed)
+        mode_cfg = recipe_config(cfg, args, padding=padding)  # the recipe's collator, width
+        shape = run_shape(mode_cfg, num_processes=1, on_gpu=device.type == "cuda",
+                          padding=padding)
+        collator = MaskedLMCollator.from_config(tokenizer, mode_cfg, position_offset=offset,
+                                                attn_implementation=args.attn_implementation,
+                                                padding=padding,
+                                                pad_to_multiple_of=shape.pad_to_multiple_of)
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
             indices, rows = p.layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
@@ -269,7 +285,7 @@ def main() -> None:
     for name in args.modes.split(","):
         model.load_state_dict(initial)  # every mode starts from the same weights
         if name == "recipe":
-            res = run_recipe_step(model, cfg, tokenizer, examples, rows, n_steps, device, args)
+            res = run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args)
         else:
             batches, sparse, hf = builders[name]()
             real = [b.pop("_real") if hf else int(b["num_real_tokens"]) for b in batches]

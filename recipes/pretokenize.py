@@ -28,7 +28,6 @@ if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pi
     sys.path.insert(0, str(SRC))
 
 from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
-from mlmkit.data import DataError  # noqa: E402
 
 USAGE = ("usage: python recipes/pretokenize.py --output_dir DIR [--num_shards N] "
          "[recipe data flags, see below]")
@@ -105,8 +104,5 @@ def training_command(cfg: MLMConfig) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as err:
-        print(f"mlmkit: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from mlmkit.cli import run_cli
+    run_cli(main)

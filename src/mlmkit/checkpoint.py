@@ -51,7 +51,7 @@ from .config import MLMConfig, save_config
 from .configio import ConfigError
 from .fileio import fsync_dir, fsync_tree, write_json_atomic
 from .tracking import (TRAIN_DATA_WAIT_FRACTION, TRAIN_MFU, TRAIN_PAD_FRACTION,
-                       TRAIN_REAL_TOKENS_PER_S, TRAIN_TFLOPS, TRAIN_TOKENS_PER_S)
+                       TRAIN_REAL_TOKENS_PER_S, TRAIN_TFLOPS, TRAIN_TOKENS_PER_S, mixture_summary)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"                 # written last; JSON manifest {"step", "files": {path: bytes}}
@@ -126,6 +126,17 @@ class TrainState:
     wandb_run_id: str | None = None    # a resumed run continues the same W&B run
     launch: dict[str, Any] = field(default_factory=dict)  # num_processes, distributed_type
     format: int = FORMAT
+
+    def advance(self, step) -> None:
+        """One optimizer step done on ``step`` (a `prefetch.PreparedStep`): the data position
+        moves past it."""
+        self.step, self.epoch, self.step_in_epoch = (self.step + 1, step.epoch,
+                                                     step.step_in_epoch + 1)
+
+    def take_window(self) -> RunningStats:
+        """The log window's statistics; a new window starts."""
+        window, self.window = self.window, RunningStats()
+        return window
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,6 +238,50 @@ def read_rank_state(folder: Path | None, process_index: int) -> dict | None:
         return None
     path = rank_state_file(folder, process_index)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class RankState:
+    """What only this process knows of the data: its stream position after the newest step
+    (``--streaming``) and its real tokens per ``--mixture_files`` source; saved per process
+    (``data_state_<rank>.json``) when the run has either."""
+    kept: bool                         # --streaming or --mixture_files: saved in checkpoints
+    source_tokens: list[int]
+    stream: dict | None = None
+
+    @classmethod
+    def load(cls, cfg: MLMConfig, checkpoint: Path | None, process_index: int) -> "RankState":
+        saved = read_rank_state(checkpoint, process_index) or {}
+        state = cls(bool(cfg.streaming or cfg.mixture_files),
+                    saved.get("source_tokens") or [0] * len(cfg.mixture_files),
+                    saved.get("stream"))
+        if cfg.streaming and checkpoint is not None and state.stream is None:
+            raise ConfigError(f"checkpoint {checkpoint} has no {RANK_STATE_PREFIX}"
+                              f"{process_index}.json (the stream position of process "
+                              f"{process_index}). Fix: resume from another checkpoint "
+                              "(--resume_from_checkpoint), or start afresh with "
+                              "--overwrite_output_dir true.")
+        return state
+
+    def update(self, step) -> None:
+        """Advance past ``step`` (a `prefetch.PreparedStep`)."""
+        if step.source_tokens is not None:
+            self.source_tokens = [a + b for a, b in zip(self.source_tokens, step.source_tokens)]
+        if step.data_state is not None:
+            self.stream = step.data_state
+
+    def to_dict(self) -> dict | None:
+        return {"stream": self.stream, "source_tokens": self.source_tokens} if self.kept else None
+
+    def summary(self, cfg: MLMConfig, accelerator) -> dict:
+        """The summary's ``data/*`` entries of a mixture: tokens per source, all processes
+        (a collective: every process calls it)."""
+        if not cfg.mixture_files:
+            return {}
+        import torch
+        counts = accelerator.reduce(torch.tensor(self.source_tokens, device=accelerator.device),
+                                    reduction="sum").tolist()
+        return mixture_summary(cfg.mixture_files, cfg.mixture_weights, counts)
 
 
 def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState,

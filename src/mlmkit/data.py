@@ -340,3 +340,56 @@ class IndexedExamples:
             for item, i in zip(out, indices):
                 item["source"] = int(self.sources[int(i)])
         return out
+
+
+@dataclass
+class RunData:
+    """The examples of one run: ``train`` (None under ``--streaming``: the stream is read in the
+    loop), ``validation``, the texts held out of the stream for eval (never trained on), and the
+    repaired lines of dirty files."""
+    train: IndexedExamples | None
+    validation: IndexedExamples
+    stream_exclude: frozenset
+    repairs: DataRepairs
+
+    def summary(self) -> dict:
+        """The summary's entries about the data."""
+        from .tracking import DATA_REPAIRED_LINES, TRAIN_EXAMPLES
+        return {TRAIN_EXAMPLES: len(self.train) if self.train is not None else None,
+                DATA_REPAIRED_LINES: self.repairs.total}
+
+    def log_lines(self, cfg: MLMConfig) -> list[str]:
+        lines = [f"warning: {self.repairs.warning()}"] if self.repairs.total else []
+        if self.train is None:
+            from .streaming import describe_source
+            held = "held out from the stream" if self.stream_exclude else \
+                "from the validation split"
+            return lines + [f"data: streaming {describe_source(cfg)}; {len(self.validation)} "
+                            f"validation examples ({held})"]
+        lengths = self.train.lengths
+        return lines + [f"data: {len(self.train)} train / {len(self.validation)} validation "
+                        f"examples, {int(lengths.sum(dtype='int64'))} train tokens, median "
+                        f"length {int(np.median(lengths))}"]
+
+
+def load_run_data(cfg: MLMConfig, tokenizer, accelerator) -> RunData:
+    """The run's data from ``--tokenized_dir`` (nothing to tokenize), ``--streaming`` (only the
+    eval set is tokenized up front) or any other source (`load_and_tokenize`). One process
+    tokenizes into the datasets cache (one per node with ``--data_cache_per_node``), the others
+    wait (up to ``--ddp_timeout``) and read it."""
+    first = accelerator.local_main_process_first if cfg.data_cache_per_node \
+        else accelerator.main_process_first
+    repairs, exclude = DataRepairs(), frozenset()
+    if cfg.tokenized_dir:
+        from .pretokenize import load_pretokenized
+        tokenized = load_pretokenized(cfg.tokenized_dir, tokenizer, cfg)
+    elif cfg.streaming:
+        from .streaming import held_out_eval
+        with first():
+            raw_eval, exclude = held_out_eval(cfg)
+            tokenized = tokenize_datasets(DatasetDict({"validation": raw_eval}), tokenizer, cfg)
+    else:
+        with first():
+            tokenized = load_and_tokenize(cfg, tokenizer, repairs)
+    train = None if cfg.streaming else IndexedExamples(tokenized["train"])
+    return RunData(train, IndexedExamples(tokenized["validation"]), exclude, repairs)

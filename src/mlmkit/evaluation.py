@@ -91,3 +91,27 @@ def pad_sensitivity(model, examples, collator, max_seq_length: int, device) -> f
     with_pad = token_logprobs(model, padded.to(device))  # (N, T_max), no attention mask
     diffs = torch.cat([(with_pad[i, :len(a)] - a).abs() for i, a in enumerate(alone)])
     return diffs.mean().item()
+
+
+class Evaluator:
+    """The run's eval: `evaluate` on the validation examples with `eval_collator`'s fixed
+    masks, logged at a step (`tracking.MetricsLog`) with one line; every process calls it.
+    ``training``: a `loop.Training`."""
+
+    def __init__(self, accelerator, training, examples, tokenizer, cfg, metrics_log):
+        self.accelerator, self.module, self.examples = accelerator, training.module, examples
+        self.collator = eval_collator(tokenizer, cfg, position_offset=training.position_offset,
+                                      attn_implementation=training.attn_implementation)
+        self.cfg, self.metrics_log = cfg, metrics_log
+
+    def __call__(self, step: int) -> dict:
+        cfg = self.cfg
+        metrics = evaluate(self.accelerator, self.module, self.examples, self.collator,
+                           batch_size=cfg.per_device_eval_batch_size,
+                           max_seq_length=cfg.max_seq_length,
+                           with_unmasked=cfg.eval_pad_sensitivity,
+                           with_pad_probe=cfg.eval_pad_sensitivity)
+        self.metrics_log.log(metrics, step)
+        self.accelerator.print(f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, "
+                               f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}")
+        return metrics

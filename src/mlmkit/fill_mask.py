@@ -230,3 +230,26 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class FillMaskCheck:
+    """The run's fill-mask check (``--fill_mask_check``): a few validation sentences, tried on
+    the initial model (`before`, fresh runs; kept in the train state so a resumed run reports it
+    too) and on the exported ``model/`` (`after`, main process, CPU)."""
+
+    def __init__(self, enabled: bool, tokenizer, examples):
+        self.tokenizer = tokenizer
+        self.probes = choose_probes(tokenizer, examples) if enabled else []
+
+    def before(self, accelerator, module, folder: Path, state) -> None:
+        if self.probes and state.step == 0:
+            state.fill_mask_before = initial_predictions(accelerator, module, self.tokenizer,
+                                                         folder, self.probes)
+
+    def after(self, accelerator, model_dir: Path, before: list[dict]) -> list[dict]:
+        if not (self.probes and accelerator.is_main_process):
+            return []
+        entries = combine(self.probes, before, predict(model_dir, self.probes))
+        for line in format_lines(entries):
+            accelerator.print(line)
+        return entries

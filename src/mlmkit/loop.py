@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import send_to_device
@@ -19,6 +20,7 @@ from transformers import get_scheduler
 
 from .collator import model_inputs
 from .configio import ConfigError
+from .flops import FlopCounter
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -122,6 +124,8 @@ class StepResults:
 
     def __init__(self):
         self._steps: list[tuple[dict, float]] = []
+        self.grad_norm: float | None = None  # the newest step's, once read
+
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -149,3 +153,58 @@ class StepResults:
                            seconds + (waited if i == len(values) - 1 else 0.0)))
         self._steps = []
         return result
+
+    def read_into(self, state) -> None:
+        """`read`, then add each step to ``state.window`` and ``state.total`` (a
+        `checkpoint.TrainState`) and keep the newest gradient norm in ``grad_norm``."""
+        for loss, masked, norm, seconds in self.read():
+            for stats in (state.window, state.total):
+                stats.add_step(loss, masked, seconds)
+            self.grad_norm = norm
+
+
+@dataclass
+class Training:
+    """What trains: the prepared module and optimizer, the training forward (compiled with
+    ``--torch_compile``, else the module), and what the model's layout tells the collator."""
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: torch.nn.Module | None
+    flop_counter: FlopCounter
+    position_offset: int
+    attn_implementation: str
+
+    @property
+    def inner(self):
+        """The unwrapped `modeling.MaskedLMModule` (probes, the head switch)."""
+        from accelerate.utils import extract_model_from_parallel
+        return extract_model_from_parallel(self.module)
+
+
+def prepare_training(cfg, accelerator, model) -> Training:
+    """The training module around ``model`` (masked-only head per ``--sparse_prediction``),
+    fused AdamW, both through ``accelerator.prepare`` (DDP, ZeRO, FSDP2 as launched), and the
+    ``--torch_compile`` forward (eval and the probe run eager)."""
+    from .modeling import MaskedLMModule, attn_implementation, position_offset
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offset, attn = position_offset(model), attn_implementation(model)
+    flop_counter = FlopCounter.for_model(model)  # train/tflops and train/mfu
+    module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
+    optimizer = build_optimizer(module, cfg)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    forward = compile_forward(module, accelerator, cfg.torch_compile_mode) \
+        if cfg.torch_compile else None
+    return Training(module, optimizer, forward, flop_counter, offset, attn)
+
+
+def compile_forward(module, accelerator, mode: str):
+    """``torch.compile`` of the prepared training module (inductor; DDP or one process)."""
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                            DistributedType.MULTI_CPU):
+        raise ConfigError(f"--torch_compile is supported with DDP or one process, not under "
+                          f"{accelerator.distributed_type.value}. Fix: drop --torch_compile, or "
+                          "launch without DeepSpeed/FSDP.")
+    return torch.compile(module, mode=mode)
+

@@ -43,19 +43,46 @@ def load_tokenizer(cfg: MLMConfig):
     return tokenizer
 
 
-def load_model(cfg: MLMConfig, tokenizer) -> nn.Module:
+def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
     """The ``*ForMaskedLM`` model; ``--attn_implementation`` unset leaves the choice to
     transformers (SDPA where the architecture supports it, else eager): read the one taken
-    with `attn_implementation`."""
+    with `attn_implementation`.
+
+    The embedded default is loaded quietly: its checkpoint has no MLM head by design, which
+    transformers reports as a load report of missing keys and a "checkpoint seem corrupted"
+    warning about the head's tied bias. Instead ``log`` (e.g. ``accelerator.print``) gets one
+    line saying so. Other models keep transformers' own report: a missing key there is news."""
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.config_name:
         config = AutoConfig.from_pretrained(cfg.config_name)
         model = AutoModelForMaskedLM.from_config(config, **kwargs)
+    elif cfg.model_name_or_path:
+        model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, **kwargs)
     else:
-        name = cfg.model_name_or_path or str(embedded_model_path())
-        model = AutoModelForMaskedLM.from_pretrained(name, **kwargs)
+        model = _load_embedded(kwargs, log)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def _load_embedded(kwargs: dict, log=None) -> nn.Module:
+    """The embedded model without transformers' load report (see `load_model`)."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            str(embedded_model_path()), output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    heads = sorted({key.split(".")[0] for key in info.get("missing_keys", ())})
+    if log is not None:
+        log(f"model: the embedded all-MiniLM-L6-v2 ({model.config.num_hidden_layers} layers, "
+            f"{model.config.hidden_size} wide); its checkpoint has no MLM head, so "
+            f"{', '.join(heads) or 'the head'} starts newly initialised (expected)")
     return model
 
 

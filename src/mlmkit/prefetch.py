@@ -127,6 +127,26 @@ def prepare_micro_batches(collator, micros, *, max_length: int, flop_counter=Non
     return PreparedStep(0, 0, micro_batches, computed, real, flops, source_tokens)
 
 
+def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, state,
+                      rank_state, process_index: int, num_processes: int, shape):
+    """The run's steps from where ``state`` (a `checkpoint.TrainState`) and ``rank_state`` (a
+    `checkpoint.RankState`) stand: `PlannedSteps` over ``schedule``'s plan, or under
+    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly); ``shape``:
+    `config.RunShape`."""
+    common = dict(flop_counter=training.flop_counter, sparse_head=training.inner.sparse_prediction,
+                  positions_multiple=shape.positions_multiple,
+                  num_sources=len(cfg.mixture_files))
+    if schedule.plan is None:
+        from .streaming import StreamPosition, StreamSteps
+        position = StreamPosition.from_dict(rank_state.stream) if rank_state.stream else None
+        return StreamSteps(cfg, tokenizer, collator, process_index=process_index,
+                           num_processes=num_processes, packed=collator.padding == "packed",
+                           exclude=data.stream_exclude, position=position, **common)
+    return PlannedSteps(schedule.plan, collator, data.train, start_epoch=state.epoch,
+                        start_step=state.step_in_epoch, num_epochs=schedule.num_epochs,
+                        max_length=cfg.max_seq_length, **common)
+
+
 def _identity(item):
     return item
 

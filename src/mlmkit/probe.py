@@ -202,3 +202,43 @@ def resolve_padding(padding: str, result: IsolationResult, *, accept_padding_lea
             raise ConfigError(f"padding={padding}: {message}. Fix: {fix}.")
         why += f"; WARNING: {message}, accepted by --accept_padding_leak"
     return padding, why
+
+
+@dataclass
+class PaddingDecision:
+    """The run's padding mode, the probe it rests on, and the lines that say so."""
+    padding: str
+    isolation: IsolationResult
+    lines: list[str]
+
+    def summary(self) -> dict:
+        """The summary's entries: what ``--padding`` resolved to and the probe's measurements."""
+        from .tracking import PADDING
+        return {PADDING: self.padding, **self.isolation.metrics()}
+
+    def run_config(self) -> dict:
+        """What the trackers' run config records beside the flags."""
+        from .tracking import PADDING
+        return {PADDING + "_resolved": self.padding, **self.isolation.metrics()}
+
+
+def decide_padding(cfg, training, tokenizer, device) -> PaddingDecision:
+    """Probe ``training``'s model (a `loop.Training`; every process, same forwards) and resolve
+    ``--padding`` (`resolve_padding`: a ConfigError before anything is written); a model whose
+    masked-only head does not match its full head falls back to the full head."""
+    inner = training.inner
+    isolation = probe_isolation(inner.model, tokenizer,
+                                attn_implementation=training.attn_implementation,
+                                position_offset=training.position_offset,
+                                max_length=cfg.max_seq_length, device=device,
+                                head_logits=inner.head_logits if inner.sparse_prediction else None)
+    padding, why = resolve_padding(cfg.padding, isolation, group_by_length=cfg.group_by_length,
+                                   accept_padding_leak=cfg.accept_padding_leak)
+    lines = [f"isolation probe ({isolation.architecture}, {training.attn_implementation}): "
+             f"padded {isolation.describe('padded')}; packed {isolation.describe('packed')}; "
+             f"{why}"]
+    if cfg.sparse_prediction and not isolation.sparse_head:
+        inner.sparse_prediction = False
+        lines.append(f"notice: {isolation.architecture} has no masked-only head layout that "
+                     "matches its full head; using the full head.")
+    return PaddingDecision(padding, isolation, lines)

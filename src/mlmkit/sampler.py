@@ -26,6 +26,9 @@ micro-batches hold examples of similar length (little padding), while the step o
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 MEGABATCH_MULT = 50
@@ -156,3 +159,45 @@ def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -
     shard = list(range(process_index, n, num_processes))
     n_batches = -(-(-(-n // num_processes)) // batch_size)  # ceil(ceil(n / P) / B)
     return [shard[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+@dataclass
+class Schedule:
+    """How long the run trains: ``max_steps`` optimizer steps; map-style data also has this
+    process's ``plan`` and the ``num_epochs`` it spans (``--streaming``: no plan, no epochs)."""
+    plan: TrainPlan | None
+    max_steps: int
+    num_epochs: int | None
+
+    def describe(self, cfg, shape, padding: str, sparse_head: bool, num_processes: int) -> str:
+        """The log's ``train:`` line (``shape``: `config.RunShape`)."""
+        return (f"train: {self.max_steps} steps x {shape.global_batch_size} {shape.unit} "
+                f"({cfg.per_device_train_batch_size} per device x "
+                f"{cfg.gradient_accumulation_steps} accumulation x {num_processes} processes), "
+                f"padding={padding}, mask_padding={cfg.mask_padding}, "
+                f"sparse_prediction={sparse_head}")
+
+    def where(self, state) -> str:
+        """Where the data stands in ``state`` (a `checkpoint.TrainState`), for the log."""
+        if self.plan is None:
+            return f"pass {state.epoch} of the stream"
+        return f"epoch {state.epoch}, batch {state.step_in_epoch} of it"
+
+    def epoch_at(self, step: int, data_epoch: int) -> float:
+        """The ``epoch`` metric after ``step`` steps (the stream's pass when streaming)."""
+        return step / len(self.plan) if self.plan else data_epoch
+
+
+def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
+                  process_index: int) -> Schedule:
+    """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming) and the
+    run's length."""
+    if examples is None:
+        return Schedule(None, cfg.max_train_steps, None)
+    plan = TrainPlan(examples.lengths, per_device_batch_size=cfg.per_device_train_batch_size,
+                     grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,
+                     process_index=process_index, seed=cfg.seed,
+                     group_by_length=cfg.group_by_length,
+                     pack_capacity=cfg.max_seq_length if padding == "packed" else None)
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
+    return Schedule(plan, max_steps, math.ceil(max_steps / len(plan)))

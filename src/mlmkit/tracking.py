@@ -36,6 +36,19 @@ SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
 STEP = "step"
 EPOCH = "epoch"
 
+# --- summary.json keys beyond the metrics above ----------------------------------------------------
+FIRST_EVAL_LOSS = "first/" + EVAL_LOSS               # the step-0 eval
+FIRST_EVAL_PERPLEXITY = "first/" + EVAL_PERPLEXITY
+TRAIN_PEAK_TFLOPS = "train/peak_tflops"              # the peak train/mfu is against (None: unknown)
+TRAIN_EXAMPLES = "train/examples"                    # map-style training examples (None: stream)
+NUM_PROCESSES = "num_processes"
+DATA_MIXTURE = "data/mixture"                        # --mixture_files: source -> weight
+DATA_SOURCE_TOKENS = "data/source_tokens"            # source -> real tokens trained, all processes
+DATA_SOURCE_SHARE = "data/source_share"              # source -> share of those tokens
+DATA_REPAIRED_LINES = "data/repaired_lines"          # lines with bytes that were not UTF-8
+PADDING = "padding"                                  # what --padding resolved to
+FILL_MASK = "fill_mask"                              # the fill-mask check (fill_mask.py)
+
 # The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
                     "trackio": ("trackio",)}
@@ -132,3 +145,71 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a run's metrics.jsonl (``path`` is the file or the run folder)."""
     path = Path(path)
     return read_jsonl(path / "metrics.jsonl" if path.is_dir() else path)
+
+
+def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dict) -> MetricsLog:
+    """Start the trackers (W&B offline without an API key; a resumed run continues its W&B run,
+    ``state.wandb_run_id``, and records it) and return the run's `MetricsLog`."""
+    if "wandb" in trackers:
+        notice = setup_wandb_env(cfg.output_dir)
+        if notice:
+            accelerator.print(notice)
+    if trackers:
+        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), **run_config},
+                                  init_kwargs=tracker_init_kwargs(cfg, state.wandb_run_id))
+        state.wandb_run_id = wandb_run_id(accelerator)
+    return MetricsLog(accelerator, cfg.output_dir)
+
+
+def peak_mem_gb() -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, else the peak RSS."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_metrics(window, *, lr: float, epoch: float, grad_norm: float | None,
+                  num_processes: int, peak_tflops: float | None) -> dict:
+    """One log line's metrics from a log window (`checkpoint.RunningStats`)."""
+    metrics = {TRAIN_LOSS: window.mean_loss(), TRAIN_LR: lr, TRAIN_MASKED_TOKENS: window.masked,
+               EPOCH: epoch, SYS_PEAK_MEM_GB: peak_mem_gb(),
+               **window.rates(num_processes, peak_tflops)}
+    if grad_norm is not None:
+        metrics[TRAIN_GRAD_NORM] = grad_norm
+    return metrics
+
+
+def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -> dict:
+    """The summary's ``data/*`` entries of a mixture (``counts``: tokens per source, summed)."""
+    if not files:
+        return {}
+    total = max(sum(counts), 1)
+    return {DATA_MIXTURE: dict(zip(files, weights)), DATA_SOURCE_TOKENS: dict(zip(files, counts)),
+            DATA_SOURCE_SHARE: {f: n / total for f, n in zip(files, counts)}}
+
+
+def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
+                  parts, fill_mask: list[dict]) -> dict:
+    """``summary.json``: the final eval, the step-0 eval and the whole run's throughput (from
+    ``state``, a `checkpoint.TrainState`), then ``parts`` (dicts: the data's, the padding
+    decision's, the mixture's) and the fill-mask check."""
+    total = state.total
+    summary = {**final_eval, FIRST_EVAL_LOSS: state.first_eval[EVAL_LOSS],
+               FIRST_EVAL_PERPLEXITY: state.first_eval[EVAL_PERPLEXITY],
+               TRAIN_RUNTIME: total.seconds, STEP: state.step, SYS_PEAK_MEM_GB: peak_mem_gb(),
+               TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
+               **total.rates(num_processes, peak_tflops),      # whole-run throughput
+               NUM_PROCESSES: num_processes}
+    for part in parts:
+        summary.update(part)
+    if fill_mask:
+        summary[FILL_MASK] = fill_mask
+    return summary
+
+
+def write_summary(output_dir: str | os.PathLike, summary: dict) -> None:
+    """``summary.json``, written last and atomically: a run folder with it is finished."""
+    from .fileio import write_json_atomic
+    write_json_atomic(Path(output_dir) / "summary.json", summary)

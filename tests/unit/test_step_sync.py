@@ -10,20 +10,20 @@ which raises at any operation that synchronises with the GPU (skipped without CU
 
 from __future__ import annotations
 
-import collections
 import traceback
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mlmkit.checkpoint import RankState, TrainState
 from mlmkit.collator import MaskedLMCollator
-from mlmkit.config import parse_config
-from mlmkit.flops import FlopCounter
-from mlmkit.loop import StepResults, build_optimizer, build_scheduler, train_step
-from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer
-from mlmkit.prefetch import PlannedSteps, Prefetcher
-from mlmkit.sampler import TrainPlan
+from mlmkit.config import parse_config, run_shape
+from mlmkit.data import DataRepairs, RunData
+from mlmkit.loop import StepResults, build_scheduler, prepare_training, train_step
+from mlmkit.modeling import load_model, load_tokenizer
+from mlmkit.prefetch import Prefetcher, build_step_source
+from mlmkit.sampler import plan_schedule
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
            "nonzero", "masked_select"}
@@ -58,35 +58,41 @@ class Examples:
             self.rows.append([tokenizer.cls_token_id, *body, tokenizer.sep_token_id])
         self.lengths = [len(r) for r in self.rows]
 
+    def __len__(self):
+        return len(self.rows)
+
     def fetch(self, indices):
         return [{"input_ids": self.rows[i], "idx": int(i)} for i in indices]
 
 
 def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
+    """The recipe's training step and step source, built by the recipe's own builders."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # each test its own device and precision
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
-                        "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4"])
+                        "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4",
+                        "--gradient_accumulation_steps", "2", "--max_train_steps", "12"])
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
-    model = load_model(cfg, tokenizer)
     accelerator = Accelerator(cpu=device == "cpu",
                               mixed_precision="bf16" if device == "cuda" else "no")
-    module = MaskedLMModule(model)
-    optimizer = build_optimizer(module, cfg)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    scheduler = build_scheduler(optimizer, cfg, 100)
+    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer))
+    shape = run_shape(cfg, num_processes=1, on_gpu=device == "cuda", padding=padding)
+    collator = MaskedLMCollator.from_config(
+        tokenizer, cfg, position_offset=training.position_offset, padding=padding,
+        attn_implementation=training.attn_implementation,
+        pad_to_multiple_of=shape.pad_to_multiple_of)
     examples = Examples(tokenizer)
-    plan = TrainPlan(examples.lengths, per_device_batch_size=4, grad_accum=2, num_processes=1,
-                     process_index=0, seed=0,
-                     pack_capacity=64 if padding == "packed" else None)
-    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
-                                            attn_implementation="sdpa", padding=padding)
-    steps = PlannedSteps(plan, collator, examples, start_epoch=0, start_step=0, num_epochs=3,
-                         max_length=64, flop_counter=FlopCounter.for_model(model))
-    return accelerator, module, optimizer, scheduler, steps
+    schedule = plan_schedule(cfg, examples, padding=padding, num_processes=1, process_index=0)
+    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
+    steps = build_step_source(cfg, schedule=schedule, collator=collator, tokenizer=tokenizer,
+                              data=RunData(examples, examples, frozenset(), DataRepairs()),
+                              training=training, state=TrainState(),
+                              rank_state=RankState.load(cfg, None, 0), process_index=0,
+                              num_processes=1, shape=shape)
+    return accelerator, training.module, training.optimizer, scheduler, steps
 
 
 @pytest.mark.parametrize("padding", ["packed", "longest"])
