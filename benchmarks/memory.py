@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mlmkit.runfolder import RunFolder  # noqa: E402
+
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32,
              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 512, "pad_token_id": 0}
@@ -73,7 +75,7 @@ def run(corpus: str, out: Path, model: Path, streaming: bool, steps: int) -> dic
     shutil.rmtree(str(out) + "-cache", ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunFolder(out).summary.read_text())
     return {"peak_rss_gb": summary["sys/peak_mem_gb"], "seconds": seconds,
             "train_runtime_s": summary["train/runtime_s"]}
 

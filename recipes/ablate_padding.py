@@ -52,6 +52,7 @@ from mlmkit.configio import (ConfigError, did_you_mean, read_yaml_mapping,  # no
                              to_cli_args)
 from mlmkit.fileio import write_json_atomic  # noqa: E402
 from mlmkit.report_runs import PLAN_FILE  # noqa: E402  (read by the report)
+from mlmkit.runfolder import RunFolder  # noqa: E402
 from mlmkit.tracking import check_trackers  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "mlm.py"
@@ -273,7 +274,7 @@ def config_drift(run: PlannedRun) -> list[str]:
     """Settings where a finished run's config.yaml differs from what the plan would run now
     (keys that do not change the result, such as logging_steps, are not compared)."""
     try:
-        saved = read_yaml_mapping(run.output_dir / "config.yaml", what="run config")
+        saved = read_yaml_mapping(RunFolder(run.output_dir).config, what="run config")
     except ConfigError:
         return ["config.yaml unreadable"]
     return differences(saved, run.config.to_dict())
@@ -290,7 +291,7 @@ def write_plan(ablation: Ablation, runs: list[PlannedRun]) -> None:
             old = {}
     entries = {(r["arm"], r["seed"]): r for r in old.get("runs", [])}
     for run in runs:
-        if (run.arm, run.seed) in entries and (run.output_dir / "summary.json").is_file():
+        if (run.arm, run.seed) in entries and RunFolder(run.output_dir).summary.is_file():
             continue  # finished earlier: keep the command that actually ran
         entries[(run.arm, run.seed)] = {
             "arm": run.arm, "seed": run.seed,
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate_padding: error: {err}", file=sys.stderr)
         return 2
 
-    todo = [r for r in runs if not (r.output_dir / "summary.json").is_file()]
+    todo = [r for r in runs if not RunFolder(r.output_dir).summary.is_file()]
     done = [r for r in runs if r not in todo]  # finished earlier: skipped
     if args.dry_run:
         for run in done:
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head}: interrupted; finished runs are kept, re-run to continue",
                   file=sys.stderr)
             return 130
-        summary = run.output_dir / "summary.json"
+        summary = RunFolder(run.output_dir).summary
         if code == 0 and summary.is_file():
             loss = json.loads(summary.read_text()).get("eval/loss")
             print(f"{head}: done in {seconds:.0f} s, final eval/loss "

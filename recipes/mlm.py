@@ -33,6 +33,7 @@ if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pi
 from mlmkit import tracking as M  # noqa: E402  (metric names)
 from mlmkit.config import MLMConfig, parse_config  # noqa: E402
 from mlmkit.rundir import check_output_dir, prepare_output_dir  # noqa: E402
+from mlmkit.runfolder import RunFolder  # noqa: E402
 from mlmkit.runlock import lock_output_dir  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     """One run, start to finish, in the folder this process holds the lock of."""
-    output_dir = Path(cfg.output_dir)
+    folder = RunFolder(cfg.output_dir)
     resume = check_output_dir(cfg)  # a finished run or other settings -> ConfigError
     # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
     from accelerate.utils import set_seed
@@ -123,7 +124,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     rank_state = checkpoint.RankState.load(cfg, resume.checkpoint, rank)  # stream position, ...
     ts.first_eval = ts.first_eval or evaluate(0)
     fill_check = fill_mask.FillMaskCheck(cfg.fill_mask_check, tokenizer, run_data.validation)
-    fill_check.before(accelerator, training.module, output_dir / "model.initial", ts)
+    fill_check.before(accelerator, training.module, folder.model_initial, ts)
 
     # ============================================================================ train
     # Steps are prepared (collated, counted, pinned) ahead by workers; the step itself never
@@ -188,16 +189,16 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
-    modeling.export_hf_model(accelerator, training.module, tokenizer, output_dir / "model")
+    modeling.export_hf_model(accelerator, training.module, tokenizer, folder.model)
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator)),
-        fill_mask=fill_check.after(accelerator, output_dir / "model", ts.fill_mask_before))
+        fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
     if accelerator.is_main_process:
-        M.write_summary(output_dir, summary)
+        M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "
             f"{final_eval[M.EVAL_PERPLEXITY]:.2f} in {ts.total.seconds:.0f} s of training; "
-            f"outputs in {output_dir}")
+            f"outputs in {folder.root}")
     accelerator.end_training()
     return summary
 

@@ -50,17 +50,14 @@ from typing import Any
 from .config import MLMConfig, save_config
 from .configio import ConfigError
 from .fileio import fsync_dir, fsync_tree, write_json_atomic
+from .runfolder import (CHECKPOINT_PREFIX, CHECKPOINTS, MARKER, RANK_STATE_PREFIX, STATE_FILE,  # noqa: F401
+                        TMP_PREFIX, RunFolder)
+from .runfolder import CONFIG as CONFIG_FILE
 from .tracking import (TRAIN_DATA_WAIT_FRACTION, TRAIN_MFU, TRAIN_PAD_FRACTION,
                        TRAIN_REAL_TOKENS_PER_S, TRAIN_TFLOPS, TRAIN_TOKENS_PER_S, mixture_summary)
 
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE"                 # written last; JSON manifest {"step", "files": {path: bytes}}
-STATE_FILE = "trainer_state.json"
-RANK_STATE_PREFIX = "data_state_"  # + <rank>.json: one process's data position (--streaming)
-CONFIG_FILE = "config.yaml"
-TMP_PREFIX = ".tmp-"
 FORMAT = 2
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 @dataclass
@@ -159,7 +156,7 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Every ``checkpoints/checkpoint-<step>`` folder, complete or not, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
+    root = RunFolder(output_dir).checkpoints
     if not root.is_dir():
         return []
     found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
@@ -290,9 +287,9 @@ def save_checkpoint(accelerator, cfg: MLMConfig, state: TrainState,
 
     ``rank_state``: what only this process knows (its stream position under --streaming, its
     per-source token counts with --mixture_files), saved as ``data_state_<rank>.json``."""
-    root = Path(cfg.output_dir) / CHECKPOINTS
-    final = root / f"checkpoint-{state.step}"
-    tmp = root / f"{TMP_PREFIX}checkpoint-{state.step}"
+    folder = RunFolder(cfg.output_dir)
+    root, final = folder.checkpoints, folder.checkpoint(state.step)
+    tmp = folder.checkpoint(state.step, tmp=True)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,13 +13,11 @@ from pathlib import Path
 import yaml
 
 from .fileio import read_jsonl
+from .runfolder import CONFIG, METRICS, NOT_RUNS, SUMMARY
 from .tracking import EPOCH, EVAL_LOSS, STEP, TRAIN_LOSS
 
 PLAN_FILE = "ablation.json"  # written by recipes/ablate_padding.py
 SEED_TAG = re.compile(r"^seed(\d+)$")
-# Folders inside a run that are never runs themselves (W&B's files/ holds a config.yaml).
-NOT_RUNS = {"wandb", "model", "model.initial", "model.initial.tmp", "model.tmp", "tensorboard",
-            "checkpoints", "__pycache__"}
 
 
 @dataclass
@@ -106,23 +104,23 @@ def load_run(path: Path, root: Path, arm: str | None = None, seed: int | None = 
         return RunResult(path, arm or path.name, seed, "missing", note="no run folder")
     config, note = {}, ""
     try:
-        if (path / "config.yaml").is_file():
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        if (path / CONFIG).is_file():
+            config = yaml.safe_load((path / CONFIG).read_text()) or {}
     except yaml.YAMLError as err:
         note = f"config.yaml unreadable ({err.__class__.__name__})"
     run = RunResult(path, arm or _arm_from(path, config, root),
               seed if seed is not None else _seed_from(path, config), "unfinished",
               config=config if isinstance(config, dict) else {}, note=note)
-    if (path / "metrics.jsonl").is_file():
-        run.records = read_jsonl(path / "metrics.jsonl")
-    if not (path / "summary.json").is_file():
+    if (path / METRICS).is_file():
+        run.records = read_jsonl(path / METRICS)
+    if not (path / SUMMARY).is_file():
         run.note = run.note or "no summary.json (failed, killed or still running)"
         log = path / "launch.log"
         if log.is_file():
             run.note += "; see launch.log there"
         return run
     try:
-        run.summary = _read_json(path / "summary.json")
+        run.summary = _read_json(path / SUMMARY)
     except (ValueError, OSError) as err:
         run.status, run.note = "unreadable", f"summary.json unreadable ({err})"
         return run
@@ -138,7 +136,7 @@ def find_run_dirs(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if here != root and ("summary.json" in filenames or "config.yaml" in filenames):
+        if here != root and (SUMMARY in filenames or CONFIG in filenames):
             found.append(here)
             dirnames[:] = []  # a run's own subfolders (wandb/, model/, checkpoints) are not runs
             continue

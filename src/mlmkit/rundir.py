@@ -18,15 +18,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import (CHECKPOINTS, CONFIG_FILE, TMP_PREFIX, TrainState,
-                         newest_complete_checkpoint, read_state, validate_checkpoint)
+from .checkpoint import TrainState, newest_complete_checkpoint, read_state, validate_checkpoint
 from .config import MLMConfig, differences, save_config
 from .configio import ConfigError, read_yaml_mapping
 from .fileio import atomic_write_text, read_jsonl
-
-# What --overwrite_output_dir deletes (config.yaml is rewritten; tracker folders are left alone).
-RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", "summary.json", "model", "model.tmp",
-               "model.initial", "model.initial.tmp", CONFIG_FILE)  # model.initial: fill_mask.py
+from .runfolder import CONFIG, RUN_OUTPUTS, TMP_PREFIX, RunFolder
 
 
 @dataclass
@@ -52,43 +48,43 @@ def check_output_dir(cfg: MLMConfig) -> ResumePlan:
     different settings, or an unfinished run that ``--resume_from_checkpoint none`` would clobber.
     Reads only; :func:`prepare_output_dir` (main process) makes the changes.
     """
-    out = Path(cfg.output_dir)
+    out = RunFolder(cfg.output_dir)
     fresh = ("pass a new --output_dir, or --overwrite_output_dir true to start fresh in it "
              "(deletes its checkpoints/, metrics.jsonl, summary.json and model/)")
     explicit = cfg.resume_from_checkpoint not in ("auto", "none")
     plan = ResumePlan(wipe=cfg.overwrite_output_dir)
     if cfg.overwrite_output_dir:
-        if explicit and (out / CHECKPOINTS).resolve() in Path(
+        if explicit and out.checkpoints.resolve() in Path(
                 cfg.resume_from_checkpoint).resolve().parents:
             raise ConfigError(f"resume_from_checkpoint={cfg.resume_from_checkpoint!r} lies inside "
                               "output_dir, which --overwrite_output_dir true would delete. Fix: "
                               "drop one of the two flags.")
     else:
-        if (out / "summary.json").exists():
+        if out.summary.exists():
             raise ConfigError(f"output_dir={cfg.output_dir!r} holds a finished run (summary.json)."
                               f" Fix: {fresh}.")
-        if (out / CONFIG_FILE).exists():
-            diffs = differences(_read_config(out / CONFIG_FILE), cfg.to_dict())
+        if out.config.exists():
+            diffs = differences(_read_config(out.config), cfg.to_dict())
             if diffs:
                 raise ConfigError(
                     f"output_dir={cfg.output_dir!r} holds a run with different settings "
                     f"({'; '.join(diffs[:5])}{'; ...' if len(diffs) > 5 else ''}). Fix: rerun with "
-                    f"its settings (see {out / CONFIG_FILE}) to resume it, or {fresh}.")
+                    f"its settings (see {out.config}) to resume it, or {fresh}.")
     if explicit:
         path = Path(cfg.resume_from_checkpoint)
         reason = validate_checkpoint(path)
         if reason:
             raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a complete checkpoint "
                               f"({reason}). Fix: pass another checkpoint-<step> folder, or auto.")
-        if (path / CONFIG_FILE).exists():
-            diffs = differences(_read_config(path / CONFIG_FILE), cfg.to_dict())
+        if (path / CONFIG).exists():
+            diffs = differences(_read_config(path / CONFIG), cfg.to_dict())
             if diffs:
                 raise ConfigError(f"resume_from_checkpoint={str(path)!r} was written with different"
                                   f" settings ({'; '.join(diffs[:5])}). Fix: rerun with the "
-                                  f"settings of {path / CONFIG_FILE}, or drop the flag.")
+                                  f"settings of {path / CONFIG}, or drop the flag.")
         plan.checkpoint = path
     elif not cfg.overwrite_output_dir:
-        path, plan.warnings = newest_complete_checkpoint(out)
+        path, plan.warnings = newest_complete_checkpoint(out.root)
         if path is not None and cfg.resume_from_checkpoint == "none":
             raise ConfigError(f"output_dir={cfg.output_dir!r} holds checkpoints of an unfinished "
                               f"run (newest: {path.name}) and resume_from_checkpoint=none. Fix: "
@@ -102,7 +98,8 @@ def check_output_dir(cfg: MLMConfig) -> ResumePlan:
 def prepare_output_dir(cfg: MLMConfig, plan: ResumePlan) -> None:
     """Main process only: wipe (--overwrite_output_dir), clean stale temporaries, cut
     metrics.jsonl back to the checkpoint's step (or remove it when starting fresh), write config."""
-    out = Path(cfg.output_dir)
+    folder = RunFolder(cfg.output_dir)
+    out = folder.root
     out.mkdir(parents=True, exist_ok=True)
     if plan.wipe:
         for name in RUN_OUTPUTS:
@@ -111,16 +108,15 @@ def prepare_output_dir(cfg: MLMConfig, plan: ResumePlan) -> None:
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    root = out / CHECKPOINTS
-    if root.is_dir():
-        for stale in root.glob(TMP_PREFIX + "*"):
+    if folder.checkpoints.is_dir():
+        for stale in folder.checkpoints.glob(TMP_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
-    (out / "summary.json").unlink(missing_ok=True)
+    folder.summary.unlink(missing_ok=True)
     if plan.checkpoint is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        folder.metrics.unlink(missing_ok=True)
     else:
-        truncate_metrics(out / "metrics.jsonl", plan.state.step)
-    save_config(cfg, out / CONFIG_FILE)
+        truncate_metrics(folder.metrics, plan.state.step)
+    save_config(cfg, folder.config)
 
 
 def truncate_metrics(path: str | os.PathLike, step: int) -> None:

@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .configio import ConfigError  # = mlmkit.config.ConfigError (light import: no transformers)
+from .runfolder import LOCK as LOCK_NAME
 
-LOCK_NAME = "run.lock"
 BREAK_SUFFIX = ".break"   # a short-lived mutex held while a stale lock is being replaced
 BREAK_STALE_S = 30.0      # a break mutex older than this was left by a killed process
 UNREADABLE_GRACE_S = 5.0  # a lock file still empty/unparseable after this was left half-written

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .choices import TRACKERS
 from .fileio import read_jsonl
+from .runfolder import METRICS, SUMMARY
 
 # --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -124,7 +125,7 @@ class MetricsLog:
 
     def __init__(self, accelerator, output_dir: str | os.PathLike):
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -144,7 +145,7 @@ def _plain(value):
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a run's metrics.jsonl (``path`` is the file or the run folder)."""
     path = Path(path)
-    return read_jsonl(path / "metrics.jsonl" if path.is_dir() else path)
+    return read_jsonl(path / METRICS if path.is_dir() else path)
 
 
 def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dict) -> MetricsLog:
@@ -212,4 +213,4 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
 def write_summary(output_dir: str | os.PathLike, summary: dict) -> None:
     """``summary.json``, written last and atomically: a run folder with it is finished."""
     from .fileio import write_json_atomic
-    write_json_atomic(Path(output_dir) / "summary.json", summary)
+    write_json_atomic(Path(output_dir) / SUMMARY, summary)

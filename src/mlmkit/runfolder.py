@@ -1,0 +1,84 @@
+"""The run folder's layout: every name a run writes under ``--output_dir``, in one place.
+
+Code that reads or writes a run folder (the recipe, checkpoints, the resume policy, the run lock,
+metrics, the ablation runner and its report) takes its names from here; docs/design.md's "The run
+folder" draws the same tree.
+
+    <output_dir>/
+      run.lock          the live run's lock (runlock.py)
+      config.yaml       the resolved config
+      metrics.jsonl     one JSON object per log line / eval
+      checkpoints/checkpoint-<step>/   (trainer_state.json, config.yaml, COMPLETE,
+                        data_state_<rank>.json, Accelerate's files); .tmp-* while saving
+      model/            the trained model (HF format; model.tmp while written)
+      model.initial/    the initial model for the fill-mask check (deleted once tried)
+      summary.json      written last: a run with it is finished
+      wandb/            W&B's files
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOCK = "run.lock"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL = "model"
+MODEL_INITIAL = "model.initial"
+CHECKPOINTS = "checkpoints"
+WANDB = "wandb"
+TMP_SUFFIX = ".tmp"              # a folder being written (model.tmp), renamed when complete
+
+# Inside checkpoints/
+CHECKPOINT_PREFIX = "checkpoint-"  # + <step>
+TMP_PREFIX = ".tmp-"             # a save in progress (removed at start-up if a kill left one)
+MARKER = "COMPLETE"              # written last; JSON manifest {"step", "files": {path: bytes}}
+STATE_FILE = "trainer_state.json"
+RANK_STATE_PREFIX = "data_state_"  # + <rank>.json: one process's data position
+
+# What --overwrite_output_dir deletes (config.yaml is rewritten; tracker folders are left alone).
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, SUMMARY, MODEL, MODEL + TMP_SUFFIX, MODEL_INITIAL,
+               MODEL_INITIAL + TMP_SUFFIX, CONFIG)
+# Folders inside a run that are never runs themselves (W&B's files/ holds a config.yaml).
+NOT_RUNS = frozenset({WANDB, MODEL, MODEL + TMP_SUFFIX, MODEL_INITIAL, MODEL_INITIAL + TMP_SUFFIX,
+                      "tensorboard", CHECKPOINTS, "__pycache__"})
+
+
+class RunFolder:
+    """The paths of one run folder."""
+
+    def __init__(self, root) -> None:
+        self.root = Path(root)
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def model_initial(self) -> Path:
+        return self.root / MODEL_INITIAL
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def checkpoint(self, step: int, *, tmp: bool = False) -> Path:
+        """``checkpoints/checkpoint-<step>`` (``tmp``: the folder it is saved into first)."""
+        return self.checkpoints / f"{TMP_PREFIX if tmp else ''}{CHECKPOINT_PREFIX}{step}"
