@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PER_RUN_KEYS
+from .fileio import atomic_write_text
 from .report_render import make_plots, render_markdown
 from .report_runs import RunResult, collect_runs
 from .stats import describe, paired_difference
@@ -204,8 +205,8 @@ def build_report(root: str | os.PathLike, reference: str | None = None,
         plots = []
         plot_note = "Plots skipped: matplotlib is not installed (`pip install matplotlib`)."
     numbers["plots"] = plots
-    (out_dir / "report.md").write_text(render_markdown(numbers, plots, plot_note))
-    (out_dir / "report.json").write_text(json.dumps(_json_safe(numbers), indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(numbers, plots, plot_note))
+    atomic_write_text(out_dir / "report.json", json.dumps(_json_safe(numbers), indent=2) + "\n")
     return numbers
 
 

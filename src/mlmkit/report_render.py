@@ -4,6 +4,7 @@ computes. Nothing here reads run folders or computes a statistic."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from .tracking import EVAL_LOSS, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY, TRAIN_REAL_TOKENS_PER_S
@@ -188,7 +189,9 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
+        tmp = out_dir / f".{name}.tmp"  # a reader never sees half a plot
+        fig.savefig(tmp, dpi=110, format=Path(name).suffix.lstrip("."))
+        os.replace(tmp, out_dir / name)
         plt.close(fig)
         written.append(name)
 
