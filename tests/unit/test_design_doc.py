@@ -61,5 +61,7 @@ def test_the_module_table_lists_the_package():
 def test_the_module_table_names_what_each_module_defines(module):
     described = module_table().get(module, "")
     mod = importlib.import_module(f"mlmkit.{module}")
-    missing = [n for n in code_names(described) if not hasattr(mod, n) and n not in MODULES]
+    classes = [v for v in vars(mod).values() if isinstance(v, type)]
+    missing = [n for n in code_names(described) if n not in MODULES and not hasattr(mod, n)
+               and not any(hasattr(c, n) for c in classes)]  # a method, e.g. (read_into)
     assert not missing, f"docs/design.md lists {missing} under {module}.py"
