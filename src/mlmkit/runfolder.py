@@ -45,39 +45,23 @@ NOT_RUNS = frozenset({WANDB, MODEL, MODEL + TMP_SUFFIX, MODEL_INITIAL, MODEL_INI
                       "tensorboard", CHECKPOINTS, "__pycache__"})
 
 
+def _path(name: str) -> property:
+    return property(lambda self: self.root / name, doc=f"``<output_dir>/{name}``")
+
+
 class RunFolder:
     """The paths of one run folder."""
 
     def __init__(self, root) -> None:
         self.root = Path(root)
 
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY
-
-    @property
-    def model(self) -> Path:
-        return self.root / MODEL
-
-    @property
-    def model_initial(self) -> Path:
-        return self.root / MODEL_INITIAL
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
+    lock = _path(LOCK)
+    config = _path(CONFIG)
+    metrics = _path(METRICS)
+    summary = _path(SUMMARY)
+    model = _path(MODEL)
+    model_initial = _path(MODEL_INITIAL)
+    checkpoints = _path(CHECKPOINTS)
 
     def checkpoint(self, step: int, *, tmp: bool = False) -> Path:
         """``checkpoints/checkpoint-<step>`` (``tmp``: the folder it is saved into first)."""
