@@ -42,6 +42,8 @@ def build_accelerator(cfg, trackers: list[str]):
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     no_gpu = not torch.cuda.is_available()
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if no_gpu:  # what DeepSpeed would detect anyway, without its "[WARNING] Setting accelerator"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     plugin = fsdp_plugin() if use_fsdp else None
     if plugin is not None and plugin.fsdp_version != 2:
         raise ConfigError(f"the accelerate config asks for FSDP version {plugin.fsdp_version}; "
