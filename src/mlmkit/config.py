@@ -512,7 +512,22 @@ class _Parser(HfArgumentParser):
         HfArgumentParser._parse_dataclass_field(parser, field)
 
     def error(self, message: str):  # noqa: D401 - argparse hook
-        raise ConfigError(message)
+        raise ConfigError(f"{message.rstrip('.')}. Fix: {_argparse_fix(message)}.")
+
+
+def _argparse_fix(message: str) -> str:
+    """The fix for one of argparse's messages (a value of the wrong type, a missing value)."""
+    match = re.match(r"argument (--\w+)", message)
+    flag = match.group(1) if match else "the flag"
+    if "expected one argument" in message or "expected at least one argument" in message:
+        return f"give {flag} a value ({flag} VALUE; `python recipes/mlm.py --help` lists them)"
+    if "invalid int value" in message:
+        return f"pass a whole number to {flag}"
+    if "invalid float value" in message:
+        return f"pass a number to {flag} (e.g. 1e-4 or 0.15)"
+    if "Truthy value expected" in message:
+        return f"pass true or false to {flag}"
+    return "see `python recipes/mlm.py --help` for the flags and their values"
 
 
 def _parse_args(args: list[str]) -> MLMConfig:
@@ -570,7 +585,7 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
     from_yaml: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
-        if i + 1 >= len(argv):
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise ConfigError("--config needs a path. Fix: --config recipes/configs/default.yaml.")
         from_yaml = yaml_args(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
