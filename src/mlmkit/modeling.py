@@ -99,8 +99,12 @@ def _where(flag: str, name: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+    """``Type: first sentence`` of an exception from a library, to quote inside our one line."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if ". " in text:
+        text = text[:text.index(". ") + 1]
+    return f"{type(err).__name__}: {text[:200]}".rstrip(": ")
 
 
 def check_model_source(cfg: MLMConfig) -> tuple[Any, int]:
