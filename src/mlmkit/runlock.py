@@ -188,12 +188,17 @@ class RunLock:
         self.release()
 
     # ------------------------------------------------------------------------------ internals
-    def _try_create(self) -> bool:
+    def _try_create(self, retry: bool = True) -> bool:
         info = _holder_info()
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # a run that failed early removed its empty folder meanwhile
+            if not retry:
+                raise
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            return self._try_create(retry=False)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(info) + "\n")
             f.flush()
