@@ -453,7 +453,7 @@ def test_argument_mistakes(fails, tiny_args, args, needle):
     fails([*tiny_args, *args], needle)
 
 
-def test_max_train_steps_given_twice_as_words(fails, tiny_args):
+def test_a_value_the_shell_split_in_two(fails, tiny_args):
     """A value split by the shell (an unquoted space) leaves a word over, like a glob."""
     fails([*tiny_args, "--run_name", "my", "run"], "unexpected argument(s) 'run'")
 
