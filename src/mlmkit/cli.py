@@ -5,14 +5,22 @@ from __future__ import annotations
 import sys
 
 
+def error_line(err: BaseException) -> str:
+    """``mlmkit: error: <message>`` on one line (a message's own line breaks become spaces), so
+    that the error and its ``Fix:`` stay together in a log that interleaves processes."""
+    return "mlmkit: error: " + " ".join(part.strip() for part in str(err).splitlines()
+                                        if part.strip())
+
+
 def run_cli(main) -> None:
-    """Call ``main()``; a ConfigError or DataError (bad input, with its fix) is printed as
-    ``mlmkit: error: ...`` and ends the process with status 2. Anything else is a bug and keeps
-    its traceback."""
+    """Call ``main()``; a ConfigError or DataError (bad input, with its fix) is printed as one
+    ``mlmkit: error: ... Fix: ...`` line, without a traceback, and ends the process with status
+    2. Anything else is a bug and keeps its traceback (and the run folder keeps nothing that
+    looks finished: summary.json and model/ are written last)."""
     from .configio import ConfigError
     from .data import DataError
     try:
         main()
     except (ConfigError, DataError) as err:
-        print(f"mlmkit: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         sys.exit(2)

@@ -358,10 +358,28 @@ def _check_streaming(cfg: MLMConfig) -> None:
              "N to select)", "drop it; --max_train_steps bounds the run")
 
 
+def _looks_local(name: str) -> bool:
+    """True when ``name`` can only mean a local path, never a Hub id (``org/name``): it exists,
+    starts like a path (``/``, ``./``, ``../``, ``~``) or has more than one ``/``."""
+    return (Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+            or name.count("/") > 1)
+
+
+def _missing_fix(name: str, here: str) -> str:
+    if name.startswith("~"):
+        return ("write the path in full or leave ~ unquoted (the shell expands ~ only outside "
+                "quotes)")
+    return f"check the path ({here})"
+
+
 def _check_files(cfg: MLMConfig) -> None:
-    """The data's folders, files and glob patterns exist."""
+    """The data's folders, files and glob patterns exist, and each is of the kind its flag takes
+    (a file for --train_file, a folder for --tokenized_dir, ...)."""
     here = f"relative paths start from the current directory {os.getcwd()}"
     if cfg.tokenized_dir is not None and not Path(cfg.tokenized_dir).is_dir():
+        if Path(cfg.tokenized_dir).exists():
+            _bad(cfg, "tokenized_dir", "is a file, not a folder", "pass the folder that "
+                 "recipes/pretokenize.py wrote (its --output_dir); raw text goes to --train_file")
         _bad(cfg, "tokenized_dir", "no such folder", "run recipes/pretokenize.py first, or "
              "check the path")
     for key in ("train_file", "validation_file"):
@@ -369,23 +387,56 @@ def _check_files(cfg: MLMConfig) -> None:
         if path is not None and has_glob(path):
             if not glob.glob(path):
                 _bad(cfg, key, "the pattern matches no file", f"check the pattern ({here})")
+            if not any(Path(p).is_file() for p in glob.glob(path)):
+                _bad(cfg, key, "the pattern matches only folders", "make it match the files, "
+                     f"e.g. --{key} '{path.rstrip('/')}/*.parquet'")
+        elif path is not None and Path(path).is_dir():
+            _bad(cfg, key, "is a folder, not a file", f"pass one file, or a quoted glob of the "
+                 f"folder's shards, e.g. --{key} '{path.rstrip('/')}/*.parquet'"
+                 + (" (a folder written by recipes/pretokenize.py goes to --tokenized_dir)"
+                    if key == "train_file" else ""))
         elif path is not None and not Path(path).is_file():
-            _bad(cfg, key, "no such file", f"check the path ({here})")
+            _bad(cfg, key, "no such file", _missing_fix(path, here))
     for pattern in cfg.mixture_files:
         if not (glob.glob(pattern) if has_glob(pattern) else Path(pattern).is_file()):
+            if Path(pattern).is_dir():
+                raise ConfigError(f"mixture_files: {pattern!r} is a folder, not a file. Fix: pass "
+                                  f"a quoted glob of its files, e.g. '{pattern.rstrip('/')}/*."
+                                  "parquet'.")
             raise ConfigError(f"mixture_files: {pattern!r} matches no file. Fix: check the path "
                               f"({here}).")
+    if cfg.dataset_name and _looks_local(cfg.dataset_name) and not Path(cfg.dataset_name).exists():
+        _bad(cfg, "dataset_name", "no such folder (and not a Hub dataset name)",
+             _missing_fix(cfg.dataset_name, here))
 
 
 def _check_model(cfg: MLMConfig) -> None:
-    """Pretrained weights or a config to train from scratch, not both."""
+    """Pretrained weights or a config to train from scratch, not both; the model, config and
+    tokenizer names that are local paths exist and are of the kind each flag takes. (What is
+    inside the folders is checked by `modeling.check_model_source`, before the data loads.)"""
     if cfg.config_name and cfg.model_name_or_path:
         _bad(cfg, "config_name", "given together with model_name_or_path",
              "pass --config_name to train from scratch or --model_name_or_path to fine-tune")
+    here = f"relative paths start from the current directory {os.getcwd()}"
+    for key in ("model_name_or_path", "config_name", "tokenizer_name"):
+        name = getattr(cfg, key)
+        if not name:
+            continue
+        path = Path(name)
+        if path.is_file() and key != "config_name":
+            _bad(cfg, key, "is a file, not a folder", f"pass the folder that holds it "
+                 f"(--{key} {str(path.parent)!r})")
+        if not path.exists() and _looks_local(name):
+            what = "no such file or folder" if key == "config_name" else "no such folder"
+            _bad(cfg, key, f"{what} (and not a Hub id)", _missing_fix(name, here))
 
 
 def _check_resume(cfg: MLMConfig) -> None:
     """--resume_from_checkpoint: auto, none, or a checkpoint folder that exists."""
+    if cfg.resume_from_checkpoint not in ("auto", "none") and Path(
+            cfg.resume_from_checkpoint).is_file():
+        _bad(cfg, "resume_from_checkpoint", "is a file, not a checkpoint folder",
+             "pass the checkpoint-<step> folder that holds it, auto, or none")
     if cfg.resume_from_checkpoint not in ("auto", "none") and not Path(
             cfg.resume_from_checkpoint).is_dir():
         _bad(cfg, "resume_from_checkpoint", "no such checkpoint folder",
@@ -461,7 +512,22 @@ class _Parser(HfArgumentParser):
         HfArgumentParser._parse_dataclass_field(parser, field)
 
     def error(self, message: str):  # noqa: D401 - argparse hook
-        raise ConfigError(message)
+        raise ConfigError(f"{message.rstrip('.')}. Fix: {_argparse_fix(message)}.")
+
+
+def _argparse_fix(message: str) -> str:
+    """The fix for one of argparse's messages (a value of the wrong type, a missing value)."""
+    match = re.match(r"argument (--\w+)", message)
+    flag = match.group(1) if match else "the flag"
+    if "expected one argument" in message or "expected at least one argument" in message:
+        return f"give {flag} a value ({flag} VALUE; `python recipes/mlm.py --help` lists them)"
+    if "invalid int value" in message:
+        return f"pass a whole number to {flag}"
+    if "invalid float value" in message:
+        return f"pass a number to {flag} (e.g. 1e-4 or 0.15)"
+    if "Truthy value expected" in message:
+        return f"pass true or false to {flag}"
+    return "see `python recipes/mlm.py --help` for the flags and their values"
 
 
 def _parse_args(args: list[str]) -> MLMConfig:
@@ -519,7 +585,7 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
     from_yaml: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
-        if i + 1 >= len(argv):
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise ConfigError("--config needs a path. Fix: --config recipes/configs/default.yaml.")
         from_yaml = yaml_args(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]

@@ -23,6 +23,7 @@ from .config import MLMConfig, differences, save_config
 from .configio import ConfigError, read_yaml_mapping
 from .fileio import atomic_write_text, read_jsonl
 from .runfolder import CONFIG, RUN_OUTPUTS, TMP_PREFIX, RunFolder
+from .runlock import check_output_path
 
 
 @dataclass
@@ -46,8 +47,10 @@ def check_output_dir(cfg: MLMConfig) -> ResumePlan:
 
     Raises ConfigError (naming the fix) when ``output_dir`` holds a finished run, a run with
     different settings, or an unfinished run that ``--resume_from_checkpoint none`` would clobber.
-    Reads only; :func:`prepare_output_dir` (main process) makes the changes.
+    Reads only; :func:`prepare_output_dir` (main process) makes the changes. An output_dir that
+    is a file, or cannot be created, is a ConfigError too (`runlock.check_output_path`).
     """
+    check_output_path(cfg.output_dir)
     out = RunFolder(cfg.output_dir)
     fresh = ("pass a new --output_dir, or --overwrite_output_dir true to start fresh in it "
              "(deletes its checkpoints/, metrics.jsonl, summary.json and model/)")

@@ -15,7 +15,10 @@ exit); a run killed with SIGKILL leaves it behind, and then:
 * another host: considered live (its process cannot be checked from here); the error says so,
   with the fix: delete the lock file if that job is dead.
 
-Only the launch's main process takes the lock (:func:`lock_output_dir`).
+Only the launch's main process takes the lock (:func:`lock_output_dir`). Before it does,
+:func:`check_output_path` makes sure ``--output_dir`` is a folder or can be created (not a file,
+not under a file, writable), so a wrong path is one ConfigError, not an OSError. A folder that the
+lock created is removed again at release if the run left it empty (it failed before writing).
 """
 
 from __future__ import annotations
@@ -83,6 +86,31 @@ def describe(info: dict) -> str:
     return text
 
 
+def check_output_path(output_dir: str | os.PathLike) -> None:
+    """ConfigError, naming the fix, unless ``output_dir`` is a folder this user can write in, or
+    a path where one can be created (its nearest existing ancestor a writable folder)."""
+    path = Path(output_dir)
+    where = f"output_dir={str(output_dir)!r}"
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{where} is a broken symbolic link (to {os.readlink(path)}). Fix: "
+                          "create its target folder, or pass another --output_dir.")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where} is an existing file, not a folder. Fix: pass a folder path "
+                          f"(e.g. --output_dir {str(output_dir).rstrip('/')}_run), or move the "
+                          "file away.")
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{where} cannot be created: {existing} is a file, not a folder. Fix: "
+                          "pass a path under a folder, e.g. --output_dir outputs/run1.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it" if existing == Path(os.path.abspath(path)) else f"{existing}"
+        raise ConfigError(f"{where}: {what} is not writable by this user. Fix: pass a folder you "
+                          "can write in (e.g. under $HOME or your scratch space), or change its "
+                          "permissions.")
+
+
 class RunLock:
     """The lock on one output folder. ``acquire()`` or ``with RunLock(dir):``; ``release()``."""
 
@@ -91,11 +119,19 @@ class RunLock:
         self.path = self.output_dir / LOCK_NAME
         self.info: dict | None = None     # what this process wrote, while it holds the lock
         self.warning: str | None = None   # set when a stale lock was taken over
+        self.created = False              # output_dir did not exist before acquire()
 
     # ------------------------------------------------------------------------------ public
     def acquire(self) -> "RunLock":
-        """Take the lock or raise ConfigError naming the live holder; returns ``self``."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        """Take the lock or raise ConfigError naming the live holder (or what is wrong with the
+        path, `check_output_path`); returns ``self``."""
+        check_output_path(self.output_dir)
+        self.created = self.created or not self.output_dir.exists()
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. a read-only file system, a name too long
+            raise ConfigError(f"output_dir={str(self.output_dir)!r} cannot be created "
+                              f"({err.strerror}). Fix: pass a folder you can write in.") from err
         deadline = time.monotonic() + 2 * UNREADABLE_GRACE_S
         while True:
             if self._try_create():
@@ -123,7 +159,8 @@ class RunLock:
                 time.sleep(0.1)  # another process is replacing it; try again
 
     def release(self) -> None:
-        """Remove the lock if this process still holds it (idempotent)."""
+        """Remove the lock if this process still holds it (idempotent), and output_dir too if
+        acquire() created it and it is empty (the run failed before writing anything)."""
         if self.info is None:
             return
         holder = self._read()
@@ -132,6 +169,11 @@ class RunLock:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+            if self.created:
+                try:
+                    self.output_dir.rmdir()  # only if empty
+                except OSError:
+                    pass
         self.info = None
         atexit.unregister(self.release)
 
@@ -146,12 +188,17 @@ class RunLock:
         self.release()
 
     # ------------------------------------------------------------------------------ internals
-    def _try_create(self) -> bool:
+    def _try_create(self, retry: bool = True) -> bool:
         info = _holder_info()
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # a run that failed early removed its empty folder meanwhile
+            if not retry:
+                raise
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            return self._try_create(retry=False)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(info) + "\n")
             f.flush()
