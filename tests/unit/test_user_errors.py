@@ -369,14 +369,14 @@ def test_position_offset_of_roberta_style_models(fails, tmp_path, tokenizer_path
     line = fails([*args, "--max_seq_length", "129"], "takes at most 128 tokens")
     assert "reserves the first 2" in line
 
-    from mlmkit import modeling
+    from mlmkit import modelcheck, modeling
     from mlmkit.config import parse_config
     cfg = parse_config([*args, "--max_seq_length", "128"])
-    config, offset = modeling.check_model_source(cfg)
-    assert offset == 2 and modeling.max_positions(config, offset) == 128
+    config, offset = modelcheck.check_model_source(cfg)
+    assert offset == 2 and modelcheck.max_positions(config, offset) == 128
     tokenizer = modeling.load_tokenizer(cfg)  # 128 fits: no error
-    modeling.check_lengths(parse_config([*args, "--max_seq_length", "3"]), config, tokenizer,
-                           offset)  # the shortest length with a token to mask
+    modelcheck.check_lengths(parse_config([*args, "--max_seq_length", "3"]), config, tokenizer,
+                             offset)  # the shortest length with a token to mask
 
 
 @pytest.mark.parametrize("value, needle", [("0", "must be at least 1"),
