@@ -81,9 +81,10 @@ def test_trainer_gets_the_mask_and_only_declared_keys(tokenizer, dataset, tiny_b
         assert not set(kwargs) & set(METADATA_KEYS)
         assert {"input_ids", "attention_mask", "labels", "token_type_ids"} <= set(kwargs)
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        if options:  # packed: block-diagonal (R, 1, T, T) and positions restarting per example
+        if options:  # packed: positions restart at every example, which attends only to itself
             assert mask.dtype == torch.bool and mask.shape == (len(ids), 1, ids.shape[1], ids.shape[1])
-            assert "position_ids" in kwargs
+            segment = torch.cumsum(kwargs["position_ids"] == 0, dim=1)  # (R, T) padding: its own
+            assert torch.equal(mask[:, 0], segment[:, :, None] == segment[:, None, :])
         else:
             assert mask.shape == ids.shape and (mask.sum(1) > 0).all()
         assert 0 < int((kwargs["labels"] != -100).sum()) < int((ids != 0).sum())
