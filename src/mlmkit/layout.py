@@ -115,31 +115,42 @@ class Layout:
     attn_implementation: str
 
     def __call__(self, masked: torch.Tensor, labels: torch.Tensor, lengths: list[int],
-                 rows: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+                 rows: Sequence[Sequence[int]] | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """``token_type_ids`` (N,), when the examples carry them, are laid out like the ids
+        (0 in padding; packed rows concatenate them) and returned under that name."""
         lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
         example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,)
         within = torch.arange(masked.numel()) - (torch.cumsum(lens, 0) - lens)[example_of]  # (N,)
         if self.padding == "packed":
-            return self.pack(masked, labels, lengths, example_of, within, rows)
-        return self.pad(masked, labels, lens, example_of, within)
+            return self.pack(masked, labels, lengths, example_of, within, rows, token_type_ids)
+        return self.pad(masked, labels, lens, example_of, within, token_type_ids)
 
     def _scatter(self, n_rows: int, width: int, row: torch.Tensor, col: torch.Tensor,
-                 masked: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One allocation per tensor, then one scatter of all tokens: (R, T) ids and labels."""
+                 masked: torch.Tensor, labels: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One allocation per tensor, then one scatter of all tokens: (R, T) ids and labels
+        (and token type ids, 0 in padding)."""
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)  # (R, T)
         label_t = torch.full((n_rows, width), -100, dtype=torch.long)  # (R, T)
         input_ids[row, col] = masked
         label_t[row, col] = labels
-        return {"input_ids": input_ids, "labels": label_t}
+        out = {"input_ids": input_ids, "labels": label_t}
+        if token_type_ids is not None:
+            types = torch.zeros((n_rows, width), dtype=torch.long)  # (R, T)
+            types[row, col] = token_type_ids
+            out["token_type_ids"] = types
+        return out
 
-    def pad(self, masked, labels, lens, example_of, within) -> dict[str, Any]:
+    def pad(self, masked, labels, lens, example_of, within, token_type_ids=None) -> dict[str, Any]:
         """One example per row, padded to the longest (or max_length) on ``padding_side``."""
         width = self.max_length if self.padding == "max_length" else int(lens.max())
         width = round_up(width, self.pad_to_multiple_of)
         left = self.padding_side == "left"
         start = (width - lens) if left else torch.zeros_like(lens)  # (B,) first column
         col = start[example_of] + within  # (N,) column of every token
-        batch: dict[str, Any] = self._scatter(len(lens), width, example_of, col, masked, labels)
+        batch: dict[str, Any] = self._scatter(len(lens), width, example_of, col, masked, labels,
+                                              token_type_ids)
         attention_mask = torch.zeros((len(lens), width), dtype=torch.long)  # (B, T)
         attention_mask[example_of, col] = 1  # from the lengths, never from ids == pad id
         batch["attention_mask"] = attention_mask
@@ -148,7 +159,8 @@ class Layout:
             batch["position_ids"] = pos + self.position_offset
         return batch
 
-    def pack(self, masked, labels, lengths, example_of, within, rows=None) -> dict[str, Any]:
+    def pack(self, masked, labels, lengths, example_of, within, rows=None,
+             token_type_ids=None) -> dict[str, Any]:
         """Examples laid out contiguously in rows of at most max_length tokens (``rows`` gives
         the layout as positions into the examples; by default `pack_rows` packs the batch)."""
         cap = self.max_length
@@ -168,7 +180,8 @@ class Layout:
         n_rows, width = len(rows), round_up(max(used), self.pad_to_multiple_of)
         tok_row = torch.tensor(row_of)[example_of]  # (N,)
         tok_col = torch.tensor(start_of)[example_of] + within  # (N,)
-        batch: dict[str, Any] = self._scatter(n_rows, width, tok_row, tok_col, masked, labels)
+        batch: dict[str, Any] = self._scatter(n_rows, width, tok_row, tok_col, masked, labels,
+                                              token_type_ids)
         position_ids = torch.full((n_rows, width), self.position_offset, dtype=torch.long)
         position_ids[tok_row, tok_col] = within + self.position_offset  # restarts per example
         batch["position_ids"] = position_ids  # (R, T)

@@ -9,6 +9,9 @@ The contracts that live here (and nowhere else):
 * **Masking is reproducible**: the targets of an example and their replacements are a pure
   function of ``(seed, epoch, idx)`` (`example_seed`), independent of the batch the example lands
   in, its position there, the padding and the padding mode, the number of processes.
+  An example given without ``idx`` (a library user's batch) is keyed by where it is collated
+  instead (`unkeyed_seed`: seed, epoch, the DataLoader worker, the collator's call count, the
+  position in the batch): reproducible from the seed, and new masks every batch.
 
 Whole-word masking works for any tokenizer whose vocabulary marks word boundaries, found by
 `word_start_scheme`: WordPiece (BERT: ``##`` continues a word), byte-level BPE (RoBERTa, GPT-2,
@@ -118,6 +121,27 @@ def example_seed(seed: int, epoch: int, idx: int) -> int:
     return h & ((1 << 63) - 1)  # torch.Generator.manual_seed accepts it on every platform
 
 
+# Separates the unkeyed chain from `example_seed`'s (an arbitrary odd 64-bit constant).
+_UNKEYED_TAG = 0x6D6C6D6B69745F75
+
+
+def unkeyed_seed(seed: int, epoch: int, worker: int, call: int, position: int) -> int:
+    """The generator seed for an example that carries no index: a hash of (seed, epoch, worker,
+    call, position) in [0, 2**63).
+
+    ``worker`` identifies the process that collates (0: the main process; in a DataLoader worker,
+    1 + the worker's seed, which the DataLoader draws from the main process's seeded RNG for every
+    new set of workers), ``call`` counts that process's calls of the collator, ``position`` is the
+    example's place in the batch. So every batch of a run gets fresh masks, and the run's masks
+    come back with the same seeds. The chain starts with its own tag, apart from `example_seed`.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ _UNKEYED_TAG)
+    for part in (epoch, worker, call, position):
+        h = _splitmix64(h ^ (part & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
 class VocabularyTables:
     """Lookup tables over the tokenizer's ids, built once so that per-batch work is indexing.
 
@@ -211,13 +235,16 @@ class Masker:
         return word_of, words
 
     def mask(self, ids: torch.Tensor, special: torch.Tensor, lengths: list[int],
-             idxs: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+             idxs: list[int | None], epoch: int,
+             stream: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask examples given concatenated, ids/special (N,) with N = sum(lengths); returns
         ``(masked_ids, labels)``, both (N,).
 
         Only the random draws loop over examples: each example seeds the generator with
         `example_seed` (seed, epoch, idx) and draws for its own tokens (and words), so its
-        result cannot depend on the other examples, the batch layout or the padding. Selection
+        result cannot depend on the other examples, the batch layout or the padding. An example
+        whose idx is None takes `unkeyed_seed` (seed, epoch, *stream, its position), ``stream``
+        being ``(worker, call)`` of the collator that calls (see `unkeyed_seed`). Selection
         and replacement then run once over the whole batch. No minimum number of targets is
         forced: a short example can get none (the loss is token weighted, so it adds no terms).
         """
@@ -229,8 +256,9 @@ class Masker:
             self._generator = torch.Generator()
         gen, n_replacements = self._generator, len(self.tables.replacement_ids)
         select_u, action_u, picks = [], [], []
-        for n, w, idx in zip(lengths, units, idxs):
-            gen.manual_seed(example_seed(self.seed, epoch, idx))
+        for pos, (n, w, idx) in enumerate(zip(lengths, units, idxs)):
+            gen.manual_seed(example_seed(self.seed, epoch, idx) if idx is not None
+                            else unkeyed_seed(self.seed, epoch, *stream, pos))
             u = torch.rand(w + n, generator=gen)  # (W + L,): one draw per unit, then per token
             select_u.append(u[:w])
             action_u.append(u[w:])

@@ -551,3 +551,179 @@ def test_bad_arguments_raise_naming_the_argument(tok, kwargs, arg):
 def test_set_epoch_validates(tok):
     with pytest.raises(ValueError, match="epoch"):
         MaskedLMCollator(tok).set_epoch(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the collator as a library: Hugging Face's names, datasets' rows, batches a forward takes as they are
+# ----------------------------------------------------------------------------------------------------
+MODEL_KEYS = {"input_ids", "attention_mask", "labels", "token_type_ids", "position_ids"}
+
+
+def test_hugging_face_names_and_return_tensors(tok):
+    import inspect
+
+    from transformers import DataCollatorForLanguageModeling
+
+    hf = set(inspect.signature(DataCollatorForLanguageModeling.__init__).parameters) - {"self"}
+    ours = set(inspect.signature(MaskedLMCollator.__init__).parameters)
+    assert hf <= ours, f"names of DataCollatorForLanguageModeling missing: {hf - ours}"
+    collator = MaskedLMCollator(tokenizer=tok, mlm=True, whole_word_mask=False, mlm_probability=0.15,
+                                mask_replace_prob=0.8, random_replace_prob=0.1, pad_to_multiple_of=8,
+                                return_tensors="pt", seed=0)
+    assert collator([[CLS, 2000, SEP]])["input_ids"].shape == (1, 8)
+    for other in ("np", "tf", "jax", None):
+        with pytest.raises(ValueError, match=r"invalid return_tensors=.*only \"pt\".*convert the batch"):
+            MaskedLMCollator(tok, return_tensors=other)
+    with pytest.raises(ValueError, match=r"invalid seed=None; use an int"):
+        MaskedLMCollator(tok, seed=None)
+    with pytest.raises(ValueError, match=r"invalid return_counts="):
+        MaskedLMCollator(tok, return_counts="yes")
+
+
+def test_counts_only_on_request(tok):
+    """By default a batch holds what a model's forward takes, nothing else; the recipe's collators
+    (from_config: training, and eval through it) ask for the counts its loop reads."""
+    from mlmkit.collator import drop_targets
+    from mlmkit.config import MLMConfig
+    from mlmkit.evaluation import eval_collator
+
+    exs = [[CLS, *range(2000, 2030), SEP], [CLS, 2000, SEP]]
+    for options in (dict(), dict(padding_side="left"), dict(padding="packed", max_length=64)):
+        batch = MaskedLMCollator(tok, mlm_probability=0.5, **options)(exs)
+        assert set(batch) <= MODEL_KEYS and not set(batch) & set(METADATA_KEYS)
+        assert set(model_inputs(batch)) == set(batch)
+        drop_targets(batch)  # a dummy needs no counts
+        assert (batch["labels"] == -100).all()
+        counted = MaskedLMCollator(tok, mlm_probability=0.5, return_counts=True, **options)(exs)
+        assert int(counted["num_real_tokens"]) == 35 and int(counted["num_examples"]) == 2
+        assert int(counted["num_masked_tokens"]) == int((counted["labels"] != -100).sum()) > 0
+        assert torch.equal(counted["labels"], MaskedLMCollator(tok, mlm_probability=0.5, **options)(exs)["labels"])
+        assert int(drop_targets(counted)["num_masked_tokens"]) == 0
+
+    cfg = MLMConfig().validate()
+    for collator in (MaskedLMCollator.from_config(tok, cfg, position_offset=0, padding="longest"),
+                     eval_collator(tok, cfg)):
+        assert collator.return_counts
+        assert set(METADATA_KEYS) <= set(collator([{"input_ids": exs[0], "idx": 0}]))
+
+
+def _pairs(tok):
+    """Sentence pairs as BERT encodes them: token_type_ids 0 then 1."""
+    return [dict(tok(a, b)) for a, b in zip(SENTENCES[::2], SENTENCES[1::2])]
+
+
+def test_token_type_ids_are_laid_out_like_input_ids(tok):
+    pairs = _pairs(tok)
+    lengths = [len(p["input_ids"]) for p in pairs]
+    assert all(1 in p["token_type_ids"] for p in pairs)
+    for options in (dict(), dict(padding_side="left", pad_to_multiple_of=8),
+                    dict(padding="packed", max_length=64)):
+        collator = MaskedLMCollator(tok, mlm=False, **options)
+        batch = collator(pairs)
+        types = batch["token_type_ids"]
+        assert types.shape == batch["input_ids"].shape and types.dtype == torch.long
+        real = torch.zeros(types.shape, dtype=torch.bool)
+        for p, part in zip(pairs, split_batch(collator, batch, lengths)):
+            assert types[part["row"], part["slice"]].tolist() == p["token_type_ids"]
+            assert part["ids"].tolist() == p["input_ids"]
+            real[part["row"], part["slice"]] = True
+        assert (types[~real] == 0).all()  # padding: type 0
+    # Upstream padding (attention_mask 0) is dropped from the types too; truncation cuts them.
+    padded = [{**p, "input_ids": [*p["input_ids"], PAD, PAD], "attention_mask": [*p["attention_mask"], 0, 0],
+               "token_type_ids": [*p["token_type_ids"], 0, 0]} for p in pairs]
+    reference = MaskedLMCollator(tok, mlm=False)(pairs)
+    assert torch.equal(MaskedLMCollator(tok, mlm=False)(padded)["token_type_ids"], reference["token_type_ids"])
+    cut = MaskedLMCollator(tok, mlm=False, max_length=10)(pairs)
+    assert torch.equal(cut["token_type_ids"], reference["token_type_ids"][:, :10])
+    # Without types in the examples, none in the batch; some with and some without is an error.
+    assert "token_type_ids" not in MaskedLMCollator(tok)([{"input_ids": p["input_ids"]} for p in pairs])
+    with pytest.raises(ValueError, match=r"example 0 has token_type_ids and example 1 has no; give every"):
+        MaskedLMCollator(tok)([pairs[0], {"input_ids": pairs[1]["input_ids"]}])
+    with pytest.raises(ValueError, match="token_type_ids length"):
+        MaskedLMCollator(tok)([{"input_ids": [CLS, SEP], "token_type_ids": [0]}])
+
+
+def test_rows_of_a_datasets_dataset_in_every_format(tok):
+    """Rows as `datasets` gives them (python lists, torch tensors, numpy arrays), with and without
+    idx, collate to the same batch; columns the collator does not know are ignored."""
+    from datasets import Dataset
+
+    encoded = tok(SENTENCES, return_special_tokens_mask=True)
+    columns = {k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask", "special_tokens_mask")}
+    plain = Dataset.from_dict({**columns, "text": SENTENCES})
+    keyed = plain.add_column("idx", list(range(len(SENTENCES))))
+    for dataset in (plain, keyed):
+        batches = []
+        for fmt in (None, "torch", "numpy"):
+            rows = dataset.with_format(fmt, columns=[c for c in dataset.column_names if c != "text"]) \
+                if fmt else dataset
+            for options in (dict(), dict(padding="packed", max_length=64)):
+                collator = MaskedLMCollator(tok, mlm_probability=0.3, **options)
+                batches.append(collator([rows[i] for i in range(len(rows))]))
+        for a, b in zip(batches, batches[2:]):  # lists vs torch, torch vs numpy; per padding
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert set(batches[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+
+
+def test_inputs_are_not_mutated(tok):
+    import copy
+
+    import numpy as np
+
+    pairs = _pairs(tok)
+    forms = [
+        [p["input_ids"] for p in pairs],
+        [torch.tensor(p["input_ids"]) for p in pairs],
+        [{**p, "special_tokens_mask": tok.get_special_tokens_mask(p["input_ids"], already_has_special_tokens=True)}
+         for p in pairs],
+        [{k: torch.tensor(v) for k, v in p.items()} for p in pairs],
+        [{k: np.array(v) for k, v in p.items()} for p in pairs],
+        [{**p, "idx": i} for i, p in enumerate(pairs)],
+    ]
+    collators = [MaskedLMCollator(tok, mlm_probability=0.9),
+                 MaskedLMCollator(tok, mlm_probability=0.9, whole_word_mask=True, max_length=12),
+                 MaskedLMCollator(tok, mlm_probability=0.9, padding="packed", max_length=64)]
+
+    def same(a, b) -> bool:
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (torch.Tensor, np.ndarray)):
+            return type(a) is type(b) and a.dtype == b.dtype and (a == b).all()
+        return a == b
+
+    for form in forms:
+        before = copy.deepcopy(form)
+        for collator in collators:
+            batch = collator(form)
+            assert int((batch["labels"] != -100).sum()) > 10  # something was masked ...
+            assert all(same(x, y) for x, y in zip(form, before))  # ... in the batch, not the input
+
+
+def test_whole_word_masking_with_added_tokens(tokenizer_path):
+    """Tokens added to the tokenizer are words of their own; an added special token is never a
+    target, nor a random replacement."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)  # a fresh one: tokens are added to it
+    tok.add_tokens(["mlmkitword", "anotherword"])
+    tok.add_special_tokens({"additional_special_tokens": ["<ent>"]})
+    ent, new = tok.convert_tokens_to_ids("<ent>"), set(tok.convert_tokens_to_ids(["mlmkitword", "anotherword"]))
+    ids = tok("the mlmkitword met <ent> anotherword unbelievably often")["input_ids"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert ent in ids and new <= set(ids) and max(ids) >= 30522
+    collator = MaskedLMCollator(tok, whole_word_mask=True, mlm_probability=0.5, random_replace_prob=0.5,
+                                mask_replace_prob=0.3)
+    batch = collator([{"input_ids": ids, "idx": i} for i in range(200)])
+    targets = batch["labels"] != -100
+    word = [p for p, t in enumerate(tokens) if t in ("un", "##bel", "##ie", "##va", "##bly")]
+    assert len(word) == 5
+    assert all(len(set(row[word].tolist())) == 1 for row in targets)  # the pieces go together
+    for p, t in enumerate(tokens):
+        rate = targets[:, p].float().mean().item()
+        if t in ("[CLS]", "[SEP]", "<ent>"):
+            assert rate == 0, t
+        else:
+            assert 0.35 < rate < 0.65, (t, rate)  # every word drawn alone at 0.5, added ones too
+    replaced = batch["input_ids"][targets & (batch["input_ids"] != batch["labels"])]
+    assert ent not in replaced.tolist() and MASK in replaced.tolist()
+    assert all(i not in tok.all_special_ids or i == MASK for i in replaced.tolist())

@@ -185,3 +185,89 @@ def test_eval_masking_rate_is_independent_of_training(wordpiece):
     assert eval_collator(wordpiece, cfg).masker.mlm_probability == 0.15  # the default
     cfg = MLMConfig(mlm_probability=0.3, eval_mlm_probability=0.2).validate()
     assert eval_collator(wordpiece, cfg).masker.mlm_probability == 0.2
+
+
+# ----------------------------------------------------------------------------------------------------
+# keyed masks are pinned; examples without idx get their own keys (masking.unkeyed_seed)
+# ----------------------------------------------------------------------------------------------------
+PINNED_TEXTS = ["The unbelievably transformational tokenization of multilingual paragraphs.",
+                "Hyperparameters were tuned with gradient accumulation and warmup.", "A short one.",
+                "Quixotic lexicographers reorganised the encyclopaedia's appendices."]
+
+
+def _keyed_digest(tok, **options) -> str:
+    """SHA-256 (16 hex digits) of the masked ids and labels of keyed batches, two epochs."""
+    import hashlib
+    examples = [tok(t)["input_ids"] for t in PINNED_TEXTS]
+    h = hashlib.sha256()
+    for epoch in (0, 2):
+        collator = MaskedLMCollator(tok, **options)
+        collator.set_epoch(epoch)
+        for rep in range(3):
+            batch = collator([{"input_ids": e, "idx": 1000 * rep + i} for i, e in enumerate(examples)])
+            h.update(batch["input_ids"].numpy().tobytes())
+            h.update(batch["labels"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_keyed_masks_are_pinned(wordpiece):
+    """The masks of examples that carry idx are those the recipe has always drawn (the digests were
+    taken before examples without idx got keys of their own): the recipe's runs and the ablation's
+    arms stay paired with runs made before, bit for bit."""
+    from mlmkit.masking import example_seed
+    assert [example_seed(s, e, i) for s, e, i in [(0, 0, 0), (42, 3, 12345), (7, 1, 1 << 40)]] == [
+        2558736989570252433, 3370120541614625827, 6508300594384234650]
+    pinned = [
+        (dict(seed=0), "942f2b6920085fd8"),
+        (dict(seed=5, mlm_probability=0.4), "8d597a839d9a884a"),
+        (dict(seed=3, whole_word_mask=True, mlm_probability=0.3), "2e9d6712e927773d"),
+        (dict(seed=1, mlm_probability=0.5, mask_replace_prob=0.5, random_replace_prob=0.3),
+         "6f354edf697446ea"),
+    ]
+    for options, digest in pinned:
+        assert _keyed_digest(wordpiece, **options) == digest, options
+
+
+def test_unkeyed_seed_is_its_own_chain():
+    from mlmkit.masking import example_seed, unkeyed_seed
+    keys = {unkeyed_seed(0, e, w, c, p) for e in range(2) for w in range(3) for c in range(4)
+            for p in range(8)}
+    assert len(keys) == 2 * 3 * 4 * 8  # every part of the key counts
+    assert all(0 <= k < 2 ** 63 for k in keys)
+    assert not keys & {example_seed(0, e, i) for e in range(2) for i in range(1000)}
+    assert unkeyed_seed(1, 0, 0, 0, 0) != unkeyed_seed(0, 0, 0, 0, 0)
+    assert unkeyed_seed(3, 1, 2, 3, 4) == unkeyed_seed(3, 1, 2, 3, 4)
+
+
+def test_unkeyed_examples_get_new_masks_every_call_reproducibly(wordpiece):
+    examples = [wordpiece(t)["input_ids"] for t in PINNED_TEXTS]
+
+    def run(seed: int) -> list[torch.Tensor]:
+        collator = MaskedLMCollator(wordpiece, seed=seed, mlm_probability=0.3)
+        return [collator(examples)["labels"] for _ in range(4)]
+
+    first = run(0)
+    assert all(not torch.equal(a, b) for a, b in zip(first, first[1:]))  # a new draw every call
+    assert all(torch.equal(a, b) for a, b in zip(first, run(0)))  # the same seed: the same draws
+    assert not any(torch.equal(a, b) for a, b in zip(first, run(1)))
+    # The same tokens in two positions of one batch are masked independently.
+    same = MaskedLMCollator(wordpiece, seed=0, mlm_probability=0.3)([examples[0]] * 8)["labels"]
+    assert len({tuple(row.tolist()) for row in same}) > 1
+
+
+def test_keyed_neighbours_of_unkeyed_examples_keep_their_masks(wordpiece):
+    """A batch may mix examples with and without idx: the keyed ones get exactly the masks they
+    get alone, whatever the call count; the unkeyed ones their own."""
+    examples = [wordpiece(t)["input_ids"] for t in PINNED_TEXTS]
+    collator = MaskedLMCollator(wordpiece, seed=4, mlm_probability=0.4)
+    collator.set_epoch(1)
+    for call in range(3):
+        items = [{"input_ids": e, "idx": 10 + i} if i % 2 else {"input_ids": e}
+                 for i, e in enumerate(examples)]
+        batch = collator(items)
+        parts = split_batch(collator, batch, [len(e) for e in examples])
+        for i, (e, part) in enumerate(zip(examples, parts)):
+            if i % 2:
+                masked, labels = collator.mask_example(e, None, 10 + i)
+                assert torch.equal(part["labels"], labels) and torch.equal(part["ids"], masked)
+    assert collator.calls == 3
