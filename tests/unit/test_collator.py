@@ -104,7 +104,7 @@ def test_attention_mask_right_and_left_padding(tok):
 
 
 def test_attention_mask_comes_from_lengths_not_pad_id(tok):
-    collator = MaskedLMCollator(tok, mlm=False)
+    collator = MaskedLMCollator(tok, mlm=False, return_counts=True)
     batch = collator([[CLS, PAD, PAD, SEP], [CLS, SEP]])
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert int(batch["num_real_tokens"]) == 6
@@ -121,7 +121,7 @@ def test_pad_to_multiple_of_and_max_length_width(tok):
 
 
 def test_metadata_keys_and_model_inputs(tok):
-    collator = MaskedLMCollator(tok, mlm_probability=0.5, padding_side="left")
+    collator = MaskedLMCollator(tok, mlm_probability=0.5, padding_side="left", return_counts=True)
     batch = collator([[CLS, *range(2000, 2030), SEP], [CLS, 2000, SEP]])
     assert set(METADATA_KEYS) == {"num_real_tokens", "num_masked_tokens", "num_examples"}
     assert int(batch["num_real_tokens"]) == 35
@@ -150,7 +150,7 @@ def test_masking_invariants_over_random_batches(tok):
         dict(padding="packed", max_length=48),
         dict(padding="packed", max_length=32, pad_to_multiple_of=8, attn_implementation="eager"),
     ]
-    collators = [MaskedLMCollator(tok, seed=7, **cfg) for cfg in configs]
+    collators = [MaskedLMCollator(tok, seed=7, return_counts=True, **cfg) for cfg in configs]
     eligible = n_targets = n_mask = n_random = n_same = 0
     for b in range(200):
         collator = collators[b % len(collators)]
@@ -198,7 +198,7 @@ def test_masking_invariants_over_random_batches(tok):
 
 def test_mlm_false_leaves_ids_and_has_no_labels(tok):
     exs = [[CLS, *range(2000, 2040), SEP], [CLS, 3000, SEP]]
-    batch = MaskedLMCollator(tok, mlm=False)(exs)
+    batch = MaskedLMCollator(tok, mlm=False, return_counts=True)(exs)
     assert (batch["labels"] == -100).all() and int(batch["num_masked_tokens"]) == 0
     assert batch["input_ids"][0].tolist() == exs[0]
 
@@ -217,7 +217,10 @@ def test_given_special_tokens_mask_is_respected(tok):
 # ----------------------------------------------------------------------------------------------------
 def test_input_forms_give_identical_batches(tok):
     a, b = [CLS, 2000, 2001, 2002, 2003, SEP], [CLS, 3000, SEP]
-    collator = MaskedLMCollator(tok, mlm_probability=0.5)
+
+    def collator(form):  # a fresh collator each time: rows without idx take new masks every call
+        return MaskedLMCollator(tok, mlm_probability=0.5)(form)
+
     reference = collator([a, b])
     forms = [
         [torch.tensor(a), torch.tensor(b)],
@@ -225,14 +228,16 @@ def test_input_forms_give_identical_batches(tok):
         # already padded upstream (right and left): attention_mask 0 positions are dropped
         [{"input_ids": a, "attention_mask": [1] * 6}, {"input_ids": [*b, PAD, PAD], "attention_mask": [1, 1, 1, 0, 0]}],
         [{"input_ids": a}, {"input_ids": [PAD, *b], "attention_mask": torch.tensor([0, 1, 1, 1])}],
-        [{"input_ids": a, "special_tokens_mask": [1, 0, 0, 0, 0, 1], "idx": 0}, {"input_ids": b, "idx": 1}],
     ]
     for form in forms:
         batch = collator(form)
         for key in ("input_ids", "attention_mask", "labels"):
             assert torch.equal(batch[key], reference[key]), key
-    # An explicit idx overrides the list position: swapping the list but keeping idx keeps the masks.
-    swapped = collator([{"input_ids": b, "idx": 1}, {"input_ids": a, "idx": 0}])
+    # With idx the masks follow idx: swapping the list but keeping idx keeps the masks.
+    keyed = MaskedLMCollator(tok, mlm_probability=0.5)
+    reference = keyed([{"input_ids": a, "special_tokens_mask": [1, 0, 0, 0, 0, 1], "idx": 0},
+                       {"input_ids": b, "idx": 1}])
+    swapped = keyed([{"input_ids": b, "idx": 1}, {"input_ids": a, "idx": 0}])
     assert torch.equal(swapped["labels"][1, :6], reference["labels"][0])
     assert torch.equal(swapped["labels"][0, :3], reference["labels"][1, :3])
 
@@ -423,7 +428,7 @@ def test_packed_layout_mask_and_positions(tok, text_examples):
 
 
 def test_packed_truncates_long_examples(tok):
-    collator = MaskedLMCollator(tok, padding="packed", max_length=8, mlm=False)
+    collator = MaskedLMCollator(tok, padding="packed", max_length=8, mlm=False, return_counts=True)
     batch = collator([[CLS, *range(2000, 2020), SEP], [CLS, 5, SEP]])
     assert batch["input_ids"].shape == (2, 8)
     assert batch["input_ids"][0].tolist() == [CLS, *range(2000, 2007)]

@@ -37,7 +37,8 @@ def test_eval_loss_padded_packed_sparse_full_agree(tokenizer, kind, attn):
     model = tiny(kind, len(tokenizer), attn)
     offset = position_offset(model)
     exs = examples(tokenizer)
-    common = dict(max_length=128, seed=3, attn_implementation=attn, position_offset=offset)
+    common = dict(max_length=128, seed=3, attn_implementation=attn, position_offset=offset,
+                  return_counts=True)
     padded = MaskedLMCollator(tokenizer, padding="longest", **common)(exs)
     packed = MaskedLMCollator(tokenizer, padding="packed", **common)(exs)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # really packed
