@@ -10,8 +10,8 @@ The contracts that live here (and nowhere else):
   (plus ``position_offset``: ``padding_idx + 1`` for RoBERTa-family models) and builds an
   attention mask under which each example attends only to itself (`packed_attention`).
 
-`pack_rows` is the one packing algorithm; the sampler uses it to plan rows over a window of
-examples, and the collator to pack a batch on its own.
+`pack_rows` is the one packing algorithm; the batch plans (`plans.py`) use it to plan rows over a
+window of examples, and the collator to pack a batch on its own.
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ class StreamSteps(torch.utils.data.IterableDataset):
                 pool += chunk
                 have += size(chunk)
             if self.packed:
-                from .layout import fullest_rows  # as the planned windows (sampler.TrainPlan)
+                from .layout import fullest_rows  # as the planned windows (plans.TrainPlan)
                 kept, rest_at = fullest_rows([min(len(e[1]), cap) for e in pool], cap, per_step)
                 keep = len(kept)
                 units = [[pool[i] for i in row] for row in kept]

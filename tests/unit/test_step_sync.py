@@ -23,7 +23,7 @@ from mlmkit.data import DataRepairs, RunData
 from mlmkit.loop import StepResults, build_scheduler, prepare_training, train_step
 from mlmkit.modeling import load_model, load_tokenizer
 from mlmkit.prefetch import Prefetcher, build_step_source
-from mlmkit.sampler import plan_schedule
+from mlmkit.plans import plan_schedule
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
            "nonzero", "masked_select"}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlmkit.sampler import TrainPlan, eval_plan
+from mlmkit.plans import TrainPlan, eval_plan
 
 
 def plans(n, batch, accum, world, **kw):
