@@ -5,8 +5,8 @@ a glob of shards; text, json/jsonl, csv, parquet), a hub id or local dataset fol
 mixture of local sources (``datasets.interleave_datasets`` with probabilities), or the embedded
 corpus. Every process reads its own part (``datasets.distributed.split_dataset_by_node``: whole
 shards when their number divides by the processes, else every N-th example) and tokenizes it on
-the fly (`StreamExamples`). Memory holds one packing window, never the corpus: it stays flat as
-the corpus grows.
+the fly (`StreamExamples`: `data.text_examples` per chunk, the map-style path's step). Memory
+holds one packing window, never the corpus: it stays flat as the corpus grows.
 
 **Passes.** A pass reads the whole stream once; then the next starts, each with the files of
 each source in another order (a function of seed and pass). Every example is trained on exactly
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .config import MLMConfig
-from .data import DataError, file_source
+from .data import DataError, Example, file_source, text_examples
 from .prefetch import PreparedStep, prepare_micro_batches
 
 WINDOW_STEPS = 4        # steps of units per packing/shuffling window
@@ -156,7 +156,7 @@ class StreamPosition:
     pass_: int = 0
     ordinal: int = 0                 # examples this process has read in the pass
     source: dict | None = None       # the stream's state_dict(); None = the pass's start
-    carry: list = field(default_factory=list)  # [[id, ids, source], ...] carried examples
+    carry: list = field(default_factory=list)  # carried examples (`data.Example`)
     window: int = 0                  # windows done (seeds the window's shuffle)
     consumed: int = 0                # steps of the window already trained
 
@@ -192,8 +192,8 @@ class StreamExamples:
             stream.load_state_dict(self._source_state)
         self._stream, self._rows = stream, iter(stream)
 
-    def read(self) -> list[list]:
-        """The next chunk of examples, each ``[id, ids, source]``; the stream never ends (the
+    def read(self) -> list[Example]:
+        """The next chunk of examples (`data.Example`); the stream never ends (the
         next pass starts where one ends). A pass without a single example is a DataError."""
         while True:
             if self._rows is None:
@@ -223,39 +223,28 @@ class StreamExamples:
     def position(self) -> tuple[int, int, dict | None]:
         return self.pass_, self.ordinal, self._source_state
 
-    def _tokenize(self, rows: list[dict]) -> list[list]:
-        col = self.cfg.text_column
-        texts, sources = [], []
+    def _tokenize(self, rows: list[dict]) -> list[Example]:
+        """The examples of a chunk of raw rows (`data.text_examples` per run of rows of one
+        source: grouped blocks never mix sources), each given the next ordinal's id."""
+        col, texts, sources = self.cfg.text_column, [], []
         for row in rows:
             text = row[col]
             if not isinstance(text, str) or not text.strip():
                 continue
             if self.exclude and _text_key(text) in self.exclude:
                 continue
-            texts.append(text.strip() if self.cfg.line_by_line else text)
+            texts.append(text)
             sources.append(int(row.get("source", 0)))
-        if not texts:
-            return []
-        max_len = self.cfg.max_seq_length
-        if self.cfg.line_by_line:
-            ids = self.tokenizer(texts, truncation=True, max_length=max_len,
-                                 return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
-        else:  # concatenated and cut into blocks within the chunk (rows of one source only)
-            ids, src = [], []
-            for source, group in itertools.groupby(zip(texts, sources), key=lambda x: x[1]):
-                tok = self.tokenizer([t for t, _ in group], return_attention_mask=False,
-                                     return_token_type_ids=False)["input_ids"]
-                flat = list(itertools.chain.from_iterable(tok))
-                blocks = [flat[i:i + max_len] for i in range(0, len(flat), max_len)]
-                ids += blocks
-                src += [source] * len(blocks)
-            sources = src
         out = []
-        for one, source in zip(ids, sources):
-            idx = (self.pass_ << PASS_SHIFT) | (self.ordinal * self.world + self.rank)
-            self.ordinal += 1
-            out.append([idx, list(one), source])
+        for source, group in itertools.groupby(zip(texts, sources), key=lambda x: x[1]):
+            columns = text_examples([t for t, _ in group], self.tokenizer,
+                                    max_length=self.cfg.max_seq_length,
+                                    line_by_line=self.cfg.line_by_line)
+            for ids, special in zip(columns["input_ids"], columns["special_tokens_mask"]):
+                idx = (self.pass_ << PASS_SHIFT) | (self.ordinal * self.world + self.rank)
+                self.ordinal += 1
+                out.append(Example(input_ids=ids, special_tokens_mask=special, idx=idx,
+                                   source=source))
         return out
 
 
@@ -295,7 +284,7 @@ class StreamSteps(torch.utils.data.IterableDataset):
         pos = self.position
         reader = StreamExamples(self.cfg, self.tokenizer, process_index=self.rank,
                                 num_processes=self.world, exclude=self.exclude, position=pos)
-        carry, window = [list(e) for e in pos.carry], pos.window
+        carry, window = list(pos.carry), pos.window
         while True:
             start = StreamPosition(*reader.position(), carry=carry, window=window)
             steps, carry = self._window(reader, carry, window)
@@ -309,7 +298,8 @@ class StreamSteps(torch.utils.data.IterableDataset):
         need = WINDOW_STEPS * per_step * (cap if self.packed else 1)
         rng = np.random.default_rng([self.cfg.seed, self.rank, window])
         def size(examples: list) -> int:  # tokens (packed) or examples (padded)
-            return sum(min(len(e[1]), cap) for e in examples) if self.packed else len(examples)
+            return sum(min(len(e["input_ids"]), cap) for e in examples) if self.packed \
+                else len(examples)
 
         while True:
             have = size(pool)
@@ -319,7 +309,8 @@ class StreamSteps(torch.utils.data.IterableDataset):
                 have += size(chunk)
             if self.packed:
                 from .layout import fullest_rows  # as the planned windows (plans.TrainPlan)
-                kept, rest_at = fullest_rows([min(len(e[1]), cap) for e in pool], cap, per_step)
+                kept, rest_at = fullest_rows([min(len(e["input_ids"]), cap) for e in pool], cap,
+                                              per_step)
                 keep = len(kept)
                 units = [[pool[i] for i in row] for row in kept]
                 rest = [pool[i] for i in rest_at]
@@ -344,13 +335,13 @@ class StreamSteps(torch.utils.data.IterableDataset):
             for unit in chunk:
                 if self.packed:
                     rows.append(list(range(len(examples), len(examples) + len(unit))))
-                examples += [{"input_ids": e[1], "idx": e[0], "source": e[2]} for e in unit]
+                examples += unit
             micros.append((examples, rows))
         step = prepare_micro_batches(
             self.collator, micros, max_length=self.cfg.max_seq_length,
             flop_counter=self.flop_counter, sparse_head=self.sparse_head,
             positions_multiple=self.positions_multiple, num_sources=self.num_sources)
         # epoch: the pass of the step's newest example
-        step.epoch = max(e[0] for unit in units for e in unit) >> PASS_SHIFT
+        step.epoch = max(e["idx"] for unit in units for e in unit) >> PASS_SHIFT
         step.step_in_epoch, step.data_state = 0, state.to_dict()
         return step

@@ -66,10 +66,10 @@ def test_each_example_trained_once_per_pass_across_processes(corpus, tokenizer, 
         for _, steps in itertools.islice(steps_for(cfg, tokenizer, rank, 2, exclude,
                                                    packed=packed).windows(), 60):
             for unit in itertools.chain.from_iterable(steps):
-                for idx, ids, _ in unit:
-                    if idx >> PASS_SHIFT == 0:
-                        assert idx % 2 == rank  # ids are unique across processes
-                        trained[tuple(ids)] += 1
+                for example in unit:
+                    if example["idx"] >> PASS_SHIFT == 0:
+                        assert example["idx"] % 2 == rank  # ids are unique across processes
+                        trained[tuple(example["input_ids"])] += 1
     held_out = set(raw_eval["text"])
     want = collections.Counter(tuple(tokenizer(t)["input_ids"][:32]) for t in LINES
                                if t not in held_out)
@@ -154,8 +154,8 @@ def test_streaming_mixture_shares_follow_the_weights(tmp_path, tokenizer):
     alpha = tokenizer.convert_tokens_to_ids("alpha")
     for _, windows in itertools.islice(steps_for(cfg, tokenizer, 0, 1, exclude).windows(), 3):
         for unit in itertools.chain.from_iterable(windows):
-            for _, ids, source in unit:
-                assert (ids[1] == alpha) == (source == 0)
+            for example in unit:
+                assert (example["input_ids"][1] == alpha) == (example["source"] == 0)
 
 
 def test_map_style_mixture_shares_follow_the_weights(tmp_path, tokenizer):
