@@ -13,10 +13,11 @@ every example is seen exactly once per epoch, and because the loss is normalised
 count of masked tokens, uneven micro-batches weigh exactly as they should.
 
 With ``pack_capacity`` (``--padding packed``) a batch counts *rows* of ``pack_capacity`` tokens,
-not examples: the shuffled order is packed window by window (about ``PACK_WINDOW`` global batches
-of examples at a time) with the collator's best-fit packer; the fullest rows are emitted in a
-shuffled order and the examples of the least-full leftover rows are carried into the next window,
-so rows stay nearly full (pad fraction ~1% on the embedded corpus). A micro-batch is then a list of
+not examples: the shuffled order is packed window by window (about ``layout.WINDOW_STEPS`` global
+batches of examples at a time) with the collator's best-fit packer (`layout.WindowPacker`, the
+stream's window loop too); the fullest rows are emitted in a shuffled order and the examples of
+the least-full leftover rows are carried into the next window, so rows stay nearly full (pad
+fraction ~1% on the embedded corpus). A micro-batch is then a list of
 rows (lists of example indices), which the collator lays out exactly as planned.
 
 With ``group_by_length`` the shuffled order is cut into mega-batches of 50 global batches, each
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 MEGABATCH_MULT = 50
-PACK_WINDOW = 4
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -85,30 +85,14 @@ class TrainPlan:
         return [full[i] for i in rng.permutation(len(full))] + tail
 
     def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
-        from .layout import fullest_rows  # the collator's packer: one packing algorithm
+        from .layout import WindowPacker  # the stream's window loop; the collator's packer
 
-        cap, gbs = self.pack_capacity, self.global_batch_size
-        lengths = np.minimum(self.lengths, cap)  # the collator truncates to the row length
-        window_tokens = PACK_WINDOW * gbs * cap
-        batches, carry, pos = [], [], 0
-        while pos < len(order) or carry:
-            pool, tokens = list(carry), int(lengths[carry].sum()) if carry else 0
-            while pos < len(order) and tokens < window_tokens:
-                pool.append(int(order[pos]))
-                tokens += int(lengths[order[pos]])
-                pos += 1
-            kept, rest = fullest_rows(lengths[pool].tolist(), cap, gbs,
-                                      keep_all=pos >= len(order))
-            if not kept:  # window too small to fill a batch: widen it
-                window_tokens *= 2
-                carry = pool
-                continue
-            emitted = [[pool[i] for i in row] for row in kept]
-            carry = [pool[i] for i in rest]
-            emitted = [emitted[i] for i in rng.permutation(len(emitted))]
-            batches += [emitted[i:i + gbs] for i in range(0, len(emitted), gbs)]
-        # a short batch (the epoch's last rows) goes last, as in the unpacked plan
-        return [b for b in batches if len(b) == gbs] + [b for b in batches if len(b) < gbs]
+        # the collator truncates to the row length
+        lengths = np.minimum(self.lengths, self.pack_capacity).tolist()
+        packer = WindowPacker(self.global_batch_size, self.pack_capacity,
+                              length=lengths.__getitem__)
+        return [batch for steps, _ in packer.windows(_Order(order), rng=lambda _: rng)
+                for batch in steps]
 
     def split(self, global_batch) -> list[list]:
         """This process's ``grad_accum`` micro-batches of one global batch (empty = dummy).
@@ -144,6 +128,20 @@ class TrainPlan:
         for step, gb in enumerate(self.global_batches(epoch)):
             if step >= start_step:
                 yield step, self.split(gb)
+
+
+class _Order:
+    """An epoch's shuffled order as a `layout.WindowPacker` source: one example index a read."""
+
+    def __init__(self, order: np.ndarray):
+        self.order, self.pos = order, 0
+
+    def read(self) -> list[int]:
+        self.pos += 1
+        return [int(self.order[self.pos - 1])]
+
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.order)
 
 
 def _plain(x):

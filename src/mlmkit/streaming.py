@@ -13,10 +13,11 @@ each source in another order (a function of seed and pass). Every example is tra
 once per pass, across processes. Passes are this process's own: processes that read different
 amounts may be in different passes, which changes nothing else.
 
-**Batches.** `StreamSteps` fills a *window* of about ``WINDOW_STEPS`` steps' worth of examples,
-cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's best-fit packer,
-or single examples when padded), emits whole steps of units in an order shuffled by (seed,
-process, window) and carries the rest (the least-full rows) into the next window. The masking of
+**Batches.** `StreamSteps` fills a *window* of about ``layout.WINDOW_STEPS`` steps' worth of
+examples, cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's
+best-fit packer, or single examples when padded), emits whole steps of units in an order shuffled
+by (seed, process, window) and carries the rest (the least-full rows) into the next window: the
+planned steps' window loop (`layout.WindowPacker`), on a source that never ends. The masking of
 an example is keyed by a stable id, ``pass << 40 | ordinal * processes + process`` (its ordinal
 in this process's pass), so it does not depend on batching.
 
@@ -43,9 +44,9 @@ import torch
 
 from .config import MLMConfig
 from .data import DataError, Example, file_source, text_examples
+from .layout import WindowPacker
 from .prefetch import PreparedStep, prepare_micro_batches
 
-WINDOW_STEPS = 4        # steps of units per packing/shuffling window
 CHUNK_ROWS = 64         # raw rows read and tokenized at a time
 PASS_SHIFT = 40         # example id = pass << PASS_SHIFT | ordinal * processes + process
 
@@ -220,6 +221,11 @@ class StreamExamples:
             self.pass_, self.ordinal, self._source_state = self.pass_ + 1, 0, None
             self._rows, self._read_in_pass = None, False
 
+    @staticmethod
+    def exhausted() -> bool:
+        """Never: the next pass starts where one ends (the `layout.WindowPacker` source)."""
+        return False
+
     def position(self) -> tuple[int, int, dict | None]:
         return self.pass_, self.ordinal, self._source_state
 
@@ -280,52 +286,19 @@ class StreamSteps(torch.utils.data.IterableDataset):
 
     def windows(self):
         """Yield ``(window's start position, its steps of units)`` from ``position`` on; a unit
-        is a packed row (a list of examples) or a list of one example."""
+        is a packed row (a list of examples) or one example."""
         pos = self.position
         reader = StreamExamples(self.cfg, self.tokenizer, process_index=self.rank,
                                 num_processes=self.world, exclude=self.exclude, position=pos)
-        carry, window = list(pos.carry), pos.window
-        while True:
-            start = StreamPosition(*reader.position(), carry=carry, window=window)
-            steps, carry = self._window(reader, carry, window)
+        cap = self.cfg.max_seq_length
+        packer = WindowPacker(self.units_per_step, cap if self.packed else None,
+                              length=lambda e: min(len(e["input_ids"]), cap))
+        start = StreamPosition(*reader.position(), carry=list(pos.carry), window=pos.window)
+        for steps, carry in packer.windows(
+                reader, lambda k: np.random.default_rng([self.cfg.seed, self.rank, pos.window + k]),
+                carry=start.carry):
             yield start, steps
-            window += 1
-
-    def _window(self, reader: StreamExamples, carry: list, window: int):
-        """(steps of units, carried examples) of one window."""
-        cap, per_step = self.cfg.max_seq_length, self.units_per_step
-        pool = list(carry)
-        need = WINDOW_STEPS * per_step * (cap if self.packed else 1)
-        rng = np.random.default_rng([self.cfg.seed, self.rank, window])
-        def size(examples: list) -> int:  # tokens (packed) or examples (padded)
-            return sum(min(len(e["input_ids"]), cap) for e in examples) if self.packed \
-                else len(examples)
-
-        while True:
-            have = size(pool)
-            while have < need:
-                chunk = reader.read()
-                pool += chunk
-                have += size(chunk)
-            if self.packed:
-                from .layout import fullest_rows  # as the planned windows (plans.TrainPlan)
-                kept, rest_at = fullest_rows([min(len(e["input_ids"]), cap) for e in pool], cap,
-                                              per_step)
-                keep = len(kept)
-                units = [[pool[i] for i in row] for row in kept]
-                rest = [pool[i] for i in rest_at]
-            else:
-                order = rng.permutation(len(pool))
-                keep = (len(pool) // per_step) * per_step
-                units = [[pool[i]] for i in order[:keep]]
-                rest = [pool[i] for i in sorted(order[keep:])]
-            if keep:
-                break
-            need *= 2  # too few full units: widen the window
-        if self.packed:
-            units = [units[i] for i in rng.permutation(len(units))]
-        steps = [units[i:i + per_step] for i in range(0, len(units), per_step)]
-        return steps, rest
+            start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
     def _prepare(self, units: list, state: StreamPosition) -> PreparedStep:
         micros = []
@@ -335,13 +308,15 @@ class StreamSteps(torch.utils.data.IterableDataset):
             for unit in chunk:
                 if self.packed:
                     rows.append(list(range(len(examples), len(examples) + len(unit))))
-                examples += unit
+                    examples += unit
+                else:
+                    examples.append(unit)
             micros.append((examples, rows))
         step = prepare_micro_batches(
             self.collator, micros, max_length=self.cfg.max_seq_length,
             flop_counter=self.flop_counter, sparse_head=self.sparse_head,
             positions_multiple=self.positions_multiple, num_sources=self.num_sources)
         # epoch: the pass of the step's newest example
-        step.epoch = max(e["idx"] for unit in units for e in unit) >> PASS_SHIFT
+        step.epoch = max(e["idx"] for examples, _ in micros for e in examples) >> PASS_SHIFT
         step.step_in_epoch, step.data_state = 0, state.to_dict()
         return step

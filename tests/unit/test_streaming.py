@@ -65,8 +65,8 @@ def test_each_example_trained_once_per_pass_across_processes(corpus, tokenizer, 
     for rank in range(2):
         for _, steps in itertools.islice(steps_for(cfg, tokenizer, rank, 2, exclude,
                                                    packed=packed).windows(), 60):
-            for unit in itertools.chain.from_iterable(steps):
-                for example in unit:
+            for unit in itertools.chain.from_iterable(steps):  # a row, or one example
+                for example in (unit if packed else [unit]):
                     if example["idx"] >> PASS_SHIFT == 0:
                         assert example["idx"] % 2 == rank  # ids are unique across processes
                         trained[tuple(example["input_ids"])] += 1
