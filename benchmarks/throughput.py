@@ -62,7 +62,7 @@ from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_
                          train_step)
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
 from mlmkit.prefetch import Prefetcher, build_step_source  # noqa: E402
-from mlmkit.plans import TrainPlan, plan_schedule  # noqa: E402
+from mlmkit.plans import TrainPlan, micro_layout, plan_schedule  # noqa: E402
 
 
 def peak_mem_gb(device) -> float | None:
@@ -240,7 +240,7 @@ def main() -> None:
                                                 pad_to_multiple_of=shape.pad_to_multiple_of)
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
-            indices, rows = p.layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
+            indices, rows = micro_layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
             batch = collator(examples.fetch(indices), rows=rows)
             batch["_flops"] = counter.step_flops(
                 [min(lengths[i], args.max_seq_length) for i in indices],

@@ -111,18 +111,6 @@ class TrainPlan:
             out.append([_plain(x) for x in items[bounds[c]:bounds[c + 1]]])
         return out
 
-    @staticmethod
-    def layout(micro_batch: list) -> tuple[list[int], list[list[int]] | None]:
-        """(example indices, rows as positions into them or None) for the collator."""
-        if micro_batch and isinstance(micro_batch[0], list):
-            indices = [i for row in micro_batch for i in row]
-            rows, start = [], 0
-            for row in micro_batch:
-                rows.append(list(range(start, start + len(row))))
-                start += len(row)
-            return indices, rows
-        return micro_batch, None
-
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield ``(step_in_epoch, micro_batches)`` from ``start_step`` on (resume skips ahead)."""
         for step, gb in enumerate(self.global_batches(epoch)):
@@ -146,6 +134,19 @@ class _Order:
 
 def _plain(x):
     return [int(i) for i in x] if isinstance(x, (list, np.ndarray)) else int(x)
+
+
+def micro_layout(micro_batch: list) -> tuple[list, list[list[int]] | None]:
+    """``(items, rows as positions into them, or None)`` of a micro-batch of a plan or a stream:
+    a list of items (example indices or examples), or with packing a list of rows of them."""
+    if micro_batch and isinstance(micro_batch[0], list):
+        items = [i for row in micro_batch for i in row]
+        rows, start = [], 0
+        for row in micro_batch:
+            rows.append(list(range(start, start + len(row))))
+            start += len(row)
+        return items, rows
+    return micro_batch, None
 
 
 def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:

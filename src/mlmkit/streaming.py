@@ -45,7 +45,7 @@ import torch
 from .config import MLMConfig
 from .data import DataError, Example, file_source, text_examples
 from .layout import WindowPacker
-from .prefetch import PreparedStep, prepare_micro_batches
+from .prefetch import PreparedStep, StepPreparer
 
 CHUNK_ROWS = 64         # raw rows read and tokenized at a time
 PASS_SHIFT = 40         # example id = pass << PASS_SHIFT | ordinal * processes + process
@@ -259,19 +259,15 @@ class StreamSteps(torch.utils.data.IterableDataset):
     ``data_state`` is the position to resume from after it. Iterated by one process (inline or
     one DataLoader worker: its order is its state)."""
 
-    def __init__(self, cfg: MLMConfig, tokenizer, collator, *, process_index: int,
+    def __init__(self, cfg: MLMConfig, tokenizer, preparer: StepPreparer, *, process_index: int,
                  num_processes: int, packed: bool, exclude: frozenset = frozenset(),
-                 position: StreamPosition | None = None, flop_counter=None,
-                 sparse_head: bool = True, positions_multiple: int | None = None,
-                 num_sources: int = 0):
-        self.cfg, self.tokenizer, self.collator = cfg, tokenizer, collator
+                 position: StreamPosition | None = None):
+        self.cfg, self.tokenizer, self.preparer = cfg, tokenizer, preparer
         self.rank, self.world, self.packed, self.exclude = (process_index, num_processes,
                                                             packed, exclude)
         self.position = position or StreamPosition()
         self.per_micro = cfg.per_device_train_batch_size
         self.units_per_step = self.per_micro * cfg.gradient_accumulation_steps
-        self.flop_counter, self.sparse_head = flop_counter, sparse_head
-        self.positions_multiple, self.num_sources = positions_multiple, num_sources
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -301,22 +297,12 @@ class StreamSteps(torch.utils.data.IterableDataset):
             start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
     def _prepare(self, units: list, state: StreamPosition) -> PreparedStep:
-        micros = []
-        for g in range(self.cfg.gradient_accumulation_steps):
-            chunk = units[g * self.per_micro:(g + 1) * self.per_micro]
-            examples, rows = [], [] if self.packed else None
-            for unit in chunk:
-                if self.packed:
-                    rows.append(list(range(len(examples), len(examples) + len(unit))))
-                    examples += unit
-                else:
-                    examples.append(unit)
-            micros.append((examples, rows))
-        step = prepare_micro_batches(
-            self.collator, micros, max_length=self.cfg.max_seq_length,
-            flop_counter=self.flop_counter, sparse_head=self.sparse_head,
-            positions_multiple=self.positions_multiple, num_sources=self.num_sources)
+        micro_batches = [units[g * self.per_micro:(g + 1) * self.per_micro]
+                         for g in range(self.cfg.gradient_accumulation_steps)]
+        # stream masks are keyed by the example id, which holds the pass: one mask epoch
+        step = self.preparer(micro_batches, mask_epoch=0)
         # epoch: the pass of the step's newest example
-        step.epoch = max(e["idx"] for examples, _ in micros for e in examples) >> PASS_SHIFT
+        step.epoch = max(e["idx"] for unit in units
+                         for e in (unit if self.packed else [unit])) >> PASS_SHIFT
         step.step_in_epoch, step.data_state = 0, state.to_dict()
         return step

@@ -15,6 +15,7 @@ import torch
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.config import ConfigError, parse_config
 from mlmkit.data import DataError, IndexedExamples, load_and_tokenize
+from mlmkit.prefetch import StepPreparer
 from mlmkit.streaming import (PASS_SHIFT, StreamExamples, StreamPosition, StreamSteps,
                               held_out_eval)
 
@@ -48,9 +49,10 @@ def steps_for(cfg, tokenizer, rank: int, world: int, exclude=frozenset(), positi
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
                                             attn_implementation="sdpa",
                                             padding="packed" if packed else "longest")
-    return StreamSteps(cfg, tokenizer, collator, process_index=rank, num_processes=world,
-                       packed=packed, exclude=exclude, position=position,
-                       num_sources=len(cfg.mixture_files))
+    preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
+                            num_sources=len(cfg.mixture_files))
+    return StreamSteps(cfg, tokenizer, preparer, process_index=rank, num_processes=world,
+                       packed=packed, exclude=exclude, position=position)
 
 
 @pytest.mark.parametrize("packed", [True, False])
