@@ -202,8 +202,9 @@ def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> Dat
 
 
 class Example(TypedDict):
-    """The one example type of both data paths (`IndexedExamples.fetch`, `streaming.StreamExamples`):
-    a plain dict, as the collator reads it and as a stream position saves carried examples (JSON)."""
+    """The one example type of both data paths (`IndexedExamples.fetch`,
+    `streaming.StreamExamples`): a plain dict, as the collator reads it and as a stream position
+    saves carried examples (JSON)."""
     input_ids: list[int]
     special_tokens_mask: list[int]
     idx: int            # keys the example's masks (`masking.example_seed`)

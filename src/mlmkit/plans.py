@@ -23,6 +23,10 @@ rows (lists of example indices), which the collator lays out exactly as planned.
 With ``group_by_length`` the shuffled order is cut into mega-batches of 50 global batches, each
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
+
+Under ``--streaming`` there is no global plan: `StreamPlan` cuts each process's own stream into
+steps a window at a time with the same window loop (see `streaming.py`). `plan_schedule` builds
+either plan and the run's length (`Schedule`).
 """
 
 from __future__ import annotations
@@ -160,11 +164,41 @@ def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -
     return [shard[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a stream becomes this process's steps (`streaming.StreamSteps` reads it): windows of
+    about ``layout.WINDOW_STEPS`` steps' worth of examples (`layout.WindowPacker`, as the packed
+    `TrainPlan`), packed in rows of ``pack_capacity`` tokens or one example a unit, shuffled by
+    (seed, process, window); a step is ``per_device_batch_size x grad_accum`` units of this
+    process's own stream, always whole."""
+    per_device_batch_size: int
+    grad_accum: int
+    process_index: int
+    seed: int
+    pack_capacity: int | None = None
+
+    def windows(self, source, carry: list, first_window: int):
+        """Yield ``(steps of units, carried examples)`` per window of ``source`` (a
+        `streaming.StreamExamples`), from window number ``first_window`` and its ``carry`` on."""
+        from .layout import WindowPacker
+
+        cap = self.pack_capacity
+        packer = WindowPacker(self.per_device_batch_size * self.grad_accum, cap,
+                              length=lambda e: min(len(e["input_ids"]), cap))
+        return packer.windows(source, carry=carry, rng=lambda k: np.random.default_rng(
+            [self.seed, self.process_index, first_window + k]))
+
+    def split(self, step: list) -> list[list]:
+        """The ``grad_accum`` micro-batches of one step (see `micro_layout`)."""
+        per = self.per_device_batch_size
+        return [step[g * per:(g + 1) * per] for g in range(self.grad_accum)]
+
+
 @dataclass
 class Schedule:
-    """How long the run trains: ``max_steps`` optimizer steps; map-style data also has this
-    process's ``plan`` and the ``num_epochs`` it spans (``--streaming``: no plan, no epochs)."""
-    plan: TrainPlan | None
+    """How long the run trains: ``max_steps`` optimizer steps, this process's ``plan`` and, for
+    map-style data, the ``num_epochs`` it spans (``--streaming``: a `StreamPlan`, no epochs)."""
+    plan: TrainPlan | StreamPlan
     max_steps: int
     num_epochs: int | None
 
@@ -178,25 +212,28 @@ class Schedule:
 
     def where(self, state) -> str:
         """Where the data stands in ``state`` (a `checkpoint.TrainState`), for the log."""
-        if self.plan is None:
+        if self.num_epochs is None:
             return f"pass {state.epoch} of the stream"
         return f"epoch {state.epoch}, batch {state.step_in_epoch} of it"
 
     def epoch_at(self, step: int, data_epoch: int) -> float:
         """The ``epoch`` metric after ``step`` steps (the stream's pass when streaming)."""
-        return step / len(self.plan) if self.plan else data_epoch
+        return data_epoch if self.num_epochs is None else step / len(self.plan)
 
 
 def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
                   process_index: int) -> Schedule:
-    """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming) and the
-    run's length."""
+    """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming, a
+    `StreamPlan`) and the run's length."""
+    pack_capacity = cfg.max_seq_length if padding == "packed" else None
     if examples is None:
-        return Schedule(None, cfg.max_train_steps, None)
+        return Schedule(StreamPlan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                   process_index, cfg.seed, pack_capacity),
+                        cfg.max_train_steps, None)
     plan = TrainPlan(examples.lengths, per_device_batch_size=cfg.per_device_train_batch_size,
                      grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,
                      process_index=process_index, seed=cfg.seed,
                      group_by_length=cfg.group_by_length,
-                     pack_capacity=cfg.max_seq_length if padding == "packed" else None)
+                     pack_capacity=pack_capacity)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
     return Schedule(plan, max_steps, math.ceil(max_steps / len(plan)))

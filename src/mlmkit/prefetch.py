@@ -16,7 +16,9 @@ with ``--mixture_files`` it also counts real tokens per source.
 
 Exact resume is untouched: worker ``w`` of ``W`` prepares the steps ``k`` with ``k % W == w``
 and the loader returns them round-robin, i.e. in plan order; what a step holds depends only on
-the plan and (epoch, step_in_epoch), never on the number of workers.
+the plan and its position (`checkpoint.DataPosition`: epoch, step of it), never on the number of
+workers. Both step sources take the same arguments: what they read, the `StepPreparer`, their
+plan and the position to start from.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .checkpoint import DataPosition
 from .collator import drop_targets
 from .plans import micro_layout
 
@@ -33,14 +36,17 @@ from .plans import micro_layout
 @dataclass
 class PreparedStep:
     """One optimizer step's micro-batches for this process, with host-side counts."""
-    epoch: int
-    step_in_epoch: int
+    position: DataPosition  # where the data stands after this step: resume from here
     micro_batches: list[dict]
     computed: int       # positions computed (padding and dummies included)
     real: int           # real tokens (dummies excluded)
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
     source_tokens: list[int] | None = None  # real tokens per --mixture_files source
-    data_state: dict | None = None  # --streaming: the stream position after this step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the step (the stream's pass of its newest example)."""
+        return self.position.epoch
 
     def pin_memory(self) -> "PreparedStep":
         """Called by the DataLoader's pinning thread."""
@@ -77,11 +83,12 @@ class StepPreparer:
         self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
         self.num_sources = num_sources
 
-    def __call__(self, micro_batches: list, *, mask_epoch: int, fetch=None) -> PreparedStep:
-        """One step from ``micro_batches``, each a list of examples, or with packing a list of
-        rows of them (`plans.micro_layout`). With ``fetch`` (`data.IndexedExamples.fetch`) the
-        items are example indices, fetched here; an empty micro-batch (this process ran out of
-        examples) is a zero-weight dummy of example 0."""
+    def __call__(self, micro_batches: list, position: DataPosition, *, mask_epoch: int,
+                 fetch=None) -> PreparedStep:
+        """The step at ``position`` (after it) from ``micro_batches``, each a list of examples,
+        or with packing a list of rows of them (`plans.micro_layout`). With ``fetch``
+        (`data.IndexedExamples.fetch`) the items are example indices, fetched here; an empty
+        micro-batch (this process ran out of examples) is a zero-weight dummy of example 0."""
         self.collator.set_epoch(mask_epoch)
         batches, computed, real, flops = [], 0, 0, 0.0
         source_tokens = [0] * self.num_sources if self.num_sources else None
@@ -103,55 +110,51 @@ class StepPreparer:
             add_masked_positions(batch, self.positions_multiple)
             computed += batch["input_ids"].numel()
             batches.append(batch)
-        return PreparedStep(0, 0, batches, computed, real, flops, source_tokens)
+        return PreparedStep(position, batches, computed, real, flops, source_tokens)
 
 
 class PlannedSteps(torch.utils.data.IterableDataset):
-    """Every step of ``plan`` from (``start_epoch``, ``start_step``) to the end of
-    ``num_epochs`` epochs, prepared by ``preparer`` (a `StepPreparer`). In a DataLoader worker,
-    only that worker's share of the steps."""
+    """Every step of ``plan`` (a `plans.TrainPlan` over ``examples``) from ``position`` (a
+    `checkpoint.DataPosition`) to the end of ``num_epochs`` epochs, made ready by ``preparer``
+    (a `StepPreparer`). In a DataLoader worker, only that worker's share of the steps."""
 
-    def __init__(self, plan, examples, preparer: StepPreparer, *, start_epoch: int,
-                 start_step: int, num_epochs: int):
-        self.plan, self.examples, self.preparer = plan, examples, preparer
-        self.start_epoch, self.start_step, self.num_epochs = start_epoch, start_step, num_epochs
+    def __init__(self, examples, preparer: StepPreparer, *, plan, position: DataPosition,
+                 num_epochs: int):
+        self.examples, self.preparer, self.plan = examples, preparer, plan
+        self.position, self.num_epochs = position, num_epochs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         k = 0
-        for epoch in range(self.start_epoch, self.num_epochs):
-            first = self.start_step if epoch == self.start_epoch else 0
+        for epoch in range(self.position.epoch, self.num_epochs):
+            first = self.position.step if epoch == self.position.epoch else 0
             for step_in_epoch, micro_plan in self.plan.epoch(epoch, start_step=first):
                 if k % workers == worker:
-                    yield self.prepare(epoch, step_in_epoch, micro_plan)
+                    yield self.preparer(micro_plan, DataPosition(epoch, step_in_epoch + 1),
+                                        mask_epoch=epoch, fetch=self.examples.fetch)
                 k += 1
-
-    def prepare(self, epoch: int, step_in_epoch: int, micro_plan) -> PreparedStep:
-        step = self.preparer(micro_plan, mask_epoch=epoch, fetch=self.examples.fetch)
-        step.epoch, step.step_in_epoch = epoch, step_in_epoch
-        return step
 
 
 def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, state,
                       rank_state, process_index: int, num_processes: int, shape):
     """The run's steps from where ``state`` (a `checkpoint.TrainState`) and ``rank_state`` (a
     `checkpoint.RankState`) stand: `PlannedSteps` over ``schedule``'s plan, or under
-    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly); ``shape``:
-    `config.RunShape`."""
+    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly), both made
+    ready by one `StepPreparer`; ``shape``: `config.RunShape`."""
     preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
                             flop_counter=training.flop_counter,
                             sparse_head=training.inner.sparse_prediction,
                             positions_multiple=shape.positions_multiple,
                             num_sources=len(cfg.mixture_files))
-    if schedule.plan is None:
-        from .streaming import StreamPosition, StreamSteps
-        position = StreamPosition.from_dict(rank_state.stream) if rank_state.stream else None
-        return StreamSteps(cfg, tokenizer, preparer, process_index=process_index,
-                           num_processes=num_processes, packed=collator.padding == "packed",
-                           exclude=data.stream_exclude, position=position)
-    return PlannedSteps(schedule.plan, data.train, preparer, start_epoch=state.epoch,
-                        start_step=state.step_in_epoch, num_epochs=schedule.num_epochs)
+    position = rank_state.start(state)
+    if cfg.streaming:
+        from .streaming import StreamExamples, StreamSteps
+        examples = StreamExamples(cfg, tokenizer, process_index=process_index,
+                                  num_processes=num_processes, exclude=data.stream_exclude)
+        return StreamSteps(examples, preparer, plan=schedule.plan, position=position)
+    return PlannedSteps(data.train, preparer, plan=schedule.plan, position=position,
+                        num_epochs=schedule.num_epochs)
 
 
 def _identity(item):

@@ -17,15 +17,17 @@ amounts may be in different passes, which changes nothing else.
 examples, cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's
 best-fit packer, or single examples when padded), emits whole steps of units in an order shuffled
 by (seed, process, window) and carries the rest (the least-full rows) into the next window: the
-planned steps' window loop (`layout.WindowPacker`), on a source that never ends. The masking of
-an example is keyed by a stable id, ``pass << 40 | ordinal * processes + process`` (its ordinal
-in this process's pass), so it does not depend on batching.
+planned steps' window loop (`layout.WindowPacker`, as `plans.StreamPlan` sets it up), on a
+source that never ends. The masking of an example is keyed by a stable id,
+``pass << 40 | ordinal * processes + process`` (its ordinal in this process's pass), so it does
+not depend on batching.
 
-**Exact resume.** The data position after a step is its window's starting point (the pass, the
-ordinal, the stream's ``state_dict()`` -- shard and offset --, the carried examples) plus the
-number of the window's steps already trained. Refilling the window from there gives the same
-window, so a run killed anywhere resumes to the result of an uninterrupted one. Each process saves
-its own position in the checkpoint (``data_state_<rank>.json``).
+**Exact resume.** The data position after a step (`checkpoint.DataPosition`, the shape of the
+planned steps' too) is its window's starting point (`StreamPosition`: the pass, the ordinal, the
+stream's ``state_dict()`` -- shard and offset --, the carried examples) plus the number of the
+window's steps already trained. Refilling the window from there gives the same window, so a run
+killed anywhere resumes to the result of an uninterrupted one. Each process saves its own
+position in the checkpoint (``data_state_<rank>.json``, `checkpoint.RankState`).
 
 **Eval.** ``--validation_file`` (or a hub dataset's validation split), else the first
 ``--streaming_eval_examples`` examples of the stream in file order, held out: their texts are
@@ -37,14 +39,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .checkpoint import DataPosition
 from .config import MLMConfig
 from .data import DataError, Example, file_source, text_examples
-from .layout import WindowPacker
+from .plans import micro_layout
 from .prefetch import PreparedStep, StepPreparer
 
 CHUNK_ROWS = 64         # raw rows read and tokenized at a time
@@ -153,37 +156,45 @@ def held_out_eval(cfg: MLMConfig):
 
 @dataclass
 class StreamPosition:
-    """Where this process's stream stands at the start of a window (JSON-able)."""
+    """Where this process's stream stands at the start of a window (JSON-able): the
+    ``stream`` of a `checkpoint.DataPosition`, whose ``step`` counts the window's steps done."""
     pass_: int = 0
     ordinal: int = 0                 # examples this process has read in the pass
     source: dict | None = None       # the stream's state_dict(); None = the pass's start
     carry: list = field(default_factory=list)  # carried examples (`data.Example`)
     window: int = 0                  # windows done (seeds the window's shuffle)
-    consumed: int = 0                # steps of the window already trained
 
     def to_dict(self) -> dict:
         return {"pass": self.pass_, "ordinal": self.ordinal, "source": self.source,
-                "carry": self.carry, "window": self.window, "consumed": self.consumed}
+                "carry": self.carry, "window": self.window}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamPosition":
-        return cls(d["pass"], d["ordinal"], d["source"], d["carry"], d["window"], d["consumed"])
+        return cls(d["pass"], d["ordinal"], d["source"], d["carry"], d["window"])
 
 
 class StreamExamples:
     """This process's tokenized examples, from a position on, pass after pass (see module doc).
 
-    `read` returns the next chunk; `position` the state after the last chunk read."""
+    `read` returns the next chunk; `position` the state after the last chunk read; `at` a
+    reader of the same examples from another position."""
 
     def __init__(self, cfg: MLMConfig, tokenizer, *, process_index: int, num_processes: int,
-                 exclude: frozenset = frozenset(), position: StreamPosition | None = None):
+                 exclude: frozenset = frozenset()):
         self.cfg, self.tokenizer, self.exclude = cfg, tokenizer, exclude
         self.rank, self.world = process_index, num_processes
-        position = position or StreamPosition()
-        self.pass_, self.ordinal, self._source_state = (position.pass_, position.ordinal,
-                                                       position.source)
+        self._seek(StreamPosition())
+
+    def at(self, start: StreamPosition) -> "StreamExamples":
+        """A new reader of these examples from ``start`` (its pass, ordinal, stream state) on."""
+        reader = copy.copy(self)
+        reader._seek(start)
+        return reader
+
+    def _seek(self, start: StreamPosition) -> None:
+        self.pass_, self.ordinal, self._source_state = start.pass_, start.ordinal, start.source
         self._stream = self._rows = None
-        self._read_in_pass = position.ordinal > 0 or position.source is not None
+        self._read_in_pass = start.ordinal > 0 or start.source is not None
 
     def _open(self):
         from datasets.distributed import split_dataset_by_node
@@ -255,54 +266,42 @@ class StreamExamples:
 
 
 class StreamSteps(torch.utils.data.IterableDataset):
-    """Prepared steps from the stream, from ``position`` on (see the module doc). Each step's
-    ``data_state`` is the position to resume from after it. Iterated by one process (inline or
-    one DataLoader worker: its order is its state)."""
+    """Prepared steps from the stream of ``examples`` (`StreamExamples`) as ``plan`` (a
+    `plans.StreamPlan`) cuts it, from ``position`` (a `checkpoint.DataPosition`) on, made ready by
+    ``preparer`` (a `prefetch.StepPreparer`); see the module doc. Each step's ``position`` is the
+    one to resume from after it. Iterated by one process (inline or one DataLoader worker: its
+    order is its state)."""
 
-    def __init__(self, cfg: MLMConfig, tokenizer, preparer: StepPreparer, *, process_index: int,
-                 num_processes: int, packed: bool, exclude: frozenset = frozenset(),
-                 position: StreamPosition | None = None):
-        self.cfg, self.tokenizer, self.preparer = cfg, tokenizer, preparer
-        self.rank, self.world, self.packed, self.exclude = (process_index, num_processes,
-                                                            packed, exclude)
-        self.position = position or StreamPosition()
-        self.per_micro = cfg.per_device_train_batch_size
-        self.units_per_step = self.per_micro * cfg.gradient_accumulation_steps
+    def __init__(self, examples: StreamExamples, preparer: StepPreparer, *, plan,
+                 position: DataPosition):
+        self.examples, self.preparer, self.plan = examples, preparer, plan
+        self.position = position
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers > 1:
             raise RuntimeError("StreamSteps is read by one worker at most (its order is its state)")
-        skip = self.position.consumed
+        skip = self.position.step
         for start, steps in self.windows():
             for k, units in enumerate(steps):
                 if k >= skip:
-                    yield self._prepare(units, replace(start, consumed=k + 1))
+                    yield self._prepare(units, start, k)
             skip = 0
 
     def windows(self):
         """Yield ``(window's start position, its steps of units)`` from ``position`` on; a unit
         is a packed row (a list of examples) or one example."""
-        pos = self.position
-        reader = StreamExamples(self.cfg, self.tokenizer, process_index=self.rank,
-                                num_processes=self.world, exclude=self.exclude, position=pos)
-        cap = self.cfg.max_seq_length
-        packer = WindowPacker(self.units_per_step, cap if self.packed else None,
-                              length=lambda e: min(len(e["input_ids"]), cap))
-        start = StreamPosition(*reader.position(), carry=list(pos.carry), window=pos.window)
-        for steps, carry in packer.windows(
-                reader, lambda k: np.random.default_rng([self.cfg.seed, self.rank, pos.window + k]),
-                carry=start.carry):
+        stream = self.position.stream
+        start = StreamPosition.from_dict(stream) if stream else StreamPosition()
+        reader = self.examples.at(start)
+        for steps, carry in self.plan.windows(reader, start.carry, start.window):
             yield start, steps
             start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
-    def _prepare(self, units: list, state: StreamPosition) -> PreparedStep:
-        micro_batches = [units[g * self.per_micro:(g + 1) * self.per_micro]
-                         for g in range(self.cfg.gradient_accumulation_steps)]
+    def _prepare(self, units: list, start: StreamPosition, k: int) -> PreparedStep:
+        micro_batches = self.plan.split(units)
+        newest = max(e["idx"] for micro in micro_batches for e in micro_layout(micro)[0])
+        # epoch: the pass of the step's newest example; then the window's k + 1 steps are done
+        position = DataPosition(newest >> PASS_SHIFT, k + 1, start.to_dict())
         # stream masks are keyed by the example id, which holds the pass: one mask epoch
-        step = self.preparer(micro_batches, mask_epoch=0)
-        # epoch: the pass of the step's newest example
-        step.epoch = max(e["idx"] for unit in units
-                         for e in (unit if self.packed else [unit])) >> PASS_SHIFT
-        step.step_in_epoch, step.data_state = 0, state.to_dict()
-        return step
+        return self.preparer(micro_batches, position, mask_epoch=0)
