@@ -62,7 +62,7 @@ from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_
                          train_step)
 from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
 from mlmkit.prefetch import Prefetcher, build_step_source  # noqa: E402
-from mlmkit.sampler import TrainPlan, plan_schedule  # noqa: E402
+from mlmkit.plans import TrainPlan, micro_layout, plan_schedule  # noqa: E402
 
 
 def peak_mem_gb(device) -> float | None:
@@ -122,7 +122,7 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
 
 def run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args) -> dict:
     """The recipe's own training step (see the module doc) on packed rows, masked-only head:
-    the recipe's builders (`loop.prepare_training`, `config.run_shape`, `sampler.plan_schedule`,
+    the recipe's builders (`loop.prepare_training`, `config.run_shape`, `plans.plan_schedule`,
     `prefetch.build_step_source`) on the same flags, so this column measures the recipe."""
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
@@ -240,7 +240,7 @@ def main() -> None:
                                                 pad_to_multiple_of=shape.pad_to_multiple_of)
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
-            indices, rows = p.layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
+            indices, rows = micro_layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
             batch = collator(examples.fetch(indices), rows=rows)
             batch["_flops"] = counter.step_flops(
                 [min(lengths[i], args.max_seq_length) for i in indices],

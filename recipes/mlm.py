@@ -63,7 +63,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     from mlmkit import (checkpoint, config, data, distributed, evaluation, fill_mask, flops, loop,
-                        modeling, prefetch, preemption, probe, sampler)
+                        modeling, plans, prefetch, preemption, probe)
     from mlmkit.collator import MaskedLMCollator
 
     # ============================================================================ accelerator
@@ -103,8 +103,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
         tokenizer, cfg, position_offset=training.position_offset, padding=decision.padding,
         attn_implementation=training.attn_implementation,
         pad_to_multiple_of=shape.pad_to_multiple_of)
-    schedule = sampler.plan_schedule(cfg, run_data.train, padding=decision.padding,
-                                     num_processes=world, process_index=rank)
+    schedule = plans.plan_schedule(cfg, run_data.train, padding=decision.padding,
+                                   num_processes=world, process_index=rank)
     # Built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped by us, once per
     # optimizer step; not handed to prepare(), which would step it once per process.
     scheduler = loop.build_scheduler(training.optimizer, cfg, schedule.max_steps)

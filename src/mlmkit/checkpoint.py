@@ -10,7 +10,8 @@ result. What makes that true here:
   statistics of the log window and of the whole run, the step-0 eval and fill-mask check, the W&B
   run id, the launch shape) and a copy of ``config.yaml``. The data position is just ``(epoch, step_in_epoch)``:
   batch order is a pure function of (seed, epoch) and masking of (seed, epoch, example index).
-  Under ``--streaming`` every process also saves its own stream position (`streaming.py`).
+  Under ``--streaming`` every process also saves its own :class:`DataPosition` (its stream's
+  window, `streaming.py`), the shape both step sources resume from (:class:`RankState`).
 * **Atomic writes** (:func:`save_checkpoint`) -- all processes save into
   ``checkpoints/.tmp-checkpoint-<step>``, files are fsynced, then the main process writes the
   completion marker ``COMPLETE`` (a manifest of every file and its size) and renames the folder
@@ -111,10 +112,30 @@ class RunningStats:
 
 
 @dataclass
+class DataPosition:
+    """Where this process's data stands after a step, in one shape for both step sources
+    (`prefetch.PlannedSteps`, `streaming.StreamSteps`), which resume from it to the same
+    following steps. Map-style: the plan's ``epoch`` and the ``step`` of it to run next.
+    ``--streaming``: ``epoch`` is the pass of the step's newest example, ``stream`` the start of
+    the step's window (`streaming.StreamPosition`, a dict) and ``step`` the steps of that window
+    done. JSON-able (`to_dict`)."""
+    epoch: int = 0
+    step: int = 0
+    stream: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "stream": self.stream}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataPosition":
+        return cls(data["epoch"], data["step"], data.get("stream"))
+
+
+@dataclass
 class TrainState:
     """The loop's counters: saved in every checkpoint, restored on resume (JSON, exact floats)."""
     step: int = 0                      # optimizer steps done
-    epoch: int = 0                     # data position: the epoch being read ...
+    epoch: int = 0                     # data position (`DataPosition`): the epoch being read ...
     step_in_epoch: int = 0             # ... and the next global batch of it
     window: RunningStats = field(default_factory=RunningStats)  # since the last log line
     total: RunningStats = field(default_factory=RunningStats)   # the whole run
@@ -127,8 +148,12 @@ class TrainState:
     def advance(self, step) -> None:
         """One optimizer step done on ``step`` (a `prefetch.PreparedStep`): the data position
         moves past it."""
-        self.step, self.epoch, self.step_in_epoch = (self.step + 1, step.epoch,
-                                                     step.step_in_epoch + 1)
+        self.step, self.epoch, self.step_in_epoch = (self.step + 1, step.position.epoch,
+                                                     step.position.step)
+
+    def position(self) -> DataPosition:
+        """The data position saved here (the run's, for map-style steps)."""
+        return DataPosition(self.epoch, self.step_in_epoch)
 
     def take_window(self) -> RunningStats:
         """The log window's statistics; a new window starts."""
@@ -239,36 +264,43 @@ def read_rank_state(folder: Path | None, process_index: int) -> dict | None:
 
 @dataclass
 class RankState:
-    """What only this process knows of the data: its stream position after the newest step
-    (``--streaming``) and its real tokens per ``--mixture_files`` source; saved per process
-    (``data_state_<rank>.json``) when the run has either."""
+    """What only this process knows of the data: its `DataPosition` after the newest step (under
+    ``--streaming`` its own stream's) and its real tokens per ``--mixture_files`` source; saved per
+    process (``data_state_<rank>.json``) when the run has either."""
     kept: bool                         # --streaming or --mixture_files: saved in checkpoints
     source_tokens: list[int]
-    stream: dict | None = None
+    position: DataPosition | None = None
 
     @classmethod
     def load(cls, cfg: MLMConfig, checkpoint: Path | None, process_index: int) -> "RankState":
         saved = read_rank_state(checkpoint, process_index) or {}
+        position = saved.get("position")
         state = cls(bool(cfg.streaming or cfg.mixture_files),
                     saved.get("source_tokens") or [0] * len(cfg.mixture_files),
-                    saved.get("stream"))
-        if cfg.streaming and checkpoint is not None and state.stream is None:
-            raise ConfigError(f"checkpoint {checkpoint} has no {RANK_STATE_PREFIX}"
-                              f"{process_index}.json (the stream position of process "
-                              f"{process_index}). Fix: resume from another checkpoint "
-                              "(--resume_from_checkpoint), or start afresh with "
+                    DataPosition.from_dict(position) if position else None)
+        if cfg.streaming and checkpoint is not None and state.position is None:
+            raise ConfigError(f"checkpoint {checkpoint} holds no stream position of process "
+                              f"{process_index} ({RANK_STATE_PREFIX}{process_index}.json missing, "
+                              "or written by an older mlmkit). Fix: resume from another "
+                              "checkpoint (--resume_from_checkpoint), or start afresh with "
                               "--overwrite_output_dir true.")
         return state
+
+    def start(self, state: TrainState) -> DataPosition:
+        """Where this process's steps resume: its own position, else the run's (``state``)."""
+        return self.position or state.position()
 
     def update(self, step) -> None:
         """Advance past ``step`` (a `prefetch.PreparedStep`)."""
         if step.source_tokens is not None:
             self.source_tokens = [a + b for a, b in zip(self.source_tokens, step.source_tokens)]
-        if step.data_state is not None:
-            self.stream = step.data_state
+        self.position = step.position
 
     def to_dict(self) -> dict | None:
-        return {"stream": self.stream, "source_tokens": self.source_tokens} if self.kept else None
+        if not self.kept:
+            return None
+        return {"position": self.position.to_dict() if self.position else None,
+                "source_tokens": self.source_tokens}
 
     def summary(self, cfg: MLMConfig, accelerator) -> dict:
         """The summary's ``data/*`` entries of a mixture: tokens per source, all processes

@@ -361,7 +361,7 @@ class MaskedLMCollator:
     def __call__(self, examples: Sequence[Any],
                  rows: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
         """Collate ``examples``. In packed mode ``rows`` (lists of positions into ``examples``)
-        may give the row layout, e.g. one planned by the sampler over a larger window; by
+        may give the row layout, e.g. one planned over a larger window (`plans.TrainPlan`); by
         default the batch is packed on its own with `layout.pack_rows`."""
         if rows is not None and self.padding != "packed":
             raise ValueError('MaskedLMCollator: rows= is only meaningful with padding="packed"')

@@ -17,8 +17,10 @@ reads what `pretokenize.py` wrote.
 Examples are either ``line_by_line`` (one per non-blank line, truncated at ``max_seq_length``) or
 grouped (all text concatenated and cut into ``max_seq_length`` blocks; the remainder of each map
 batch is kept as a shorter block rather than dropped, so a corpus shorter than one block still
-yields one example). Tokenization is cached by ``datasets`` for file and hub sources, and computes
-the special-tokens mask once, here, so the collator never has to.
+yields one example). `text_examples` is that step for both data paths (here per map batch, in
+`streaming.py` per chunk of the stream), and `Example` the one example type both hand to the
+collator. Tokenization is cached by ``datasets`` for file and hub sources, and computes the
+special-tokens mask once, here, so the collator never has to.
 
 Dirty files: bytes of a .txt or .csv file that are not UTF-8 are replaced by U+FFFD and the run
 goes on; the lines that held them are counted per file (:class:`DataRepairs`) and reported in one
@@ -34,6 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import TypedDict
 
 import datasets
 import numpy as np
@@ -198,56 +201,69 @@ def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> Dat
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
+class Example(TypedDict):
+    """The one example type of both data paths (`IndexedExamples.fetch`,
+    `streaming.StreamExamples`): a plain dict, as the collator reads it and as a stream position
+    saves carried examples (JSON)."""
+    input_ids: list[int]
+    special_tokens_mask: list[int]
+    idx: int            # keys the example's masks (`masking.example_seed`)
+    source: int         # --mixture_files: the index of its source (0 without a mixture)
+
+
+def text_examples(texts: list[str], tokenizer, *, max_length: int,
+                  line_by_line: bool) -> dict[str, list]:
+    """The examples of ``texts`` (the caller has dropped the blank ones), as columns
+    ``input_ids``, ``special_tokens_mask``, ``length``: one per text, stripped and truncated at
+    ``max_length`` (``line_by_line``), or all of them concatenated and cut into ``max_length``
+    blocks, the remainder kept as a shorter block (blocks never cross ``texts``: the map batch,
+    or the stream's chunk of one source). The one text-to-examples step of both data paths."""
+    if not texts:  # fast tokenizers fail on an empty list
+        return {"input_ids": [], "special_tokens_mask": [], "length": []}
+    encode = dict(return_special_tokens_mask=True, return_attention_mask=False,
+                  return_token_type_ids=False)
+    if line_by_line:
+        out = tokenizer([t.strip() for t in texts], truncation=True, max_length=max_length,
+                        **encode)
+        ids, special = out["input_ids"], out["special_tokens_mask"]
+    else:  # no truncation: special tokens wrap each document, blocks are cut here
+        out = tokenizer(list(texts), **encode)
+        flat_ids = list(chain.from_iterable(out["input_ids"]))
+        flat_special = list(chain.from_iterable(out["special_tokens_mask"]))
+        starts = range(0, len(flat_ids), max_length)
+        ids = [flat_ids[i:i + max_length] for i in starts]
+        special = [flat_special[i:i + max_length] for i in starts]
+    return {"input_ids": ids, "special_tokens_mask": special, "length": [len(x) for x in ids]}
+
+
 def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDict:
-    """Tokenize into examples with ``input_ids``, ``special_tokens_mask`` and ``length``.
+    """Tokenize into examples with ``input_ids``, ``special_tokens_mask`` and ``length``
+    (`text_examples`, per map batch).
 
     Call under ``accelerator.main_process_first()`` so that one process fills the cache.
     """
-    col = cfg.text_column
-    max_len = cfg.max_seq_length
-    remove = {name: raw[name].column_names for name in raw}
+    col, line_by_line = cfg.text_column, cfg.line_by_line
     map_kwargs = dict(num_proc=cfg.preprocessing_num_workers,
                       load_from_cache_file=not cfg.overwrite_cache)
 
-    if cfg.line_by_line:
-        def tokenize(batch):
-            lines = [line.strip() for line in batch[col] if line and line.strip()]
-            if not lines:  # fast tokenizers fail on an empty list
-                return {"input_ids": [], "special_tokens_mask": [], "length": []}
-            out = tokenizer(lines, truncation=True, max_length=max_len,
-                            return_special_tokens_mask=True, return_attention_mask=False,
-                            return_token_type_ids=False)
-            out["length"] = [len(ids) for ids in out["input_ids"]]
-            return out
+    def tokenize(batch):
+        texts = [t for t in batch[col] if t and t.strip()] if line_by_line else batch[col]
+        return text_examples(texts, tokenizer, max_length=cfg.max_seq_length,
+                             line_by_line=line_by_line)
 
-        tokenized = DatasetDict({
-            name: raw[name].map(tokenize, batched=True, remove_columns=remove[name],
-                                desc=f"tokenizing {name} (line by line)", **map_kwargs)
-            for name in raw})
-    else:
-        def tokenize(batch):
-            # No truncation: blocks are cut below. Special tokens wrap each document.
-            if not any(batch[col]):
-                return {"input_ids": [], "special_tokens_mask": []}
-            return tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
-                             return_attention_mask=False, return_token_type_ids=False)
+    def nonempty(batch):  # grouped: a map batch is then 1000 documents, blank lines included
+        return [bool(t) for t in batch[col]]
 
-        def group(batch):
-            concatenated = {k: list(chain.from_iterable(batch[k])) for k in batch}
-            total = len(concatenated["input_ids"])
-            # Keep the remainder as a shorter final block instead of dropping it.
-            out = {k: [v[i:i + max_len] for i in range(0, total, max_len)]
-                   for k, v in concatenated.items()}
-            out["length"] = [len(ids) for ids in out["input_ids"]]
-            return out
-
-        tokenized = DatasetDict({
-            name: raw[name]
-            .map(tokenize, batched=True, remove_columns=remove[name],
-                 desc=f"tokenizing {name}", **map_kwargs)
-            .map(group, batched=True, desc=f"grouping {name} into {max_len}-token blocks",
-                 **map_kwargs)
-            for name in raw})
+    tokenized = DatasetDict()
+    for name in raw:
+        split = raw[name] if line_by_line else \
+            raw[name].filter(nonempty, batched=True, desc=f"dropping empty {name} rows",
+                             **map_kwargs)
+        tokenized[name] = split.map(
+            tokenize, batched=True, remove_columns=raw[name].column_names,
+            desc=f"tokenizing {name}" + (" (line by line)" if line_by_line else
+                                         f" into {cfg.max_seq_length}-token blocks"),
+            **map_kwargs)
 
     tokenized = limit_samples(tokenized, cfg)
     for name in tokenized:
@@ -331,15 +347,14 @@ class IndexedExamples:
     def __getitem__(self, idx: int) -> dict:
         return self.fetch([idx])[0]
 
-    def fetch(self, indices) -> list[dict]:
+    def fetch(self, indices) -> list[Example]:
         """Fetch many examples with one Arrow read (much faster than one read per example)."""
-        rows = self.dataset[[int(i) for i in indices]]
-        out = [{"input_ids": ids, "special_tokens_mask": stm, "idx": int(i)}
-               for ids, stm, i in zip(rows["input_ids"], rows["special_tokens_mask"], indices)]
-        if self.sources is not None:
-            for item, i in zip(out, indices):
-                item["source"] = int(self.sources[int(i)])
-        return out
+        indices = [int(i) for i in indices]
+        rows = self.dataset[indices]
+        sources = self.sources[indices].tolist() if self.sources is not None else [0] * len(indices)
+        return [Example(input_ids=ids, special_tokens_mask=special, idx=i, source=source)
+                for ids, special, i, source in zip(rows["input_ids"], rows["special_tokens_mask"],
+                                                   indices, sources)]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from accelerate.utils import send_to_device
 
 from .collator import MaskedLMCollator, drop_targets, model_inputs
 from .modeling import token_logprobs
-from .sampler import eval_plan
+from .plans import eval_plan
 from .tracking import (EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
                        perplexity)
 

@@ -10,13 +10,14 @@ The contracts that live here (and nowhere else):
   (plus ``position_offset``: ``padding_idx + 1`` for RoBERTa-family models) and builds an
   attention mask under which each example attends only to itself (`packed_attention`).
 
-`pack_rows` is the one packing algorithm; the sampler uses it to plan rows over a window of
-examples, and the collator to pack a batch on its own.
+`pack_rows` is the one packing algorithm; the batch plans (`plans.py`) and the stream's steps
+(`streaming.py`) use it to pack rows over a window of examples (`WindowPacker`, the one window
+loop of both), and the collator to pack a batch on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,71 @@ def fullest_rows(lengths: Sequence[int], capacity: int, multiple: int,
     rows.sort(key=lambda row: -sum(lengths[i] for i in row))
     keep = len(rows) if keep_all else (len(rows) // multiple) * multiple
     return rows[:keep], [i for row in rows[keep:] for i in row]
+
+
+WINDOW_STEPS = 4  # steps' worth of examples per window, planned and streamed
+
+
+@dataclass(frozen=True)
+class WindowPacker:
+    """The one window loop of the planned and the streamed steps: cuts items (a plan's example
+    indices, a stream's examples) into steps of ``multiple`` units, a window at a time.
+
+    A window is filled (the previous window's carry first) to ``steps`` steps' worth: tokens when
+    packing rows of ``capacity`` tokens, items otherwise. It keeps its fullest rows, a whole
+    number of steps of them (`fullest_rows`), or unpacked a random whole number of steps of
+    items; is widened when not one step is kept; shuffles what it keeps, cuts it into steps and
+    carries the rest into the next window. The last window of a finite source keeps all (its
+    last step may be short). A unit is a row (a list of items) when packing, else an item.
+
+    ``source``: ``read()`` the next items (a non-empty list), ``exhausted()``; ``length``: an
+    item's tokens, at most ``capacity`` (packing only).
+    """
+    multiple: int
+    capacity: int | None = None
+    length: Callable[[Any], int] | None = None
+    steps: int = WINDOW_STEPS
+
+    def windows(self, source, rng: Callable[[int], Any], carry: Sequence = ()):
+        """Yield ``(steps, carry)`` per window until ``source`` is exhausted and nothing is
+        carried (a stream: for ever); ``rng(k)``: the numpy Generator of the k-th window."""
+        carry, k = list(carry), 0
+        while carry or not source.exhausted():
+            steps, carry = self.window(source, carry, rng(k))
+            yield steps, carry
+            k += 1
+
+    def window(self, source, carry: list, rng) -> tuple[list[list], list]:
+        """``(steps of units, items carried)`` of one window."""
+        budget = self.steps * self.multiple * (self.capacity or 1)
+        pool = list(carry)
+        while True:
+            have = self._size(pool)
+            while have < budget and not source.exhausted():
+                items = source.read()
+                pool += items
+                have += self._size(items)
+            units, rest = self._keep(pool, rng, keep_all=source.exhausted())
+            if units:
+                break
+            budget *= 2  # not one step's worth: widen the window
+        return [units[i:i + self.multiple] for i in range(0, len(units), self.multiple)], rest
+
+    def _size(self, items: list) -> int:
+        return sum(map(self.length, items)) if self.capacity else len(items)
+
+    def _keep(self, pool: list, rng, keep_all: bool) -> tuple[list, list]:
+        """(the kept units, shuffled; the items carried, in pool order)."""
+        if self.capacity is None:
+            order = rng.permutation(len(pool))
+            keep = len(pool) if keep_all else (len(pool) // self.multiple) * self.multiple
+            return [pool[i] for i in order[:keep]], [pool[i] for i in sorted(order[keep:])]
+        rows, rest = fullest_rows([self.length(x) for x in pool], self.capacity, self.multiple,
+                                  keep_all=keep_all)
+        if not rows:
+            return [], pool
+        units = [[pool[i] for i in row] for row in rows]
+        return [units[i] for i in rng.permutation(len(units))], [pool[i] for i in rest]
 
 
 def round_up(n: int, multiple: int | None) -> int:

@@ -154,7 +154,7 @@ class MaskedLMModule(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None,
                 masked_positions=None, **kwargs):
         """``masked_positions`` (optional): the flat indices of ``labels != -100``, computed on
-        the host ahead of time (`prefetch.PlannedSteps`), so that the masked-only head gathers
+        the host ahead of time (`prefetch.StepPreparer`), so that the masked-only head gathers
         without a data-dependent shape on the device (no host-device synchronisation)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if position_ids is not None:

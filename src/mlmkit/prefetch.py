@@ -10,13 +10,15 @@ for the same cores), or prepared ahead by worker processes (a torch ``DataLoader
 on a GPU is 2), pinned so the copy to the device is asynchronous, without holding the training
 process's GIL while it launches kernels. It reports how long the loop waited for each step.
 
-`prepare_micro_batches` is that preparation for one step, shared with `streaming.StreamSteps`
-(whose steps come from a stream instead of a plan); with ``--mixture_files`` it also counts real
-tokens per source.
+`StepPreparer` is that preparation for one step, built once (`build_step_source`) and handed to
+`PlannedSteps` and to `streaming.StreamSteps` (whose steps come from a stream instead of a plan);
+with ``--mixture_files`` it also counts real tokens per source.
 
 Exact resume is untouched: worker ``w`` of ``W`` prepares the steps ``k`` with ``k % W == w``
 and the loader returns them round-robin, i.e. in plan order; what a step holds depends only on
-the plan and (epoch, step_in_epoch), never on the number of workers.
+the plan and its position (`checkpoint.DataPosition`: epoch, step of it), never on the number of
+workers. Both step sources take the same arguments: what they read, the `StepPreparer`, their
+plan and the position to start from.
 """
 
 from __future__ import annotations
@@ -26,20 +28,25 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .checkpoint import DataPosition
 from .collator import drop_targets
+from .plans import micro_layout
 
 
 @dataclass
 class PreparedStep:
     """One optimizer step's micro-batches for this process, with host-side counts."""
-    epoch: int
-    step_in_epoch: int
+    position: DataPosition  # where the data stands after this step: resume from here
     micro_batches: list[dict]
     computed: int       # positions computed (padding and dummies included)
     real: int           # real tokens (dummies excluded)
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
     source_tokens: list[int] | None = None  # real tokens per --mixture_files source
-    data_state: dict | None = None  # --streaming: the stream position after this step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the step (the stream's pass of its newest example)."""
+        return self.position.epoch
 
     def pin_memory(self) -> "PreparedStep":
         """Called by the DataLoader's pinning thread."""
@@ -62,89 +69,92 @@ def add_masked_positions(batch: dict, multiple: int | None = None) -> dict:
     return batch
 
 
-class PlannedSteps(torch.utils.data.IterableDataset):
-    """Every step of ``plan`` from (``start_epoch``, ``start_step``) to the end of
-    ``num_epochs`` epochs, prepared (see the module doc; ``positions_multiple``: see
-    `add_masked_positions`). In a DataLoader worker, only that worker's share of the steps."""
+class StepPreparer:
+    """One optimizer step of this process made ready for the training loop, whichever source
+    its micro-batches come from (`PlannedSteps`, `streaming.StreamSteps`): each collated (masks
+    of the ``mask_epoch``), made a zero-weight dummy where empty, given its masked positions
+    (`add_masked_positions`, ``positions_multiple``) and counted on the host (positions
+    computed, real tokens, model FLOPs with ``flop_counter``, real tokens per ``--mixture_files``
+    source with ``num_sources``)."""
 
-    def __init__(self, plan, collator, examples, *, start_epoch: int, start_step: int,
-                 num_epochs: int, max_length: int, flop_counter=None, sparse_head: bool = True,
+    def __init__(self, collator, *, max_length: int, flop_counter=None, sparse_head: bool = True,
                  positions_multiple: int | None = None, num_sources: int = 0):
-        self.plan, self.collator, self.examples = plan, collator, examples
-        self.num_sources = num_sources  # --mixture_files: count real tokens per source
-        self.start_epoch, self.start_step, self.num_epochs = start_epoch, start_step, num_epochs
-        self.max_length, self.flop_counter = max_length, flop_counter
+        self.collator, self.max_length, self.flop_counter = collator, max_length, flop_counter
         self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
+        self.num_sources = num_sources
+
+    def __call__(self, micro_batches: list, position: DataPosition, *, mask_epoch: int,
+                 fetch=None) -> PreparedStep:
+        """The step at ``position`` (after it) from ``micro_batches``, each a list of examples,
+        or with packing a list of rows of them (`plans.micro_layout`). With ``fetch``
+        (`data.IndexedExamples.fetch`) the items are example indices, fetched here; an empty
+        micro-batch (this process ran out of examples) is a zero-weight dummy of example 0."""
+        self.collator.set_epoch(mask_epoch)
+        batches, computed, real, flops = [], 0, 0, 0.0
+        source_tokens = [0] * self.num_sources if self.num_sources else None
+        for micro in micro_batches:
+            items, rows = micro_layout(micro)
+            if not items:  # this process ran out of examples: a zero-weight dummy
+                batch = drop_targets(self.collator(fetch([0])))
+            else:
+                examples = fetch(items) if fetch is not None else items
+                batch = self.collator(examples, rows=rows)
+                real += int(batch["num_real_tokens"])
+                lengths = [min(len(e["input_ids"]), self.max_length) for e in examples]
+                if self.flop_counter is not None:
+                    flops += self.flop_counter.step_flops(
+                        lengths, int(batch["num_masked_tokens"]), self.sparse_head)
+                if source_tokens is not None:
+                    for e, n in zip(examples, lengths):
+                        source_tokens[e["source"]] += n
+            add_masked_positions(batch, self.positions_multiple)
+            computed += batch["input_ids"].numel()
+            batches.append(batch)
+        return PreparedStep(position, batches, computed, real, flops, source_tokens)
+
+
+class PlannedSteps(torch.utils.data.IterableDataset):
+    """Every step of ``plan`` (a `plans.TrainPlan` over ``examples``) from ``position`` (a
+    `checkpoint.DataPosition`) to the end of ``num_epochs`` epochs, made ready by ``preparer``
+    (a `StepPreparer`). In a DataLoader worker, only that worker's share of the steps."""
+
+    def __init__(self, examples, preparer: StepPreparer, *, plan, position: DataPosition,
+                 num_epochs: int):
+        self.examples, self.preparer, self.plan = examples, preparer, plan
+        self.position, self.num_epochs = position, num_epochs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         k = 0
-        for epoch in range(self.start_epoch, self.num_epochs):
-            first = self.start_step if epoch == self.start_epoch else 0
+        for epoch in range(self.position.epoch, self.num_epochs):
+            first = self.position.step if epoch == self.position.epoch else 0
             for step_in_epoch, micro_plan in self.plan.epoch(epoch, start_step=first):
                 if k % workers == worker:
-                    yield self.prepare(epoch, step_in_epoch, micro_plan)
+                    yield self.preparer(micro_plan, DataPosition(epoch, step_in_epoch + 1),
+                                        mask_epoch=epoch, fetch=self.examples.fetch)
                 k += 1
-
-    def prepare(self, epoch: int, step_in_epoch: int, micro_plan) -> PreparedStep:
-        self.collator.set_epoch(epoch)
-        micros = []
-        for micro in micro_plan:
-            indices, rows = self.plan.layout(micro)  # rows: the packed layout, or None
-            micros.append((self.examples.fetch(indices) if indices else [], rows))
-        step = prepare_micro_batches(
-            self.collator, micros, max_length=self.max_length, flop_counter=self.flop_counter,
-            sparse_head=self.sparse_head, positions_multiple=self.positions_multiple,
-            num_sources=self.num_sources, dummy=lambda: self.examples.fetch([0]))
-        step.epoch, step.step_in_epoch = epoch, step_in_epoch
-        return step
-
-
-def prepare_micro_batches(collator, micros, *, max_length: int, flop_counter=None,
-                          sparse_head: bool = True, positions_multiple: int | None = None,
-                          num_sources: int = 0, dummy=None) -> PreparedStep:
-    """One step from ``micros``, a list of ``(examples, rows)`` (``rows``: the packed layout or
-    None); an empty example list is a zero-weight dummy made from ``dummy()``'s examples."""
-    micro_batches, computed, real, flops = [], 0, 0, 0.0
-    source_tokens = [0] * num_sources if num_sources else None
-    for examples, rows in micros:
-        batch = collator(examples or dummy(), rows=rows if examples else None)
-        if not examples:  # this process ran out of examples: a zero-weight dummy
-            drop_targets(batch)
-        add_masked_positions(batch, positions_multiple)
-        computed += batch["input_ids"].numel()
-        if examples:
-            real += int(batch["num_real_tokens"])
-            lengths = [min(len(e["input_ids"]), max_length) for e in examples]
-            if flop_counter is not None:
-                flops += flop_counter.step_flops(lengths, int(batch["num_masked_tokens"]),
-                                                 sparse_head)
-            if source_tokens is not None:
-                for e, n in zip(examples, lengths):
-                    source_tokens[e["source"]] += n
-        micro_batches.append(batch)
-    return PreparedStep(0, 0, micro_batches, computed, real, flops, source_tokens)
 
 
 def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, state,
                       rank_state, process_index: int, num_processes: int, shape):
     """The run's steps from where ``state`` (a `checkpoint.TrainState`) and ``rank_state`` (a
     `checkpoint.RankState`) stand: `PlannedSteps` over ``schedule``'s plan, or under
-    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly); ``shape``:
-    `config.RunShape`."""
-    common = dict(flop_counter=training.flop_counter, sparse_head=training.inner.sparse_prediction,
-                  positions_multiple=shape.positions_multiple,
-                  num_sources=len(cfg.mixture_files))
-    if schedule.plan is None:
-        from .streaming import StreamPosition, StreamSteps
-        position = StreamPosition.from_dict(rank_state.stream) if rank_state.stream else None
-        return StreamSteps(cfg, tokenizer, collator, process_index=process_index,
-                           num_processes=num_processes, packed=collator.padding == "packed",
-                           exclude=data.stream_exclude, position=position, **common)
-    return PlannedSteps(schedule.plan, collator, data.train, start_epoch=state.epoch,
-                        start_step=state.step_in_epoch, num_epochs=schedule.num_epochs,
-                        max_length=cfg.max_seq_length, **common)
+    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly), both made
+    ready by one `StepPreparer`; ``shape``: `config.RunShape`."""
+    preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
+                            flop_counter=training.flop_counter,
+                            sparse_head=training.inner.sparse_prediction,
+                            positions_multiple=shape.positions_multiple,
+                            num_sources=len(cfg.mixture_files))
+    position = rank_state.start(state)
+    if cfg.streaming:
+        from .streaming import StreamExamples, StreamSteps
+        examples = StreamExamples(cfg, tokenizer, process_index=process_index,
+                                  num_processes=num_processes, exclude=data.stream_exclude)
+        return StreamSteps(examples, preparer, plan=schedule.plan, position=position)
+    return PlannedSteps(data.train, preparer, plan=schedule.plan, position=position,
+                        num_epochs=schedule.num_epochs)
 
 
 def _identity(item):

@@ -5,26 +5,29 @@ a glob of shards; text, json/jsonl, csv, parquet), a hub id or local dataset fol
 mixture of local sources (``datasets.interleave_datasets`` with probabilities), or the embedded
 corpus. Every process reads its own part (``datasets.distributed.split_dataset_by_node``: whole
 shards when their number divides by the processes, else every N-th example) and tokenizes it on
-the fly (`StreamExamples`). Memory holds one packing window, never the corpus: it stays flat as
-the corpus grows.
+the fly (`StreamExamples`: `data.text_examples` per chunk, the map-style path's step). Memory
+holds one packing window, never the corpus: it stays flat as the corpus grows.
 
 **Passes.** A pass reads the whole stream once; then the next starts, each with the files of
 each source in another order (a function of seed and pass). Every example is trained on exactly
 once per pass, across processes. Passes are this process's own: processes that read different
 amounts may be in different passes, which changes nothing else.
 
-**Batches.** `StreamSteps` fills a *window* of about ``WINDOW_STEPS`` steps' worth of examples,
-cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's best-fit packer,
-or single examples when padded), emits whole steps of units in an order shuffled by (seed,
-process, window) and carries the rest (the least-full rows) into the next window. The masking of
-an example is keyed by a stable id, ``pass << 40 | ordinal * processes + process`` (its ordinal
-in this process's pass), so it does not depend on batching.
+**Batches.** `StreamSteps` fills a *window* of about ``layout.WINDOW_STEPS`` steps' worth of
+examples, cuts it into units (packed rows of ``max_seq_length`` tokens with the collator's
+best-fit packer, or single examples when padded), emits whole steps of units in an order shuffled
+by (seed, process, window) and carries the rest (the least-full rows) into the next window: the
+planned steps' window loop (`layout.WindowPacker`, as `plans.StreamPlan` sets it up), on a
+source that never ends. The masking of an example is keyed by a stable id,
+``pass << 40 | ordinal * processes + process`` (its ordinal in this process's pass), so it does
+not depend on batching.
 
-**Exact resume.** The data position after a step is its window's starting point (the pass, the
-ordinal, the stream's ``state_dict()`` -- shard and offset --, the carried examples) plus the
-number of the window's steps already trained. Refilling the window from there gives the same
-window, so a run killed anywhere resumes to the result of an uninterrupted one. Each process saves
-its own position in the checkpoint (``data_state_<rank>.json``).
+**Exact resume.** The data position after a step (`checkpoint.DataPosition`, the shape of the
+planned steps' too) is its window's starting point (`StreamPosition`: the pass, the ordinal, the
+stream's ``state_dict()`` -- shard and offset --, the carried examples) plus the number of the
+window's steps already trained. Refilling the window from there gives the same window, so a run
+killed anywhere resumes to the result of an uninterrupted one. Each process saves its own
+position in the checkpoint (``data_state_<rank>.json``, `checkpoint.RankState`).
 
 **Eval.** ``--validation_file`` (or a hub dataset's validation split), else the first
 ``--streaming_eval_examples`` examples of the stream in file order, held out: their texts are
@@ -36,16 +39,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .checkpoint import DataPosition
 from .config import MLMConfig
-from .data import DataError, file_source
-from .prefetch import PreparedStep, prepare_micro_batches
+from .data import DataError, Example, file_source, text_examples
+from .plans import micro_layout
+from .prefetch import PreparedStep, StepPreparer
 
-WINDOW_STEPS = 4        # steps of units per packing/shuffling window
 CHUNK_ROWS = 64         # raw rows read and tokenized at a time
 PASS_SHIFT = 40         # example id = pass << PASS_SHIFT | ordinal * processes + process
 
@@ -152,37 +156,45 @@ def held_out_eval(cfg: MLMConfig):
 
 @dataclass
 class StreamPosition:
-    """Where this process's stream stands at the start of a window (JSON-able)."""
+    """Where this process's stream stands at the start of a window (JSON-able): the
+    ``stream`` of a `checkpoint.DataPosition`, whose ``step`` counts the window's steps done."""
     pass_: int = 0
     ordinal: int = 0                 # examples this process has read in the pass
     source: dict | None = None       # the stream's state_dict(); None = the pass's start
-    carry: list = field(default_factory=list)  # [[id, ids, source], ...] carried examples
+    carry: list = field(default_factory=list)  # carried examples (`data.Example`)
     window: int = 0                  # windows done (seeds the window's shuffle)
-    consumed: int = 0                # steps of the window already trained
 
     def to_dict(self) -> dict:
         return {"pass": self.pass_, "ordinal": self.ordinal, "source": self.source,
-                "carry": self.carry, "window": self.window, "consumed": self.consumed}
+                "carry": self.carry, "window": self.window}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamPosition":
-        return cls(d["pass"], d["ordinal"], d["source"], d["carry"], d["window"], d["consumed"])
+        return cls(d["pass"], d["ordinal"], d["source"], d["carry"], d["window"])
 
 
 class StreamExamples:
     """This process's tokenized examples, from a position on, pass after pass (see module doc).
 
-    `read` returns the next chunk; `position` the state after the last chunk read."""
+    `read` returns the next chunk; `position` the state after the last chunk read; `at` a
+    reader of the same examples from another position."""
 
     def __init__(self, cfg: MLMConfig, tokenizer, *, process_index: int, num_processes: int,
-                 exclude: frozenset = frozenset(), position: StreamPosition | None = None):
+                 exclude: frozenset = frozenset()):
         self.cfg, self.tokenizer, self.exclude = cfg, tokenizer, exclude
         self.rank, self.world = process_index, num_processes
-        position = position or StreamPosition()
-        self.pass_, self.ordinal, self._source_state = (position.pass_, position.ordinal,
-                                                       position.source)
+        self._seek(StreamPosition())
+
+    def at(self, start: StreamPosition) -> "StreamExamples":
+        """A new reader of these examples from ``start`` (its pass, ordinal, stream state) on."""
+        reader = copy.copy(self)
+        reader._seek(start)
+        return reader
+
+    def _seek(self, start: StreamPosition) -> None:
+        self.pass_, self.ordinal, self._source_state = start.pass_, start.ordinal, start.source
         self._stream = self._rows = None
-        self._read_in_pass = position.ordinal > 0 or position.source is not None
+        self._read_in_pass = start.ordinal > 0 or start.source is not None
 
     def _open(self):
         from datasets.distributed import split_dataset_by_node
@@ -192,8 +204,8 @@ class StreamExamples:
             stream.load_state_dict(self._source_state)
         self._stream, self._rows = stream, iter(stream)
 
-    def read(self) -> list[list]:
-        """The next chunk of examples, each ``[id, ids, source]``; the stream never ends (the
+    def read(self) -> list[Example]:
+        """The next chunk of examples (`data.Example`); the stream never ends (the
         next pass starts where one ends). A pass without a single example is a DataError."""
         while True:
             if self._rows is None:
@@ -220,137 +232,76 @@ class StreamExamples:
             self.pass_, self.ordinal, self._source_state = self.pass_ + 1, 0, None
             self._rows, self._read_in_pass = None, False
 
+    @staticmethod
+    def exhausted() -> bool:
+        """Never: the next pass starts where one ends (the `layout.WindowPacker` source)."""
+        return False
+
     def position(self) -> tuple[int, int, dict | None]:
         return self.pass_, self.ordinal, self._source_state
 
-    def _tokenize(self, rows: list[dict]) -> list[list]:
-        col = self.cfg.text_column
-        texts, sources = [], []
+    def _tokenize(self, rows: list[dict]) -> list[Example]:
+        """The examples of a chunk of raw rows (`data.text_examples` per run of rows of one
+        source: grouped blocks never mix sources), each given the next ordinal's id."""
+        col, texts, sources = self.cfg.text_column, [], []
         for row in rows:
             text = row[col]
             if not isinstance(text, str) or not text.strip():
                 continue
             if self.exclude and _text_key(text) in self.exclude:
                 continue
-            texts.append(text.strip() if self.cfg.line_by_line else text)
+            texts.append(text)
             sources.append(int(row.get("source", 0)))
-        if not texts:
-            return []
-        max_len = self.cfg.max_seq_length
-        if self.cfg.line_by_line:
-            ids = self.tokenizer(texts, truncation=True, max_length=max_len,
-                                 return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
-        else:  # concatenated and cut into blocks within the chunk (rows of one source only)
-            ids, src = [], []
-            for source, group in itertools.groupby(zip(texts, sources), key=lambda x: x[1]):
-                tok = self.tokenizer([t for t, _ in group], return_attention_mask=False,
-                                     return_token_type_ids=False)["input_ids"]
-                flat = list(itertools.chain.from_iterable(tok))
-                blocks = [flat[i:i + max_len] for i in range(0, len(flat), max_len)]
-                ids += blocks
-                src += [source] * len(blocks)
-            sources = src
         out = []
-        for one, source in zip(ids, sources):
-            idx = (self.pass_ << PASS_SHIFT) | (self.ordinal * self.world + self.rank)
-            self.ordinal += 1
-            out.append([idx, list(one), source])
+        for source, group in itertools.groupby(zip(texts, sources), key=lambda x: x[1]):
+            columns = text_examples([t for t, _ in group], self.tokenizer,
+                                    max_length=self.cfg.max_seq_length,
+                                    line_by_line=self.cfg.line_by_line)
+            for ids, special in zip(columns["input_ids"], columns["special_tokens_mask"]):
+                idx = (self.pass_ << PASS_SHIFT) | (self.ordinal * self.world + self.rank)
+                self.ordinal += 1
+                out.append(Example(input_ids=ids, special_tokens_mask=special, idx=idx,
+                                   source=source))
         return out
 
 
 class StreamSteps(torch.utils.data.IterableDataset):
-    """Prepared steps from the stream, from ``position`` on (see the module doc). Each step's
-    ``data_state`` is the position to resume from after it. Iterated by one process (inline or
-    one DataLoader worker: its order is its state)."""
+    """Prepared steps from the stream of ``examples`` (`StreamExamples`) as ``plan`` (a
+    `plans.StreamPlan`) cuts it, from ``position`` (a `checkpoint.DataPosition`) on, made ready by
+    ``preparer`` (a `prefetch.StepPreparer`); see the module doc. Each step's ``position`` is the
+    one to resume from after it. Iterated by one process (inline or one DataLoader worker: its
+    order is its state)."""
 
-    def __init__(self, cfg: MLMConfig, tokenizer, collator, *, process_index: int,
-                 num_processes: int, packed: bool, exclude: frozenset = frozenset(),
-                 position: StreamPosition | None = None, flop_counter=None,
-                 sparse_head: bool = True, positions_multiple: int | None = None,
-                 num_sources: int = 0):
-        self.cfg, self.tokenizer, self.collator = cfg, tokenizer, collator
-        self.rank, self.world, self.packed, self.exclude = (process_index, num_processes,
-                                                            packed, exclude)
-        self.position = position or StreamPosition()
-        self.per_micro = cfg.per_device_train_batch_size
-        self.units_per_step = self.per_micro * cfg.gradient_accumulation_steps
-        self.flop_counter, self.sparse_head = flop_counter, sparse_head
-        self.positions_multiple, self.num_sources = positions_multiple, num_sources
+    def __init__(self, examples: StreamExamples, preparer: StepPreparer, *, plan,
+                 position: DataPosition):
+        self.examples, self.preparer, self.plan = examples, preparer, plan
+        self.position = position
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers > 1:
             raise RuntimeError("StreamSteps is read by one worker at most (its order is its state)")
-        skip = self.position.consumed
+        skip = self.position.step
         for start, steps in self.windows():
             for k, units in enumerate(steps):
                 if k >= skip:
-                    yield self._prepare(units, replace(start, consumed=k + 1))
+                    yield self._prepare(units, start, k)
             skip = 0
 
     def windows(self):
         """Yield ``(window's start position, its steps of units)`` from ``position`` on; a unit
-        is a packed row (a list of examples) or a list of one example."""
-        pos = self.position
-        reader = StreamExamples(self.cfg, self.tokenizer, process_index=self.rank,
-                                num_processes=self.world, exclude=self.exclude, position=pos)
-        carry, window = [list(e) for e in pos.carry], pos.window
-        while True:
-            start = StreamPosition(*reader.position(), carry=carry, window=window)
-            steps, carry = self._window(reader, carry, window)
+        is a packed row (a list of examples) or one example."""
+        stream = self.position.stream
+        start = StreamPosition.from_dict(stream) if stream else StreamPosition()
+        reader = self.examples.at(start)
+        for steps, carry in self.plan.windows(reader, start.carry, start.window):
             yield start, steps
-            window += 1
+            start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
-    def _window(self, reader: StreamExamples, carry: list, window: int):
-        """(steps of units, carried examples) of one window."""
-        cap, per_step = self.cfg.max_seq_length, self.units_per_step
-        pool = list(carry)
-        need = WINDOW_STEPS * per_step * (cap if self.packed else 1)
-        rng = np.random.default_rng([self.cfg.seed, self.rank, window])
-        def size(examples: list) -> int:  # tokens (packed) or examples (padded)
-            return sum(min(len(e[1]), cap) for e in examples) if self.packed else len(examples)
-
-        while True:
-            have = size(pool)
-            while have < need:
-                chunk = reader.read()
-                pool += chunk
-                have += size(chunk)
-            if self.packed:
-                from .layout import fullest_rows  # as the planned windows (sampler.TrainPlan)
-                kept, rest_at = fullest_rows([min(len(e[1]), cap) for e in pool], cap, per_step)
-                keep = len(kept)
-                units = [[pool[i] for i in row] for row in kept]
-                rest = [pool[i] for i in rest_at]
-            else:
-                order = rng.permutation(len(pool))
-                keep = (len(pool) // per_step) * per_step
-                units = [[pool[i]] for i in order[:keep]]
-                rest = [pool[i] for i in sorted(order[keep:])]
-            if keep:
-                break
-            need *= 2  # too few full units: widen the window
-        if self.packed:
-            units = [units[i] for i in rng.permutation(len(units))]
-        steps = [units[i:i + per_step] for i in range(0, len(units), per_step)]
-        return steps, rest
-
-    def _prepare(self, units: list, state: StreamPosition) -> PreparedStep:
-        micros = []
-        for g in range(self.cfg.gradient_accumulation_steps):
-            chunk = units[g * self.per_micro:(g + 1) * self.per_micro]
-            examples, rows = [], [] if self.packed else None
-            for unit in chunk:
-                if self.packed:
-                    rows.append(list(range(len(examples), len(examples) + len(unit))))
-                examples += [{"input_ids": e[1], "idx": e[0], "source": e[2]} for e in unit]
-            micros.append((examples, rows))
-        step = prepare_micro_batches(
-            self.collator, micros, max_length=self.cfg.max_seq_length,
-            flop_counter=self.flop_counter, sparse_head=self.sparse_head,
-            positions_multiple=self.positions_multiple, num_sources=self.num_sources)
-        # epoch: the pass of the step's newest example
-        step.epoch = max(e[0] for unit in units for e in unit) >> PASS_SHIFT
-        step.step_in_epoch, step.data_state = 0, state.to_dict()
-        return step
+    def _prepare(self, units: list, start: StreamPosition, k: int) -> PreparedStep:
+        micro_batches = self.plan.split(units)
+        newest = max(e["idx"] for micro in micro_batches for e in micro_layout(micro)[0])
+        # epoch: the pass of the step's newest example; then the window's k + 1 steps are done
+        position = DataPosition(newest >> PASS_SHIFT, k + 1, start.to_dict())
+        # stream masks are keyed by the example id, which holds the pass: one mask epoch
+        return self.preparer(micro_batches, position, mask_epoch=0)

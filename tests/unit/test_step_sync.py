@@ -19,11 +19,11 @@ from torch.overrides import TorchFunctionMode
 from mlmkit.checkpoint import RankState, TrainState
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.config import parse_config, run_shape
-from mlmkit.data import DataRepairs, RunData
+from mlmkit.data import DataRepairs, Example, RunData
 from mlmkit.loop import StepResults, build_scheduler, prepare_training, train_step
 from mlmkit.modeling import load_model, load_tokenizer
-from mlmkit.prefetch import Prefetcher, build_step_source
-from mlmkit.sampler import plan_schedule
+from mlmkit.prefetch import PlannedSteps, Prefetcher, build_step_source
+from mlmkit.plans import plan_schedule
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
            "nonzero", "masked_select"}
@@ -56,13 +56,15 @@ class Examples:
             body = torch.randint(2000, 9000, (int(torch.randint(5, 40, (1,), generator=gen)),),
                                  generator=gen).tolist()
             self.rows.append([tokenizer.cls_token_id, *body, tokenizer.sep_token_id])
+        self.special = [[1] + [0] * (len(r) - 2) + [1] for r in self.rows]
         self.lengths = [len(r) for r in self.rows]
 
     def __len__(self):
         return len(self.rows)
 
     def fetch(self, indices):
-        return [{"input_ids": self.rows[i], "idx": int(i)} for i in indices]
+        return [Example(input_ids=self.rows[i], special_tokens_mask=self.special[i], idx=int(i),
+                        source=0) for i in indices]
 
 
 def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
@@ -143,10 +145,23 @@ def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_pa
     workers = list(iter_all(Prefetcher(steps, num_workers=3)))
     assert len(inline) == len(workers) > 6
     for (a, _), (b, _) in zip(inline, workers):
-        assert (a.epoch, a.step_in_epoch, a.real, a.flops) == (b.epoch, b.step_in_epoch, b.real,
-                                                               b.flops)
+        assert (a.position, a.real, a.flops) == (b.position, b.real, b.flops)
         for x, y in zip(a.micro_batches, b.micro_batches):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path):
+    """The steps after any step's position (what the checkpoint saves) are the same steps."""
+    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+    run = list(steps)
+    assert len({s.position.epoch for s in run}) >= 2  # crosses an epoch boundary
+    for k in (0, 4, len(run) - 2):
+        again = PlannedSteps(steps.examples, steps.preparer, plan=steps.plan,
+                             position=run[k].position, num_epochs=steps.num_epochs)
+        for want, got in zip(run[k + 1:], again, strict=True):
+            assert (want.position, want.real) == (got.position, got.real)
+            assert all(torch.equal(x["input_ids"], y["input_ids"])
+                       for x, y in zip(want.micro_batches, got.micro_batches))
 
 
 def test_an_error_in_a_worker_reaches_the_training_loop():

@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mlmkit.checkpoint import DataPosition
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.config import ConfigError, parse_config
 from mlmkit.data import DataError, IndexedExamples, load_and_tokenize
-from mlmkit.streaming import (PASS_SHIFT, StreamExamples, StreamPosition, StreamSteps,
-                              held_out_eval)
+from mlmkit.plans import plan_schedule
+from mlmkit.prefetch import StepPreparer
+from mlmkit.streaming import PASS_SHIFT, StreamExamples, StreamSteps, held_out_eval
 
 LINES = [f"line {i} of the corpus says {' '.join(['word'] * (i % 13 + 1))} {i * 7919 % 1000}."
          for i in range(700)]
@@ -45,12 +47,17 @@ def config(*args: str):
 
 def steps_for(cfg, tokenizer, rank: int, world: int, exclude=frozenset(), position=None,
               packed: bool = True) -> StreamSteps:
+    """The run's stream steps, built as `prefetch.build_step_source` builds them."""
+    padding = "packed" if packed else "longest"
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
-                                            attn_implementation="sdpa",
-                                            padding="packed" if packed else "longest")
-    return StreamSteps(cfg, tokenizer, collator, process_index=rank, num_processes=world,
-                       packed=packed, exclude=exclude, position=position,
-                       num_sources=len(cfg.mixture_files))
+                                            attn_implementation="sdpa", padding=padding)
+    preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
+                            num_sources=len(cfg.mixture_files))
+    plan = plan_schedule(cfg, None, padding=padding, num_processes=world,
+                         process_index=rank).plan
+    examples = StreamExamples(cfg, tokenizer, process_index=rank, num_processes=world,
+                              exclude=exclude)
+    return StreamSteps(examples, preparer, plan=plan, position=position or DataPosition())
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -65,11 +72,11 @@ def test_each_example_trained_once_per_pass_across_processes(corpus, tokenizer, 
     for rank in range(2):
         for _, steps in itertools.islice(steps_for(cfg, tokenizer, rank, 2, exclude,
                                                    packed=packed).windows(), 60):
-            for unit in itertools.chain.from_iterable(steps):
-                for idx, ids, _ in unit:
-                    if idx >> PASS_SHIFT == 0:
-                        assert idx % 2 == rank  # ids are unique across processes
-                        trained[tuple(ids)] += 1
+            for unit in itertools.chain.from_iterable(steps):  # a row, or one example
+                for example in (unit if packed else [unit]):
+                    if example["idx"] >> PASS_SHIFT == 0:
+                        assert example["idx"] % 2 == rank  # ids are unique across processes
+                        trained[tuple(example["input_ids"])] += 1
     held_out = set(raw_eval["text"])
     want = collections.Counter(tuple(tokenizer(t)["input_ids"][:32]) for t in LINES
                                if t not in held_out)
@@ -87,20 +94,22 @@ def without_reader(state: dict) -> dict:
 
 
 def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
-    """The resume contract: from any step's data_state, the following steps are the same."""
+    """The resume contract: from any step's position (saved as JSON), the following steps are
+    the same."""
     cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
     _, exclude = held_out_eval(cfg)
     run = list(itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude)), 120))
     assert len({s.epoch for s in run}) >= 2  # crosses pass boundaries
     for k in (0, 5, 37, 90):
-        position = StreamPosition.from_dict(run[k].data_state)
+        position = DataPosition.from_dict(json.loads(json.dumps(run[k].position.to_dict())))
         again = itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude, position)), 6)
         for want, got in zip(run[k + 1:], again):
             # The stream's state_dict also records how far its Arrow reader has read ahead,
             # which may differ after a resume and is not used to resume (datasets replays from
             # the batch position); everything else is the same.
-            assert without_reader(got.data_state) == without_reader(want.data_state)
+            assert without_reader(got.position.to_dict()) == \
+                without_reader(want.position.to_dict())
             for a, b in zip(want.micro_batches, got.micro_batches):
                 assert a.keys() == b.keys()
                 assert all((a[key] == b[key]).all() for key in a)
@@ -154,8 +163,8 @@ def test_streaming_mixture_shares_follow_the_weights(tmp_path, tokenizer):
     alpha = tokenizer.convert_tokens_to_ids("alpha")
     for _, windows in itertools.islice(steps_for(cfg, tokenizer, 0, 1, exclude).windows(), 3):
         for unit in itertools.chain.from_iterable(windows):
-            for _, ids, source in unit:
-                assert (ids[1] == alpha) == (source == 0)
+            for example in unit:
+                assert (example["input_ids"][1] == alpha) == (example["source"] == 0)
 
 
 def test_map_style_mixture_shares_follow_the_weights(tmp_path, tokenizer):
@@ -182,7 +191,7 @@ def test_dataset_folder_streams_with_its_validation_split(tmp_path, tokenizer):
     raw_eval, exclude = held_out_eval(cfg)
     assert list(raw_eval["text"]) == LINES[400:430] and not exclude
     step = next(iter(steps_for(cfg, tokenizer, 0, 1, exclude)))
-    assert step.real > 0 and step.data_state["consumed"] == 1
+    assert step.real > 0 and step.position.step == 1  # one step of the first window done
 
 
 def test_a_worker_process_hands_out_the_same_steps(corpus, tokenizer):
@@ -198,7 +207,7 @@ def test_a_worker_process_hands_out_the_same_steps(corpus, tokenizer):
     finally:
         prefetcher.close()
     for a, b in zip(inline, ahead):
-        assert a.data_state == b.data_state and a.real == b.real
+        assert a.position == b.position and a.real == b.real
         assert all(torch.equal(x["input_ids"], y["input_ids"])
                    for x, y in zip(a.micro_batches, b.micro_batches))
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlmkit.sampler import TrainPlan, eval_plan
+from mlmkit.plans import TrainPlan, eval_plan, micro_layout
 
 
 def plans(n, batch, accum, world, **kw):
@@ -96,5 +96,5 @@ def test_packed_plan_fills_rows_and_covers_every_example_once(world, accum):
                 rows_total += len(mb)
     assert sorted(seen) == list(range(700))
     assert 1 - used / (rows_total * 128) < 0.03  # rows nearly full
-    indices, rows = TrainPlan.layout(ps[0].split(ps[0].global_batches(0)[0])[0])
+    indices, rows = micro_layout(ps[0].split(ps[0].global_batches(0)[0])[0])
     assert [indices[i] for row in rows for i in row] == indices

@@ -13,15 +13,20 @@ every example is seen exactly once per epoch, and because the loss is normalised
 count of masked tokens, uneven micro-batches weigh exactly as they should.
 
 With ``pack_capacity`` (``--padding packed``) a batch counts *rows* of ``pack_capacity`` tokens,
-not examples: the shuffled order is packed window by window (about ``PACK_WINDOW`` global batches
-of examples at a time) with the collator's best-fit packer; the fullest rows are emitted in a
-shuffled order and the examples of the least-full leftover rows are carried into the next window,
-so rows stay nearly full (pad fraction ~1% on the embedded corpus). A micro-batch is then a list of
+not examples: the shuffled order is packed window by window (about ``layout.WINDOW_STEPS`` global
+batches of examples at a time) with the collator's best-fit packer (`layout.WindowPacker`, the
+stream's window loop too); the fullest rows are emitted in a shuffled order and the examples of
+the least-full leftover rows are carried into the next window, so rows stay nearly full (pad
+fraction ~1% on the embedded corpus). A micro-batch is then a list of
 rows (lists of example indices), which the collator lays out exactly as planned.
 
 With ``group_by_length`` the shuffled order is cut into mega-batches of 50 global batches, each
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
+
+Under ``--streaming`` there is no global plan: `StreamPlan` cuts each process's own stream into
+steps a window at a time with the same window loop (see `streaming.py`). `plan_schedule` builds
+either plan and the run's length (`Schedule`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 MEGABATCH_MULT = 50
-PACK_WINDOW = 4
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -85,30 +89,14 @@ class TrainPlan:
         return [full[i] for i in rng.permutation(len(full))] + tail
 
     def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
-        from .layout import fullest_rows  # the collator's packer: one packing algorithm
+        from .layout import WindowPacker  # the stream's window loop; the collator's packer
 
-        cap, gbs = self.pack_capacity, self.global_batch_size
-        lengths = np.minimum(self.lengths, cap)  # the collator truncates to the row length
-        window_tokens = PACK_WINDOW * gbs * cap
-        batches, carry, pos = [], [], 0
-        while pos < len(order) or carry:
-            pool, tokens = list(carry), int(lengths[carry].sum()) if carry else 0
-            while pos < len(order) and tokens < window_tokens:
-                pool.append(int(order[pos]))
-                tokens += int(lengths[order[pos]])
-                pos += 1
-            kept, rest = fullest_rows(lengths[pool].tolist(), cap, gbs,
-                                      keep_all=pos >= len(order))
-            if not kept:  # window too small to fill a batch: widen it
-                window_tokens *= 2
-                carry = pool
-                continue
-            emitted = [[pool[i] for i in row] for row in kept]
-            carry = [pool[i] for i in rest]
-            emitted = [emitted[i] for i in rng.permutation(len(emitted))]
-            batches += [emitted[i:i + gbs] for i in range(0, len(emitted), gbs)]
-        # a short batch (the epoch's last rows) goes last, as in the unpacked plan
-        return [b for b in batches if len(b) == gbs] + [b for b in batches if len(b) < gbs]
+        # the collator truncates to the row length
+        lengths = np.minimum(self.lengths, self.pack_capacity).tolist()
+        packer = WindowPacker(self.global_batch_size, self.pack_capacity,
+                              length=lengths.__getitem__)
+        return [batch for steps, _ in packer.windows(_Order(order), rng=lambda _: rng)
+                for batch in steps]
 
     def split(self, global_batch) -> list[list]:
         """This process's ``grad_accum`` micro-batches of one global batch (empty = dummy).
@@ -127,18 +115,6 @@ class TrainPlan:
             out.append([_plain(x) for x in items[bounds[c]:bounds[c + 1]]])
         return out
 
-    @staticmethod
-    def layout(micro_batch: list) -> tuple[list[int], list[list[int]] | None]:
-        """(example indices, rows as positions into them or None) for the collator."""
-        if micro_batch and isinstance(micro_batch[0], list):
-            indices = [i for row in micro_batch for i in row]
-            rows, start = [], 0
-            for row in micro_batch:
-                rows.append(list(range(start, start + len(row))))
-                start += len(row)
-            return indices, rows
-        return micro_batch, None
-
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield ``(step_in_epoch, micro_batches)`` from ``start_step`` on (resume skips ahead)."""
         for step, gb in enumerate(self.global_batches(epoch)):
@@ -146,8 +122,35 @@ class TrainPlan:
                 yield step, self.split(gb)
 
 
+class _Order:
+    """An epoch's shuffled order as a `layout.WindowPacker` source: one example index a read."""
+
+    def __init__(self, order: np.ndarray):
+        self.order, self.pos = order, 0
+
+    def read(self) -> list[int]:
+        self.pos += 1
+        return [int(self.order[self.pos - 1])]
+
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.order)
+
+
 def _plain(x):
     return [int(i) for i in x] if isinstance(x, (list, np.ndarray)) else int(x)
+
+
+def micro_layout(micro_batch: list) -> tuple[list, list[list[int]] | None]:
+    """``(items, rows as positions into them, or None)`` of a micro-batch of a plan or a stream:
+    a list of items (example indices or examples), or with packing a list of rows of them."""
+    if micro_batch and isinstance(micro_batch[0], list):
+        items = [i for row in micro_batch for i in row]
+        rows, start = [], 0
+        for row in micro_batch:
+            rows.append(list(range(start, start + len(row))))
+            start += len(row)
+        return items, rows
+    return micro_batch, None
 
 
 def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
@@ -161,11 +164,41 @@ def eval_plan(n: int, batch_size: int, num_processes: int, process_index: int) -
     return [shard[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a stream becomes this process's steps (`streaming.StreamSteps` reads it): windows of
+    about ``layout.WINDOW_STEPS`` steps' worth of examples (`layout.WindowPacker`, as the packed
+    `TrainPlan`), packed in rows of ``pack_capacity`` tokens or one example a unit, shuffled by
+    (seed, process, window); a step is ``per_device_batch_size x grad_accum`` units of this
+    process's own stream, always whole."""
+    per_device_batch_size: int
+    grad_accum: int
+    process_index: int
+    seed: int
+    pack_capacity: int | None = None
+
+    def windows(self, source, carry: list, first_window: int):
+        """Yield ``(steps of units, carried examples)`` per window of ``source`` (a
+        `streaming.StreamExamples`), from window number ``first_window`` and its ``carry`` on."""
+        from .layout import WindowPacker
+
+        cap = self.pack_capacity
+        packer = WindowPacker(self.per_device_batch_size * self.grad_accum, cap,
+                              length=lambda e: min(len(e["input_ids"]), cap))
+        return packer.windows(source, carry=carry, rng=lambda k: np.random.default_rng(
+            [self.seed, self.process_index, first_window + k]))
+
+    def split(self, step: list) -> list[list]:
+        """The ``grad_accum`` micro-batches of one step (see `micro_layout`)."""
+        per = self.per_device_batch_size
+        return [step[g * per:(g + 1) * per] for g in range(self.grad_accum)]
+
+
 @dataclass
 class Schedule:
-    """How long the run trains: ``max_steps`` optimizer steps; map-style data also has this
-    process's ``plan`` and the ``num_epochs`` it spans (``--streaming``: no plan, no epochs)."""
-    plan: TrainPlan | None
+    """How long the run trains: ``max_steps`` optimizer steps, this process's ``plan`` and, for
+    map-style data, the ``num_epochs`` it spans (``--streaming``: a `StreamPlan`, no epochs)."""
+    plan: TrainPlan | StreamPlan
     max_steps: int
     num_epochs: int | None
 
@@ -179,25 +212,28 @@ class Schedule:
 
     def where(self, state) -> str:
         """Where the data stands in ``state`` (a `checkpoint.TrainState`), for the log."""
-        if self.plan is None:
+        if self.num_epochs is None:
             return f"pass {state.epoch} of the stream"
         return f"epoch {state.epoch}, batch {state.step_in_epoch} of it"
 
     def epoch_at(self, step: int, data_epoch: int) -> float:
         """The ``epoch`` metric after ``step`` steps (the stream's pass when streaming)."""
-        return step / len(self.plan) if self.plan else data_epoch
+        return data_epoch if self.num_epochs is None else step / len(self.plan)
 
 
 def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
                   process_index: int) -> Schedule:
-    """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming) and the
-    run's length."""
+    """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming, a
+    `StreamPlan`) and the run's length."""
+    pack_capacity = cfg.max_seq_length if padding == "packed" else None
     if examples is None:
-        return Schedule(None, cfg.max_train_steps, None)
+        return Schedule(StreamPlan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                   process_index, cfg.seed, pack_capacity),
+                        cfg.max_train_steps, None)
     plan = TrainPlan(examples.lengths, per_device_batch_size=cfg.per_device_train_batch_size,
                      grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,
                      process_index=process_index, seed=cfg.seed,
                      group_by_length=cfg.group_by_length,
-                     pack_capacity=cfg.max_seq_length if padding == "packed" else None)
+                     pack_capacity=pack_capacity)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
     return Schedule(plan, max_steps, math.ceil(max_steps / len(plan)))
