@@ -32,11 +32,15 @@ def read_yaml_mapping(path: str | os.PathLike, *, what: str = "--config",
     try:
         data = yaml.safe_load(file.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{what} {path}: not readable as YAML ({err}). Fix the file.") from err
+        first = " ".join(str(err).split())  # YAML errors span lines: the error stays one line
+        raise ConfigError(f"{what} {path}: not readable as YAML ({first}). Fix: correct the "
+                          f"file at the place named (see {example} for the form).") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping of key: value pairs.")
+        raise ConfigError(f"{what} {path}: expected a mapping of key: value pairs, found a "
+                          f"{type(data).__name__}. Fix: write one `key: value` per line (see "
+                          f"{example}).")
     return data
 
 

@@ -463,6 +463,10 @@ def test_yaml_mistakes(fails, tiny_args, tmp_path):
            *tiny_args], "unknown key 'zero_stage'")
     fails(["--config", _write(tmp_path / "b.yaml", "max_seq_length: long\n"), *tiny_args],
           "b.yaml")
+    fails(["--config", _write(tmp_path / "c.yaml", "- learning_rate\n- 1e-4\n"), *tiny_args],
+          "expected a mapping of key: value pairs, found a list")
+    fails(["--config", _write(tmp_path / "d.yaml", "learning_rate: [1e-4\n"), *tiny_args],
+          "not readable as YAML")
 
 
 def test_model_and_config_name_together(fails, tiny_bert_dir, good_model):
