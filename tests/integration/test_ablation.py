@@ -5,7 +5,6 @@ past a failed run, and writes the report (table, JSON, plots)."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import struct
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT, launch_env, load_script
 from mlmkit import tracking as M
 
 RUNNER = ROOT / "recipes" / "ablate_padding.py"
@@ -24,9 +23,8 @@ TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm co
 
 
 def run_ablation(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env = {k: v for k, v in launch_env(WANDB_MODE="offline", WANDB_SILENT="true").items()
+           if not k.startswith("WANDB_") or k in ("WANDB_MODE", "WANDB_SILENT")}
     # no WANDB_DIR: the recipe puts each run's W&B folder under the run's output_dir
     return subprocess.run([sys.executable, str(RUNNER), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -110,12 +108,7 @@ def arm_pixels(png: Path, arm: str) -> int:
 # ------------------------------------------------------------------------------------------ tests
 def runner_main():
     """The runner's main(), imported from the script (for the fast in-process checks)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ablate_padding", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(RUNNER).main
 
 
 def test_bad_ablation_yaml_fails_before_launching(tmp_path, ablation_yaml, capsys):

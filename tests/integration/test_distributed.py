@@ -7,15 +7,11 @@ tell a CPU user to add."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 
 import pytest
-import torch
-import yaml
 
-from conftest import ACCELERATE, ROOT, launch
+from helpers import ACCELERATE, RECIPE, ROOT, exported_eval_loss, free_port, launch, launch_env
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import accelerate_args, accelerate_launch, cpu_note, launches_of
@@ -28,32 +24,6 @@ SINGLE_NODE = [launch.config for launch in launches_of("accelerate")
 def accel(config: str) -> list[str]:
     """The README's `accelerate launch` options for this config, plus its CPU note."""
     return accelerate_args(accelerate_launch(config))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def exported_eval_loss(out) -> float:
-    """Re-evaluate the exported model/ in this process, exactly as the recipe's eval does."""
-    from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    from mlmkit.config import MLMConfig
-    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
-    from mlmkit.evaluation import eval_collator, evaluate
-    from mlmkit.modeling import MaskedLMModule
-
-    cfg = MLMConfig(**yaml.safe_load((out / "config.yaml").read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    model = AutoModelForMaskedLM.from_pretrained(out / "model", dtype=torch.float32)
-    examples = IndexedExamples(tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["validation"])
-    metrics = evaluate(Accelerator(cpu=True), MaskedLMModule(model), examples,
-                       eval_collator(tokenizer, cfg), batch_size=cfg.per_device_eval_batch_size,
-                       max_seq_length=cfg.max_seq_length, with_unmasked=False, with_pad_probe=False)
-    return metrics[M.EVAL_LOSS]
 
 
 def test_the_readme_shows_a_launch_line_for_each_single_node_config():
@@ -119,11 +89,10 @@ def test_simulated_two_node_launch(tmp_path, tiny_args):
         str(ACCELERATE), "launch",
         *accelerate_args(line, replace={"--machine_rank": rank, "--main_process_ip": "127.0.0.1",
                                         "--main_process_port": port}),
-        str(ROOT / "recipes" / "mlm.py"), *tiny_args,
+        str(RECIPE), *tiny_args,
         "--output_dir", str(out), "--max_train_steps", "3", "--max_train_samples", "100",
         "--eval_pad_sensitivity", "false"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd(rank), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd(rank), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from architectures import tiny_model
-from conftest import launch
+from helpers import launch, tiny_config_dir
 from mlmkit import tracking as M
 
 FEW_STEPS = ["--report_to", "none", "--progress_bar", "false", "--max_train_samples", "64",
@@ -19,10 +18,7 @@ FEW_STEPS = ["--report_to", "none", "--progress_bar", "false", "--max_train_samp
 
 
 def tiny_config(tmp_path, tokenizer, model_type: str, **overrides) -> str:
-    folder = tmp_path / f"tiny_{model_type}"
-    tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides).config \
-        .save_pretrained(folder)
-    return str(folder)
+    return tiny_config_dir(tmp_path / f"tiny_{model_type}", model_type, tokenizer, **overrides)
 
 
 def args_for(tmp_path, tokenizer, tokenizer_path, model_type: str, out: str, *extra) -> list[str]:

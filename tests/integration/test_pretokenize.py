@@ -5,7 +5,6 @@ run (or is not one) is refused with one line naming the fix."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ROOT, launch
+from helpers import ROOT, launch, launch_env
 from mlmkit import tracking as M
 from mlmkit.config import ConfigError, MLMConfig
 from mlmkit.data import DataError, embedded_corpus
@@ -27,8 +26,6 @@ from mlmkit.pretokenize import (METADATA, load_pretokenized, pretokenize,
 from mlmkit.tracking import read_metrics
 
 PRETOKENIZE = ROOT / "recipes" / "pretokenize.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = 300
 QUICK = ["--max_train_steps", "2", "--logging_steps", "1", "--padding", "longest",
          "--fill_mask_check", "false", "--eval_pad_sensitivity", "false"]
@@ -36,7 +33,7 @@ QUICK = ["--max_train_steps", "2", "--logging_steps", "1", "--padding", "longest
 
 def run_script(script, *args: str) -> subprocess.CompletedProcess:
     """``python <script> args`` from the repository root, as users run it."""
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=launch_env(),
                           capture_output=True, text=True, timeout=300)
 
 

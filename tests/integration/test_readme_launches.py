@@ -25,12 +25,11 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, free_port, slurm_env, submit
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import (RECIPE_PATH, accelerate_args, cpu_note, launches_of,
                              readme_launches, sbatch_command)
-from slurm_harness import free_port, slurm_env, submit
 
 # Runs, in one fresh interpreter, Accelerate's `accelerate launch` code for each command line
 # (argument parsing, config-file merging, the launcher's environment for the workers) and then

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch
+from helpers import launch
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 

@@ -11,33 +11,26 @@ import json
 import os
 import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ACCELERATE, RECIPE, ROOT, TINY_BERT, launch
+from helpers import (RECIPE, ROOT, assert_same_run, complete_checkpoints, kill_tree, launch,
+                     recipe_pids, start, wait_for_checkpoint, wait_gone)
 from mlmkit import tracking as M
-from mlmkit.checkpoint import MARKER, STATE_FILE, validate_checkpoint
+from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
 from mlmkit.tracking import read_metrics
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]
-TIMING = (M.TRAIN_TOKENS_PER_S, M.TRAIN_REAL_TOKENS_PER_S, M.SYS_PEAK_MEM_GB, M.TRAIN_TFLOPS,
-          M.TRAIN_MFU, M.TRAIN_DATA_WAIT_FRACTION)  # depend on the clock
 
 
 @pytest.fixture(scope="module")
-def args(tmp_path_factory, tokenizer_path) -> list[str]:
+def args(tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
     """128 examples, 8 per step: 16 steps an epoch, 32 steps in all; a checkpoint every 3 steps
     (mostly mid-epoch and mid logging window), the newest 2 kept."""
-    model_dir = tmp_path_factory.mktemp("tiny_bert_dropout")
-    (model_dir / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_dropout_prob": 0.1}))
-    return ["--config_name", str(model_dir), "--tokenizer_name", tokenizer_path,
+    return ["--config_name", tiny_bert_dropout_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
             "--per_device_eval_batch_size", "32", "--eval_pad_sensitivity", "false",
             "--max_train_samples", "128", "--per_device_train_batch_size", "8",
@@ -51,106 +44,6 @@ def reference(tmp_path_factory, args) -> Path:
     out = tmp_path_factory.mktemp("resume") / "reference"
     launch([*args, "--output_dir", str(out)])
     return out
-
-
-# ------------------------------------------------------------------------------ helpers
-def start(args: list[str], accelerate_args: list[str] | None = None, env: dict | None = None):
-    """`accelerate launch ... recipes/mlm.py args` in the background, in a session of its own."""
-    accelerate_args = accelerate_args or ["--config_file",
-                                          str(ROOT / "accelerate_configs" / "cpu.yaml")]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([str(ACCELERATE), "launch", *accelerate_args, str(RECIPE), *args],
-                            cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_checkpoint(proc, out: Path, min_step: int, timeout: float = 240) -> int:
-    """Poll until a complete checkpoint-<step >= min_step> exists; return its step."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = complete_checkpoints(out)
-        if steps and steps[-1] >= min_step:
-            return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before checkpoint {min_step}:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
-        time.sleep(0.01)
-    kill_tree(proc)
-    raise AssertionError(f"no checkpoint {min_step} after {timeout} s")
-
-
-def complete_checkpoints(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = []
-    for path in root.glob("checkpoint-*"):
-        if (path / MARKER).exists():
-            steps.append(int(path.name.split("-")[1]))
-    return sorted(steps)
-
-
-def kill_tree(proc) -> None:
-    """SIGKILL the launcher and every process under it (torchrun puts each worker in a session of
-    its own, so killing the launcher's process group would miss them): workers first."""
-    try:
-        launcher = psutil.Process(proc.pid)
-        victims = launcher.children(recursive=True)[::-1] + [launcher]
-    except psutil.NoSuchProcess:
-        victims = []
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
-    proc.communicate(timeout=30)
-
-
-def wait_gone(pids: list[int], timeout: float = 120) -> None:
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
-                                 timeout=timeout)
-    assert not alive, f"still running: {alive}"
-
-
-def recipe_pids(proc, count: int = 1) -> list[int]:
-    """The ``count`` recipe processes under the launcher, once they have all started."""
-    for _ in range(1200):
-        kids = []
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if "mlm.py" in " ".join(p.cmdline()):
-                    kids.append(p.pid)
-            except psutil.NoSuchProcess:
-                pass
-        if len(kids) >= count:
-            return kids
-        time.sleep(0.05)
-    kill_tree(proc)
-    raise AssertionError(f"{count} recipe processes not found")
-
-
-def assert_same_run(out: Path, ref: Path, *, tol: float = 0.0) -> None:
-    """Same final eval, first eval, weights and metrics.jsonl (timings aside) as the reference."""
-    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
-    for key in (M.EVAL_LOSS, "first/" + M.EVAL_LOSS, "first/" + M.EVAL_PERPLEXITY, M.STEP):
-        assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
-    a, b = (load_file(d / "model" / "model.safetensors") for d in (out, ref))
-    assert a.keys() == b.keys()
-    for name in a:
-        if tol == 0:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=tol)
-    records = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(d)]
-               for d in (out, ref)]
-    assert [r[M.STEP] for r in records[0]] == [r[M.STEP] for r in records[1]]  # no duplicates
-    if tol == 0:
-        assert records[0] == records[1]
-    else:
-        for x, y in zip(*records):
-            assert x == pytest.approx(y, rel=tol, abs=tol)
 
 
 # ------------------------------------------------------------------------------ tests

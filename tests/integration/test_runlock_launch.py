@@ -6,7 +6,6 @@ the intruder."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -14,18 +13,13 @@ import time
 
 import pytest
 
-from conftest import ACCELERATE, RECIPE, ROOT
+from helpers import start as start_launch
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs/cpu.yaml"),
-           str(RECIPE), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_launch(args, stderr=subprocess.PIPE)
 
 
 def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, capsys):

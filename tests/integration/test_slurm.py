@@ -20,7 +20,7 @@ import pytest
 from mlmkit import tracking as M
 from mlmkit.checkpoint import validate_checkpoint
 from mlmkit.tracking import read_metrics
-from slurm_harness import kill_tree, slurm_env, submit
+from helpers import kill_tree, slurm_env, submit
 
 SCRIPT = "recipes/slurm/mlm.sbatch"
 

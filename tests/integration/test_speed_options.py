@@ -7,12 +7,7 @@ import json
 
 import pytest
 
-from conftest import launch
-
-
-def train_losses(out):
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m["train/loss"] for m in lines if "train/loss" in m]
+from helpers import launch, train_losses
 
 
 @pytest.fixture(scope="module")

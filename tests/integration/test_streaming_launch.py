@@ -12,18 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY_BERT, launch
+from helpers import ROOT, assert_same_run, kill_tree, launch, start, wait_for_checkpoint
 from mlmkit import tracking as M
 from mlmkit.data import embedded_corpus
 from mlmkit.tracking import read_metrics
-from test_resume import assert_same_run, kill_tree, start, wait_for_checkpoint
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]
 
 
 @pytest.fixture(scope="module")
-def args(tmp_path_factory, tokenizer_path) -> list[str]:
+def args(tmp_path_factory, tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
     """4 parquet shards of 20 paragraphs; 16 of them held out for eval, so a process of two
     reads its part in a few steps and the runs cross pass boundaries."""
     folder = tmp_path_factory.mktemp("stream_corpus")
@@ -31,9 +30,7 @@ def args(tmp_path_factory, tokenizer_path) -> list[str]:
     for s in range(4):
         pq.write_table(pa.table({"text": paragraphs[s::4]}), folder / f"part-{s}.parquet",
                        row_group_size=8)
-    model_dir = tmp_path_factory.mktemp("tiny_bert_dropout")
-    (model_dir / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_dropout_prob": 0.1}))
-    return ["--config_name", str(model_dir), "--tokenizer_name", tokenizer_path,
+    return ["--config_name", tiny_bert_dropout_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--fill_mask_check", "false",
             "--eval_pad_sensitivity", "false", "--streaming", "true",
             "--train_file", str(folder / "part-*.parquet"), "--streaming_eval_examples", "16",
