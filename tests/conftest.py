@@ -57,7 +57,10 @@ def tiny_bert_dropout_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_args(tiny_bert_dir, tokenizer_path) -> list[str]:
-    """Recipe flags for a fast run on the tiny BERT and a slice of the embedded corpus."""
+    """Recipe flags for a fast run on the tiny BERT and a slice of the embedded corpus, without
+    the fill-mask check and the pad-sensitivity probe (a test that asserts on them turns them
+    on: later flags win)."""
     return ["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
-            "--per_device_eval_batch_size", "32", "--logging_steps", "2"]
+            "--per_device_eval_batch_size", "32", "--logging_steps", "2",
+            "--fill_mask_check", "false", "--eval_pad_sensitivity", "false"]

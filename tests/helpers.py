@@ -188,17 +188,29 @@ def run_recipe(args: list[str]) -> Run:
     return Run(result, out.getvalue(), err.getvalue())
 
 
-def run_cli(main, argv: list[str]) -> tuple[int, str]:
-    """An entry point (a script's ``main``) through `mlmkit.cli.run_cli`, as its ``__main__``
-    runs it: (exit status, stderr)."""
+@dataclass
+class Exit:
+    """How an entry point ended: exit status (0: returned) and what it printed."""
+    code: int
+    stdout: str
+    stderr: str
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("mlmkit: error:")]
+
+
+def run_cli(main, argv: list[str]) -> Exit:
+    """An entry point (a script's ``main``) through `mlmkit.cli.run_cli`, in this process, as its
+    ``__main__`` runs it: a ConfigError or DataError becomes one ``mlmkit: error:`` line and
+    exit status 2; anything else propagates with its traceback."""
     from mlmkit.cli import run_cli as cli
     code = 0
-    with isolated_globals(), _captured() as (_, err):
+    with isolated_globals(), _captured() as (out, err):
         try:
             cli(lambda: main([str(a) for a in argv]))
         except SystemExit as exit_:
             code = exit_.code
-    return code, err.getvalue()
+    return Exit(code, out.getvalue(), err.getvalue())
 
 
 # ================================================================================ launched
