@@ -2,7 +2,10 @@
 SIGKILL or SIGTERM mid-epoch, then started again with the same command.
 
 The tiny BERT here has dropout 0.1, so equal results prove that every process's RNG state was
-restored, not just the weights, optimizer, scheduler and data position.
+restored, not just the weights, optimizer, scheduler and data position. One-process runs that are
+not interrupted (the reference, a resume after SIGKILL) run in this process
+(helpers.run_recipe, one thread like the launches: bit-identical results). The output-folder
+refusals are tested in process: tests/unit/test_recipe.py.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import (RECIPE, ROOT, assert_same_run, complete_checkpoints, kill_tree, launch,
-                     recipe_pids, start, wait_for_checkpoint, wait_gone)
+from helpers import (ROOT, assert_same_run, complete_checkpoints, kill_tree, launch, recipe_pids,
+                     run_recipe, start, wait_for_checkpoint, wait_gone)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
 from mlmkit.tracking import read_metrics
@@ -33,6 +36,7 @@ def args(tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
     return ["--config_name", tiny_bert_dropout_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
             "--per_device_eval_batch_size", "32", "--eval_pad_sensitivity", "false",
+            "--fill_mask_check", "false",
             "--max_train_samples", "128", "--per_device_train_batch_size", "8",
             "--max_train_steps", "32", "--learning_rate", "1e-3", "--logging_steps", "2",
             "--eval_steps", "8", "--checkpointing_steps", "3", "--save_total_limit", "2"]
@@ -42,7 +46,7 @@ def args(tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
 def reference(tmp_path_factory, args) -> Path:
     """The uninterrupted run (one process) that every interrupted one must reproduce."""
     out = tmp_path_factory.mktemp("resume") / "reference"
-    launch([*args, "--output_dir", str(out)])
+    run_recipe([*args, "--output_dir", out])
     return out
 
 
@@ -66,9 +70,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, args, reference):
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     (out / "checkpoints" / ".tmp-checkpoint-99").mkdir()  # a save killed half-way
 
-    proc = launch(cmd)
-    assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in proc.stdout
-    assert f"resuming from {previous} (step {steps[0]}" in proc.stdout
+    stdout = run_recipe(cmd).stdout  # the same command again (in this process)
+    assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in stdout
+    assert f"resuming from {previous} (step {steps[0]}" in stdout
     assert_same_run(out, reference)
     # the damaged checkpoint was rewritten on the way; the newest 2 remain, no temporaries
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -137,22 +141,3 @@ def test_ddp_signal_to_one_rank_then_sigkill_then_resume(tmp_path, args):
     proc = launch(cmd, accelerate_args=DDP)
     assert re.search(r"resuming from \S+checkpoint-\d+ \(step \d+", proc.stdout)
     assert_same_run(out, ref, tol=1e-5)
-
-
-def test_other_settings_or_a_finished_run_are_refused_before_loading(tmp_path, args, reference):
-    """The recipe's main(), in this process: the output-folder checks fail fast with the fix."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mlm_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    from mlmkit.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"finished run.*--overwrite_output_dir true"):
-        recipe.main([*args, "--output_dir", str(reference)])
-    unfinished = tmp_path / "unfinished"
-    unfinished.mkdir()
-    (unfinished / "config.yaml").write_text((reference / "config.yaml").read_text())
-    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.001 there, "
-                                          r"0.002 now\).*to resume it"):
-        recipe.main([*args, "--output_dir", str(unfinished), "--learning_rate", "2e-3"])
-    assert sorted(p.name for p in unfinished.iterdir()) == ["config.yaml"]  # nothing touched

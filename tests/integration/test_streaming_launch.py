@@ -2,7 +2,8 @@
 DDP, SIGKILLed mid-run and started again with the same command, against uninterrupted runs.
 
 The tiny BERT has dropout 0.1, so equal results need every RNG restored as well as each
-process's own stream position (shard, offset, carried examples)."""
+process's own stream position (shard, offset, carried examples). One-process runs that are not
+interrupted run in this process (helpers.run_recipe)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, assert_same_run, kill_tree, launch, start, wait_for_checkpoint
+from helpers import (ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
+                     wait_for_checkpoint)
 from mlmkit import tracking as M
 from mlmkit.data import embedded_corpus
 from mlmkit.tracking import read_metrics
@@ -40,17 +42,21 @@ def args(tmp_path_factory, tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
 
 
 def killed_then_resumed(cmd: list[str], out, accelerate_args=None) -> str:
+    """Launch, SIGKILL every process after checkpoint 10, run the same command again (one
+    process: in this process); its stdout."""
     proc = start(cmd, accelerate_args)
     wait_for_checkpoint(proc, out, 10)
     kill_tree(proc)
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    if accelerate_args is None:
+        return run_recipe(cmd).stdout
     return launch(cmd, accelerate_args=accelerate_args).stdout
 
 
 def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, args):
     ref = tmp_path / "reference"
-    proc = launch([*args, "--output_dir", str(ref)])
-    assert "data: streaming" in proc.stdout and "held out from the stream" in proc.stdout
+    stdout = run_recipe([*args, "--output_dir", ref]).stdout
+    assert "data: streaming" in stdout and "held out from the stream" in stdout
     summary = json.loads((ref / "summary.json").read_text())
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]  # it learned
     passes = [r[M.EPOCH] for r in read_metrics(ref) if M.TRAIN_LOSS in r]
