@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from helpers import SENTENCES, tiny_config_dir
+from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
 def pytest_collection_modifyitems(items):
@@ -64,3 +65,28 @@ def tiny_args(tiny_bert_dir, tokenizer_path) -> list[str]:
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
             "--per_device_eval_batch_size", "32", "--logging_steps", "2",
             "--fill_mask_check", "false", "--eval_pad_sensitivity", "false"]
+
+
+@pytest.fixture
+def ablation_yaml(tmp_path, tiny_bert_dir, tokenizer_path):
+    """An ablation YAML for recipes/ablate_padding.py: two real arms on the tiny BERT (W&B
+    offline) and one that fails at run time (empty corpus: a DataError in the recipe)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    spec = {
+        "name": "abl-test",
+        "output_dir": str(tmp_path / "abl"),
+        "accelerate_config": str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "seeds": 1,
+        "recipe": {"config_name": tiny_bert_dir, "tokenizer_name": tokenizer_path,
+                   "max_train_samples": 200, "max_eval_samples": 64,
+                   "per_device_eval_batch_size": 32, "max_train_steps": 4, "eval_steps": 2,
+                   "logging_steps": 2, "learning_rate": 3e-3, "report_to": "wandb",
+                   "progress_bar": False, "fill_mask_check": False},
+        "arms": {"masked": {"padding": "longest", "mask_padding": True},
+                 "unmasked": {"padding": "longest", "mask_padding": False},
+                 "broken": {"train_file": str(empty)}},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

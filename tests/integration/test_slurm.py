@@ -31,7 +31,7 @@ def slow_args(tiny_args) -> list[str]:
     mid-run, small enough to run three times."""
     return [*tiny_args, "--max_train_steps", "24", "--max_train_samples", "200",
             "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--max_eval_samples", "32", "--eval_pad_sensitivity", "false"]
+            "--max_eval_samples", "32"]
 
 
 def wait_for_training(out, proc, timeout=240) -> None:
