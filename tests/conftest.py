@@ -1,31 +1,24 @@
-"""Shared fixtures: a tiny BERT built from a config, the embedded tokenizer, and a launcher that
-runs the recipe exactly as users do (`accelerate launch recipes/mlm.py ...` in a subprocess)."""
+"""Shared fixtures: the embedded tokenizer, tiny BERTs built from a config, and the recipe flags
+of a fast run. Shared helpers (launching, in-process runs, tiny models...) are in helpers.py.
+
+Where a test goes: tests/unit/test_<module>.py for src/mlmkit/<module>.py, recipes/<script>.py
+run in this process (test_recipe.py, test_ablate_padding.py); tests/integration/ only for
+tests that launch processes (marked ``integration``)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "mlm.py"
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-TINY_BERT = {
-    "model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
-    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
-}
+from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        parts = Path(str(item.fspath)).parts
-        if "integration" in parts:
+        if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
 
 
@@ -46,30 +39,54 @@ def tokenizer(tokenizer_path):
 
 
 @pytest.fixture(scope="session")
+def text_examples(tokenizer) -> list[list[int]]:
+    """helpers.SENTENCES tokenized: words of several WordPiece pieces, lengths 5 to 20."""
+    return [tokenizer(s)["input_ids"] for s in SENTENCES]
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_bert")
-    (path / "config.json").write_text(json.dumps(TINY_BERT))
-    return str(path)
+    """The config of a tiny BERT without dropout (``--config_name``)."""
+    return tiny_config_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dropout_dir(tmp_path_factory) -> str:
+    """The tiny BERT with dropout 0.1: equal results of two runs need every RNG restored."""
+    return tiny_config_dir(tmp_path_factory.mktemp("tiny_bert_dropout"), hidden_dropout_prob=0.1)
 
 
 @pytest.fixture(scope="session")
 def tiny_args(tiny_bert_dir, tokenizer_path) -> list[str]:
-    """Recipe flags for a fast run on the tiny BERT and a slice of the embedded corpus."""
+    """Recipe flags for a fast run on the tiny BERT and a slice of the embedded corpus, without
+    the fill-mask check and the pad-sensitivity probe (a test that asserts on them turns them
+    on: later flags win)."""
     return ["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
-            "--per_device_eval_batch_size", "32", "--logging_steps", "2"]
+            "--per_device_eval_batch_size", "32", "--logging_steps", "2",
+            "--fill_mask_check", "false", "--eval_pad_sensitivity", "false"]
 
 
-def launch(args: list[str], *, accelerate_args: list[str] | None = None, cwd=None,
-           timeout: int = 300, env: dict | None = None, check: bool = True):
-    """Run `accelerate launch [accelerate_args] recipes/mlm.py [args]`; return the process."""
-    accelerate_args = accelerate_args or ["--config_file", str(ROOT / "accelerate_configs/cpu.yaml")]
-    cmd = [str(ACCELERATE), "launch", *accelerate_args, str(RECIPE), *args]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
+@pytest.fixture
+def ablation_yaml(tmp_path, tiny_bert_dir, tokenizer_path):
+    """An ablation YAML for recipes/ablate_padding.py: two real arms on the tiny BERT (W&B
+    offline) and one that fails at run time (empty corpus: a DataError in the recipe)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    spec = {
+        "name": "abl-test",
+        "output_dir": str(tmp_path / "abl"),
+        "accelerate_config": str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "seeds": 1,
+        "recipe": {"config_name": tiny_bert_dir, "tokenizer_name": tokenizer_path,
+                   "max_train_samples": 200, "max_eval_samples": 64,
+                   "per_device_eval_batch_size": 32, "max_train_steps": 4, "eval_steps": 2,
+                   "logging_steps": 2, "learning_rate": 3e-3, "report_to": "wandb",
+                   "progress_bar": False, "fill_mask_check": False},
+        "arms": {"masked": {"padding": "longest", "mask_padding": True},
+                 "unmasked": {"padding": "longest", "mask_padding": False},
+                 "broken": {"train_file": str(empty)}},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

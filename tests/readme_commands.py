@@ -129,3 +129,24 @@ def readme_lines(prefix: str, readme: Path = README) -> list[list[str]]:
             if line and not line.startswith("#") and shlex.split(line)[:len(want)] == want:
                 found.append(shlex.split(line))
     return found
+
+
+COLLATOR_SECTION = "## MaskedLMCollator as a library"
+
+
+def collator_examples(model: str, readme: Path = README) -> str:
+    """The ``~~~python`` blocks of the README's section "MaskedLMCollator as a library", joined in
+    order into one script, with only what the README tells CPU users to change changed: the
+    ``MODEL = ...`` line, set to ``model``."""
+    text = readme.read_text()
+    start = text.index(COLLATOR_SECTION)
+    end = text.find("\n## ", start + len(COLLATOR_SECTION))
+    section = text[start:end if end > 0 else len(text)]
+    blocks = re.findall(r"^~~~python\n(.*?)^~~~$", section, flags=re.S | re.M)
+    assert len(blocks) >= 2, "the README's collator section lost its Python examples"
+    script = "\n".join(blocks)
+    # The one change the README allows: "On a CPU, set `MODEL` to a small masked LM".
+    assert "**On a CPU**, set `MODEL`" in section
+    script, n = re.subn(r"^MODEL = .*$", f"MODEL = {model!r}", script, flags=re.M)
+    assert n == 1, f"the README's examples set MODEL {n} times, expected once"
+    return script

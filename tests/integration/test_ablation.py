@@ -1,12 +1,11 @@
 """The padding ablation end to end: `python recipes/ablate_padding.py --config <yaml>` launches the
 recipe per arm x seed (tiny BERT, real W&B offline), skips finished runs when re-run, carries on
-past a failed run, and writes the report (table, JSON, plots)."""
+past a failed run, and writes the report (table, JSON, plots). The runner's checks and its dry
+run, in this process: tests/unit/test_ablate_padding.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import struct
 import subprocess
 import sys
@@ -15,45 +14,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT, launch_env
 from mlmkit import tracking as M
 
 RUNNER = ROOT / "recipes" / "ablate_padding.py"
-ACCELERATE_CONFIG = ROOT / "accelerate_configs" / "cpu.yaml"
 TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm colours, in arm order
 
 
 def run_ablation(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env = {k: v for k, v in launch_env(WANDB_MODE="offline", WANDB_SILENT="true").items()
+           if not k.startswith("WANDB_") or k in ("WANDB_MODE", "WANDB_SILENT")}
     # no WANDB_DIR: the recipe puts each run's W&B folder under the run's output_dir
     return subprocess.run([sys.executable, str(RUNNER), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def ablation_yaml(tmp_path, tiny_bert_dir, tokenizer_path):
-    """Two real arms and one that fails at run time (empty corpus: a DataError in the recipe)."""
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    spec = {
-        "name": "abl-test",
-        "output_dir": str(tmp_path / "abl"),
-        "accelerate_config": str(ACCELERATE_CONFIG),
-        "seeds": 1,
-        "recipe": {"config_name": tiny_bert_dir, "tokenizer_name": tokenizer_path,
-                   "max_train_samples": 200, "max_eval_samples": 64,
-                   "per_device_eval_batch_size": 32, "max_train_steps": 4, "eval_steps": 2,
-                   "logging_steps": 2, "learning_rate": 3e-3, "report_to": "wandb",
-                   "progress_bar": False},
-        "arms": {"masked": {"padding": "longest", "mask_padding": True},
-                 "unmasked": {"padding": "longest", "mask_padding": False},
-                 "broken": {"train_file": str(empty)}},
-    }
-    path = tmp_path / "ablation.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------- W&B's offline transaction log
@@ -108,61 +81,6 @@ def arm_pixels(png: Path, arm: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tests
-def runner_main():
-    """The runner's main(), imported from the script (for the fast in-process checks)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ablate_padding", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_bad_ablation_yaml_fails_before_launching(tmp_path, ablation_yaml, capsys):
-    spec = yaml.safe_load(ablation_yaml.read_text())
-    cases = [
-        ({"arms": {**spec["arms"], "unmasked": {"mask_paddin": False}}},
-         "arms.unmasked.mask_paddin", "did you mean 'mask_padding'"),
-        ({"seed": 3}, "seed: unknown key", "did you mean 'seeds'"),
-        ({"recipe": {**spec["recipe"], "learning_rate": "fast"}}, "arm 'masked'", "learning_rate"),
-        ({"recipe": {**spec["recipe"], "wandb_group": "x"}}, "recipe.wandb_group",
-         "`name:` in the ablation YAML"),
-        ({"reference": "packed"}, "reference", "use one of masked, unmasked, broken"),
-    ]
-    import importlib.util
-    main = runner_main()
-    if importlib.util.find_spec("trackio") is None:
-        cases.append(({"recipe": {**spec["recipe"], "report_to": "trackio"}}, "report_to",
-                      "pip install trackio"))
-    for change, where, fix in cases:
-        bad = tmp_path / "bad.yaml"
-        bad.write_text(yaml.safe_dump({**spec, **change}, sort_keys=False))
-        assert main(["--config", str(bad)]) == 2
-        err = capsys.readouterr().err
-        assert where in err and fix in err and "Fix" in err, err
-    assert not Path(spec["output_dir"]).exists()
-
-
-def test_dry_run_prints_one_launch_per_run(ablation_yaml):
-    spec = yaml.safe_load(ablation_yaml.read_text())
-    proc = run_ablation(["--config", str(ablation_yaml), "--dry_run", "--seeds", "0", "1",
-                         "--max_train_steps", "3"])
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 3 * 2
-    for line, (seed, arm) in zip(lines, [(s, a) for s in (0, 1) for a in spec["arms"]]):
-        argv = shlex.split(line)
-        assert argv[:5] == ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIG),
-                            "recipes/mlm.py"]
-        flags = " ".join(argv[5:])
-        assert f"--output_dir {spec['output_dir']}/{arm}/seed{seed}" in flags
-        assert f"--seed {seed} --run_name {arm}-seed{seed} --wandb_group abl-test " \
-               f"--wandb_tags {arm} seed{seed}" in flags
-        assert "--max_train_steps 3" in flags  # a command-line recipe flag reaches every arm
-    assert "--mask_padding false" in lines[1] and "--mask_padding true" in lines[0]
-    assert not Path(spec["output_dir"]).exists()  # nothing launched, nothing written
-
-
 def test_ablation_end_to_end(ablation_yaml):
     spec = yaml.safe_load(ablation_yaml.read_text())
     out = Path(spec["output_dir"])

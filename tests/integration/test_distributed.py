@@ -1,28 +1,31 @@
-"""The same recipe on 2-process DDP, ZeRO-2, ZeRO-3 (+ CPU offload) and a simulated 2-node launch,
-all on CPU with gloo. Launch settings come only from accelerate_configs/, and every launch is the
-README's own `accelerate launch` line for that config (tests/readme_commands.py) with only the
-README's CPU note applied (`--num_processes 2 --mixed_precision no`): no flag the README does not
-tell a CPU user to add."""
+"""The same recipe on 2-process DDP, ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload and a simulated
+2-node launch, all on CPU with gloo (FSDP2: test_fsdp.py). Launch settings come only from
+accelerate_configs/, and every launch is the README's own `accelerate launch` line for that
+config (tests/readme_commands.py) with only the README's CPU note applied (`--num_processes 2
+--mixed_precision no`): no flag the README does not tell a CPU user to add.
+
+Each engine is launched once: 2 processes x 4 examples x 2 accumulation steps, compared step by
+step with one process taking the whole global batch of 16 (in this process), and its exported
+model/ re-evaluated. The runs start from the same saved weights: a model built from a config is
+initialised differently where ZeRO-3 builds it already sharded (zero3_init_flag)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 
 import pytest
-import torch
-import yaml
 
-from conftest import ACCELERATE, ROOT, launch
+from helpers import (ACCELERATE, RECIPE, ROOT, exported_eval_loss, free_port, launch, launch_env,
+                     run_recipe, tiny_model, train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
-from readme_commands import accelerate_args, accelerate_launch, cpu_note, launches_of
+from readme_commands import accelerate_args, accelerate_launch, launches_of
 
-# The README's single-node launch lines (ddp, zero2, zero3, zero3_offload, ...).
-SINGLE_NODE = [launch.config for launch in launches_of("accelerate")
-               if "--num_machines" not in launch.argv]
+# The README's single-node launch lines but FSDP2's (test_fsdp.py): ddp, zero2, zero3, ...
+ENGINES = [launch.config for launch in launches_of("accelerate")
+           if "--num_machines" not in launch.argv and launch.config != "fsdp2"]
+STEPS = 4
 
 
 def accel(config: str) -> list[str]:
@@ -30,80 +33,51 @@ def accel(config: str) -> list[str]:
     return accelerate_args(accelerate_launch(config))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def args(tmp_path_factory, tiny_args) -> list[str]:
+    """4 steps (fp32, no dropout), each logged, fine-tuning the tiny BERT's saved weights."""
+    weights = tmp_path_factory.mktemp("tiny_bert_weights")
+    tiny_model("bert").save_pretrained(weights)
+    i = tiny_args.index("--config_name")
+    return [*tiny_args[:i], "--model_name_or_path", str(weights), *tiny_args[i + 2:],
+            "--max_train_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "3e-3",
+            "--max_train_samples", "200"]
 
 
-def exported_eval_loss(out) -> float:
-    """Re-evaluate the exported model/ in this process, exactly as the recipe's eval does."""
-    from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    from mlmkit.config import MLMConfig
-    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
-    from mlmkit.evaluation import eval_collator, evaluate
-    from mlmkit.modeling import MaskedLMModule
-
-    cfg = MLMConfig(**yaml.safe_load((out / "config.yaml").read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    model = AutoModelForMaskedLM.from_pretrained(out / "model", dtype=torch.float32)
-    examples = IndexedExamples(tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["validation"])
-    metrics = evaluate(Accelerator(cpu=True), MaskedLMModule(model), examples,
-                       eval_collator(tokenizer, cfg), batch_size=cfg.per_device_eval_batch_size,
-                       max_seq_length=cfg.max_seq_length, with_unmasked=False, with_pad_probe=False)
-    return metrics[M.EVAL_LOSS]
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, args) -> list[float]:
+    """The per-step losses of one process taking the whole global batch of 16 at once."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_recipe([*args, "--per_device_train_batch_size", "16", "--output_dir", out])
+    losses = train_losses(out)
+    assert len(losses) == STEPS
+    assert abs(losses[-1] - losses[0]) > 1e-3  # training moved: the comparison has teeth
+    return losses
 
 
-def test_the_readme_shows_a_launch_line_for_each_single_node_config():
-    assert {"ddp", "zero2", "zero3", "zero3_offload"} <= set(SINGLE_NODE)
-    assert cpu_note()[0][:2] == ["--num_processes", "2"]  # what "2 processes" below relies on
-
-
-@pytest.mark.parametrize("config", SINGLE_NODE)
-def test_two_process_training_exports_the_trained_weights(tmp_path, tiny_args, config):
+@pytest.mark.parametrize("config", ENGINES)
+def test_engine_matches_one_process_and_exports_the_trained_weights(tmp_path, args, one_process,
+                                                                    config):
+    """2 processes x 4 x 2 accumulation == 1 process x 16 (fp32, no dropout): token-weighted
+    normalisation, sharding and accumulation make the per-step losses the same, under every
+    engine."""
     out = tmp_path / config
-    proc = launch([*tiny_args, "--output_dir", str(out), "--max_train_steps", "4",
-                   "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                   "--learning_rate", "3e-3", "--max_train_samples", "200",
-                   "--eval_pad_sensitivity", "false"],
+    proc = launch([*args, "--per_device_train_batch_size", "4",
+                   "--gradient_accumulation_steps", "2", "--output_dir", str(out)],
                   accelerate_args=accel(config))
     assert "x 2 processes" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary[M.STEP] == 4
+    assert summary["num_processes"] == 2 and summary[M.STEP] == STEPS
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]
+    losses = train_losses(out)
+    assert len(losses) == len(one_process), (losses, one_process)  # an engine that logged none
+    for a, b in zip(one_process, losses, strict=True):
+        assert abs(a - b) / abs(a) <= 1e-4, (config, one_process, losses)
+    # only the main process writes: one line per logging step, no duplicates
+    assert [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r] == list(range(1, STEPS + 1))
     # model/ is a plain HF checkpoint (consolidated from ZeRO-3 shards) holding the weights the
     # engine evaluated: re-evaluating it in a fresh process gives the recipe's final eval loss.
     assert exported_eval_loss(out) == pytest.approx(summary[M.EVAL_LOSS], rel=1e-5)
-    # only the main process writes: one line per logging step, no duplicates
-    steps = [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r]
-    assert steps == [2, 4]
-
-
-def test_global_batch_equivalence_across_processes_and_accumulation(tmp_path, tiny_args):
-    """1 process x B == 2 processes x B/2 == 1 process x B/2 x 2 accumulation (fp32, no dropout):
-    token-weighted normalisation and sharding make the per-step losses the same."""
-    common = [*tiny_args, "--max_train_steps", "5", "--logging_steps", "1", "--learning_rate",
-              "3e-3", "--max_train_samples", "200", "--eval_pad_sensitivity", "false",
-              "--max_eval_samples", "16"]
-    runs = {
-        "one": (["--per_device_train_batch_size", "8"], None),
-        "ddp": (["--per_device_train_batch_size", "4"], accel("ddp")),
-        "accum": (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"], None),
-        "zero2": (["--per_device_train_batch_size", "4"], accel("zero2")),
-    }
-    losses = {}
-    for name, (extra, launch_args) in runs.items():
-        out = tmp_path / name
-        launch([*common, *extra, "--output_dir", str(out)], accelerate_args=launch_args)
-        losses[name] = [r[M.TRAIN_LOSS] for r in read_metrics(out) if M.TRAIN_LOSS in r]
-    assert len(losses["one"]) == 5
-    for name in ("ddp", "accum", "zero2"):
-        for a, b in zip(losses["one"], losses[name]):
-            assert abs(a - b) / abs(a) <= 1e-4, (name, losses["one"], losses[name])
-    # and training moved: later losses differ from the first (the comparison is not vacuous)
-    assert abs(losses["one"][-1] - losses["one"][0]) > 1e-3
 
 
 def test_simulated_two_node_launch(tmp_path, tiny_args):
@@ -119,11 +93,9 @@ def test_simulated_two_node_launch(tmp_path, tiny_args):
         str(ACCELERATE), "launch",
         *accelerate_args(line, replace={"--machine_rank": rank, "--main_process_ip": "127.0.0.1",
                                         "--main_process_port": port}),
-        str(ROOT / "recipes" / "mlm.py"), *tiny_args,
-        "--output_dir", str(out), "--max_train_steps", "3", "--max_train_samples", "100",
-        "--eval_pad_sensitivity", "false"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd(rank), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        str(RECIPE), *tiny_args,
+        "--output_dir", str(out), "--max_train_steps", "3", "--max_train_samples", "100"]
+    procs = [subprocess.Popen(cmd(rank), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

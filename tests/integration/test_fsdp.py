@@ -1,9 +1,7 @@
 """PyTorch FSDP2 (accelerate_configs/fsdp2.yaml) on 2 CPU processes with gloo: the same per-step
 losses as one process, sharded checkpoints inside the atomic checkpoint scheme, an exact resume
 after SIGKILL, and a consolidated model/ that re-evaluates to the run's final eval loss.
-
-Helpers come from test_distributed.py (launch arguments, re-evaluating model/) and test_resume.py
-(background launch, kill, comparing runs)."""
+(FSDP2's layer units: tests/unit/test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -11,23 +9,25 @@ import json
 
 import pytest
 
-from conftest import TINY_BERT, launch
+from helpers import (assert_same_run, complete_checkpoints, exported_eval_loss, kill_tree, launch,
+                     run_recipe, start, train_losses, wait_for_checkpoint)
 from mlmkit import tracking as M
-from mlmkit.tracking import read_metrics
-from test_distributed import accel, exported_eval_loss
-from test_resume import assert_same_run, complete_checkpoints, kill_tree, start, wait_for_checkpoint
+from readme_commands import accelerate_args, accelerate_launch
 
-FSDP2 = accel("fsdp2")  # --config_file accelerate_configs/fsdp2.yaml --num_processes 2 ...
+# The README's line, with its CPU note: --config_file accelerate_configs/fsdp2.yaml
+# --num_processes 2 --mixed_precision no
+FSDP2 = accelerate_args(accelerate_launch("fsdp2"))
 STEPS = 16
 
 
 @pytest.fixture(scope="module")
 def args(tiny_args) -> list[str]:
-    """16 steps of a global batch of 8 (fp32, no dropout), a log line and a checkpoint every 2."""
+    """16 steps of a global batch of 8 (fp32, no dropout), a log line and a checkpoint every 2;
+    the fill-mask check on (it reads model/ after FSDP2 training, and a resumed run takes the
+    initial model's predictions from the checkpoint)."""
     return [*tiny_args, "--max_train_steps", str(STEPS), "--logging_steps", "1",
             "--learning_rate", "3e-3", "--max_train_samples", "200", "--padding", "longest",
-            "--eval_pad_sensitivity", "false", "--checkpointing_steps", "2",
-            "--save_total_limit", "2"]
+            "--checkpointing_steps", "2", "--save_total_limit", "2", "--fill_mask_check", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -39,32 +39,15 @@ def fsdp_run(tmp_path_factory, args):
     return out, proc.stdout
 
 
-def train_losses(out) -> list[float]:
-    return [r[M.TRAIN_LOSS] for r in read_metrics(out) if M.TRAIN_LOSS in r]
-
-
-def test_layer_units_keep_the_tied_embeddings_together():
-    """Each BertLayer is a unit of its own; BertEmbeddings (BERT's _no_split_modules lists it)
-    is not, since it holds the word embeddings that the MLM decoder is tied to."""
-    from transformers import AutoModelForMaskedLM, BertConfig
-
-    from mlmkit.distributed import fsdp_layer_classes
-    from mlmkit.modeling import MaskedLMModule
-
-    model = AutoModelForMaskedLM.from_config(BertConfig(**{
-        k: v for k, v in TINY_BERT.items() if k != "model_type"}))
-    assert set(model._no_split_modules) == {"BertEmbeddings", "BertLayer"}
-    assert fsdp_layer_classes(MaskedLMModule(model)) == ["BertLayer"]
-
-
 def test_fsdp2_matches_one_process_and_exports_the_trained_weights(tmp_path, args, fsdp_run):
     out, stdout = fsdp_run
     assert "x 2 processes" in stdout
-    one = tmp_path / "one"
-    launch([*args, "--per_device_train_batch_size", "8", "--output_dir", str(one)])
+    one = tmp_path / "one"  # one process x 8, in this process
+    run_recipe([*args, "--per_device_train_batch_size", "8", "--output_dir", one,
+                "--fill_mask_check", "false"])
     losses, reference = train_losses(out), train_losses(one)
-    assert len(reference) == STEPS
-    for a, b in zip(reference, losses):
+    assert len(reference) == len(losses) == STEPS
+    for a, b in zip(reference, losses, strict=True):
         assert abs(a - b) / abs(a) <= 1e-4, (reference, losses)
     assert abs(reference[-1] - reference[0]) > 1e-3  # training moved: the comparison has teeth
 

@@ -17,7 +17,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from readme_python import collator_examples, save_tiny_model
+from helpers import save_tiny_model
+from readme_commands import collator_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a build or a run leaves in a checkout (as .gitignore has it): not part of the source.

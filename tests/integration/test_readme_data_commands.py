@@ -4,7 +4,6 @@ and a temporary folder, and the run flags of a tiny, few-step run are appended (
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, launch
+from helpers import ROOT, launch, launch_env
 from mlmkit.data import embedded_corpus
 from readme_commands import readme_lines
 
@@ -44,7 +43,7 @@ def test_readme_pretokenize_then_train_from_the_folder(tmp_path, paths, tiny_arg
     (write,) = readme_lines("python recipes/pretokenize.py")
     proc = subprocess.run([sys.executable, *as_here(write, paths)[1:]], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/s" in proc.stdout
     (train,) = readme_lines("accelerate launch recipes/mlm.py --tokenized_dir")

@@ -2,14 +2,15 @@
 
 The commands come from README.md itself (tests/readme_commands.py): each `accelerate launch
 --config_file accelerate_configs/...` line and each `sbatch` line of its code blocks, and the CPU
-note ("**Without a GPU**"), which is the only change made for this GPU-less machine. `...` is the
-README's placeholder for recipe flags; here it becomes the flags of a tiny, few-step run.
+note ("**Without a GPU**"), which is the only change made for this GPU-less machine (that the
+README shows them: tests/unit/test_readme_commands.py). `...` is the README's placeholder for
+recipe flags; here it becomes the flags of a tiny, few-step run.
 
 * Each `accelerate launch` line as written -- no CPU note: 8 processes, bf16 -- goes through
   Accelerate's own launcher code up to the worker's DeepSpeed setup, where a precision written
   next to a DeepSpeed JSON is refused. That is what a GPU node runs first.
 * Each `accelerate launch` line runs for real with the CPU note in test_distributed.py (its
-  configs and its two-node launch are read from the README).
+  configs and its two-node launch are read from the README) and test_fsdp.py (FSDP2).
 * Each `sbatch` line runs for real here, through stand-ins for Slurm's commands
   (tests/slurm_standins): the script, its flags and ACCELERATE_CONFIG as written, plus the CPU
   note's GPUS_PER_NODE; precision stays the config's bf16.
@@ -25,12 +26,10 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, free_port, slurm_env, submit
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
-from readme_commands import (RECIPE_PATH, accelerate_args, cpu_note, launches_of,
-                             readme_launches, sbatch_command)
-from slurm_harness import free_port, slurm_env, submit
+from readme_commands import RECIPE_PATH, accelerate_args, launches_of, sbatch_command
 
 # Runs, in one fresh interpreter, Accelerate's `accelerate launch` code for each command line
 # (argument parsing, config-file merging, the launcher's environment for the workers) and then
@@ -73,19 +72,6 @@ def launch_checks(argvs: list[list[str]]) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():
-    configs = [launch.config for launch in launches_of("accelerate")]
-    assert len(configs) == len(set(configs))  # one line per config
-    assert {"ddp", "multi_node", "zero2", "zero3", "zero3_offload"} <= set(configs)
-    assert [(launch.config, launch.env) for launch in launches_of("sbatch")] == [
-        ("multi_node", {}), ("zero3", {"ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"})]
-    for launch in readme_launches():
-        assert (ROOT / "accelerate_configs" / f"{launch.config}.yaml").is_file(), launch.text
-    flags, env = cpu_note()
-    assert flags[:2] == ["--num_processes", "2"]
-    assert env == {"GPUS_PER_NODE": "1"}
-
-
 def test_every_accelerate_line_as_written_passes_accelerates_launch_checks():
     launches = launches_of("accelerate")
     # --main_process_port: a free one (other tests on this machine may hold 29500 right now)
@@ -126,7 +112,7 @@ def test_readme_sbatch_line_trains_on_simulated_nodes(launch, tmp_path, tiny_arg
     out = tmp_path / "out"
     recipe = [*tiny_args, "--max_train_steps", "2", "--max_train_samples", "100",
               "--max_eval_samples", "32", "--per_device_train_batch_size", "4",
-              "--eval_pad_sensitivity", "false", "--output_dir", str(out)]
+              "--output_dir", str(out)]
     done = submit([*argv, *recipe], slurm_env(tmp_path / "slurm", **env))
     assert done.returncode == 0, done.stdout[-6000:]
     assert f"{nodes} nodes x 1 GPUs = {nodes} processes" in done.stdout

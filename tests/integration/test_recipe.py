@@ -1,14 +1,21 @@
-"""The recipe end to end, launched the way users launch it (one CPU process, tiny BERT)."""
+"""The recipe launched the way users launch it, one CPU process (`accelerate launch
+--config_file accelerate_configs/cpu.yaml recipes/mlm.py ...`, tiny BERT): a run end to end, and
+a user's mistake reaching them as one line through the launcher (and through python). The same
+recipe's other single-process behaviours run in this process: tests/unit/test_recipe.py."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import launch
+from helpers import RECIPE, ROOT, launch, launch_env, tiny_model
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 
@@ -16,7 +23,9 @@ from mlmkit.tracking import read_metrics
 def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
     out = tmp_path / "run"
     proc = launch([*tiny_args, "--output_dir", str(out), "--max_train_steps", "12",
-                   "--padding", "longest", "--learning_rate", "3e-3", "--eval_steps", "6", "--max_train_samples", "400"])
+                   "--padding", "longest", "--learning_rate", "3e-3", "--eval_steps", "6",
+                   "--max_train_samples", "400",
+                   "--fill_mask_check", "true", "--eval_pad_sensitivity", "true"])
     assert "eval @ step 0" in proc.stdout and "eval @ step 12" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())
@@ -63,62 +72,49 @@ def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
                            fresh.bert.encoder.layer[0].attention.self.query.weight)
 
 
-def test_finished_run_is_not_overwritten(tmp_path, tiny_args):
+# A model folder with config.json and weights but no tokenizer files: transformers would build a
+# tokenizer with an empty vocabulary; the recipe refuses it (modelcheck.py) before anything loads.
+# Every other mistake's message is checked in process: tests/unit/test_user_errors.py.
+OUR_FRAME = re.compile(r'File ".*(mlmkit|recipes/mlm\.py)')  # a traceback through our code
+
+
+@pytest.fixture(scope="module")
+def model_without_tokenizer(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("no_tokenizer")
+    tiny_model("bert").save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    return path
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("mlmkit: error:")]
+    assert len(lines) == 1 and "Fix:" in lines[0], stderr[-4000:]
+    assert not OUR_FRAME.search(stderr), stderr[-4000:]
+    return lines[0]
+
+
+def test_a_mistake_is_one_error_line_through_accelerate_launch(tmp_path, model_without_tokenizer):
+    """The recipe's one `mlmkit: error: ... Fix: ...` line and its exit status 2 (which `accelerate
+    launch` reports in a traceback of its own, exiting 1), no traceback from mlmkit or the recipe,
+    nothing written."""
     out = tmp_path / "run"
-    args = [*tiny_args, "--output_dir", str(out), "--max_train_steps", "2",
-            "--eval_pad_sensitivity", "false"]
-    launch(args)
-    before = (out / "summary.json").read_text()
-    proc = launch(args, check=False)
-    assert proc.returncode != 0
-    assert "--overwrite_output_dir" in proc.stderr
-    assert (out / "summary.json").read_text() == before
-    launch([*args, "--overwrite_output_dir", "true"])
+    proc = launch(["--model_name_or_path", str(model_without_tokenizer), "--report_to", "none",
+                   "--output_dir", str(out)], check=False)
+    line = one_error_line(proc.stderr)
+    assert "has no tokenizer files" in line and "--tokenizer_name" in line
+    assert proc.returncode == 1, proc.stderr[-3000:]  # accelerate launch's own status
+    assert "returned non-zero exit status 2" in proc.stderr  # the recipe's
+    assert not out.exists()  # nothing written, not even the folder
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
-    (["--mlm_probability", "1.5"], "mlm_probability"),
-    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
-    (["--train_file", "does/not/exist.txt"], "train_file"),
-    (["--padding", "sideways"], "padding"),
-])
-def test_bad_config_fails_fast_and_writes_nothing(tmp_path, tiny_args, extra, message):
+def test_a_mistake_through_python_exits_2_without_a_traceback(tmp_path, model_without_tokenizer):
+    """Without a launcher the exit status is the recipe's own: 2, and no traceback at all."""
     out = tmp_path / "run"
-    proc = launch([*tiny_args, "--output_dir", str(out), *extra], check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Fix" in proc.stderr or "did you mean" in proc.stderr
-    assert not out.exists()  # failed before anything was written
-
-
-def test_bad_yaml_key_and_empty_corpus(tmp_path, tiny_args):
-    bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("learning_rate: 1e-4\nzero_stage: 3\n")
-    proc = launch(["--config", str(bad_yaml), *tiny_args, "--output_dir", str(tmp_path / "a")],
-                  check=False)
-    assert proc.returncode != 0
-    assert "unknown key 'zero_stage'" in proc.stderr and "accelerate_configs" in proc.stderr
-
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n   \n")
-    out = tmp_path / "b"
-    proc = launch([*tiny_args, "--train_file", str(empty), "--output_dir", str(out)], check=False)
-    assert proc.returncode != 0
-    assert "Fix" in proc.stderr and str(empty) in proc.stderr
-    assert not (out / "summary.json").exists() and not (out / "model").exists()
-
-
-def test_local_files_replace_the_default(tmp_path, tiny_args):
-    """--train_file/--validation_file (jsonl, custom text column) through datasets.load_dataset."""
-    rows = [{"body": f"the quick brown fox number {i} jumps over the lazy dog"} for i in range(40)]
-    for name, part in (("train.jsonl", rows[:32]), ("valid.jsonl", rows[32:])):
-        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in part) + "\n")
-    out = tmp_path / "run"
-    proc = launch([*tiny_args, "--train_file", str(tmp_path / "train.jsonl"),
-                   "--validation_file", str(tmp_path / "valid.jsonl"), "--text_column", "body",
-                   "--line_by_line", "false", "--max_seq_length", "32", "--max_train_steps", "2",
-                   "--per_device_train_batch_size", "4", "--output_dir", str(out)])
-    assert "data: " in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train/examples"] >= 1
+    proc = subprocess.run([sys.executable, str(RECIPE), "--model_name_or_path",
+                           str(model_without_tokenizer), "--report_to", "none",
+                           "--output_dir", str(out)],
+                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert "has no tokenizer files" in one_error_line(proc.stderr)
+    assert not out.exists()

@@ -2,7 +2,10 @@
 SIGKILL or SIGTERM mid-epoch, then started again with the same command.
 
 The tiny BERT here has dropout 0.1, so equal results prove that every process's RNG state was
-restored, not just the weights, optimizer, scheduler and data position.
+restored, not just the weights, optimizer, scheduler and data position. One-process runs that are
+not interrupted (the reference, a resume after SIGKILL) run in this process
+(helpers.run_recipe, one thread like the launches: bit-identical results). The output-folder
+refusals are tested in process: tests/unit/test_recipe.py.
 """
 
 from __future__ import annotations
@@ -11,35 +14,29 @@ import json
 import os
 import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ACCELERATE, RECIPE, ROOT, TINY_BERT, launch
+from helpers import (ROOT, assert_same_run, complete_checkpoints, kill_tree, launch, recipe_pids,
+                     run_recipe, start, wait_for_checkpoint, wait_gone)
 from mlmkit import tracking as M
-from mlmkit.checkpoint import MARKER, STATE_FILE, validate_checkpoint
+from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
 from mlmkit.tracking import read_metrics
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]
-TIMING = (M.TRAIN_TOKENS_PER_S, M.TRAIN_REAL_TOKENS_PER_S, M.SYS_PEAK_MEM_GB, M.TRAIN_TFLOPS,
-          M.TRAIN_MFU, M.TRAIN_DATA_WAIT_FRACTION)  # depend on the clock
 
 
 @pytest.fixture(scope="module")
-def args(tmp_path_factory, tokenizer_path) -> list[str]:
+def args(tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
     """128 examples, 8 per step: 16 steps an epoch, 32 steps in all; a checkpoint every 3 steps
     (mostly mid-epoch and mid logging window), the newest 2 kept."""
-    model_dir = tmp_path_factory.mktemp("tiny_bert_dropout")
-    (model_dir / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_dropout_prob": 0.1}))
-    return ["--config_name", str(model_dir), "--tokenizer_name", tokenizer_path,
+    return ["--config_name", tiny_bert_dropout_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--max_eval_samples", "64",
             "--per_device_eval_batch_size", "32", "--eval_pad_sensitivity", "false",
+            "--fill_mask_check", "false",
             "--max_train_samples", "128", "--per_device_train_batch_size", "8",
             "--max_train_steps", "32", "--learning_rate", "1e-3", "--logging_steps", "2",
             "--eval_steps", "8", "--checkpointing_steps", "3", "--save_total_limit", "2"]
@@ -49,108 +46,8 @@ def args(tmp_path_factory, tokenizer_path) -> list[str]:
 def reference(tmp_path_factory, args) -> Path:
     """The uninterrupted run (one process) that every interrupted one must reproduce."""
     out = tmp_path_factory.mktemp("resume") / "reference"
-    launch([*args, "--output_dir", str(out)])
+    run_recipe([*args, "--output_dir", out])
     return out
-
-
-# ------------------------------------------------------------------------------ helpers
-def start(args: list[str], accelerate_args: list[str] | None = None, env: dict | None = None):
-    """`accelerate launch ... recipes/mlm.py args` in the background, in a session of its own."""
-    accelerate_args = accelerate_args or ["--config_file",
-                                          str(ROOT / "accelerate_configs" / "cpu.yaml")]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([str(ACCELERATE), "launch", *accelerate_args, str(RECIPE), *args],
-                            cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_checkpoint(proc, out: Path, min_step: int, timeout: float = 240) -> int:
-    """Poll until a complete checkpoint-<step >= min_step> exists; return its step."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = complete_checkpoints(out)
-        if steps and steps[-1] >= min_step:
-            return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before checkpoint {min_step}:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
-        time.sleep(0.01)
-    kill_tree(proc)
-    raise AssertionError(f"no checkpoint {min_step} after {timeout} s")
-
-
-def complete_checkpoints(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = []
-    for path in root.glob("checkpoint-*"):
-        if (path / MARKER).exists():
-            steps.append(int(path.name.split("-")[1]))
-    return sorted(steps)
-
-
-def kill_tree(proc) -> None:
-    """SIGKILL the launcher and every process under it (torchrun puts each worker in a session of
-    its own, so killing the launcher's process group would miss them): workers first."""
-    try:
-        launcher = psutil.Process(proc.pid)
-        victims = launcher.children(recursive=True)[::-1] + [launcher]
-    except psutil.NoSuchProcess:
-        victims = []
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
-    proc.communicate(timeout=30)
-
-
-def wait_gone(pids: list[int], timeout: float = 120) -> None:
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
-                                 timeout=timeout)
-    assert not alive, f"still running: {alive}"
-
-
-def recipe_pids(proc, count: int = 1) -> list[int]:
-    """The ``count`` recipe processes under the launcher, once they have all started."""
-    for _ in range(1200):
-        kids = []
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if "mlm.py" in " ".join(p.cmdline()):
-                    kids.append(p.pid)
-            except psutil.NoSuchProcess:
-                pass
-        if len(kids) >= count:
-            return kids
-        time.sleep(0.05)
-    kill_tree(proc)
-    raise AssertionError(f"{count} recipe processes not found")
-
-
-def assert_same_run(out: Path, ref: Path, *, tol: float = 0.0) -> None:
-    """Same final eval, first eval, weights and metrics.jsonl (timings aside) as the reference."""
-    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
-    for key in (M.EVAL_LOSS, "first/" + M.EVAL_LOSS, "first/" + M.EVAL_PERPLEXITY, M.STEP):
-        assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
-    a, b = (load_file(d / "model" / "model.safetensors") for d in (out, ref))
-    assert a.keys() == b.keys()
-    for name in a:
-        if tol == 0:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=tol)
-    records = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(d)]
-               for d in (out, ref)]
-    assert [r[M.STEP] for r in records[0]] == [r[M.STEP] for r in records[1]]  # no duplicates
-    if tol == 0:
-        assert records[0] == records[1]
-    else:
-        for x, y in zip(*records):
-            assert x == pytest.approx(y, rel=tol, abs=tol)
 
 
 # ------------------------------------------------------------------------------ tests
@@ -173,9 +70,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, args, reference):
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     (out / "checkpoints" / ".tmp-checkpoint-99").mkdir()  # a save killed half-way
 
-    proc = launch(cmd)
-    assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in proc.stdout
-    assert f"resuming from {previous} (step {steps[0]}" in proc.stdout
+    stdout = run_recipe(cmd).stdout  # the same command again (in this process)
+    assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in stdout
+    assert f"resuming from {previous} (step {steps[0]}" in stdout
     assert_same_run(out, reference)
     # the damaged checkpoint was rewritten on the way; the newest 2 remain, no temporaries
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -244,22 +141,3 @@ def test_ddp_signal_to_one_rank_then_sigkill_then_resume(tmp_path, args):
     proc = launch(cmd, accelerate_args=DDP)
     assert re.search(r"resuming from \S+checkpoint-\d+ \(step \d+", proc.stdout)
     assert_same_run(out, ref, tol=1e-5)
-
-
-def test_other_settings_or_a_finished_run_are_refused_before_loading(tmp_path, args, reference):
-    """The recipe's main(), in this process: the output-folder checks fail fast with the fix."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mlm_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    from mlmkit.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"finished run.*--overwrite_output_dir true"):
-        recipe.main([*args, "--output_dir", str(reference)])
-    unfinished = tmp_path / "unfinished"
-    unfinished.mkdir()
-    (unfinished / "config.yaml").write_text((reference / "config.yaml").read_text())
-    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.001 there, "
-                                          r"0.002 now\).*to resume it"):
-        recipe.main([*args, "--output_dir", str(unfinished), "--learning_rate", "2e-3"])
-    assert sorted(p.name for p in unfinished.iterdir()) == ["config.yaml"]  # nothing touched

@@ -6,7 +6,6 @@ the intruder."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -14,28 +13,21 @@ import time
 
 import pytest
 
-from conftest import ACCELERATE, RECIPE, ROOT
+from helpers import kill_tree, run_recipe
+from helpers import start as start_launch
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs/cpu.yaml"),
-           str(RECIPE), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_launch(args, stderr=subprocess.PIPE)
 
 
 def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, capsys):
     args = [*tiny_args, "--max_train_steps", "12", "--max_train_samples", "200",
             "--per_device_train_batch_size", "4", "--logging_steps", "1",
-            "--max_eval_samples", "32", "--eval_pad_sensitivity", "false"]
-    alone = tmp_path / "alone"
-    ref = start([*args, "--output_dir", str(alone)])
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-4000:]
-    reference = json.loads((alone / "summary.json").read_text())
+            "--max_eval_samples", "32"]
+    reference = run_recipe([*args, "--output_dir", tmp_path / "alone"]).result  # no intruder
 
     out = tmp_path / "shared"
     t0 = time.monotonic()
@@ -47,8 +39,9 @@ def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, c
                 ended[i] = time.monotonic() - t0
         time.sleep(0.1)
     for run in runs:
-        if run.poll() is None:
-            run.kill()
+        if run.poll() is None:  # a failure: leave no process behind
+            kill_tree(run.pid)
+            run.wait()
     outputs = [(run.stdout.read(), run.stderr.read()) for run in runs]
     codes = [run.returncode for run in runs]
     assert sorted(code == 0 for code in codes) == [False, True], (codes, outputs)

@@ -20,7 +20,7 @@ import pytest
 from mlmkit import tracking as M
 from mlmkit.checkpoint import validate_checkpoint
 from mlmkit.tracking import read_metrics
-from slurm_harness import kill_tree, slurm_env, submit
+from helpers import kill_tree, slurm_env, submit
 
 SCRIPT = "recipes/slurm/mlm.sbatch"
 
@@ -31,7 +31,7 @@ def slow_args(tiny_args) -> list[str]:
     mid-run, small enough to run three times."""
     return [*tiny_args, "--max_train_steps", "24", "--max_train_samples", "200",
             "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--max_eval_samples", "32", "--eval_pad_sensitivity", "false"]
+            "--max_eval_samples", "32"]
 
 
 def wait_for_training(out, proc, timeout=240) -> None:

@@ -2,7 +2,8 @@
 DDP, SIGKILLed mid-run and started again with the same command, against uninterrupted runs.
 
 The tiny BERT has dropout 0.1, so equal results need every RNG restored as well as each
-process's own stream position (shard, offset, carried examples)."""
+process's own stream position (shard, offset, carried examples). One-process runs that are not
+interrupted run in this process (helpers.run_recipe)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY_BERT, launch
+from helpers import (ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
+                     wait_for_checkpoint)
 from mlmkit import tracking as M
 from mlmkit.data import embedded_corpus
 from mlmkit.tracking import read_metrics
-from test_resume import assert_same_run, kill_tree, start, wait_for_checkpoint
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]
 
 
 @pytest.fixture(scope="module")
-def args(tmp_path_factory, tokenizer_path) -> list[str]:
+def args(tmp_path_factory, tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
     """4 parquet shards of 20 paragraphs; 16 of them held out for eval, so a process of two
     reads its part in a few steps and the runs cross pass boundaries."""
     folder = tmp_path_factory.mktemp("stream_corpus")
@@ -31,9 +32,7 @@ def args(tmp_path_factory, tokenizer_path) -> list[str]:
     for s in range(4):
         pq.write_table(pa.table({"text": paragraphs[s::4]}), folder / f"part-{s}.parquet",
                        row_group_size=8)
-    model_dir = tmp_path_factory.mktemp("tiny_bert_dropout")
-    (model_dir / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_dropout_prob": 0.1}))
-    return ["--config_name", str(model_dir), "--tokenizer_name", tokenizer_path,
+    return ["--config_name", tiny_bert_dropout_dir, "--tokenizer_name", tokenizer_path,
             "--report_to", "none", "--progress_bar", "false", "--fill_mask_check", "false",
             "--eval_pad_sensitivity", "false", "--streaming", "true",
             "--train_file", str(folder / "part-*.parquet"), "--streaming_eval_examples", "16",
@@ -43,17 +42,21 @@ def args(tmp_path_factory, tokenizer_path) -> list[str]:
 
 
 def killed_then_resumed(cmd: list[str], out, accelerate_args=None) -> str:
+    """Launch, SIGKILL every process after checkpoint 10, run the same command again (one
+    process: in this process); its stdout."""
     proc = start(cmd, accelerate_args)
     wait_for_checkpoint(proc, out, 10)
     kill_tree(proc)
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    if accelerate_args is None:
+        return run_recipe(cmd).stdout
     return launch(cmd, accelerate_args=accelerate_args).stdout
 
 
 def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, args):
     ref = tmp_path / "reference"
-    proc = launch([*args, "--output_dir", str(ref)])
-    assert "data: streaming" in proc.stdout and "held out from the stream" in proc.stdout
+    stdout = run_recipe([*args, "--output_dir", ref]).stdout
+    assert "data: streaming" in stdout and "held out from the stream" in stdout
     summary = json.loads((ref / "summary.json").read_text())
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]  # it learned
     passes = [r[M.EPOCH] for r in read_metrics(ref) if M.TRAIN_LOSS in r]

@@ -1,5 +1,5 @@
 """checkpoint.py without processes: the train state, validating and finding the newest complete
-checkpoint, retention. `make_checkpoint` and `config` are shared with test_rundir.py."""
+checkpoint, retention (checkpoint folders faked by helpers.make_checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_checkpoint
 from mlmkit import checkpoint as C
-from mlmkit.config import MLMConfig
-
-
-def make_checkpoint(out: Path, step: int, *, complete: bool = True, **state) -> Path:
-    """A checkpoint folder as save_checkpoint leaves it (weights faked by a few bytes)."""
-    folder = out / C.CHECKPOINTS / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"w" * (100 + step))
-    (folder / "random_states_0.pkl").write_bytes(b"r" * 10)
-    (folder / C.STATE_FILE).write_text(json.dumps(C.TrainState(step=step, **state).to_dict()))
-    if complete:
-        C.write_marker(folder, step)
-    return folder
-
-
-def config(out: Path, **kw) -> MLMConfig:
-    return MLMConfig(output_dir=str(out), report_to="none", **kw)
 
 
 # ------------------------------------------------------------------------------ finding

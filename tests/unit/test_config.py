@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from mlmkit.config import ConfigError, parse_config, save_config
+from mlmkit.config import ConfigError, MLMConfig, differences, parse_config, save_config
 
 
 def test_defaults_yaml_and_cli_precedence(tmp_path):
@@ -35,6 +35,8 @@ def test_bool_flags_follow_hf_style():
     (["--dataset_name", "x", "--train_file", __file__], "dataset_name"),
     (["--report_to", "slack"], "report_to"),
 ])
+
+
 def test_bad_values_name_the_key(argv, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(argv)
@@ -146,6 +148,8 @@ def test_run_shape_defaults_follow_the_device_and_the_padding():
     (dict(streaming=True), False, 0),
     (dict(streaming=True, dataloader_num_workers=4), True, 1),
 ])
+
+
 def test_run_shape_workers(flags, on_gpu, expected):
     from mlmkit.config import MLMConfig, run_shape
     shape = run_shape(MLMConfig(**flags), num_processes=1, on_gpu=on_gpu, padding="longest")
@@ -160,6 +164,8 @@ def test_run_shape_workers(flags, on_gpu, expected):
     # positions are padded under reduce-overhead even without --torch_compile (as the recipe does)
     (dict(torch_compile_mode="reduce-overhead"), "longest", None, 256),
 ])
+
+
 def test_run_shape_compile_widths(flags, padding, pad_multiple, positions_multiple):
     from mlmkit.config import MLMConfig, run_shape
     shape = run_shape(MLMConfig(**flags), num_processes=1, on_gpu=True, padding=padding)
@@ -184,3 +190,17 @@ def test_stray_words_are_a_config_error_that_names_them(tmp_path):
     listed.write_text(f"train_file: [{data}, b.parquet]\n")
     with pytest.raises(ConfigError, match=r"l\.yaml: unexpected argument\(s\) 'b\.parquet'"):
         parse_config(["--config", str(listed)])
+
+
+def test_config_differences_ignore_keys_that_do_not_change_results():
+    base = MLMConfig().to_dict()
+    same = {**base, "logging_steps": 99, "report_to": "none", "run_name": "x", "wandb_tags": ["a"],
+            "checkpointing_steps": 7, "save_total_limit": 1, "resume_from_checkpoint": "none",
+            "overwrite_output_dir": True, "progress_bar": False, "eval_steps": 3}
+    assert differences(base, same) == []
+    diffs = differences(base, {**base, "learning_rate": 1e-3, "seed": 1})
+    assert len(diffs) == 2 and diffs[0].startswith("learning_rate: 5e-05 there, 0.001 now")
+    # a key an older mlmkit did not write counts as its default
+    old = {k: v for k, v in base.items() if k != "whole_word_mask"}
+    assert differences(old, base) == []
+    assert "whole_word_mask" in differences(old, {**base, "whole_word_mask": True})[0]

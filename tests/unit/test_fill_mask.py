@@ -9,20 +9,15 @@ import types
 import pytest
 import torch
 
-from conftest import TINY_BERT
+from helpers import tiny_model
 from mlmkit import fill_mask as F
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     """A tiny BERT with random weights, saved with the embedded tokenizer like model/."""
-    from transformers import AutoModelForMaskedLM, BertConfig
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fill_mask_model")
-    model = AutoModelForMaskedLM.from_config(BertConfig(**{
-        k: v for k, v in TINY_BERT.items() if k != "model_type"}))
-    model.save_pretrained(path)
+    tiny_model("bert", len(tokenizer), tokenizer.pad_token_id).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -1,17 +1,159 @@
-"""Whole-word masking for any tokenizer that marks words (masking.word_start_scheme): WordPiece,
-byte-level BPE (RoBERTa-style) and SentencePiece/Metaspace tokenizers, the last two trained here,
-offline, on the embedded corpus. Plus the eval masking rate (--eval_mlm_probability)."""
+"""masking.py through the collator: padding and special tokens are never targets and random
+replacements come from ordinary vocabulary (over many random batches and layouts); an example's
+targets are a pure function of (seed, epoch, example index); whole-word masking for any tokenizer
+that marks words (masking.word_start_scheme): WordPiece, byte-level BPE (RoBERTa-style) and
+SentencePiece/Metaspace tokenizers, the last two trained here, offline, on the embedded corpus."""
 
 from __future__ import annotations
+
+import pickle
+import random
 
 import pytest
 import torch
 
+from helpers import CLS, MASK, PAD, SEP, random_examples, split_batch, word_level_tokenizer
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.data import embedded_corpus
 from mlmkit.masking import VocabularyTables, word_start_scheme
-from test_collator import _word_level_tokenizer, split_batch
 
+
+# ----------------------------------------------------------------------------------------------------
+# targets: never padding or specials, the 80/10/10 rule, replacements from ordinary vocabulary
+# ----------------------------------------------------------------------------------------------------
+def test_masking_invariants_over_random_batches(tokenizer):
+    rng = random.Random(1234)
+    special = set(tokenizer.all_special_ids)
+    configs = [
+        dict(),
+        dict(padding_side="left"),
+        dict(pad_to_multiple_of=8),
+        dict(padding="max_length", max_length=32, padding_side="left", pad_to_multiple_of=8),
+        dict(max_length=24),
+        dict(padding="packed", max_length=48),
+        dict(padding="packed", max_length=32, pad_to_multiple_of=8, attn_implementation="eager"),
+    ]
+    collators = [MaskedLMCollator(tokenizer, seed=7, return_counts=True, **cfg) for cfg in configs]
+    eligible = n_targets = n_mask = n_random = n_same = 0
+    for b in range(200):
+        collator = collators[b % len(collators)]
+        collator.set_epoch(b // len(collators))
+        examples = random_examples(rng, rng.randint(1, 12))
+        originals = [torch.tensor(e[: collator.max_length] if collator.max_length else e) for e in examples]
+        lengths = [len(o) for o in originals]
+        batch = collator(examples)
+
+        assert int(batch["num_real_tokens"]) == sum(lengths)
+        assert int(batch["num_masked_tokens"]) == int((batch["labels"] != -100).sum())
+        real = torch.zeros(batch["labels"].shape, dtype=torch.bool)  # where examples' tokens live
+        for orig, part in zip(originals, split_batch(collator, batch, lengths)):
+            real[part["row"], part["slice"]] = True
+            ids, labels = part["ids"], part["labels"]
+            target = labels != -100
+            is_special = torch.tensor([t in special for t in orig.tolist()])
+            assert not (target & is_special).any(), "special token (incl. a literal [PAD]) became a target"
+            assert torch.equal(labels[target], orig[target]), "labels must hold the original ids"
+            assert torch.equal(ids[~target], orig[~target]), "non-targets must be unchanged"
+            replaced = target & (ids != MASK) & (ids != orig)
+            assert all(t not in special and 0 <= t < len(tokenizer) for t in ids[replaced].tolist())
+            eligible += int((~is_special).sum())
+            n_targets += int(target.sum())
+            n_mask += int((target & (ids == MASK)).sum())
+            n_random += int(replaced.sum())
+            n_same += int((target & (ids == orig)).sum())
+        # Nothing outside the examples' tokens is a target or anything but the pad id.
+        assert (batch["labels"][~real] == -100).all()
+        assert (batch["input_ids"][~real] == PAD).all()
+        if collator.padding == "packed":
+            assert (real.sum(1) <= collator.max_length).all()
+        else:
+            assert torch.equal(batch["attention_mask"].bool(), real)
+            assert batch["attention_mask"].sum(1).tolist() == lengths
+            if collator.pad_to_multiple_of:
+                assert batch["input_ids"].shape[1] % collator.pad_to_multiple_of == 0
+
+    assert eligible > 20_000
+    assert abs(n_targets / eligible - 0.15) < 0.015
+    assert abs(n_mask / n_targets - 0.8) < 0.03
+    assert abs(n_random / n_targets - 0.1) < 0.02
+    assert abs(n_same / n_targets - 0.1) < 0.02
+
+
+def test_random_replacements_come_from_ordinary_vocabulary():
+    # With 3 of 5 ids special, drawing from the whole vocabulary would hit a special id almost surely.
+    word_level = word_level_tokenizer()
+    collator = MaskedLMCollator(word_level, mlm_probability=0.5, mask_replace_prob=0.0, random_replace_prob=1.0)
+    batch = collator([{"input_ids": [3, 4, 0, 1, 3, 4, 4, 3], "idx": i} for i in range(64)])
+    targets = batch["labels"] != -100
+    assert int(targets.sum()) > 100
+    assert set(batch["input_ids"][targets].tolist()) == {3, 4}
+    assert not targets[:, [2, 3]].any()  # the literal [PAD] and [UNK] are special: never targets
+
+
+# ----------------------------------------------------------------------------------------------------
+# reproducibility: (seed, epoch, idx) and nothing else
+# ----------------------------------------------------------------------------------------------------
+def _per_idx(collator, examples_with_idx, chunks):
+    """Collate the examples in the given chunks; return {idx: (ids, labels)}."""
+    result = {}
+    for chunk in chunks:
+        items = [examples_with_idx[j] for j in chunk]
+        batch = collator([{"input_ids": ids, "idx": idx} for idx, ids in items])
+        for (idx, _), part in zip(items, split_batch(collator, batch, [len(ids) for _, ids in items])):
+            result[idx] = (part["ids"].tolist(), part["labels"].tolist())
+    return result
+
+
+def test_masks_depend_only_on_seed_epoch_idx(tokenizer):
+    rng = random.Random(5)
+    examples = list(zip(rng.sample(range(10_000), 16), random_examples(rng, 16, max_body=30)))
+    order = list(range(16))
+    shuffled = order[:]
+    rng.shuffle(shuffled)
+    variants = [
+        (dict(), [order]),
+        (dict(), [shuffled[:5], shuffled[5:6], shuffled[6:]]),
+        (dict(padding_side="left", pad_to_multiple_of=8), [shuffled[:9], shuffled[9:]]),
+        (dict(padding="max_length", max_length=64), [order[::2], order[1::2]]),
+        (dict(padding="packed", max_length=40), [shuffled]),
+        (dict(padding="packed", max_length=80, attn_implementation="eager"), [order[:7], order[7:]]),
+        (dict(padding="packed", max_length=64, attn_implementation="flash_attention_2"), [shuffled[3:], shuffled[:3]]),
+    ]
+    results = []
+    for cfg, chunks in variants:
+        collator = MaskedLMCollator(tokenizer, seed=11, mlm_probability=0.3, **cfg)
+        collator.set_epoch(3)
+        results.append(_per_idx(collator, examples, chunks))
+    assert all(r == results[0] for r in results[1:])
+    assert sum(sum(l != -100 for l in labels) for _, labels in results[0].values()) > 20
+
+    def with_(seed, epoch):
+        c = MaskedLMCollator(tokenizer, seed=seed, mlm_probability=0.3)
+        c.set_epoch(epoch)
+        return _per_idx(c, examples, [order])
+
+    assert with_(11, 3) == results[0]
+    # The same tokens under different idx get different masks (idx really keys the draws) ...
+    c = MaskedLMCollator(tokenizer, seed=11, mlm_probability=0.3)
+    same_tokens = c([{"input_ids": examples[0][1], "idx": i} for i in range(8)])["labels"]
+    assert len({tuple(row.tolist()) for row in same_tokens}) > 1
+    # ... and mask_example, the single masking entry point, gives what a batch gives.
+    c.set_epoch(3)
+    for idx, ids in examples[:4]:
+        masked, labels = c.mask_example(torch.tensor(ids), None, idx)
+        assert (masked.tolist(), labels.tolist()) == results[0][idx]
+    assert with_(11, 4) != results[0]
+    assert with_(12, 3) != results[0]
+    # Survives pickling into DataLoader worker processes.
+    c = MaskedLMCollator(tokenizer, seed=11, mlm_probability=0.3)
+    c.set_epoch(3)
+    c([[CLS, SEP]])
+    assert _per_idx(pickle.loads(pickle.dumps(c)), examples, [order]) == results[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole-word masking: WordPiece, and BPE / SentencePiece tokenizers trained here
+# ----------------------------------------------------------------------------------------------------
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..3, <mask> last
 
 
@@ -71,22 +213,60 @@ def sentencepiece(corpus):
 
 
 @pytest.fixture(scope="module")
-def wordpiece():
-    from transformers import AutoTokenizer
-
-    from mlmkit.modeling import embedded_model_path
-    return AutoTokenizer.from_pretrained(embedded_model_path())
+def wordpiece(tokenizer):
+    """The embedded BERT tokenizer (WordPiece)."""
+    return tokenizer
 
 
 def test_word_scheme_is_read_from_the_tokenizer(bpe, sentencepiece, wordpiece):
     assert word_start_scheme(wordpiece) == ("continuation", "##")
     assert word_start_scheme(bpe) == ("start", "\u0120")
     assert word_start_scheme(sentencepiece) == ("start", "\u2581")
-    assert word_start_scheme(_word_level_tokenizer()) is None
+    assert word_start_scheme(word_level_tokenizer()) is None
     tables = VocabularyTables(bpe, whole_word=True)
     assert tables.starts_word[bpe.convert_tokens_to_ids("\u0120the")]
     assert not tables.starts_word[bpe.convert_tokens_to_ids("the")]
     assert tables.ends_word[bpe.convert_tokens_to_ids("\u010a")]  # '\n': a word follows it
+
+
+def test_whole_word_masking_masks_all_subtokens_together(tokenizer, text_examples):
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in text_examples]
+    multi_piece = sum(t.startswith("##") for ts in tokens for t in ts)
+    assert multi_piece >= 8, "the test text must contain multi-piece words"
+
+    def word_violations(collator) -> tuple[int, int]:
+        violations = masked_multi = 0
+        for rep in range(30):
+            items = [{"input_ids": ids, "idx": rep * 100 + i} for i, ids in enumerate(text_examples)]
+            batch = collator(items)
+            for ts, part in zip(tokens, split_batch(collator, batch, [len(ts) for ts in tokens])):
+                targets = (part["labels"] != -100).tolist()
+                words: list[list[int]] = []
+                for p, t in enumerate(ts):
+                    if t.startswith("##") and words:
+                        words[-1].append(p)
+                    else:
+                        words.append([p])
+                assert not any(targets[p] for p, t in enumerate(ts) if t in ("[CLS]", "[SEP]"))
+                for w in words:
+                    flags = {targets[p] for p in w}
+                    violations += len(flags) > 1
+                    masked_multi += len(w) > 1 and flags == {True}
+        return violations, masked_multi
+
+    wwm = MaskedLMCollator(tokenizer, whole_word_mask=True, mlm_probability=0.3)
+    violations, masked_multi = word_violations(wwm)
+    assert violations == 0
+    assert masked_multi > 10
+    # The check has teeth: token-level masking splits words.
+    assert word_violations(MaskedLMCollator(tokenizer, mlm_probability=0.3))[0] > 0
+
+
+def test_whole_word_mask_needs_a_tokenizer_that_marks_words():
+    word_level = word_level_tokenizer()  # BPE / SentencePiece ones: below
+    with pytest.raises(ValueError, match=r"marks no word boundaries.*WordPiece '##', byte-level"):
+        MaskedLMCollator(word_level, whole_word_mask=True)
+    MaskedLMCollator(word_level)  # fine without whole-word masking
 
 
 def whitespace_words(text: str, offsets: list[tuple[int, int]], special: list[int]) -> list[list[int]]:
@@ -173,18 +353,6 @@ def test_bpe_word_starts_after_specials_and_newlines(bpe):
     joined = ["".join(g).replace("\u0120", " ").strip() for g in groups.values()]
     assert joined == ["<s>", "alpha", "beta", "\u010a", "gamma", "delta", "</s>"], tokens
     assert counts == [7]
-
-
-def test_eval_masking_rate_is_independent_of_training(wordpiece):
-    from mlmkit.config import MLMConfig
-    from mlmkit.evaluation import eval_collator
-
-    cfg = MLMConfig(mlm_probability=0.3).validate()
-    train = MaskedLMCollator.from_config(wordpiece, cfg, position_offset=0, padding="longest")
-    assert train.masker.mlm_probability == 0.3
-    assert eval_collator(wordpiece, cfg).masker.mlm_probability == 0.15  # the default
-    cfg = MLMConfig(mlm_probability=0.3, eval_mlm_probability=0.2).validate()
-    assert eval_collator(wordpiece, cfg).masker.mlm_probability == 0.2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,24 +1,19 @@
-"""modeling.py: the summed loss, the masked-only head of every known layout, position offsets,
-optimizer groups, the embedded model."""
+"""modeling.py: the summed loss, the masked-only head of every known layout (same loss and
+gradients as the full head), host-computed masked positions, position offsets, the embedded
+model and tokenizer."""
+
+from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-from mlmkit.loop import build_optimizer
+from helpers import tiny_model
 from mlmkit.config import parse_config
-from architectures import tiny_model
 from mlmkit.modeling import MaskedLMModule, embedded_model_path, mlm_head_layout, position_offset
-
-KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=130)
 
 
 def tiny(kind: str, vocab: int = 100):
-    torch.manual_seed(0)
-    if kind == "bert":
-        return BertForMaskedLM(BertConfig(vocab_size=vocab, **KW))
-    return RobertaForMaskedLM(RobertaConfig(vocab_size=vocab, pad_token_id=1, **KW))
+    return tiny_model(kind, vocab, pad_token_id=1 if kind == "roberta" else 0)
 
 
 def batch(vocab=100, B=4, T=12):
@@ -38,6 +33,8 @@ def batch(vocab=100, B=4, T=12):
     ("distilbert", {}, "distilbert"), ("albert", {}, "predictions"), ("electra", {}, "electra"),
     ("deberta-v2", {}, "cls"), ("deberta-v2", {"legacy": False}, "deberta"),
 ])
+
+
 def test_masked_only_head_equals_the_full_head(model_type, overrides, layout, tokenizer):
     """Same loss and same gradients as the full head, for each head layout users train most."""
     model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides)
@@ -109,17 +106,6 @@ def test_unknown_head_layout_falls_back_to_full_head():
 def test_position_offsets():
     assert position_offset(tiny("bert")) == 0
     assert position_offset(tiny("roberta")) == 2  # pad id 1 + 1
-
-
-def test_no_weight_decay_on_biases_and_layernorm():
-    model = tiny("bert")
-    opt = build_optimizer(model, parse_config(["--weight_decay", "0.1"]))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
-    assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)]
-               for p in decay["params"])
 
 
 def test_embedded_model_is_a_real_pretrained_bert():

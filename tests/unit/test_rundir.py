@@ -1,32 +1,17 @@
-"""rundir.py (fresh start, resume or refuse; cleaning and metrics truncation), the config
-comparison it relies on, and distributed.check_launch, without processes."""
+"""rundir.py without processes: fresh start, resume or refuse; cleaning and metrics truncation.
+(The config comparison it relies on: test_config.py; the launch check: test_distributed.py.)"""
 
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 
+from helpers import make_checkpoint
+from helpers import run_config as config
 from mlmkit import checkpoint as C
 from mlmkit import rundir as R
-from mlmkit.config import ConfigError, MLMConfig, differences, save_config
-from mlmkit.distributed import check_launch, launch_signature
-from test_checkpoint import config, make_checkpoint
-
-
-def test_config_differences_ignore_keys_that_do_not_change_results():
-    base = MLMConfig().to_dict()
-    same = {**base, "logging_steps": 99, "report_to": "none", "run_name": "x", "wandb_tags": ["a"],
-            "checkpointing_steps": 7, "save_total_limit": 1, "resume_from_checkpoint": "none",
-            "overwrite_output_dir": True, "progress_bar": False, "eval_steps": 3}
-    assert differences(base, same) == []
-    diffs = differences(base, {**base, "learning_rate": 1e-3, "seed": 1})
-    assert len(diffs) == 2 and diffs[0].startswith("learning_rate: 5e-05 there, 0.001 now")
-    # a key an older mlmkit did not write counts as its default
-    old = {k: v for k, v in base.items() if k != "whole_word_mask"}
-    assert differences(old, base) == []
-    assert "whole_word_mask" in differences(old, {**base, "whole_word_mask": True})[0]
+from mlmkit.config import ConfigError, save_config
 
 
 def test_check_output_dir_fresh_resume_and_refusals(tmp_path):
@@ -91,11 +76,3 @@ def test_prepare_output_dir_wipes_cleans_and_truncates(tmp_path):
     wipe = config(out, overwrite_output_dir=True, seed=3)
     R.prepare_output_dir(wipe, R.check_output_dir(wipe))
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
-
-
-def test_check_launch_refuses_another_process_count(tmp_path):
-    accelerator = types.SimpleNamespace(num_processes=1, distributed_type="NO")
-    state = C.TrainState(launch={"num_processes": 2, "distributed_type": "MULTI_CPU"})
-    with pytest.raises(ConfigError, match="num_processes"):
-        check_launch(state.launch, tmp_path, accelerator)
-    check_launch(launch_signature(accelerator), tmp_path, accelerator)

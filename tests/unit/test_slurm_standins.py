@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-STANDINS = Path(__file__).resolve().parents[1] / "slurm_standins"
-sys.path.insert(0, str(STANDINS))
-from slurm_standin import expand_hostlist  # noqa: E402
+from helpers import STANDINS
+from slurm_standins.slurm_standin import expand_hostlist
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ status 2, and nothing left behind in --output_dir.
 Each case runs the recipe's ``main(argv)`` in process, through ``cli.run_cli`` exactly as
 ``recipes/mlm.py`` does at the command line (so the exit status and the printed line are what a
 user sees), or, where a launch would be needed to reach it, calls the failing function under
-``run_cli``. The real launches are in tests/integration/test_user_errors_launch.py.
+``run_cli``. The real launches are in tests/integration/test_recipe.py.
 
 Cases are grouped by where the mistake is: the model folder, the tokenizer, the lengths, the
 data, the arguments, the paths (output folder, resume) and the launch.
@@ -24,8 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import RECIPE, TINY_BERT
-from mlmkit.cli import run_cli
+from helpers import RECIPE, load_script, run_cli, tiny_config_dir, tiny_model
 from mlmkit.configio import ConfigError
 
 BASE = ["--report_to", "none", "--progress_bar", "false", "--fill_mask_check", "false",
@@ -36,35 +35,20 @@ BASE = ["--report_to", "none", "--progress_bar", "false", "--fill_mask_check", "
 @pytest.fixture(scope="module")
 def recipe():
     """recipes/mlm.py as a module (its main(argv) is what `accelerate launch` runs)."""
-    spec = importlib.util.spec_from_file_location("mlm_recipe_user_errors", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
+    return load_script(RECIPE)
 
 
 def _listing(path: Path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.is_dir() else None
 
 
-def assert_user_error(capsys, call, needle: str, out: Path | None = None) -> str:
-    """``call()`` under run_cli exits with status 2 after one ``mlmkit: error: ... Fix: ...`` line
-    containing ``needle``, and ``out`` is as it was (absent, or with the same files)."""
+def assert_user_error(call, needle: str, out: Path | None = None) -> str:
+    """``call()`` under `cli.run_cli` exits with status 2 after one ``mlmkit: error: ... Fix:
+    ...`` line containing ``needle``, and ``out`` is as it was (absent, or with the same files)."""
     before = None if out is None else (_listing(out), out.is_file())
-    _reset_accelerate()
-    capsys.readouterr()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            run_cli(call)
-    finally:
-        _reset_accelerate()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("mlmkit: error:")]
-    assert exited.value.code == 2, err[-2000:]
+    ended = run_cli(lambda _argv: call(), [])
+    err, lines = ended.stderr, ended.error_lines()
+    assert ended.code == 2, err[-2000:]
     assert len(lines) == 1, err[-2000:]
     assert "Fix:" in lines[0], lines[0]
     assert needle in lines[0], lines[0]
@@ -75,24 +59,22 @@ def assert_user_error(capsys, call, needle: str, out: Path | None = None) -> str
 
 
 @pytest.fixture
-def fails(recipe, capsys, tmp_path):
+def fails(recipe, tmp_path):
     """fails(args, needle, out=None): the recipe run with ``args`` (+ a fast run's flags and
     --output_dir ``out``, default tmp_path/run) is refused with one line naming the fix."""
     def check(args: list[str], needle: str, out: Path | None = None) -> str:
         out = out or tmp_path / "run"
         argv = [*BASE, *args] + ([] if "--output_dir" in args else ["--output_dir", str(out)])
-        return assert_user_error(capsys, lambda: recipe.main(argv), needle, out)
+        return assert_user_error(lambda: recipe.main(argv), needle, out)
     return check
 
 
 @pytest.fixture(scope="module")
 def good_model(tmp_path_factory, tokenizer_path) -> Path:
     """A tiny BERT saved as users save models: config.json, model.safetensors, tokenizer."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
     path = tmp_path_factory.mktemp("good_model")
-    config = AutoConfig.for_model(**TINY_BERT)
-    torch.manual_seed(0)
-    AutoModelForMaskedLM.from_config(config).save_pretrained(path)
+    tiny_model("bert").save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
     return path
 
@@ -303,13 +285,13 @@ def test_architecture_without_masked_lm_head(fails, tmp_path):
 
 
 def test_config_with_impossible_sizes(fails, tmp_path):
-    bad = _tiny_config(tmp_path / "bad", **{**TINY_BERT, "hidden_size": 30,
-                                            "num_attention_heads": 4})
+    bad = _tiny_config(tmp_path / "bad", **{**tiny_model("bert").config.to_dict(),
+                                            "hidden_size": 30, "num_attention_heads": 4})
     fails(["--config_name", str(bad)], "transformers cannot build this model")
 
 
 def test_attn_implementation_the_architecture_lacks(fails, tmp_path):
-    convbert = _tiny_config(tmp_path / "convbert", **{**TINY_BERT, "model_type": "convbert"})
+    convbert = tiny_config_dir(tmp_path / "convbert", "convbert")
     line = fails(["--config_name", str(convbert), "--attn_implementation", "sdpa"],
                  "transformers cannot build this model")
     assert "--attn_implementation" in line
@@ -362,9 +344,8 @@ def test_whole_word_mask_with_a_tokenizer_without_word_marks(fails, tiny_bert_di
 # ================================================================================ lengths
 def test_position_offset_of_roberta_style_models(fails, tmp_path, tokenizer_path):
     """A RoBERTa-style model reserves padding_idx + 1 positions: 130 - 2 = 128 tokens."""
-    roberta = _tiny_config(tmp_path / "roberta", **{**TINY_BERT, "model_type": "roberta",
-                                                    "max_position_embeddings": 130,
-                                                    "pad_token_id": 1})
+    roberta = tiny_config_dir(tmp_path / "roberta", "roberta", max_position_embeddings=130,
+                              pad_token_id=1)
     args = ["--config_name", str(roberta), "--tokenizer_name", tokenizer_path]
     line = fails([*args, "--max_seq_length", "129"], "takes at most 128 tokens")
     assert "reserves the first 2" in line
@@ -537,11 +518,11 @@ def test_tracker_package_not_installed(fails, tiny_args):
     fails([*tiny_args, "--report_to", "trackio"], "the trackio package is not installed")
 
 
-def test_resume_under_another_launch(capsys):
+def test_resume_under_another_launch():
     from mlmkit.distributed import check_launch
     accelerator = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     saved = {"num_processes": 8, "distributed_type": "DEEPSPEED"}
-    assert_user_error(capsys, lambda: check_launch(saved, "checkpoint-100", accelerator),
+    assert_user_error(lambda: check_launch(saved, "checkpoint-100", accelerator),
                       "was written by")
 
 
@@ -561,12 +542,8 @@ def test_an_internal_error_keeps_its_traceback_and_leaves_nothing_finished(
         f"the quick brown fox number {i} jumps over the lazy dog\n" for i in range(40)))
     args = [*BASE, *tiny_args, "--train_file", train, "--max_seq_length", "32",
             "--eval_pad_sensitivity", "false", "--output_dir", str(out)]
-    _reset_accelerate()
-    try:
-        with pytest.raises(RuntimeError, match="a bug in the training step"):
-            run_cli(lambda: recipe.main(args))
-    finally:
-        _reset_accelerate()
+    with pytest.raises(RuntimeError, match="a bug in the training step"):
+        run_cli(recipe.main, args)
     assert (out / "config.yaml").exists()  # it failed after the run folder was prepared
     assert not (out / "summary.json").exists() and not (out / "model").exists()
 

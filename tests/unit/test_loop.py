@@ -1,6 +1,7 @@
-"""Every LR schedule the config accepts (choices.SCHEDULERS) builds through loop.build_scheduler,
-steps for a whole run, and has its shape; warmup_stable_decay's phases are checked at config time
-and at build time."""
+"""loop.py: the optimizer's weight-decay groups, and every LR schedule the config accepts
+(choices.SCHEDULERS) builds through loop.build_scheduler, steps for a whole run, and has its
+shape; warmup_stable_decay's phases are checked at config time and at build time. (train_step
+and StepResults: test_step_sync.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ import math
 import pytest
 import torch
 
+from helpers import tiny_model
 from mlmkit.choices import SCHEDULERS
 from mlmkit.config import ConfigError, MLMConfig, parse_config
-from mlmkit.loop import build_scheduler
+from mlmkit.loop import build_optimizer, build_scheduler
 
 STEPS, WARMUP, PEAK = 100, 10, 1e-3
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    model = tiny_model("bert", 100)
+    opt = build_optimizer(model, parse_config(["--weight_decay", "0.1"]))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)]
+               for p in decay["params"])
 
 
 def lr_curve(name: str, **overrides) -> list[float]:
@@ -47,6 +60,8 @@ def test_every_scheduler_builds_steps_and_warms_up(name):
 @pytest.mark.parametrize("name, end", [
     ("linear", 0.0), ("cosine", 0.0), ("cosine_with_restarts", 0.0), ("polynomial", 0.0),
     ("warmup_stable_decay", 0.0), ("constant_with_warmup", PEAK), ("inverse_sqrt", None)])
+
+
 def test_shape_after_warmup(name, end):
     after = lr_curve(name)[WARMUP:]
     if end == PEAK:  # constant_with_warmup: flat at the peak

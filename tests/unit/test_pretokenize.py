@@ -1,16 +1,15 @@
-"""Tokenize once, train many times: `recipes/pretokenize.py` writes a folder, `recipes/mlm.py
---tokenized_dir` trains from it exactly as from the raw corpus, and a folder that does not fit the
-run (or is not one) is refused with one line naming the fix."""
+"""pretokenize.py -- tokenize once, train many times: `recipes/pretokenize.py` writes a folder,
+`recipes/mlm.py --tokenized_dir` trains from it exactly as from the raw corpus, and a folder that
+does not fit the run (or is not one) is refused with one line naming the fix. The scripts' main()
+run in this process (helpers.run_cli, helpers.run_recipe); the README's pretokenize and
+--tokenized_dir commands are launched as written in
+tests/integration/test_readme_data_commands.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow as pa
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ROOT, launch
+from helpers import RECIPE, ROOT, load_script, run_cli, run_recipe
 from mlmkit import tracking as M
 from mlmkit.config import ConfigError, MLMConfig
 from mlmkit.data import DataError, embedded_corpus
@@ -27,21 +26,14 @@ from mlmkit.pretokenize import (METADATA, load_pretokenized, pretokenize,
 from mlmkit.tracking import read_metrics
 
 PRETOKENIZE = ROOT / "recipes" / "pretokenize.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = 300
 QUICK = ["--max_train_steps", "2", "--logging_steps", "1", "--padding", "longest",
          "--fill_mask_check", "false", "--eval_pad_sensitivity", "false"]
 
 
-def run_script(script, *args: str) -> subprocess.CompletedProcess:
-    """``python <script> args`` from the repository root, as users run it."""
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("mlmkit: error:")]
+def run_script(script, *args):
+    """``python <script> args`` as its ``__main__`` runs it, in this process: a helpers.Exit."""
+    return run_cli(load_script(script).main, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +53,7 @@ def pretokenized(tmp_path_factory, corpus, tiny_bert_dir, tokenizer_path):
     proc = run_script(PRETOKENIZE, "--output_dir", str(out), "--train_file", corpus,
                       "--tokenizer_name", tokenizer_path, "--config_name", tiny_bert_dir,
                       "--preprocessing_num_workers", "2", "--num_shards", "2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.code == 0, proc.stderr[-4000:]
     return out, proc
 
 
@@ -101,11 +93,9 @@ def test_training_from_the_folder_equals_tokenizing_inline(pretokenized, corpus,
                                                            tmp_path):
     out, _ = pretokenized
     runs = {"folder": ["--tokenized_dir", str(out)], "inline": ["--train_file", corpus]}
-    with ThreadPoolExecutor(2) as pool:  # two subprocesses at once
-        procs = dict(zip(runs, pool.map(
-            lambda name: launch([*tiny_args, *runs[name], *QUICK,
-                                 "--output_dir", str(tmp_path / name)]), runs)))
-    data_lines = {name: re.search(r"data: .*", proc.stdout)[0] for name, proc in procs.items()}
+    stdouts = {name: run_recipe([*tiny_args, *flags, *QUICK, "--output_dir", tmp_path / name])
+               .stdout for name, flags in runs.items()}
+    data_lines = {name: re.search(r"data: .*", stdout)[0] for name, stdout in stdouts.items()}
     assert data_lines["folder"] == data_lines["inline"]  # same examples and token counts
     records = {name: read_metrics(tmp_path / name) for name in runs}
     first_train = {n: next(r for r in recs if M.TRAIN_LOSS in r) for n, recs in records.items()}
@@ -121,10 +111,10 @@ def test_training_from_the_folder_equals_tokenizing_inline(pretokenized, corpus,
 def test_other_max_seq_length_is_refused_with_the_fix(pretokenized, tiny_args, tmp_path):
     out, _ = pretokenized
     # the recipe itself, as `accelerate launch` runs it for one process
-    proc = run_script(ROOT / "recipes" / "mlm.py", *tiny_args, "--tokenized_dir", str(out),
+    proc = run_script(RECIPE, *tiny_args, "--tokenized_dir", str(out),
                       "--max_seq_length", "64", *QUICK, "--output_dir", str(tmp_path / "run"))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    (line,) = error_lines(proc)
+    assert proc.code == 2, proc.stderr[-3000:]
+    (line,) = proc.error_lines()
     assert "max_seq_length 128" in line and "Fix:" in line
     assert "recipes/pretokenize.py with --max_seq_length 64" in line
     assert "--max_seq_length 128" in line.split("Fix:")[1]
@@ -160,8 +150,8 @@ def test_existing_folder_is_refused_and_failures_leave_nothing(tmp_path, tokeniz
     (taken / "keep.txt").write_text("mine")
     proc = run_script(PRETOKENIZE, "--output_dir", str(taken), "--tokenizer_name",
                       tokenizer_path)
-    assert proc.returncode == 2
-    (line,) = error_lines(proc)
+    assert proc.code == 2
+    (line,) = proc.error_lines()
     assert "already exists and is not empty" in line and "Fix:" in line
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
 

@@ -1,7 +1,8 @@
-"""Every architecture in transformers' masked-LM mapping, built tiny: the start-up probe's verdict
-is honoured (a mode that is not isolated is refused with a ConfigError, never a raw exception from
-inside the model), and the README's per-architecture table is what the probe measures. The
-masked-only head of each layout is tested in tests/unit/test_modeling.py."""
+"""probe.py on every architecture in transformers' masked-LM mapping, built tiny: the start-up
+probe's verdict is honoured (a mode that is not isolated is refused with a ConfigError, never a
+raw exception from inside the model), and the README's per-architecture table is what the probe
+measures (`python tests/architectures.py` prints it). The masked-only head of each layout is
+tested in tests/unit/test_modeling.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from architectures import masked_lm_types, probe, row
+from helpers import architecture_row, masked_lm_types, probe_architecture
 from mlmkit.config import ConfigError
 from mlmkit.probe import resolve_padding
 
@@ -19,7 +20,7 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 @functools.lru_cache(maxsize=None)
 def probed(model_type: str, tokenizer):
-    return probe(model_type, tokenizer)
+    return probe_architecture(model_type, tokenizer)
 
 
 @pytest.mark.parametrize("model_type", masked_lm_types())
@@ -47,5 +48,5 @@ def test_probe_verdict_is_enforced_and_in_the_readme(model_type, tokenizer):
     if result.padded_isolated or result.packed_isolated:
         chosen, why = resolve_padding("auto", result)
         assert chosen == ("packed" if result.packed_isolated else "longest"), why
-    assert row(model_type, result) in README, "README's architecture table is stale: run " \
+    assert architecture_row(model_type, result) in README, "README's architecture table is stale: run " \
         "`python tests/architectures.py` and paste its rows"

@@ -1,0 +1,194 @@
+"""recipes/mlm.py's main() in this process (helpers.run_recipe: one CPU process, as
+`accelerate launch --config_file accelerate_configs/cpu.yaml` runs it, on the tiny BERT): user
+mistakes refused before anything is written, the output-folder checks, local files, encoders
+other than BERT, and the speed options. What only a launch can show -- the launcher and its
+error line, several processes, signals, Slurm -- is in tests/integration/."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import RECIPE, load_script, run_cli, run_recipe, tiny_config_dir, train_losses
+from mlmkit import tracking as M
+from mlmkit.config import ConfigError
+from mlmkit.data import DataError
+
+
+# ------------------------------------------------------------------------------ user mistakes
+@pytest.mark.parametrize("extra, message", [
+    (["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
+    (["--mlm_probability", "1.5"], "mlm_probability"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+    (["--train_file", "does/not/exist.txt"], "train_file"),
+    (["--padding", "sideways"], "padding"),
+])
+def test_bad_config_fails_fast_and_writes_nothing(tmp_path, tiny_args, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        run_recipe([*tiny_args, "--output_dir", out, *extra])
+    assert message in str(err.value)
+    assert "Fix" in str(err.value) or "did you mean" in str(err.value)
+    assert not out.exists()  # failed before anything was written
+
+
+def test_bad_yaml_key_and_empty_corpus(tmp_path, tiny_args):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("learning_rate: 1e-4\nzero_stage: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'zero_stage'.*accelerate_configs"):
+        run_recipe(["--config", bad_yaml, *tiny_args, "--output_dir", tmp_path / "a"])
+    assert not (tmp_path / "a").exists()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    out = tmp_path / "b"
+    with pytest.raises(DataError) as err:
+        run_recipe([*tiny_args, "--train_file", empty, "--output_dir", out])
+    assert "Fix" in str(err.value) and str(empty) in str(err.value)
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+
+
+# ------------------------------------------------------------------------------ the output folder
+def test_finished_run_or_other_settings_are_refused_before_loading(tmp_path, tiny_args):
+    """A finished run is not overwritten (unless --overwrite_output_dir true), and a folder of a
+    run with other settings is not resumed; both fail before anything is loaded or touched."""
+    out = tmp_path / "run"
+    args = [*tiny_args, "--output_dir", out, "--max_train_steps", "2", "--learning_rate", "1e-3"]
+    run_recipe(args)
+    before = (out / "summary.json").read_text()
+    with pytest.raises(ConfigError, match=r"finished run.*--overwrite_output_dir true"):
+        run_recipe(args)
+    assert (out / "summary.json").read_text() == before
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((out / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.001 there, "
+                                          r"0.002 now\).*to resume it"):
+        run_recipe([*args, "--output_dir", unfinished, "--learning_rate", "2e-3"])
+    assert sorted(p.name for p in unfinished.iterdir()) == ["config.yaml"]  # nothing touched
+
+    rerun = run_recipe([*args, "--overwrite_output_dir", "true"])
+    assert rerun.result[M.STEP] == 2
+    assert json.loads((out / "summary.json").read_text())[M.STEP] == 2
+
+
+# ------------------------------------------------------------------------------ local files
+def test_local_files_replace_the_default(tmp_path, tiny_args, tokenizer):
+    """--train_file/--validation_file (jsonl, custom text column) through datasets.load_dataset:
+    the train set is the whole train file and the eval set is the validation file's, grouped
+    into blocks of --max_seq_length (no validation split carved out of the train file)."""
+    rows = [{"body": f"the quick brown fox number {i} jumps over the lazy dog"} for i in range(40)]
+    parts = {"train": rows[:32], "valid": rows[32:]}
+    for name, part in parts.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in part) + "\n")
+    blocks = {name: math.ceil(sum(len(tokenizer(r["body"])["input_ids"]) for r in part) / 32)
+              for name, part in parts.items()}
+    out = tmp_path / "run"
+    run = run_recipe([*tiny_args, "--train_file", tmp_path / "train.jsonl",
+                      "--validation_file", tmp_path / "valid.jsonl", "--text_column", "body",
+                      "--line_by_line", "false", "--max_seq_length", "32", "--max_train_steps",
+                      "2", "--per_device_train_batch_size", "4", "--output_dir", out])
+    assert f"data: {blocks['train']} train / {blocks['valid']} validation examples" in run.stdout
+    assert run.result["train/examples"] == blocks["train"]
+    assert run.result[M.STEP] == 2
+
+
+# ------------------------------------------------------------------------------ other encoders
+FEW_STEPS = ["--report_to", "none", "--progress_bar", "false", "--max_train_samples", "64",
+             "--max_eval_samples", "32", "--max_train_steps", "3", "--logging_steps", "1",
+             "--eval_pad_sensitivity", "false", "--fill_mask_check", "false",
+             "--learning_rate", "1e-3"]
+
+
+def encoder_args(tmp_path, tokenizer, tokenizer_path, model_type: str, *extra) -> list:
+    return ["--config_name", tiny_config_dir(tmp_path / f"tiny_{model_type}", model_type,
+                                             tokenizer),
+            "--tokenizer_name", tokenizer_path, "--output_dir", tmp_path / "run",
+            *FEW_STEPS, *extra]
+
+
+@pytest.mark.parametrize("model_type", ["mobilebert", "deberta-v2"])
+def test_packed_is_refused_where_the_probe_finds_no_isolation(tmp_path, tokenizer,
+                                                               tokenizer_path, model_type):
+    """The start-up probe's refusal is the entry point's one error line (exit status 2), before
+    training and before anything is written."""
+    done = run_cli(load_script(RECIPE).main, encoder_args(tmp_path, tokenizer, tokenizer_path,
+                                                          model_type, "--padding", "packed"))
+    assert done.code == 2, done.stderr[-2000:]
+    (error,) = done.error_lines()
+    assert "padding=packed: packed examples are not isolated" in error and "Fix:" in error
+    assert "train:" not in done.stdout  # refused before training
+    # nothing a later run would take for a result, or that would block another padding mode
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("model_type", ["deberta-v2", "mpnet", "roformer"])
+def test_default_flags_train_encoders_without_sdpa(tmp_path, tokenizer, tokenizer_path,
+                                                   model_type):
+    summary = run_recipe(encoder_args(tmp_path, tokenizer, tokenizer_path, model_type)).result
+    assert summary[M.STEP] == 3 and summary["probe/padded_isolated"] is True
+    assert summary["probe/attn_implementation"] == "eager"  # what transformers chose for them
+
+
+@pytest.mark.parametrize("model_type", ["modernbert", "distilbert"])
+def test_masked_only_head_trains_modernbert_and_distilbert(tmp_path, tokenizer, tokenizer_path,
+                                                           model_type):
+    """The recipe keeps the masked-only head for these layouts (the probe finds it equal to the
+    full head). That it trains exactly like the full head -- same loss and gradients -- is
+    tests/unit/test_modeling.py::test_masked_only_head_equals_the_full_head."""
+    run = run_recipe(encoder_args(tmp_path, tokenizer, tokenizer_path, model_type,
+                                  "--padding", "longest"))
+    assert "sparse_prediction=True" in run.stdout and "using the full head" not in run.stdout
+    assert run.result["probe/sparse_head"] is True and run.result[M.STEP] == 3
+    assert math.isfinite(run.result[M.EVAL_LOSS])
+
+
+# ------------------------------------------------------------------------------ the global batch
+def test_gradient_accumulation_gives_the_losses_of_the_whole_batch(tmp_path, tiny_args):
+    """1 process x 8 == 1 process x 4 x 2 accumulation steps (fp32, no dropout): the loss is the
+    mean over the masked tokens of the whole global batch. (Across processes and engines:
+    tests/integration/test_distributed.py.)"""
+    common = [*tiny_args, "--max_train_steps", "4", "--logging_steps", "1", "--learning_rate",
+              "3e-3", "--max_train_samples", "200"]
+    run_recipe([*common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one"])
+    run_recipe([*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+                "2", "--output_dir", tmp_path / "accum"])
+    whole, accumulated = train_losses(tmp_path / "one"), train_losses(tmp_path / "accum")
+    assert len(whole) == 4
+    for a, b in zip(whole, accumulated, strict=True):
+        assert abs(a - b) / abs(a) <= 1e-4, (whole, accumulated)
+    assert abs(whole[-1] - whole[0]) > 1e-3  # training moved: the comparison has teeth
+
+
+# ------------------------------------------------------------------------------ speed options
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory, tiny_args):
+    out = tmp_path_factory.mktemp("eager")
+    run = run_recipe([*tiny_args, "--output_dir", out, "--max_train_steps", "3",
+                      "--logging_steps", "1"])
+    return train_losses(out), run.result
+
+
+def test_torch_compile_trains_with_the_eager_first_step_loss(tmp_path, tiny_args, eager):
+    """Compiled kernels may round differently: the first step's loss within 1e-4."""
+    out = tmp_path / "compiled"
+    summary = run_recipe([*tiny_args, "--output_dir", out, "--max_train_steps", "3",
+                          "--logging_steps", "1", "--torch_compile", "true"]).result
+    losses, (reference, _) = train_losses(out), eager
+    assert len(losses) == 3
+    assert abs(losses[0] - reference[0]) < 1e-4
+    assert summary[M.TRAIN_TFLOPS] > 0
+    assert summary[M.TRAIN_MFU] is None  # CPU: no known peak, so no MFU
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_args, eager):
+    out = tmp_path / "checkpointed"
+    summary = run_recipe([*tiny_args, "--output_dir", out, "--max_train_steps", "3",
+                          "--logging_steps", "1", "--gradient_checkpointing", "true"]).result
+    reference, ref_summary = eager
+    assert len(reference) == 3
+    assert train_losses(out) == pytest.approx(reference, abs=1e-6)
+    assert summary[M.EVAL_LOSS] == pytest.approx(ref_summary[M.EVAL_LOSS], abs=1e-6)
