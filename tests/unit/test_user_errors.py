@@ -344,8 +344,9 @@ def test_whole_word_mask_with_a_tokenizer_without_word_marks(fails, tiny_bert_di
 # ================================================================================ lengths
 def test_position_offset_of_roberta_style_models(fails, tmp_path, tokenizer_path):
     """A RoBERTa-style model reserves padding_idx + 1 positions: 130 - 2 = 128 tokens."""
-    roberta = tiny_config_dir(tmp_path / "roberta", "roberta", max_position_embeddings=130,
-                              pad_token_id=1)
+    roberta = tmp_path / "roberta"
+    tiny_model("roberta", pad_token_id=1, max_position_embeddings=130).config.save_pretrained(
+        roberta)
     args = ["--config_name", str(roberta), "--tokenizer_name", tokenizer_path]
     line = fails([*args, "--max_seq_length", "129"], "takes at most 128 tokens")
     assert "reserves the first 2" in line
