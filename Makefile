@@ -1,5 +1,6 @@
-# The README's two commands: `make demo` (main job on the embedded default) and `make test`.
-# Both create or refresh .venv idempotently first (re-installed only when pyproject.toml changes).
+# The README's commands: `make demo` (main job on the embedded default), `make test` (the whole
+# suite: what CI runs) and `make check` (its fast tier, for the edit loop). Each creates or
+# refreshes .venv idempotently first (re-installed only when pyproject.toml changes).
 PYTHON     ?= python3
 VENV       ?= .venv
 # torch==2.13.0: on this project's machines pip takes the CPU build that lies on disk; elsewhere it
@@ -7,10 +8,8 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mlmkit-installed
-# Tests: everything but the slow marker; SLOW=1 runs those too.
-PYTEST_MARK ?= $(if $(SLOW),,-m "not slow")
 
-.PHONY: demo test test-unit bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
+.PHONY: demo test check bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +21,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	    recipes/mlm.py --config recipes/configs/demo.yaml $(ARGS)
 
+# Every test: tests/unit (in process) and tests/integration (launched processes).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_MARK) $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
-test-unit: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/unit $(ARGS)
+# The fast tier: the unit tests (the recipe's single-process runs in process included) and one
+# real launch of the recipe (tests/integration/test_recipe.py).
+check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/unit tests/integration/test_recipe.py $(ARGS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py
