@@ -6,6 +6,7 @@ launch` and its config file, never from the recipe config; this module only adap
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -173,3 +174,22 @@ def check_launch(saved: dict | None, checkpoint, accelerator) -> None:
             "shards, RNG streams and optimizer shards would not match. Fix: relaunch with the "
             "same accelerate config and --num_processes, or --overwrite_output_dir true to "
             "start fresh.")
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Build a model as in a fresh process (``from_pretrained``, ``from_config``). Inside a ZeRO-3
+    run transformers would build it partitioned (``deepspeed.zero.Init``, its weights gathered
+    to initialise them): collectives that a model built by one process only (the fill-mask
+    check's), or on the meta device (`modelcheck`'s shapes), must not make -- the run would
+    hang."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = config() if config is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)

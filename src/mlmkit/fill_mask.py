@@ -20,7 +20,6 @@ number generators, so the check never changes the training.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import shutil
 import sys
@@ -95,23 +94,6 @@ def choose_probes(tokenizer, examples, n: int = FILL_MASK_PROBES) -> list[dict[s
     return probes
 
 
-@contextlib.contextmanager
-def _outside_zero3():
-    """``from_pretrained`` as in a fresh process. Inside a ZeRO-3 run transformers would build the
-    model partitioned (``deepspeed.zero.Init``), a collective that the other processes, not
-    loading anything, would never join: the main process would hang."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = config() if config is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if config is not None:
-            hf_deepspeed.set_hf_deepspeed_config(config)
-
-
 def load(model_dir: str | Path):
     """(model, tokenizer) from a saved model folder, on CPU, in fp32, in eval mode, whatever
     engine the calling process runs."""
@@ -119,10 +101,12 @@ def load(model_dir: str | Path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .distributed import outside_zero3
+
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the run's log
     try:
-        with _outside_zero3():
+        with outside_zero3():
             model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32)
     finally:
         if bar:

@@ -155,8 +155,9 @@ def _meta_model(cfg: MLMConfig, config, flag: str, name: str) -> nn.Module | Non
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    from .distributed import outside_zero3
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), outside_zero3():
             return AutoModelForMaskedLM.from_config(config, **kwargs)
     except ImportError as err:
         if cfg.attn_implementation:
