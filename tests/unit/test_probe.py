@@ -23,6 +23,7 @@ def probed(model_type: str, tokenizer):
     return probe_architecture(model_type, tokenizer)
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("model_type", masked_lm_types())
 def test_probe_verdict_is_enforced_and_in_the_readme(model_type, tokenizer):
     model, result = probed(model_type, tokenizer)
