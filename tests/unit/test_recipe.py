@@ -14,40 +14,9 @@ import pytest
 from helpers import RECIPE, load_script, run_cli, run_recipe, tiny_config_dir, train_losses
 from mlmkit import tracking as M
 from mlmkit.config import ConfigError
-from mlmkit.data import DataError
 
 
-# ------------------------------------------------------------------------------ user mistakes
-@pytest.mark.parametrize("extra, message", [
-    (["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
-    (["--mlm_probability", "1.5"], "mlm_probability"),
-    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
-    (["--train_file", "does/not/exist.txt"], "train_file"),
-    (["--padding", "sideways"], "padding"),
-])
-def test_bad_config_fails_fast_and_writes_nothing(tmp_path, tiny_args, extra, message):
-    out = tmp_path / "run"
-    with pytest.raises(ConfigError) as err:
-        run_recipe([*tiny_args, "--output_dir", out, *extra])
-    assert message in str(err.value)
-    assert "Fix" in str(err.value) or "did you mean" in str(err.value)
-    assert not out.exists()  # failed before anything was written
-
-
-def test_bad_yaml_key_and_empty_corpus(tmp_path, tiny_args):
-    bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("learning_rate: 1e-4\nzero_stage: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'zero_stage'.*accelerate_configs"):
-        run_recipe(["--config", bad_yaml, *tiny_args, "--output_dir", tmp_path / "a"])
-    assert not (tmp_path / "a").exists()
-
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n   \n")
-    out = tmp_path / "b"
-    with pytest.raises(DataError) as err:
-        run_recipe([*tiny_args, "--train_file", empty, "--output_dir", out])
-    assert "Fix" in str(err.value) and str(empty) in str(err.value)
-    assert not (out / "summary.json").exists() and not (out / "model").exists()
+# User mistakes (bad flags, YAML keys, empty corpora, ...): tests/unit/test_user_errors.py.
 
 
 # ------------------------------------------------------------------------------ the output folder
