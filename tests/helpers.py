@@ -6,8 +6,8 @@ README's commands are read by readme_commands.py).
 * the recipe in this process: `run_recipe` (recipes/mlm.py's ``main(argv)``, Accelerate's
   singletons reset, global state restored), `run_cli` (an entry point's one-line error and exit
   status), `load_script` (a script under recipes/ as a module)
-* the recipe launched for real: `launch_env`, `launch`, `start` (in the background),
-  `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
+* the recipe launched for real: `launch_env`, `launch`, `start` (in the background) and
+  `finish`, `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
   `complete_checkpoints`
 * comparing runs: `train_losses`, `assert_same_run`, `exported_eval_loss`
 * Slurm: `slurm_env` and `submit` run recipes/slurm/mlm.sbatch through the stand-ins
@@ -247,6 +247,19 @@ def start(args: list[str], accelerate_args: list[str] | None = None, env: dict |
     return subprocess.Popen(_command(args, accelerate_args), cwd=ROOT,
                             env=launch_env(**(env or {})), stdout=subprocess.PIPE, stderr=stderr,
                             text=True, start_new_session=True)
+
+
+def finish(proc, timeout: float = 300) -> str:
+    """Wait for a `start`ed launch to end; its output. A failure or a timeout (every process
+    killed) raises with the output's tail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"launch still running after {timeout} s") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{(out or '')[-6000:]}")
+    return out
 
 
 def kill_tree(proc) -> None:
