@@ -230,14 +230,23 @@ def launch(args: list[str], *, accelerate_args: list[str] | None = None, cwd=Non
            timeout: int = 300, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch [accelerate_args] recipes/mlm.py [args]`` (one CPU process by default,
-    accelerate_configs/cpu.yaml); with ``check`` a failure raises with the output's tail."""
-    proc = subprocess.run(_command(args, accelerate_args), cwd=cwd or ROOT,
-                          env=launch_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    accelerate_configs/cpu.yaml); with ``check`` a failure raises with the output's tail. A launch
+    still running after ``timeout`` is killed with every process it started (no orphaned ranks
+    left holding a port) and raises."""
+    cmd = _command(args, accelerate_args)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=launch_env(**(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"launch still running after {timeout} s, killed:\n{out[-3000:]}\n"
+                             f"{err[-6000:]}") from None
     if check and proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start(args: list[str], accelerate_args: list[str] | None = None, env: dict | None = None,
