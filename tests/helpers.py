@@ -122,12 +122,12 @@ def _reset_accelerate() -> None:
 
 
 @contextlib.contextmanager
-def isolated_globals(threads: int = 1):
+def isolated_globals(threads: int | None = None):
     """Run a recipe in this process as a launched one runs: fresh Accelerate singletons and
-    ``threads`` intra-op threads (the launches' OMP_NUM_THREADS=1, so results match theirs bit
-    for bit); afterwards everything global a run changes is as it was: the RNGs it seeds,
-    os.environ (W&B's settings), sys.path, the SIGTERM/SIGINT handlers, transformers' verbosity,
-    torch.compile's caches and Accelerate's singletons."""
+    ``threads`` intra-op threads if given (1: as the launches run, OMP_NUM_THREADS=1, so results
+    match theirs bit for bit); afterwards everything global a run changes is as it was: the RNGs
+    it seeds, os.environ (W&B's settings), sys.path, the SIGTERM/SIGINT handlers, transformers'
+    verbosity, the thread count, torch.compile's caches and Accelerate's singletons."""
     import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
@@ -137,7 +137,8 @@ def isolated_globals(threads: int = 1):
                  path=list(sys.path), verbosity=hf_logging.get_verbosity(),
                  handlers={s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
     _reset_accelerate()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -178,12 +179,14 @@ def _captured():
         sys.stderr.write(err.getvalue())
 
 
-def run_recipe(args: list[str]) -> Run:
+def run_recipe(args: list[str], *, threads: int | None = None) -> Run:
     """``recipes/mlm.py``'s ``main(args)`` in this process: one process, on CPU, as
-    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` runs it. A ConfigError or
-    DataError propagates (``pytest.raises``)."""
+    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` runs it. ``threads=1`` where
+    the result is compared with a launched run's (the launches run one thread each: same floats,
+    bit for bit); else torch's default, every core. A ConfigError or DataError propagates
+    (``pytest.raises``)."""
     main = load_script(RECIPE).main
-    with isolated_globals(), _captured() as (out, err):
+    with isolated_globals(threads), _captured() as (out, err):
         result = main([str(a) for a in args])
     return Run(result, out.getvalue(), err.getvalue())
 
@@ -407,7 +410,7 @@ def exported_eval_loss(out: Path) -> float:
     model = AutoModelForMaskedLM.from_pretrained(out / "model", dtype=torch.float32)
     examples = IndexedExamples(
         tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["validation"])
-    with isolated_globals(threads=torch.get_num_threads()):
+    with isolated_globals():
         from accelerate import Accelerator
         metrics = evaluate(Accelerator(cpu=True), MaskedLMModule(model), examples,
                            eval_collator(tokenizer, cfg),

@@ -47,7 +47,7 @@ def args(tmp_path_factory, tiny_args) -> list[str]:
 def one_process(tmp_path_factory, args) -> list[float]:
     """The per-step losses of one process taking the whole global batch of 16 at once."""
     out = tmp_path_factory.mktemp("one") / "run"
-    run_recipe([*args, "--per_device_train_batch_size", "16", "--output_dir", out])
+    run_recipe([*args, "--per_device_train_batch_size", "16", "--output_dir", out], threads=1)
     losses = train_losses(out)
     assert len(losses) == STEPS
     assert abs(losses[-1] - losses[0]) > 1e-3  # training moved: the comparison has teeth

@@ -22,7 +22,8 @@ def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, c
     args = [*tiny_args, "--max_train_steps", "12", "--max_train_samples", "200",
             "--per_device_train_batch_size", "4", "--logging_steps", "1",
             "--max_eval_samples", "32"]
-    reference = run_recipe([*args, "--output_dir", tmp_path / "alone"]).result  # no intruder
+    alone = run_recipe([*args, "--output_dir", tmp_path / "alone"], threads=1)  # no intruder
+    reference = alone.result
 
     out = tmp_path / "shared"
     t0 = time.monotonic()

@@ -53,7 +53,7 @@ def test_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_r
     # --- uninterrupted: the same 24 global batches of 4 in one process
     ref = tmp_path / "reference"
     reference = run_recipe([*slow_args, "--per_device_train_batch_size", "4",
-                            "--output_dir", ref]).result
+                            "--output_dir", ref], threads=1).result
     assert reference[M.STEP] == 24
 
     # --- the same job, SIGTERM to its batch shell once training runs
