@@ -6,8 +6,8 @@ README's commands are read by readme_commands.py).
 * the recipe in this process: `run_recipe` (recipes/mlm.py's ``main(argv)``, Accelerate's
   singletons reset, global state restored), `run_cli` (an entry point's one-line error and exit
   status), `load_script` (a script under recipes/ as a module)
-* the recipe launched for real: `launch_env`, `launch`, `start` (in the background),
-  `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
+* the recipe launched for real: `launch_env`, `launch`, `start` (in the background) and
+  `finish`, `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
   `complete_checkpoints`
 * comparing runs: `train_losses`, `assert_same_run`, `exported_eval_loss`
 * Slurm: `slurm_env` and `submit` run recipes/slurm/mlm.sbatch through the stand-ins
@@ -131,12 +131,12 @@ def _reset_accelerate() -> None:
 
 
 @contextlib.contextmanager
-def isolated_globals(threads: int = 1):
+def isolated_globals(threads: int | None = None):
     """Run a recipe in this process as a launched one runs: fresh Accelerate singletons and
-    ``threads`` intra-op threads (the launches' OMP_NUM_THREADS=1, so results match theirs bit
-    for bit); afterwards everything global a run changes is as it was: the RNGs it seeds,
-    os.environ (W&B's settings), sys.path, the SIGTERM/SIGINT handlers, transformers' verbosity,
-    torch.compile's caches and Accelerate's singletons."""
+    ``threads`` intra-op threads if given (1: as the launches run, OMP_NUM_THREADS=1, so results
+    match theirs bit for bit); afterwards everything global a run changes is as it was: the RNGs
+    it seeds, os.environ (W&B's settings), sys.path, the SIGTERM/SIGINT handlers, transformers'
+    verbosity, the thread count, torch.compile's caches and Accelerate's singletons."""
     import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
@@ -146,7 +146,8 @@ def isolated_globals(threads: int = 1):
                  path=list(sys.path), verbosity=hf_logging.get_verbosity(),
                  handlers={s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
     _reset_accelerate()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -187,12 +188,14 @@ def _captured():
         sys.stderr.write(err.getvalue())
 
 
-def run_recipe(args: list[str]) -> Run:
+def run_recipe(args: list[str], *, threads: int | None = None) -> Run:
     """``recipes/mlm.py``'s ``main(args)`` in this process: one process, on CPU, as
-    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` runs it. A ConfigError or
-    DataError propagates (``pytest.raises``)."""
+    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` runs it. ``threads=1`` where
+    the result is compared with a launched run's (the launches run one thread each: same floats,
+    bit for bit); else torch's default, every core. A ConfigError or DataError propagates
+    (``pytest.raises``)."""
     main = load_script(RECIPE).main
-    with isolated_globals(), _captured() as (out, err):
+    with isolated_globals(threads), _captured() as (out, err):
         result = main([str(a) for a in args])
     return Run(result, out.getvalue(), err.getvalue())
 
@@ -239,14 +242,23 @@ def launch(args: list[str], *, accelerate_args: list[str] | None = None, cwd=Non
            timeout: int = 300, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch [accelerate_args] recipes/mlm.py [args]`` (one CPU process by default,
-    accelerate_configs/cpu.yaml); with ``check`` a failure raises with the output's tail."""
-    proc = subprocess.run(_command(args, accelerate_args), cwd=cwd or ROOT,
-                          env=launch_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    accelerate_configs/cpu.yaml); with ``check`` a failure raises with the output's tail. A launch
+    still running after ``timeout`` is killed with every process it started (no orphaned ranks
+    left holding a port) and raises."""
+    cmd = _command(args, accelerate_args)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=launch_env(**(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"launch still running after {timeout} s, killed:\n{out[-3000:]}\n"
+                             f"{err[-6000:]}") from None
     if check and proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start(args: list[str], accelerate_args: list[str] | None = None, env: dict | None = None,
@@ -256,6 +268,19 @@ def start(args: list[str], accelerate_args: list[str] | None = None, env: dict |
     return subprocess.Popen(_command(args, accelerate_args), cwd=ROOT,
                             env=launch_env(**(env or {})), stdout=subprocess.PIPE, stderr=stderr,
                             text=True, start_new_session=True)
+
+
+def finish(proc, timeout: float = 300) -> str:
+    """Wait for a `start`ed launch to end; its output. A failure or a timeout (every process
+    killed) raises with the output's tail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"launch still running after {timeout} s") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{(out or '')[-6000:]}")
+    return out
 
 
 def kill_tree(proc) -> None:
@@ -394,7 +419,7 @@ def exported_eval_loss(out: Path) -> float:
     model = AutoModelForMaskedLM.from_pretrained(out / "model", dtype=torch.float32)
     examples = IndexedExamples(
         tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["validation"])
-    with isolated_globals(threads=torch.get_num_threads()):
+    with isolated_globals():
         from accelerate import Accelerator
         metrics = evaluate(Accelerator(cpu=True), MaskedLMModule(model), examples,
                            eval_collator(tokenizer, cfg),

@@ -12,12 +12,11 @@ initialised differently where ZeRO-3 builds it already sharded (zero3_init_flag)
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from helpers import (ACCELERATE, RECIPE, ROOT, exported_eval_loss, free_port, launch, launch_env,
-                     run_recipe, tiny_model, train_losses)
+from helpers import (exported_eval_loss, finish, free_port, kill_tree, launch, run_recipe, start,
+                     tiny_model, train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import accelerate_args, accelerate_launch, launches_of
@@ -48,7 +47,7 @@ def args(tmp_path_factory, tiny_args) -> list[str]:
 def one_process(tmp_path_factory, args) -> list[float]:
     """The per-step losses of one process taking the whole global batch of 16 at once."""
     out = tmp_path_factory.mktemp("one") / "run"
-    run_recipe([*args, "--per_device_train_batch_size", "16", "--output_dir", out])
+    run_recipe([*args, "--per_device_train_batch_size", "16", "--output_dir", out], threads=1)
     losses = train_losses(out)
     assert len(losses) == STEPS
     assert abs(losses[-1] - losses[0]) > 1e-3  # training moved: the comparison has teeth
@@ -89,15 +88,17 @@ def test_simulated_two_node_launch(tmp_path, tiny_args):
     assert line.argv[line.argv.index("--num_machines") + 1] == "2"
     out = tmp_path / "multi"
     port = free_port()
-    cmd = lambda rank: [  # noqa: E731
-        str(ACCELERATE), "launch",
-        *accelerate_args(line, replace={"--machine_rank": rank, "--main_process_ip": "127.0.0.1",
-                                        "--main_process_port": port}),
-        str(RECIPE), *tiny_args,
-        "--output_dir", str(out), "--max_train_steps", "3", "--max_train_samples", "100"]
-    procs = [subprocess.Popen(cmd(rank), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    args = [*tiny_args, "--output_dir", str(out), "--max_train_steps", "3",
+            "--max_train_samples", "100"]
+    nodes = [start(args, accelerate_args(line, replace={
+        "--machine_rank": rank, "--main_process_ip": "127.0.0.1", "--main_process_port": port}))
+        for rank in (0, 1)]
+    try:
+        for node in nodes:
+            finish(node)
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # a failure: leave no process behind
+                kill_tree(node)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary[M.STEP] == 3

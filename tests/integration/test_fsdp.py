@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from helpers import (assert_same_run, complete_checkpoints, exported_eval_loss, kill_tree, launch,
-                     run_recipe, start, train_losses, wait_for_checkpoint)
+from helpers import (assert_same_run, complete_checkpoints, exported_eval_loss, finish, kill_tree,
+                     launch, run_recipe, start, train_losses, wait_for_checkpoint)
 from mlmkit import tracking as M
 from readme_commands import accelerate_args, accelerate_launch
 
@@ -32,19 +32,23 @@ def args(tiny_args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, args):
-    """The uninterrupted FSDP2 run: 2 processes x 4 examples."""
-    out = tmp_path_factory.mktemp("fsdp") / "fsdp2"
-    proc = launch([*args, "--per_device_train_batch_size", "4", "--output_dir", str(out)],
-                  accelerate_args=FSDP2)
-    return out, proc.stdout
+    """(the uninterrupted FSDP2 run of 2 processes x 4 examples, its output, one process x 8):
+    the launch, and the one-process run in this process while it runs."""
+    root = tmp_path_factory.mktemp("fsdp")
+    proc = start([*args, "--per_device_train_batch_size", "4", "--output_dir", str(root / "fsdp2")],
+                 FSDP2)
+    try:
+        run_recipe([*args, "--per_device_train_batch_size", "8", "--output_dir", root / "one",
+                    "--fill_mask_check", "false"], threads=1)  # the launch has the other core
+    except BaseException:
+        kill_tree(proc)
+        raise
+    return root / "fsdp2", finish(proc), root / "one"
 
 
-def test_fsdp2_matches_one_process_and_exports_the_trained_weights(tmp_path, args, fsdp_run):
-    out, stdout = fsdp_run
+def test_fsdp2_matches_one_process_and_exports_the_trained_weights(fsdp_run):
+    out, stdout, one = fsdp_run
     assert "x 2 processes" in stdout
-    one = tmp_path / "one"  # one process x 8, in this process
-    run_recipe([*args, "--per_device_train_batch_size", "8", "--output_dir", one,
-                "--fill_mask_check", "false"])
     losses, reference = train_losses(out), train_losses(one)
     assert len(reference) == len(losses) == STEPS
     for a, b in zip(reference, losses, strict=True):
@@ -75,7 +79,7 @@ def test_fsdp2_matches_one_process_and_exports_the_trained_weights(tmp_path, arg
 
 
 def test_fsdp2_sigkill_then_resume_is_exact(tmp_path, args, fsdp_run):
-    reference, _ = fsdp_run
+    reference, _, _ = fsdp_run
     out = tmp_path / "run"
     cmd = [*args, "--per_device_train_batch_size", "4", "--output_dir", str(out)]
     proc = start(cmd, FSDP2)

@@ -46,7 +46,7 @@ def args(tiny_bert_dropout_dir, tokenizer_path) -> list[str]:
 def reference(tmp_path_factory, args) -> Path:
     """The uninterrupted run (one process) that every interrupted one must reproduce."""
     out = tmp_path_factory.mktemp("resume") / "reference"
-    run_recipe([*args, "--output_dir", out])
+    run_recipe([*args, "--output_dir", out], threads=1)
     return out
 
 
@@ -70,7 +70,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, args, reference):
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     (out / "checkpoints" / ".tmp-checkpoint-99").mkdir()  # a save killed half-way
 
-    stdout = run_recipe(cmd).stdout  # the same command again (in this process)
+    stdout = run_recipe(cmd, threads=1).stdout  # the same command again, in this process
     assert f"skipping checkpoint {newest}: optimizer.bin is truncated" in stdout
     assert f"resuming from {previous} (step {steps[0]}" in stdout
     assert_same_run(out, reference)

@@ -13,25 +13,21 @@ import time
 
 import pytest
 
-from helpers import kill_tree, run_recipe
-from helpers import start as start_launch
+from helpers import kill_tree, run_recipe, start
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    return start_launch(args, stderr=subprocess.PIPE)
 
 
 def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, capsys):
     args = [*tiny_args, "--max_train_steps", "12", "--max_train_samples", "200",
             "--per_device_train_batch_size", "4", "--logging_steps", "1",
             "--max_eval_samples", "32"]
-    reference = run_recipe([*args, "--output_dir", tmp_path / "alone"]).result  # no intruder
+    alone = run_recipe([*args, "--output_dir", tmp_path / "alone"], threads=1)  # no intruder
+    reference = alone.result
 
     out = tmp_path / "shared"
     t0 = time.monotonic()
-    runs = [start([*args, "--output_dir", str(out)]) for _ in range(2)]
+    runs = [start([*args, "--output_dir", str(out)], stderr=subprocess.PIPE) for _ in range(2)]
     ended = {}
     while len(ended) < 2 and time.monotonic() - t0 < 300:
         for i, run in enumerate(runs):

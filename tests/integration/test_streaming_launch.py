@@ -49,13 +49,13 @@ def killed_then_resumed(cmd: list[str], out, accelerate_args=None) -> str:
     kill_tree(proc)
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
     if accelerate_args is None:
-        return run_recipe(cmd).stdout
+        return run_recipe(cmd, threads=1).stdout
     return launch(cmd, accelerate_args=accelerate_args).stdout
 
 
 def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, args):
     ref = tmp_path / "reference"
-    stdout = run_recipe([*args, "--output_dir", ref]).stdout
+    stdout = run_recipe([*args, "--output_dir", ref], threads=1).stdout
     assert "data: streaming" in stdout and "held out from the stream" in stdout
     summary = json.loads((ref / "summary.json").read_text())
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]  # it learned

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
+from helpers import TINY, tiny_model
 from mlmkit.flops import FlopCounter, peak_tflops
 
 
 def test_bert_counts_encoder_attention_and_head_by_hand():
-    h, layers, ffn, vocab = 32, 2, 64, 100
-    model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers,
-                                       num_attention_heads=2, intermediate_size=ffn))
+    vocab = 100
+    h, layers, ffn = TINY["hidden_size"], TINY["num_hidden_layers"], TINY["intermediate_size"]
+    model = tiny_model("bert", vocab)
     c = FlopCounter.for_model(model)
     per_layer = 4 * h * h + 2 * h * ffn  # Q, K, V, output; FFN in and out
     assert c.encoder_per_token == 6 * layers * per_layer
@@ -26,8 +26,7 @@ def test_bert_counts_encoder_attention_and_head_by_hand():
 
 
 def test_packing_does_not_change_the_count_but_attention_grows_with_length():
-    model = RobertaForMaskedLM(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64))
+    model = tiny_model("roberta", 100, pad_token_id=1, num_hidden_layers=1)
     c = FlopCounter.for_model(model)
     assert c.encoder_per_token > 0 and c.head_per_prediction > 0
     # one example of 8 tokens attends over 64 pairs, two of 4 over 32: same tokens, less attention
