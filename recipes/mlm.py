@@ -68,7 +68,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ accelerator
     accelerator = distributed.build_accelerator(cfg, trackers)  # what `accelerate launch` set up
-    log, rank, world = accelerator.print, accelerator.process_index, accelerator.num_processes
+    log = M.main_print(accelerator)  # each line once per job, not once per node
+    rank, world = accelerator.process_index, accelerator.num_processes
     on_gpu = accelerator.device.type == "cuda"
     if resume.state is not None:  # same processes and engine as the checkpoint's
         distributed.check_launch(resume.state.launch, resume.checkpoint, accelerator)

@@ -66,9 +66,11 @@ def build_accelerator(cfg, trackers: list[str]):
         ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
         ds_config["gradient_clipping"] = cfg.max_grad_norm
         ds_config["zero_force_ds_cpu_optimizer"] = False  # offload: keep the recipe's torch AdamW
-    if not accelerator.is_main_process:  # transformers' warnings once per run, not per process
+    if not accelerator.is_main_process:  # transformers' warnings, datasets' bars: once per run
+        import datasets
         import transformers
         transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
     return accelerator
 
 

@@ -22,7 +22,7 @@ from .collator import MaskedLMCollator, drop_targets, model_inputs
 from .modeling import token_logprobs
 from .plans import eval_plan
 from .tracking import (EVAL_LOSS, EVAL_LOSS_UNMASKED, EVAL_PAD_SENSITIVITY, EVAL_PERPLEXITY,
-                       perplexity)
+                       main_print, perplexity)
 
 EVAL_MASK_SEED = 1234
 EVAL_MASK_EPOCH = 0
@@ -112,6 +112,6 @@ class Evaluator:
                            with_unmasked=cfg.eval_pad_sensitivity,
                            with_pad_probe=cfg.eval_pad_sensitivity)
         self.metrics_log.log(metrics, step)
-        self.accelerator.print(f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, "
-                               f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}")
+        main_print(self.accelerator)(f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, "
+                                     f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}")
         return metrics

@@ -148,13 +148,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return read_jsonl(path / METRICS if path.is_dir() else path)
 
 
+def main_print(accelerator):
+    """``print`` for a run's log lines on the launch's main process only: each line once per job,
+    however many nodes it spans (``accelerator.print`` prints on every node's local main
+    process, so once per node). Flushed: the lines reach a batch job's output file at once."""
+    def log(*args, **kwargs) -> None:
+        if accelerator.is_main_process:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
+    return log
+
+
 def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dict) -> MetricsLog:
     """Start the trackers (W&B offline without an API key; a resumed run continues its W&B run,
     ``state.wandb_run_id``, and records it) and return the run's `MetricsLog`."""
     if "wandb" in trackers:
         notice = setup_wandb_env(cfg.output_dir)
         if notice:
-            accelerator.print(notice)
+            main_print(accelerator)(notice)
     if trackers:
         accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), **run_config},
                                   init_kwargs=tracker_init_kwargs(cfg, state.wandb_run_id))
