@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mlmkit-installed
 
-.PHONY: demo test check bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
+.PHONY: demo test check slurm bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,25 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	    recipes/mlm.py --config recipes/configs/demo.yaml $(ARGS)
 
-# Every test: tests/unit (in process) and tests/integration (launched processes).
-test: $(STAMP)
+# Every test: tests/unit (in process) and tests/integration (launched processes, the Slurm
+# script on a real Slurm cluster of this machine: tests/slurm_cluster.py).
+test: $(STAMP) slurm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+# Slurm and munge for the tests' cluster (Debian's slurm-wlm), installed when slurmctld is missing
+# and this is root with apt-get (this project's machines, CI); elsewhere the Slurm tests skip,
+# naming the command (under CI=true they fail instead).
+SLURM_INSTALL = apt-get install -y slurm-wlm munge
+slurm:
+	@if ! PATH="$$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Slurm for the tests: $(SLURM_INSTALL)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SLURM_INSTALL) -qq >/dev/null; \
+	  else \
+	    echo "make: Slurm is not installed and this is not root with apt-get: the Slurm tests" \
+	         "skip (install: $(SLURM_INSTALL))"; \
+	  fi; \
+	fi
 
 # The fast tier for the edit loop: the unit tests (the recipe's single-process runs in process
 # included) but the per-architecture sweep; no launched processes.

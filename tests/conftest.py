@@ -3,7 +3,8 @@ of a fast run. Shared helpers (launching, in-process runs, tiny models...) are i
 
 Where a test goes: tests/unit/test_<module>.py for src/mlmkit/<module>.py, recipes/<script>.py
 run in this process (test_recipe.py, test_ablate_padding.py); tests/integration/ only for
-tests that launch processes (marked ``integration``)."""
+tests that launch processes (marked ``integration``). Tests of the Slurm script submit to a real
+Slurm cluster on this machine (the ``slurm_cluster`` fixture, tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real Slurm cluster on this machine for the session: munged, slurmctld and two slurmd
+    (node1, node2: 2 CPUs each, both on 127.0.0.1), all in a temporary folder
+    (tests/slurm_cluster.py); stopped afterwards with every process it ran. Slurm not installed:
+    the test is skipped with the command that installs it (`make test` runs it as root) -- but
+    fails under CI=true, where a skipped Slurm test would hide a broken setup."""
+    from slurm_cluster import INSTALL, SlurmCluster, missing
+    why = None
+    if missing():
+        why = f"Slurm is not installed ({', '.join(missing())} missing): {INSTALL}"
+    elif os.geteuid() != 0:
+        why = "the test Slurm cluster's daemons run as root (slurmd starts the jobs): run as root"
+    if why:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{why} (CI=true: a missing Slurm is a failure)")
+        pytest.skip(why)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +70,17 @@ def text_examples(tokenizer) -> list[list[int]]:
 def tiny_bert_dir(tmp_path_factory) -> str:
     """The config of a tiny BERT without dropout (``--config_name``)."""
     return tiny_config_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_weights(tmp_path_factory) -> str:
+    """The tiny BERT's weights, saved (``--model_name_or_path``): runs compared across engines
+    start from them, as ZeRO-3 initialises a model it builds from a config differently (already
+    sharded)."""
+    from helpers import tiny_model
+    folder = tmp_path_factory.mktemp("tiny_bert_weights")
+    tiny_model("bert").save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
