@@ -1,12 +1,16 @@
-"""Stand-ins for Slurm's sbatch, srun, scontrol and scancel: one machine plays every node.
+"""Stand-ins for Slurm's sbatch, srun, scontrol and scancel: one machine plays every node, for
+the fast unit tests of recipes/slurm/mlm.sbatch's logic (tests/unit/test_slurm_standins.py). The
+integration tests submit to a real Slurm cluster instead (tests/slurm_cluster.py).
 
-Put this folder first on PATH (the tests do) and ``recipes/slurm/mlm.sbatch`` runs unchanged:
+Put this folder first on PATH and ``recipes/slurm/mlm.sbatch`` runs unchanged:
 
 * ``sbatch [options] SCRIPT ARGS...`` runs SCRIPT with bash in the foreground, like ``sbatch
   --wait`` (the bash process *is* the batch shell: signal it to play ``--signal=B:TERM``), with
   SLURM_JOB_ID, SLURM_NNODES / SLURM_JOB_NUM_NODES (``--nodes`` on the command line, else the
-  script's ``#SBATCH --nodes``, else 1), SLURM_JOB_NODELIST (``127.0.0.[1-N]``: node names that
-  resolve to this machine), SLURM_SUBMIT_DIR and SLURM_RESTART_COUNT. Other options are accepted
+  script's ``#SBATCH --nodes``, else 1), SLURM_JOB_NODELIST (``node[1-N]``: names that, as on
+  many clusters, are not host names; `scontrol show node` gives their addresses),
+  SLURM_GPUS_ON_NODE (``--gpus-per-node``, likewise, when above 0), SLURM_CPUS_PER_TASK
+  (``--cpus-per-task``), SLURM_SUBMIT_DIR and SLURM_RESTART_COUNT. Other options are accepted
   and ignored. Exit status: the script's.
 * ``srun [options] CMD...`` starts one task per node, each in a process group of its own, with
   SLURM_NODEID = SLURM_PROCID = node index, SLURM_LOCALID=0, SLURM_NNODES, SLURM_NTASKS,
@@ -16,8 +20,8 @@ Put this folder first on PATH (the tests do) and ``recipes/slurm/mlm.sbatch`` ru
   ``forcing job termination`` and SIGKILL every process of the step (what srun does); SIGINT,
   SIGUSR1, SIGUSR2 and SIGCONT are forwarded to every process of the step.
 * ``scontrol show hostnames [LIST]`` prints the node names of LIST (default SLURM_JOB_NODELIST),
-  one per line; ``scontrol requeue JOBID`` appends ``requeue JOBID`` to ``$SLURM_STANDIN_STATE/
-  requeue.log``.
+  one per line; ``scontrol show node NAME`` prints its NodeAddr (nodeK: 127.0.0.K);
+  ``scontrol requeue JOBID`` appends ``requeue JOBID`` to ``$SLURM_STANDIN_STATE/requeue.log``.
 * ``scancel --signal=SIG JOBID`` sends SIG to every process of every step of the job (all
   descendants of each srun, whatever their session, as Slurm's process tracking does) but not to
   the batch shell or srun itself (``--batch``/``--full`` are not simulated). Each call is logged
@@ -123,24 +127,29 @@ def sbatch(argv: list[str]) -> int:
     if not rest:
         sys.exit("sbatch: error: no batch script given")
     script, args = rest[0], rest[1:]
-    nodes = None
-    for line in Path(script).read_text().splitlines():  # #SBATCH defaults, then the command line
-        m = re.match(r"#SBATCH\s+(?:--nodes[= ]|-N\s*)(\d+)", line)
+    directives: dict[str, str] = {}  # the script's #SBATCH lines, then the command line wins
+    for line in Path(script).read_text().splitlines():
+        m = re.match(r"#SBATCH\s+(--[\w-]+|-N)(?:[= ]\s*(\S+))?", line)
         if m:
-            nodes = int(m.group(1))
-    for name in ("--nodes", "-N"):
-        if name in opts:
-            nodes = int(opts[name].split("-")[0])
-    nodes = nodes or 1
+            directives["--nodes" if m.group(1) == "-N" else m.group(1)] = m.group(2) or ""
+    for name, value in opts.items():
+        directives["--nodes" if name == "-N" else name] = value
+    nodes = int(directives.get("--nodes", "1").split("-")[0])
+    gpus = int(directives.get("--gpus-per-node", "0").split(":")[-1])
     state = os.environ.get("SLURM_STANDIN_STATE") or tempfile.mkdtemp(prefix="slurm-standin-")
     env = {**os.environ, "SLURM_STANDIN_STATE": state,
            "SLURM_JOB_ID": os.environ.get("SLURM_JOB_ID", str(1000 + os.getpid() % 100000)),
            "SLURM_JOB_NAME": opts.get("--job-name", opts.get("-J", Path(script).name)),
            "SLURM_NNODES": str(nodes), "SLURM_JOB_NUM_NODES": str(nodes),
-           "SLURM_JOB_NODELIST": f"127.0.0.[1-{nodes}]" if nodes > 1 else "127.0.0.1",
+           "SLURM_JOB_NODELIST": f"node[1-{nodes}]" if nodes > 1 else "node1",
            "SLURM_SUBMIT_DIR": os.getcwd(),
            "SLURM_RESTART_COUNT": os.environ.get("SLURM_RESTART_COUNT", "0")}
     env.pop("SLURM_GPUS_ON_NODE", None)
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    if gpus > 0:
+        env["SLURM_GPUS_ON_NODE"] = str(gpus)
+    if "--cpus-per-task" in directives:
+        env["SLURM_CPUS_PER_TASK"] = directives["--cpus-per-task"]
     os.execvpe("bash", ["bash", script, *args], env)  # this process becomes the batch shell
 
 
@@ -150,7 +159,7 @@ def srun(argv: list[str]) -> int:
     if not cmd:
         sys.exit("srun: error: no command given")
     kill_on_bad_exit = any(k in opts and opts[k] != "0" for k in ("--kill-on-bad-exit", "-K"))
-    nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "node1")
     names = expand_hostlist(nodelist)
     nnodes = int(os.environ.get("SLURM_NNODES", len(names)))
     state = state_dir()
@@ -205,6 +214,14 @@ def scontrol(argv: list[str]) -> int:
     if argv[:2] == ["show", "hostnames"]:
         spec = argv[2] if len(argv) > 2 else os.environ.get("SLURM_JOB_NODELIST", "")
         sys.stdout.write("".join(f"{name}\n" for name in expand_hostlist(spec)))
+        return 0
+    if argv[:2] == ["show", "node"] and len(argv) == 3:
+        m = re.fullmatch(r"node(\d+)", argv[2])
+        if not m:
+            print(f"Node {argv[2]} not found", file=sys.stderr)
+            return 1
+        print(f"NodeName={argv[2]} Arch=x86_64 CoresPerSocket=1\n"
+              f"   NodeAddr=127.0.0.{m.group(1)} NodeHostName={argv[2]} Version=22.05.8")
         return 0
     if argv[:1] == ["requeue"] and len(argv) == 2:
         with open(state_dir() / "requeue.log", "a") as f:

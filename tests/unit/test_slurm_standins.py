@@ -1,17 +1,20 @@
 """The Slurm stand-ins (tests/slurm_standins) behave like the commands they replace, as far as
-recipes/slurm/mlm.sbatch relies on them."""
+recipes/slurm/mlm.sbatch relies on them; on them, the script's own logic: each node's launch from
+Slurm's variables, in a second (a fake `accelerate` prints it). The script runs for real on a
+real Slurm cluster in tests/integration/test_slurm.py and test_readme_launches.py."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import STANDINS
+from helpers import ROOT, STANDINS
 from slurm_standins.slurm_standin import expand_hostlist
 
 
@@ -81,3 +84,81 @@ def test_srun_answers_sigterm_by_sigkilling_every_task_and_scancel_reaches_every
 def test_scontrol_requeue_is_recorded(env, tmp_path):
     assert run(["scontrol", "requeue", "77"], env).returncode == 0
     assert (tmp_path / "requeue.log").read_text() == "requeue 77\n"
+
+
+# ------------------------------------------------------------------ recipes/slurm/mlm.sbatch's logic
+def fake_accelerate(folder) -> str:
+    """A folder holding `accelerate` (prints the node's launch: its arguments and threads) and
+    the venv's `python` and `python3` (the script validates the recipe's flags with it; the
+    stand-ins run on it)."""
+    (folder / "accelerate").write_text(
+        '#!/bin/sh\necho "node $SLURM_NODEID: threads=$OMP_NUM_THREADS launch $*"\n')
+    for name in ("python", "python3"):
+        (folder / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for name in ("accelerate", "python", "python3"):
+        (folder / name).chmod(0o755)
+    return str(folder)
+
+
+def launches(done) -> dict[int, str]:
+    """{node: its `accelerate launch` arguments} from the job's output."""
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("node ") and " launch " in line:
+            node = int(line.split(":")[0].split()[1])
+            found[node] = line
+    return found
+
+
+@pytest.mark.parametrize("options, extra_env, per_node, threads, precision", [
+    ([], {}, 8, 4, None),  # the script's #SBATCH lines: 8 GPUs and 32 cores per node
+    (["--gpus-per-node=0", "--cpus-per-task=4"], {"MIXED_PRECISION": "no"}, 1, 4, "no"),
+    ([], {"GPUS_PER_NODE": "2"}, 2, 16, None),
+], ids=["gpu-cluster", "cpu-cluster", "gpus-per-node-override"])
+def test_the_script_launches_each_node_from_slurms_variables(tmp_path, env, options, extra_env,
+                                                             per_node, threads, precision):
+    """Processes per node from the GPUs Slurm gives a node (none: one), threads from the task's
+    cores, each node's rank from SLURM_NODEID, the head node's address (NodeAddr, not its name),
+    a port from the job id; everything the script is given goes to the recipe."""
+    shims = fake_accelerate(tmp_path)
+    env = {k: v for k, v in env.items() if k not in ("SLURM_NNODES", "SLURM_JOB_NODELIST",
+                                                     "OMP_NUM_THREADS")}
+    env.update(PATH=f"{STANDINS}{os.pathsep}{shims}{os.pathsep}{os.environ['PATH']}",
+               SLURM_JOB_ID="24242", **extra_env)
+    out = tmp_path / "out"
+    done = run(["sbatch", *options, "recipes/slurm/mlm.sbatch", "--output_dir", str(out),
+                "--seed", "3"], env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    nodes = launches(done)
+    assert sorted(nodes) == [0, 1], done.stdout
+    for rank, line in nodes.items():
+        argv = line.split(" launch ", 1)[1].split()
+        assert f"threads={threads}" in line
+        assert argv[argv.index("--num_machines") + 1] == "2"
+        assert argv[argv.index("--num_processes") + 1] == str(2 * per_node)
+        assert argv[argv.index("--machine_rank") + 1] == str(rank)
+        assert argv[argv.index("--main_process_ip") + 1] == "127.0.0.1"  # node1's NodeAddr
+        assert argv[argv.index("--main_process_port") + 1] == str(10000 + 24242 % 20000)
+        assert argv[argv.index("--config_file") + 1] == "accelerate_configs/multi_node.yaml"
+        assert ("--mixed_precision" in argv) == (precision is not None)
+        if precision:
+            assert argv[argv.index("--mixed_precision") + 1] == precision
+        assert argv[-5:] == ["recipes/mlm.py", "--output_dir", str(out), "--seed", "3"]
+    assert f"2 nodes x {per_node} processes = {2 * per_node} processes" in done.stdout
+
+
+def test_the_script_takes_the_next_port_when_the_jobs_own_is_taken(tmp_path, env):
+    shims = fake_accelerate(tmp_path)
+    env = {k: v for k, v in env.items() if k not in ("SLURM_NNODES", "SLURM_JOB_NODELIST")}
+    env.update(PATH=f"{STANDINS}{os.pathsep}{shims}{os.pathsep}{os.environ['PATH']}",
+               SLURM_JOB_ID="3777")
+    with socket.socket() as busy:  # another job's rendezvous on the head node
+        busy.bind(("", 10000 + 3777))
+        busy.listen()
+        done = run(["sbatch", "recipes/slurm/mlm.sbatch", "--output_dir", str(tmp_path / "o")],
+                   env, cwd=ROOT)
+        pinned = run(["sbatch", "recipes/slurm/mlm.sbatch", "--output_dir", str(tmp_path / "o")],
+                     {**env, "MAIN_PORT": "29999"}, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "head node node1 at 127.0.0.1:13778" in done.stdout
+    assert "head node node1 at 127.0.0.1:29999" in pinned.stdout  # MAIN_PORT: taken as given
