@@ -10,8 +10,9 @@ README's commands are read by readme_commands.py).
   `finish`, `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
   `complete_checkpoints`
 * comparing runs: `train_losses`, `assert_same_run`, `exported_eval_loss`
-* Slurm: `slurm_env` and `submit` run recipes/slurm/mlm.sbatch through the stand-ins
-  (tests/slurm_standins)
+* Slurm: `slurm_env` (a login shell's environment on the test cluster, tests/slurm_cluster.py),
+  `slurm_attempts` and `assert_logged_once` (a job's output); `STANDINS` (tests/slurm_standins,
+  for the unit tests of the script's logic)
 * batches: `split_batch` (per-example views of a collated batch), `random_examples`,
   `word_level_tokenizer`
 * fake checkpoints: `make_checkpoint`, `run_config`
@@ -28,6 +29,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -429,7 +431,7 @@ def exported_eval_loss(out: Path) -> float:
     return metrics[M.EVAL_LOSS]
 
 
-# ================================================================================ Slurm stand-ins
+# ================================================================================ Slurm
 @functools.lru_cache(maxsize=None)
 def venv_shims() -> Path:
     """A folder with `python`, `python3` and `accelerate` that run this interpreter's (the venv's)
@@ -445,34 +447,36 @@ def venv_shims() -> Path:
     return folder
 
 
-def slurm_env(state: Path, **extra: str) -> dict:
-    """The environment of a login shell with the stand-ins first on PATH, then the venv's
-    `python` and `accelerate` (`venv_shims`), which the script calls; no SLURM_* of this shell.
-    MAIN_PORT: a free port, as other tests use torchrun's default 29500 on this machine."""
-    path = os.pathsep.join([str(STANDINS), str(venv_shims()), os.environ["PATH"]])
+def slurm_env(cluster, **extra: str) -> dict:
+    """The environment of a login shell on the test cluster (`SlurmCluster`, the
+    ``slurm_cluster`` fixture): the venv's `python` and `accelerate` first on PATH
+    (`venv_shims`; a job runs with the environment it was submitted from, as sbatch's default
+    ``--export=ALL`` does), SLURM_CONF naming the cluster, no SLURM_* of this shell; offline,
+    one thread per process (`launch_env`)."""
     env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
-    return {**env, "PATH": path, "SLURM_STANDIN_STATE": str(state),
-            "MAIN_PORT": str(free_port()), **extra}
+    return {**env, "PATH": os.pathsep.join([str(venv_shims()), os.environ["PATH"]]),
+            **cluster.env, **extra}
 
 
-def submit(argv: list[str], env: dict, *, background: bool = False, timeout: int = 400):
-    """Run ``sbatch ...`` (argv[0] == "sbatch", resolved on the stand-in PATH) from the repo root;
-    returns the CompletedProcess (stderr in stdout), or the Popen when ``background`` (its pid is
-    the batch shell; call `kill_tree` on it when done). A job still running after ``timeout`` is
-    killed with every process it started."""
-    assert argv[0] == "sbatch"
-    cmd = [str(STANDINS / "sbatch"), *argv[1:]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    if background:
-        return proc
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, _ = proc.communicate()
-        raise AssertionError(f"sbatch still running after {timeout} s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+SLURM_HEADER = "mlmkit: ===== job "  # recipes/slurm/mlm.sbatch's first line of each attempt
+RECIPE_LOG_LINES = ("data:", "isolation probe", "train:", "eval @ step", "resuming from",
+                    "stopped by", "done:")
+
+
+def slurm_attempts(log: str) -> list[str]:
+    """A Slurm job's output cut into its attempts (each starts with the script's header line)."""
+    return [part for part in re.split(f"(?m)^(?={re.escape(SLURM_HEADER)})", log)
+            if part.startswith(SLURM_HEADER)]
+
+
+def assert_logged_once(attempt: str) -> None:
+    """The recipe's own lines in one attempt of a multi-node job: each there once (printed by
+    the main process, not once per node), the data, probe and plan lines among them."""
+    lines = [line for line in attempt.splitlines() if line.startswith(RECIPE_LOG_LINES)]
+    repeated = sorted({line for line in lines if lines.count(line) > 1})
+    assert not repeated, f"printed more than once: {repeated}"
+    for prefix in ("data:", "isolation probe", "train:"):
+        assert sum(line.startswith(prefix) for line in lines) == 1, (prefix, attempt[-3000:])
 
 
 # ================================================================================ batches

@@ -6,8 +6,9 @@ work on a GPU node (as written) or on CPU (with only the README's CPU note appli
 * :func:`readme_launches`: every ``accelerate launch --config_file accelerate_configs/...`` and
   every ``sbatch`` line of the README's code blocks (backslash continuations joined); ``...`` is
   the README's placeholder for recipe flags.
-* :func:`cpu_note`: what the README tells a CPU user to change -- the ``accelerate launch`` flags
-  and the sbatch environment, parsed from the "**Without a GPU**" paragraph.
+* :func:`cpu_note`: what the README tells a CPU user to change -- the ``accelerate launch`` flags,
+  the sbatch options and the sbatch script's environment, parsed from the "**Without a GPU**"
+  paragraph.
 * :func:`accelerate_args` / :func:`sbatch_command`: a README line turned into a command for this
   machine, changing only what the CPU note says, with recipe flags in place of ``...``.
 """
@@ -18,6 +19,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -77,15 +79,24 @@ def readme_launches(readme: Path = README) -> list[Launch]:
     return launches
 
 
-def cpu_note(readme: Path = README) -> tuple[list, dict]:
-    """(flags to add to ``accelerate launch``, environment for the sbatch script) on CPU."""
+class CpuNote(NamedTuple):
+    accelerate: list  # flags added to `accelerate launch`
+    sbatch: list      # options added to `sbatch` (before the script: they override its #SBATCH)
+    env: dict         # the sbatch script's environment
+
+
+def cpu_note(readme: Path = README) -> CpuNote:
+    """What the README's "**Without a GPU**" paragraph changes: `accelerate launch` flags (its
+    first code span of flags), sbatch options (the span ``sbatch --opt ... ...``) and the sbatch
+    script's environment (``VAR=value`` spans)."""
     text = readme.read_text()
     start = text.index("**Without a GPU**")
     paragraph = text[start:text.index("\n\n", start)]
     spans = re.findall(r"`([^`]+)`", paragraph.replace("\n", " "))
     flags = next(shlex.split(s) for s in spans if s.startswith("--"))
+    sbatch = next(shlex.split(s)[1:] for s in spans if s.startswith("sbatch --"))
     env = dict(s.split("=", 1) for s in spans if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S+", s))
-    return flags, env
+    return CpuNote(flags, [a for a in sbatch if a != "..."], env)
 
 
 def launches_of(kind: str) -> list[Launch]:
@@ -108,13 +119,16 @@ def accelerate_args(launch: Launch, *, cpu: bool = True, replace: dict | None = 
     args[i + 1] = str(ROOT / args[i + 1])
     for option, value in (replace or {}).items():
         args[args.index(option) + 1] = str(value)
-    return args + (cpu_note()[0] if cpu else [])
+    return args + (cpu_note().accelerate if cpu else [])
 
 
-def sbatch_command(launch: Launch) -> tuple[list, dict]:
-    """(argv, env additions) for a README sbatch line run through the stand-ins on CPU: the
-    line's own environment plus the CPU note's."""
-    return [a for a in launch.argv if a != "..."], {**launch.env, **cpu_note()[1]}
+def sbatch_command(launch: Launch, *options: str) -> tuple[list, dict]:
+    """(argv, env additions) for a README sbatch line on a CPU cluster: the CPU note's sbatch
+    options (and then ``options``, e.g. ``--time=1``) right after ``sbatch``, where sbatch takes
+    options that override the script's #SBATCH lines; the line's own environment plus the
+    note's. ``...`` dropped: the caller appends recipe flags."""
+    argv = [a for a in launch.argv if a != "..."]
+    return [argv[0], *cpu_note().sbatch, *options, *argv[1:]], {**launch.env, **cpu_note().env}
 
 
 def readme_lines(prefix: str, readme: Path = README) -> list[list[str]]:

@@ -11,22 +11,22 @@ recipe flags; here it becomes the flags of a tiny, few-step run.
   next to a DeepSpeed JSON is refused. That is what a GPU node runs first.
 * Each `accelerate launch` line runs for real with the CPU note in test_distributed.py (its
   configs and its two-node launch are read from the README) and test_fsdp.py (FSDP2).
-* Each `sbatch` line runs for real here, through stand-ins for Slurm's commands
-  (tests/slurm_standins): the script, its flags and ACCELERATE_CONFIG as written, plus the CPU
-  note's GPUS_PER_NODE; precision stays the config's bf16.
+* Each `sbatch` line runs for real here, on a real Slurm cluster of two nodes on this machine
+  (the ``slurm_cluster`` fixture, tests/slurm_cluster.py): the script, its flags and
+  ACCELERATE_CONFIG as written, plus the CPU note's sbatch options and MIXED_PRECISION=no.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from helpers import ROOT, free_port, slurm_env, submit
+from helpers import (ROOT, assert_logged_once, free_port, run_recipe, slurm_attempts, slurm_env,
+                     train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import RECIPE_PATH, accelerate_args, launches_of, sbatch_command
@@ -105,21 +105,63 @@ def test_the_launch_check_refuses_precision_next_to_a_deepspeed_json(tmp_path):
     assert "will be ignored" in result["error"]
 
 
+SBATCH_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sbatch_args(tiny_args, tiny_bert_weights) -> list[str]:
+    """4 steps (fp32, no dropout), each logged, fine-tuning the tiny BERT's saved weights."""
+    i = tiny_args.index("--config_name")
+    return [*tiny_args[:i], "--model_name_or_path", tiny_bert_weights, *tiny_args[i + 2:],
+            "--max_train_steps", str(SBATCH_STEPS), "--logging_steps", "1",
+            "--learning_rate", "3e-3", "--max_train_samples", "200"]
+
+
+@pytest.fixture(scope="module")
+def readme_jobs(slurm_cluster, tmp_path_factory, sbatch_args) -> dict:
+    """Every README sbatch line, submitted at once to the test cluster as a CPU user submits it
+    (the README's CPU note; recipe flags for `...`): each job 2 nodes x 1 process x 4 examples x
+    2 accumulation steps. Both jobs share the nodes (1 of each node's 2 CPUs each): their
+    rendezvous ports must not collide. -> {config name: (job id, output_dir)}"""
+    jobs = {}
+    for launch in launches_of("sbatch"):
+        argv, env = sbatch_command(launch)
+        out = tmp_path_factory.mktemp(f"sbatch_{launch.config}") / "out"
+        job = slurm_cluster.sbatch(
+            [*argv, *sbatch_args, "--per_device_train_batch_size", "4",
+             "--gradient_accumulation_steps", "2", "--output_dir", str(out)],
+            slurm_env(slurm_cluster, **env))
+        jobs[launch.config] = (job, out)
+    return jobs
+
+
 @pytest.mark.parametrize("launch", launches_of("sbatch"), ids=lambda launch: launch.config)
-def test_readme_sbatch_line_trains_on_simulated_nodes(launch, tmp_path, tiny_args):
-    argv, env = sbatch_command(launch)
-    nodes = int(argv[argv.index("--nodes") + 1]) if "--nodes" in argv else 2  # #SBATCH --nodes=2
-    out = tmp_path / "out"
-    recipe = [*tiny_args, "--max_train_steps", "2", "--max_train_samples", "100",
-              "--max_eval_samples", "32", "--per_device_train_batch_size", "4",
-              "--output_dir", str(out)]
-    done = submit([*argv, *recipe], slurm_env(tmp_path / "slurm", **env))
-    assert done.returncode == 0, done.stdout[-6000:]
-    assert f"{nodes} nodes x 1 GPUs = {nodes} processes" in done.stdout
+def test_readme_sbatch_line_trains_on_two_slurm_nodes_like_one_process(
+        launch, readme_jobs, slurm_cluster, tmp_path, sbatch_args):
+    """The README's sbatch line on a real Slurm cluster of 2 nodes (DDP; ZeRO-3 through
+    ACCELERATE_CONFIG) gives the per-step losses and final eval of one process taking the whole
+    global batch of 16 (fp32, no dropout), within the suite's 1e-4; each recipe line is in the
+    job's output once, from the main process, not once per node."""
+    job, out = readme_jobs[launch.config]
+    ref = tmp_path / "one_process"  # meanwhile, in this process: the same flags, batch 16
+    reference = run_recipe([*launch.recipe_args, *sbatch_args, "--per_device_train_batch_size",
+                            "16", "--output_dir", ref], threads=1).result
+    record = slurm_cluster.wait(job)
+    log = slurm_cluster.output(job)
+    assert record["JobState"] == "COMPLETED", log[-6000:]
+    assert record["StdOut"] == str(ROOT / f"slurm-mlmkit-{job}.out")  # the name README gives
+    assert record["Restarts"] == "0" and record["NodeList"] == "node[1-2]"
+    (attempt,) = slurm_attempts(log)
+    assert "2 nodes x 1 processes = 2 processes" in attempt
+    # the head node by its address (NodeAddr): the node names do not resolve on this machine
+    assert "head node node1 at 127.0.0.1:" in attempt
+    assert_logged_once(attempt)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_processes"] == nodes and summary[M.STEP] == 2
-    assert math.isfinite(summary[M.EVAL_LOSS])
+    assert summary["num_processes"] == 2 and summary[M.STEP] == SBATCH_STEPS
+    assert [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r] == [1, 2, 3, 4]
+    losses, want = train_losses(out), train_losses(ref)
+    assert abs(want[-1] - want[0]) > 1e-3  # training moved: the comparison has teeth
+    for a, b in zip(want, losses, strict=True):
+        assert abs(a - b) / abs(a) <= 1e-4, (launch.config, want, losses)
+    assert summary[M.EVAL_LOSS] == pytest.approx(reference[M.EVAL_LOSS], rel=1e-4)
     assert (out / "model" / "config.json").is_file()
-    steps = [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r]
-    assert steps == [2]  # logged once, by the main process of the first node
-    assert not (tmp_path / "slurm" / "requeue.log").exists()

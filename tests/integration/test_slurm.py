@@ -1,109 +1,192 @@
-"""recipes/slurm/mlm.sbatch executed the way sbatch runs it, on stand-ins for Slurm's commands
-(tests/slurm_standins: one machine plays every node; srun starts one process group per node with
-SLURM_NODEID/SLURM_PROCID set, turns a SIGTERM into SIGKILL for its tasks and returns the highest
-task status, as the real one does; scontrol requeue and scancel are recorded).
+"""recipes/slurm/mlm.sbatch on a real Slurm cluster: slurmctld and two slurmd on this machine
+(the ``slurm_cluster`` fixture, tests/slurm_cluster.py; node names node1/node2 that do not
+resolve as host names, both nodes at 127.0.0.1). Every job is the README's DDP sbatch line as a
+CPU user submits it (the README's CPU note) with the flags of a tiny run for its `...`:
 
-Here: two nodes under DDP (multi_node.yaml, the script's default), a SIGTERM to the batch shell
-(what `--signal=B:TERM@120` sends before the time limit) that checkpoints, requeues and exits 0,
-and the requeued job resuming to the result of an uninterrupted run (one process with the same
-global batch, in this process: no dropout, so DDP's per-step losses equal it within float noise,
-as tests/integration/test_distributed.py shows). The README's two sbatch lines (DDP on 4 nodes,
-ZeRO-3 on 2 via ACCELERATE_CONFIG) run in test_readme_launches.py: training on simulated nodes
-is shown there.
+* a real time limit (`--time=1`, the script's own `--signal=B:TERM@120`) pre-empts the run:
+  every process checkpoints, the script requeues the job, the requeued attempt resumes and ends
+  at the result of an uninterrupted run (one process, the same global batch, in this process),
+  and the job's output holds both attempts, each recipe line once per attempt;
+* a second job into the same output folder is refused at once, naming the first; then one
+  node's processes are SIGKILLed mid-run (a lost node): the job fails within --ddp_timeout,
+  and the same command submitted again resumes from the newest complete checkpoint to the
+  uninterrupted result;
+* a bad recipe flag fails the job before any node starts.
+
+The README's two sbatch lines train and match one process in test_readme_launches.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import time
 
 import pytest
 
+from helpers import (assert_logged_once, complete_checkpoints, run_recipe, slurm_attempts,
+                     slurm_env, train_losses)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import validate_checkpoint
 from mlmkit.tracking import read_metrics
-from helpers import kill_tree, run_recipe, slurm_env, submit, train_losses
+from readme_commands import launches_of, sbatch_command
 
-SCRIPT = "recipes/slurm/mlm.sbatch"
+STEPS = 60
+DDP_TIMEOUT = 60
 
 
-@pytest.fixture()
-def slow_args(tiny_args) -> list[str]:
-    """24 optimizer steps of 2 x 2 examples (fp32, no dropout), logged every step: slow enough
-    to be signalled mid-run, small enough to run twice."""
-    return [*tiny_args, "--max_train_steps", "24", "--max_train_samples", "200",
+@pytest.fixture(scope="module")
+def readme_line():
+    """The README's DDP sbatch line (accelerate_configs/multi_node.yaml, the script's default)."""
+    (line,) = [launch for launch in launches_of("sbatch") if launch.config == "multi_node"]
+    return line
+
+
+@pytest.fixture(scope="module")
+def job_args(tiny_args) -> list[str]:
+    """STEPS optimizer steps of 2 processes x 2 examples (fp32, no dropout), each logged, a
+    checkpoint every 10: long enough to be pre-empted or to lose a node mid-run."""
+    return [*tiny_args, "--max_train_steps", str(STEPS), "--max_train_samples", "200",
             "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--max_eval_samples", "32"]
+            "--max_eval_samples", "32", "--checkpointing_steps", "10", "--save_total_limit", "2",
+            "--ddp_timeout", str(DDP_TIMEOUT)]
 
 
-def wait_for_training(out, proc, timeout=240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        if (out / "metrics.jsonl").exists() and any(
-                M.TRAIN_LOSS in r for r in read_metrics(out)):
-            return
-        time.sleep(0.2)
-    raise AssertionError("no training step logged")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, readme_line, job_args):
+    """The uninterrupted run: the same flags (the README line's own included), the global batch
+    of 4 in one process, in this process. -> its output folder."""
+    ref = tmp_path_factory.mktemp("reference") / "run"
+    result = run_recipe([*readme_line.recipe_args, *job_args, "--per_device_train_batch_size",
+                         "4", "--output_dir", ref], threads=1).result
+    assert result[M.STEP] == STEPS
+    return ref
 
 
-def test_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_result(
-        tmp_path, slow_args):
-    # --- uninterrupted: the same 24 global batches of 4 in one process
-    ref = tmp_path / "reference"
-    reference = run_recipe([*slow_args, "--per_device_train_batch_size", "4",
-                            "--output_dir", ref], threads=1).result
-    assert reference[M.STEP] == 24
-
-    # --- the same job, SIGTERM to its batch shell once training runs
-    out, state = tmp_path / "preempted", tmp_path / "slurm"
-    env = slurm_env(state, GPUS_PER_NODE="1", SLURM_JOB_ID="4242")
-    job = submit(["sbatch", SCRIPT, *slow_args, "--output_dir", str(out)], env, background=True)
-    try:
-        wait_for_training(out, job)
-        t0 = time.monotonic()
-        job.send_signal(signal.SIGTERM)
-        log = job.communicate(timeout=120)[0]
-    finally:
-        if job.poll() is None:  # a failure above: leave no process behind
-            kill_tree(job.pid)
-            job.communicate()
-    assert job.returncode == 0, log[-4000:]  # the documented status after a requeue
-    assert time.monotonic() - t0 < 60
-    assert (state / "scancel.log").read_text() == "--signal=TERM 4242\n"
-    assert (state / "requeue.log").read_text() == "requeue 4242\n"
-    assert "requeued job 4242" in log and "training step ended with status 0" in log
-    # the launchers exit 0 without torchrun's SignalException traceback; srun killed nobody
-    assert "Traceback" not in log and "forcing job termination" not in log
-    assert not (out / "summary.json").exists() and not (out / "model").exists()
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and validate_checkpoint(checkpoints[0]) is None
-    stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 1 <= stopped_at < 24
-    assert f"stopped by SIGTERM after step {stopped_at} of 24" in log
-
-    # --- Slurm runs the requeued job: the same script, the same arguments
-    again = submit(["sbatch", SCRIPT, *slow_args, "--output_dir", str(out)],
-                   {**env, "SLURM_RESTART_COUNT": "1"})
-    assert again.returncode == 0, again.stdout[-4000:]
-    assert f"resuming from {checkpoints[0]}" in again.stdout
-    assert "restart 1" in again.stdout and "2 nodes x 1 GPUs = 2 processes" in again.stdout
-    resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["num_processes"] == 2 and resumed[M.STEP] == 24
+def assert_same_as_reference(out, ref) -> None:
+    """Every step once, across attempts; every step's loss and the final eval those of the
+    uninterrupted run (DDP vs one process: within float noise, as test_distributed.py shows)."""
     steps = [r[M.STEP] for r in read_metrics(out) if M.TRAIN_LOSS in r]
-    assert steps == list(range(1, 25))  # each step once, across the requeue
-    # every step, before and after the requeue, and the final eval: the uninterrupted result
+    assert steps == list(range(1, STEPS + 1))
     for a, b in zip(train_losses(ref), train_losses(out), strict=True):
         assert a == pytest.approx(b, rel=1e-4)
-    assert resumed[M.EVAL_LOSS] == pytest.approx(reference[M.EVAL_LOSS], abs=1e-5, rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary[M.STEP] == STEPS
+    want = json.loads((ref / "summary.json").read_text())[M.EVAL_LOSS]
+    assert summary[M.EVAL_LOSS] == pytest.approx(want, abs=1e-5, rel=1e-5)
 
 
-def test_a_bad_recipe_flag_fails_before_any_node_starts(tmp_path, tiny_args):
-    state = tmp_path / "slurm"
-    done = submit(["sbatch", SCRIPT, *tiny_args, "--learning_rate", "-1",
-                   "--output_dir", str(tmp_path / "out")],
-                  slurm_env(state, GPUS_PER_NODE="1"), timeout=60)
-    assert done.returncode != 0
-    assert "mlmkit: error: learning_rate=-1.0: must be positive" in done.stdout
-    assert not list(state.glob("step-*"))  # srun never ran
+def test_a_time_limit_preempts_the_run_which_checkpoints_requeues_and_resumes_to_the_same_result(
+        slurm_cluster, tmp_path, readme_line, job_args, request):
+    # --time: what the README lets a user set; 1 minute, Slurm's shortest. The script's
+    # --signal=B:TERM@120 then asks for the warning at once: slurmctld sends it at its next time
+    # check (every 30 s). Submitted 6-10 s before one, so the job's processes are running (they
+    # may still be starting: the script signals again every 2 s until they stop).
+    argv, env = sbatch_command(readme_line, "--time=1")
+    out = tmp_path / "run"
+    slurm_cluster.wait_for_time_check(within=(6, 10))
+    job = slurm_cluster.sbatch([*argv, *job_args, "--output_dir", str(out)],
+                               slurm_env(slurm_cluster, **env))
+    reference = request.getfixturevalue("reference")  # computed while the job runs
+    requeued = slurm_cluster.wait(
+        job, lambda r: r["Restarts"] != "0" or r["JobState"] in slurm_cluster.FINAL, timeout=120)
+    assert requeued["Restarts"] == "1", slurm_cluster.output(job)[-6000:]
+    # A real cluster gives the requeued attempt the whole --time again; one minute would warn
+    # every attempt at its first time check. So the requeued job gets 10 (as an admin would).
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
+    record = slurm_cluster.wait(job)
+    log = slurm_cluster.output(job)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-6000:]
+
+    # --- the job's output holds both attempts, each under its header
+    first, second = slurm_attempts(log)
+    assert f"job {job} attempt 1 (restart 0)" in first
+    assert f"job {job} attempt 2 (restart 1)" in second
+    assert "mlmkit: SIGTERM: every training process checkpoints" in first
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of (\d+); saved (\S+)\.", first)
+    assert stopped, first[-6000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < STEPS and stopped.group(3) == str(out / "checkpoints" / f"checkpoint-{step}")
+    assert "training step ended with status 0" in first and f"requeued job {job}" in first
+    # the launchers exit 0 without torchrun's SignalException traceback; srun killed nobody
+    assert "Traceback" not in log and "forcing job termination" not in log
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'} (step {step};" in second
+    assert "done: eval perplexity" in second
+    for attempt in (first, second):
+        assert_logged_once(attempt)
+
+    # --- the requeued attempt ended where the uninterrupted run did
+    assert_same_as_reference(out, reference)
+
+
+def test_a_second_job_into_the_folder_is_refused_and_a_lost_node_fails_the_job_which_resumes(
+        slurm_cluster, tmp_path, readme_line, job_args, reference):
+    argv, env = sbatch_command(readme_line)
+    out = tmp_path / "run"
+    command = [*argv, *job_args, "--output_dir", str(out)]
+    env = slurm_env(slurm_cluster, **env)
+    job = slurm_cluster.sbatch(command, env)
+    lock = out / "run.lock"
+    slurm_cluster.wait(job, lambda r: lock.exists() or r["JobState"] in slurm_cluster.FINAL,
+                       timeout=120)
+    holder = json.loads(lock.read_text())
+    assert holder["slurm_job_id"] == job
+
+    # --- the same command again while the first job runs: refused at once, naming the holder,
+    # before any node starts
+    t0 = time.monotonic()
+    second = slurm_cluster.sbatch(command, env)
+    refused = slurm_cluster.wait(second, timeout=60)
+    assert time.monotonic() - t0 < 30
+    second_log = slurm_cluster.output(second)
+    assert refused["JobState"] == "FAILED", second_log
+    assert (f"mlmkit: error: output_dir={str(out)!r} is in use by another run (pid "
+            f"{holder['pid']} on host {holder['host']}, started {holder['started']}, Slurm job "
+            f"{job};") in second_log
+    assert "nodes x" not in second_log  # refused before srun
+    assert slurm_cluster.job(job)["JobState"] == "RUNNING"
+
+    # --- a complete checkpoint, then node2 is lost: SIGKILL to every process of the job there
+    while not complete_checkpoints(out):
+        assert slurm_cluster.job(job)["JobState"] == "RUNNING", slurm_cluster.output(job)[-6000:]
+        time.sleep(0.05)
+    victims = slurm_cluster.job_processes(job, "node2")
+    assert victims
+    t0 = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    record = slurm_cluster.wait(job, timeout=DDP_TIMEOUT + 60)
+    assert time.monotonic() - t0 < DDP_TIMEOUT + 30  # a clear failure, not a hang
+    log = slurm_cluster.output(job)
+    assert record["JobState"] == "FAILED", log[-6000:]
+    assert "srun: error: node2: task 1: Killed" in log
+    assert "mlmkit: error: the training step failed" in log
+    assert not (out / "summary.json").exists()
+    newest = complete_checkpoints(out)[-1]
+    assert validate_checkpoint(out / "checkpoints" / f"checkpoint-{newest}") is None
+    assert newest < STEPS
+
+    # --- the same command submitted again resumes from the newest complete checkpoint
+    again = slurm_cluster.sbatch(command, env)
+    record = slurm_cluster.wait(again)
+    log = slurm_cluster.output(again)
+    assert record["JobState"] == "COMPLETED", log[-6000:]
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{newest}'} (step {newest};" in log
+    assert_logged_once(log)
+    assert_same_as_reference(out, reference)
+
+
+def test_a_bad_recipe_flag_fails_the_job_before_any_node_starts(slurm_cluster, tmp_path,
+                                                                readme_line, tiny_args):
+    argv, env = sbatch_command(readme_line)
+    job = slurm_cluster.sbatch([*argv, *tiny_args, "--learning_rate", "-1",
+                                "--output_dir", str(tmp_path / "out")],
+                               slurm_env(slurm_cluster, **env))
+    record = slurm_cluster.wait(job, timeout=60)
+    log = slurm_cluster.output(job)
+    assert record["JobState"] == "FAILED"
+    assert "mlmkit: error: learning_rate=-1.0: must be positive" in log
+    assert "nodes x" not in log  # srun never ran
+    assert not (tmp_path / "out").exists()

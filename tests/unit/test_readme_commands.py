@@ -17,6 +17,7 @@ def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():
         ("multi_node", {}), ("zero3", {"ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"})]
     for launch in readme_launches():
         assert (ROOT / "accelerate_configs" / f"{launch.config}.yaml").is_file(), launch.text
-    flags, env = cpu_note()
-    assert flags[:2] == ["--num_processes", "2"]
-    assert env == {"GPUS_PER_NODE": "1"}
+    note = cpu_note()
+    assert note.accelerate[:2] == ["--num_processes", "2"]
+    assert note.sbatch == ["--gpus-per-node=0", "--cpus-per-task=1"]
+    assert note.env == {"MIXED_PRECISION": "no"}
