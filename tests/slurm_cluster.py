@@ -10,8 +10,8 @@ Nothing is installed or changed outside ``folder``: the daemons read ``SLURM_CON
 client command the tests run gets it too), munged has its own socket and key. Node names
 (node1, node2, ...) do not resolve as host names, as on many real clusters: whatever must reach
 a node uses its NodeAddr. `SlurmCluster.stop` cancels every job, stops the daemons and then
-SIGKILLs whatever still carries this cluster's SLURM_CONF in its environment (steps, their
-processes), so nothing outlives the fixture.
+SIGKILLs whatever of the cluster remains (`leftovers`: step daemons, job processes), so nothing
+outlives the fixture.
 
 Debian's packages (Slurm 22.05): ``apt-get install -y slurm-wlm munge`` (`make test` runs it as
 root when ``slurmctld`` is missing). `missing` says what is not installed.
@@ -198,7 +198,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, and SIGKILL whatever of this cluster remains
-        (any process with this cluster's SLURM_CONF in its environment)."""
+        (`leftovers`); the jobs' output files move out of the repository, into the folder."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--signal=KILL", "--user", _user()], check=False)
             self.run(["scancel", "--user", _user()], check=False)
@@ -228,18 +228,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 shutil.move(str(path), kept / path.name)
 
     def leftovers(self) -> list[int]:
-        """Processes that carry this cluster's SLURM_CONF in their environment (daemons, steps,
-        job processes, clients), this process excepted."""
+        """This cluster's processes: its daemons and step daemons, and every process of its jobs
+        (all carry this cluster's SLURM_CONF in their environment; a shell that merely exported
+        it, running no job, is not one of them)."""
         marker = f"SLURM_CONF={self.conf}".encode()
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                environ = (entry / "environ").read_bytes()
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                name = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            if marker in environ.split(b"\0"):
+            if marker in environ and (name in (*DAEMONS, "slurmstepd") or any(
+                    item.startswith(b"SLURM_JOB_ID=") for item in environ)):
                 found.append(int(entry.name))
         return found
 
