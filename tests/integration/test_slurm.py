@@ -3,7 +3,7 @@
 resolve as host names, both nodes at 127.0.0.1). Every job is the README's DDP sbatch line as a
 CPU user submits it (the README's CPU note) with the flags of a tiny run for its `...`:
 
-* a real time limit (`--time=1`, the script's own `--signal=B:TERM@120`) pre-empts the run:
+* a real time limit (`--time=2`, the script's own `--signal=B:TERM@120`) pre-empts the run:
   every process checkpoints, the script requeues the job, the requeued attempt resumes and ends
   at the result of an uninterrupted run (one process, the same global batch, in this process),
   and the job's output holds both attempts, each recipe line once per attempt;
@@ -80,11 +80,12 @@ def assert_same_as_reference(out, ref) -> None:
 
 def test_a_time_limit_preempts_the_run_which_checkpoints_requeues_and_resumes_to_the_same_result(
         slurm_cluster, tmp_path, readme_line, job_args, request):
-    # --time: what the README lets a user set; 1 minute, Slurm's shortest. The script's
-    # --signal=B:TERM@120 then asks for the warning at once: slurmctld sends it at its next time
-    # check (every 30 s). Submitted 6-10 s before one, so the job's processes are running (they
-    # may still be starting: the script signals again every 2 s until they stop).
-    argv, env = sbatch_command(readme_line, "--time=1")
+    # --time: what the README lets a user set; 2 minutes, so the script's --signal=B:TERM@120
+    # asks for the warning at once: slurmctld sends it at its next time check (every 30 s), and
+    # the limit itself leaves the stop a minute and more. Submitted 6-10 s before a check, so the
+    # job's processes are running (they may still be starting: the script signals again every
+    # 2 s until they stop).
+    argv, env = sbatch_command(readme_line, "--time=2")
     out = tmp_path / "run"
     slurm_cluster.wait_for_time_check(within=(6, 10))
     job = slurm_cluster.sbatch([*argv, *job_args, "--output_dir", str(out)],
@@ -93,7 +94,7 @@ def test_a_time_limit_preempts_the_run_which_checkpoints_requeues_and_resumes_to
     requeued = slurm_cluster.wait(
         job, lambda r: r["Restarts"] != "0" or r["JobState"] in slurm_cluster.FINAL, timeout=120)
     assert requeued["Restarts"] == "1", slurm_cluster.output(job)[-6000:]
-    # A real cluster gives the requeued attempt the whole --time again; one minute would warn
+    # A real cluster gives the requeued attempt the whole --time again; two minutes would warn
     # every attempt at its first time check. So the requeued job gets 10 (as an admin would).
     slurm_cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
     record = slurm_cluster.wait(job)
