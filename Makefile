@@ -17,14 +17,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# On a machine without CUDA, DeepSpeed compiles its shared-memory collective op the first time a
+# ZeRO run starts (about 40 s here, cached in ~/.cache/torch_extensions per venv path): built once
+# here, with the venv, as DeepSpeed's own pre-build (DS_BUILD_OPS) would, rather than inside the
+# first ZeRO launch of the tests.
+DS_CPU_OPS := $(VENV)/.deepspeed-cpu-ops
+$(DS_CPU_OPS): $(STAMP)
+	$(BIN)/python -c "import torch, sys; sys.exit(torch.cuda.is_available())" && \
+	    DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+	    || true
+	touch $@
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	    recipes/mlm.py --config recipes/configs/demo.yaml $(ARGS)
 
 # Every test: tests/unit (in process) and tests/integration (launched processes, the Slurm
-# script on a real Slurm cluster of this machine: tests/slurm_cluster.py).
-test: $(STAMP) slurm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+# script on a real Slurm cluster of this machine: tests/slurm_cluster.py), on every core
+# (pytest-xdist: a test module is one unit of work; tests/conftest.py says how launches are grouped).
+XDIST = -n auto --dist loadgroup
+test: $(STAMP) $(DS_CPU_OPS) slurm
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST) $(ARGS)
 
 # Slurm and munge for the tests' cluster (Debian's slurm-wlm), installed when slurmctld is missing
 # and this is root with apt-get (this project's machines, CI); elsewhere the Slurm tests skip,
@@ -44,7 +57,7 @@ slurm:
 # The fast tier for the edit loop: the unit tests (the recipe's single-process runs in process
 # included) but the per-architecture sweep; no launched processes.
 check: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/unit -m "not sweep" $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST) tests/unit -m "not sweep" $(ARGS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py

@@ -17,10 +17,19 @@ import yaml
 from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
+# `make test` runs the suite on every core (pytest-xdist, --dist loadgroup). A test module is one
+# unit of work (its module fixtures are built once); launches of several processes that take
+# torchrun's default port 29500, as the README's lines do, are one group, so they never run at
+# the same time (they carry helpers.DEFAULT_PORT).
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "integration" in Path(str(item.fspath)).parts:
+        path = Path(str(item.fspath))
+        if "integration" in path.parts:
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{path.parent.name}/{path.stem}"))
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # `python tests/architectures.py`
     sys.path.insert(0, str(ROOT / "src"))
@@ -228,6 +230,11 @@ def run_cli(main, argv: list[str]) -> Exit:
 
 
 # ================================================================================ launched
+# Launches of several processes that use torchrun's default port 29500 (the README's lines name no
+# port) carry this mark: under `make test` (pytest-xdist) they run one at a time.
+DEFAULT_PORT = pytest.mark.xdist_group("torchrun_default_port")
+
+
 def launch_env(**extra: str) -> dict:
     """The environment of every process the tests start: offline hub and datasets, one thread
     per process (2 cores are shared by several processes)."""

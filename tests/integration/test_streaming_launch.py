@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import (ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
+from helpers import (DEFAULT_PORT, ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
                      wait_for_checkpoint)
 from mlmkit import tracking as M
 from mlmkit.data import embedded_corpus
@@ -68,6 +68,7 @@ def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, ar
     assert_same_run(out, ref)
 
 
+@DEFAULT_PORT
 def test_streaming_ddp_sigkill_then_resume_matches(tmp_path, args):
     """Two processes, each its own two shards: trains, and the killed-and-resumed run ends where
     the uninterrupted one does (within 1e-5: gloo's all-reduce order)."""
@@ -84,6 +85,7 @@ def test_streaming_ddp_sigkill_then_resume_matches(tmp_path, args):
     assert_same_run(out, ref, tol=1e-5)
 
 
+@DEFAULT_PORT
 def test_weighted_mixture_lands_in_the_summary(tmp_path, args, tokenizer_path):
     """Two JSON-lines sources at 0.7 / 0.3, streamed: the summary holds the mixture, the tokens
     trained per source (all processes) and shares near the weights (the 2-point bound over 200
