@@ -20,7 +20,8 @@ from helpers import ROOT, SENTENCES, tiny_config_dir
 # `make test` runs the suite on every core (pytest-xdist, --dist loadgroup). A test module is one
 # unit of work (its module fixtures are built once); launches of several processes that take
 # torchrun's default port 29500, as the README's lines do, are one group, so they never run at
-# the same time (they carry helpers.DEFAULT_PORT).
+# the same time (they carry helpers.DEFAULT_PORT). Tests on the test Slurm cluster are one group
+# too (helpers.SLURM_CLUSTER): one worker starts the cluster and runs their jobs.
 
 
 def pytest_collection_modifyitems(items):

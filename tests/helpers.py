@@ -10,9 +10,9 @@ README's commands are read by readme_commands.py).
   `finish`, `kill_tree`, `free_port`, `recipe_pids`, `wait_gone`, `wait_for_checkpoint`,
   `complete_checkpoints`
 * comparing runs: `train_losses`, `assert_same_run`, `exported_eval_loss`
-* Slurm: `slurm_env` (a login shell's environment on the test cluster, tests/slurm_cluster.py),
-  `slurm_attempts` and `assert_logged_once` (a job's output); `STANDINS` (tests/slurm_standins,
-  for the unit tests of the script's logic)
+* Slurm: `SLURM_CLUSTER` (the mark of tests on the test cluster, tests/slurm_cluster.py),
+  `slurm_env` (a login shell's environment there), `slurm_attempts` and `assert_logged_once` (a
+  job's output); `STANDINS` (tests/slurm_standins, for the unit tests of the script's logic)
 * batches: `split_batch` (per-example views of a collated batch), `random_examples`,
   `word_level_tokenizer`
 * fake checkpoints: `make_checkpoint`, `run_config`
@@ -452,6 +452,11 @@ def venv_shims() -> Path:
         (folder / name).write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
         (folder / name).chmod(0o755)
     return folder
+
+
+# Tests that submit to the test cluster carry this mark: under `make test` (pytest-xdist) they
+# share one worker, so one cluster (the session's slurm_cluster) runs their jobs one test at a time.
+SLURM_CLUSTER = pytest.mark.xdist_group("slurm_cluster")
 
 
 def slurm_env(cluster, **extra: str) -> dict:

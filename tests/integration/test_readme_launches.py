@@ -25,8 +25,8 @@ import textwrap
 
 import pytest
 
-from helpers import (DEFAULT_PORT, ROOT, assert_logged_once, free_port, run_recipe, slurm_attempts,
-                     slurm_env, train_losses)
+from helpers import (DEFAULT_PORT, ROOT, SLURM_CLUSTER, assert_logged_once, free_port, run_recipe,
+                     slurm_attempts, slurm_env, train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import RECIPE_PATH, accelerate_args, launches_of, sbatch_command
@@ -136,6 +136,7 @@ def readme_jobs(slurm_cluster, tmp_path_factory, sbatch_args) -> dict:
     return jobs
 
 
+@SLURM_CLUSTER
 @pytest.mark.parametrize("launch", launches_of("sbatch"), ids=lambda launch: launch.config)
 def test_readme_sbatch_line_trains_on_two_slurm_nodes_like_one_process(
         launch, readme_jobs, slurm_cluster, tmp_path, sbatch_args):

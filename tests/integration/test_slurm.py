@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from helpers import (assert_logged_once, complete_checkpoints, run_recipe, slurm_attempts,
-                     slurm_env, train_losses)
+from helpers import (SLURM_CLUSTER, assert_logged_once, complete_checkpoints, run_recipe,
+                     slurm_attempts, slurm_env, train_losses)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import validate_checkpoint
 from mlmkit.tracking import read_metrics
@@ -35,6 +35,7 @@ from readme_commands import launches_of, sbatch_command
 
 STEPS = 60
 DDP_TIMEOUT = 60
+pytestmark = SLURM_CLUSTER  # one worker, one cluster, one job set at a time under `make test`
 
 
 @pytest.fixture(scope="module")
