@@ -35,7 +35,7 @@ demo: $(STAMP)
 # Every test: tests/unit (in process) and tests/integration (launched processes, the Slurm
 # script on a real Slurm cluster of this machine: tests/slurm_cluster.py), on every core
 # (pytest-xdist: a test module is one unit of work; tests/conftest.py says how launches are grouped).
-XDIST = -n auto --dist loadgroup
+XDIST = -n auto --dist loadscope
 test: $(STAMP) $(DS_CPU_OPS) slurm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST) $(ARGS)
 

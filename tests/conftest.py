@@ -8,7 +8,10 @@ Slurm cluster on this machine (the ``slurm_cluster`` fixture, tests/slurm_cluste
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,20 +20,41 @@ import yaml
 from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
-# `make test` runs the suite on every core (pytest-xdist, --dist loadgroup). A test module is one
-# unit of work (its module fixtures are built once); launches of several processes that take
-# torchrun's default port 29500, as the README's lines do, are one group, so they never run at
-# the same time (they carry helpers.DEFAULT_PORT). Tests on the test Slurm cluster are one group
-# too (helpers.SLURM_CLUSTER): one worker starts the cluster and runs their jobs.
+# `make test` runs the suite on every core (pytest-xdist, --dist loadscope): a test module is one
+# unit of work, so its module fixtures are built once. Tests that need a machine-wide resource
+# carry `pytest.mark.exclusive(name)` (helpers.DEFAULT_PORT: launches of several processes on
+# torchrun's default port 29500, as the README's lines are) and take a file lock for it, held for
+# the module when the module carries the mark, else for the test: one at a time on this machine,
+# whichever worker or session runs them.
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        path = Path(str(item.fspath))
-        if "integration" in path.parts:
+        if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(f"{path.parent.name}/{path.stem}"))
+
+
+@contextlib.contextmanager
+def _exclusive(mark):
+    (name,) = mark.args
+    with open(Path(tempfile.gettempdir()) / f"mlmkit-tests-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exclusive_module(request):
+    mark = request.node.get_closest_marker("exclusive")
+    with _exclusive(mark) if mark else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _exclusive_test(request):
+    mark = request.node.get_closest_marker("exclusive")
+    held = request.node.getparent(pytest.Module).get_closest_marker("exclusive")  # by the module
+    with _exclusive(mark) if mark and not held else contextlib.nullcontext():
+        yield
 
 
 @pytest.fixture(scope="session")

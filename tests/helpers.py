@@ -231,8 +231,9 @@ def run_cli(main, argv: list[str]) -> Exit:
 
 # ================================================================================ launched
 # Launches of several processes that use torchrun's default port 29500 (the README's lines name no
-# port) carry this mark: under `make test` (pytest-xdist) they run one at a time.
-DEFAULT_PORT = pytest.mark.xdist_group("torchrun_default_port")
+# port) carry this mark: one at a time on this machine, under `make test`'s workers too (a file
+# lock, tests/conftest.py).
+DEFAULT_PORT = pytest.mark.exclusive("torchrun_port_29500")
 
 
 def launch_env(**extra: str) -> dict:
@@ -454,9 +455,9 @@ def venv_shims() -> Path:
     return folder
 
 
-# Tests that submit to the test cluster carry this mark: under `make test` (pytest-xdist) they
-# share one worker, so one cluster (the session's slurm_cluster) runs their jobs one test at a time.
-SLURM_CLUSTER = pytest.mark.xdist_group("slurm_cluster")
+# Tests that submit to the test cluster (the worker's session fixture slurm_cluster) carry this
+# mark: `make test ARGS="-m slurm"` runs them alone.
+SLURM_CLUSTER = pytest.mark.slurm
 
 
 def slurm_env(cluster, **extra: str) -> dict:
