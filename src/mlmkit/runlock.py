@@ -12,6 +12,8 @@ exit); a run killed with SIGKILL leaves it behind, and then:
   :attr:`RunLock.warning`;
 * the same Slurm job, an earlier incarnation (the job was requeued: ``SLURM_RESTART_COUNT``
   differs): stale as well, whatever the host -- Slurm runs one incarnation of a job at a time;
+* another Slurm job that Slurm no longer runs (``squeue`` knows it no more, or lists it ended):
+  stale, whatever the host -- e.g. a job whose node was lost, resubmitted as a new job;
 * another host: considered live (its process cannot be checked from here); the error says so,
   with the fix: delete the lock file if that job is dead.
 
@@ -26,7 +28,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
@@ -76,6 +80,26 @@ def _holder_info() -> dict:
         if os.environ.get(env) is not None:
             info[key] = os.environ[env]
     return info
+
+
+SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+               "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def slurm_job_ended(job_id: str) -> bool:
+    """Whether Slurm says job ``job_id`` runs no longer (False where ``squeue`` is absent or does
+    not answer: then nobody can tell)."""
+    if not shutil.which("squeue"):
+        return False
+    try:
+        asked = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if "Invalid job id" in asked.stderr:  # finished longer ago than Slurm keeps jobs
+        return True
+    states = set(asked.stdout.split())
+    return asked.returncode == 0 and states <= SLURM_ENDED
 
 
 def describe(info: dict) -> str:
@@ -226,6 +250,9 @@ class RunLock:
                 and holder.get("slurm_restart_count") != restarts):
             return (f"it belongs to an earlier run of this Slurm job (restart "
                     f"{holder.get('slurm_restart_count')}; this is restart {restarts})")
+        holder_job = holder.get("slurm_job_id")
+        if holder_job is not None and holder_job != job and slurm_job_ended(holder_job):
+            return f"Slurm runs its job {holder_job} no longer"
         if holder.get("host") != socket.gethostname():
             return None
         pid = holder.get("pid")

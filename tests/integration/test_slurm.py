@@ -30,6 +30,8 @@ from helpers import (SLURM_CLUSTER, assert_logged_once, complete_checkpoints, ru
                      slurm_attempts, slurm_env, train_losses)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import validate_checkpoint
+from mlmkit.config import ConfigError
+from mlmkit.runlock import RunLock
 from mlmkit.tracking import read_metrics
 from readme_commands import launches_of, sbatch_command
 
@@ -192,3 +194,33 @@ def test_a_bad_recipe_flag_fails_the_job_before_any_node_starts(slurm_cluster, t
     assert "mlmkit: error: learning_rate=-1.0: must be positive" in log
     assert "nodes x" not in log  # srun never ran
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lock_left_by_a_job_that_slurm_no_longer_runs_is_stale(slurm_cluster, tmp_path,
+                                                                 monkeypatch):
+    """A run killed with its node leaves run.lock naming its job and a host this node cannot
+    check: stale once Slurm lists that job as ended (the resubmitted job takes it over, with a
+    warning), live while Slurm still has it (pending or running)."""
+    env = slurm_env(slurm_cluster)
+    ended = slurm_cluster.sbatch(["sbatch", "--wrap", "true"], env)
+    assert slurm_cluster.wait(ended)["JobState"] == "COMPLETED"
+    waiting = slurm_cluster.sbatch(["sbatch", "--wrap", "sleep 120"], env)
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    try:
+        for job, stale in ((ended, True), (waiting, False), ("999999", True)):
+            out = tmp_path / f"run-{job}"
+            out.mkdir()
+            holder = {"host": "node-lost", "pid": 4242, "started": "2026-11-30T00:00:00+00:00",
+                      "slurm_job_id": job}
+            (out / "run.lock").write_text(json.dumps(holder) + "\n")
+            if stale:
+                with RunLock(out) as lock:
+                    assert f"Slurm runs its job {job} no longer" in lock.warning
+                    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+            else:
+                with pytest.raises(ConfigError, match=rf"in use by another run .*Slurm job {job}"):
+                    RunLock(out).acquire()
+                assert json.loads((out / "run.lock").read_text()) == holder  # left alone
+    finally:
+        slurm_cluster.run(["scancel", waiting])
