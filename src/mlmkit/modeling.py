@@ -59,7 +59,62 @@ def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
         model = _load_embedded(kwargs, log)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if not cfg.attn_implementation:  # the user named none: the project picks the packed path
+        use_packed_attention(model)
     return model
+
+
+# Architectures whose attention goes through transformers' registry but whose own mask code
+# cannot isolate packed examples: they run mlmkit's registered attention function
+# (`attention.py`), which computes each example of a packed row alone. ModernBERT's local layers
+# window within the example there; ESM's embeddings see a 2-D mask only.
+PACKED_ATTENTION_TYPES = ("modernbert", "esm")
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch ``model`` to mlmkit's packed attention function (`attention.PACKED_ATTENTION`)
+    where its architecture needs it (`PACKED_ATTENTION_TYPES`); True if switched. Padded batches
+    then run transformers' SDPA under the model's own mask, as before."""
+    if getattr(model.config, "model_type", None) not in PACKED_ATTENTION_TYPES:
+        return False
+    from .attention import register
+    model.set_attn_implementation(register())
+    if model.config.model_type == "esm" and getattr(model.config, "token_dropout", False):
+        _per_example_token_dropout(model.base_model)
+    return True
+
+
+def _per_example_token_dropout(esm: nn.Module) -> None:
+    """ESM's token dropout rescales a row's embeddings by its share of mask tokens
+    (``0.88 / (1 - masked / row length)``): per row, not per example. In packed rows (flash form:
+    boundaries in ``cu_seq_lens_q``) the word embeddings are pre-scaled by
+    ``(1 - row share) / (1 - example share)`` so that each example gets its own factor."""
+    from .attention import segment_ids
+    embeddings = esm.embeddings
+    inner = embeddings.forward
+    state: dict = {}
+
+    def stash(module, args, kwargs):
+        state["cu"] = kwargs.get("cu_seq_lens_q")
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        cu = state.pop("cu", None)
+        if cu is not None and input_ids is not None and inputs_embeds is None:
+            n_rows, width = input_ids.shape
+            masked = (input_ids == embeddings.mask_token_id).float()  # (R, T)
+            lengths = attention_mask.sum(-1) if attention_mask is not None else width  # as ESM
+            row_share = masked.sum(-1) / lengths  # (R,)
+            seg = segment_ids(cu, n_rows, width).flatten()  # (R*T,)
+            share = (torch.bincount(seg, weights=masked.flatten())
+                     / torch.bincount(seg).clamp(min=1))[seg].view(n_rows, width)  # (R, T)
+            factor = (1 - row_share)[:, None] / (1 - share)  # (R, T)
+            inputs_embeds = embeddings.word_embeddings(input_ids) * factor[..., None].to(
+                embeddings.word_embeddings.weight.dtype)
+        return inner(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+    esm.register_forward_pre_hook(stash, with_kwargs=True)
+    embeddings.forward = forward
 
 
 def _load_embedded(kwargs: dict, log=None) -> nn.Module:

@@ -120,3 +120,74 @@ def test_from_scratch_without_a_tokenizer_uses_the_embedded_one(tiny_bert_dir):
     from mlmkit.modeling import load_tokenizer
     tokenizer = load_tokenizer(parse_config(["--config_name", tiny_bert_dir]))
     assert tokenizer.name_or_path == str(embedded_model_path()) and len(tokenizer) == 30522
+
+
+# -- packed rows on the architectures mlmkit packs through its own paths ----------------------
+
+ESM2 = {"position_embedding_type": "rotary", "token_dropout": True, "emb_layer_norm_before": False}
+PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2)]
+
+
+def packed_and_padded(model, tokenizer, examples, sparse: bool):
+    """{padding: (mean eval loss, masked tokens, batch)} for the same examples and masks (the
+    masks follow each example's idx), padded and packed, as the recipe lays them out."""
+    from mlmkit.collator import MaskedLMCollator, model_inputs
+    from mlmkit.modeling import attn_implementation
+    module = MaskedLMModule(model, sparse_prediction=sparse)
+    items = [{"input_ids": e, "idx": i} for i, e in enumerate(examples)]
+    out = {}
+    for padding in ("longest", "packed"):
+        collator = MaskedLMCollator(tokenizer, mlm_probability=0.3, padding=padding,
+                                    max_length=160, seed=3, position_offset=position_offset(model),
+                                    attn_implementation=attn_implementation(model))
+        batch = model_inputs(collator(items))
+        with torch.no_grad():
+            loss, count = module(**batch)
+        out[padding] = (float(loss) / int(count), int(count), batch)
+    return out
+
+
+def eval_examples(tokenizer, text_examples):
+    from mlmkit.probe import probe_examples
+    return probe_examples(tokenizer, 128) + text_examples  # the long one reaches past windows
+
+
+@pytest.mark.parametrize("model_type, overrides", PACKED_PATHS)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_packed_eval_loss_equals_padded(model_type, overrides, sparse, tokenizer, text_examples):
+    """fp32, the same examples and masks: packed rows give the padded eval loss within 1e-4,
+    on the path training takes (`use_packed_attention`, as load_model picks it)."""
+    from mlmkit.modeling import use_packed_attention
+    overrides = {**overrides, "mask_token_id": tokenizer.mask_token_id} \
+        if model_type == "esm" else overrides
+    model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides)
+    assert use_packed_attention(model)
+    examples = eval_examples(tokenizer, text_examples)
+    out = packed_and_padded(model, tokenizer, examples, sparse)
+    (padded, n_padded, _), (packed, n_packed, batch) = out["longest"], out["packed"]
+    assert batch["input_ids"].shape[0] < len(examples)  # rows really hold several examples
+    assert n_packed == n_padded > 0
+    assert abs(packed - padded) <= 1e-4, (packed, padded)
+
+
+def test_esm_token_dropout_is_rescaled_per_example(tokenizer, text_examples):
+    """ESM-2's token dropout scales a row by its share of mask tokens: without mlmkit's per-example
+    rescaling, packed rows would change the loss (the test above would catch it)."""
+    from mlmkit.attention import register
+    model = tiny_model("esm", len(tokenizer), tokenizer.pad_token_id,
+                       mask_token_id=tokenizer.mask_token_id, **ESM2)
+    model.set_attn_implementation(register())  # the attention alone, without the rescaling
+    out = packed_and_padded(model, tokenizer, eval_examples(tokenizer, text_examples), True)
+    assert abs(out["packed"][0] - out["longest"][0]) > 1e-4
+
+
+def test_packed_attention_windows_within_the_example():
+    """The block mask of mlmkit's attention: same example, and within the sliding window."""
+    from mlmkit.attention import block_mask
+    cu = torch.tensor([0, 3, 8, 10, 16, 20], dtype=torch.int32)  # 2 rows of 10
+    full = block_mask(cu, 2, 10)[:, 0]
+    assert full[0, 0, 2] and not full[0, 2, 3] and full[0, 3, 7] and not full[0, 7, 8]
+    assert full[1, 0, 5] and not full[1, 5, 6]  # row 1: segments [10, 16), [16, 20)
+    windowed = block_mask(cu, 2, 10, window=2)[:, 0]
+    assert windowed[0, 3, 5] and not windowed[0, 3, 6] and not windowed[0, 2, 3]
+    assert torch.equal(windowed, full & windowed)
