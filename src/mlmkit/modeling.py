@@ -59,8 +59,7 @@ def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
         model = _load_embedded(kwargs, log)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if not cfg.attn_implementation:  # the user named none: the project picks the packed path
-        use_packed_attention(model)
+    use_packed_path(model, attention=not cfg.attn_implementation)
     return model
 
 
@@ -71,17 +70,59 @@ def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
 PACKED_ATTENTION_TYPES = ("modernbert", "esm")
 
 
-def use_packed_attention(model: nn.Module) -> bool:
-    """Switch ``model`` to mlmkit's packed attention function (`attention.PACKED_ATTENTION`)
-    where its architecture needs it (`PACKED_ATTENTION_TYPES`); True if switched. Padded batches
-    then run transformers' SDPA under the model's own mask, as before."""
-    if getattr(model.config, "model_type", None) not in PACKED_ATTENTION_TYPES:
-        return False
+# Architectures with attention code of their own that take a (batch, query, key) mask: the
+# collator's packed block mask reaches them in that form (`_deberta_block_mask`); their relative
+# positions are differences within the row, the same as within the example.
+BLOCK_MASK_3D_TYPES = ("deberta", "deberta-v2")
+
+
+def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
+    """Give ``model`` the project's exact packed path where its architecture needs one, and name
+    it (None: the collator's packed layout as it is). The start-up probe then checks this path.
+
+    * `PACKED_ATTENTION_TYPES` (with ``attention``: the user named no --attn_implementation):
+      mlmkit's packed attention function (`attention.PACKED_ATTENTION`); padded batches run
+      transformers' SDPA under the model's own mask, as before;
+    * `BLOCK_MASK_3D_TYPES`: the packed block mask handed over as the 3-D mask they accept.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in BLOCK_MASK_3D_TYPES:
+        _deberta_block_mask(model.base_model)
+        return "block_mask_3d"
+    if model_type not in PACKED_ATTENTION_TYPES or not attention:
+        return None
     from .attention import register
     model.set_attn_implementation(register())
     if model.config.model_type == "esm" and getattr(model.config, "token_dropout", False):
         _per_example_token_dropout(model.base_model)
-    return True
+    return "attention"
+
+
+def _deberta_block_mask(deberta: nn.Module) -> None:
+    """DeBERTa(-v2/v3) takes a 3-D (batch, query, key) mask in its encoder, but its embeddings
+    multiply by the mask as if it were 2-D (a 3-D mask crashes there). The collator's packed
+    (R, 1, T, T) mask (bool, or additive float for eager: 0 = attend) becomes a bool (R, T, T)
+    mask, and the embeddings get its diagonal (every position of a packed row is its own
+    segment's, padding included: nothing to zero). 2-D masks pass unchanged."""
+    if getattr(deberta, "_mlmkit_block_mask", False):
+        return
+
+    def to_3d(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            kwargs["attention_mask"] = (mask[:, 0] == 0) if mask.is_floating_point() \
+                else mask[:, 0].bool()  # (R, T, T)
+        return args, kwargs
+
+    def diagonal(module, args, kwargs):
+        mask = kwargs.get("mask")
+        if mask is not None and mask.dim() == 3:
+            kwargs["mask"] = mask.diagonal(dim1=1, dim2=2)  # (R, T)
+        return args, kwargs
+
+    deberta.register_forward_pre_hook(to_3d, with_kwargs=True)
+    deberta.embeddings.register_forward_pre_hook(diagonal, with_kwargs=True)
+    deberta._mlmkit_block_mask = True
 
 
 def _per_example_token_dropout(esm: nn.Module) -> None:
@@ -91,6 +132,9 @@ def _per_example_token_dropout(esm: nn.Module) -> None:
     ``(1 - row share) / (1 - example share)`` so that each example gets its own factor."""
     from .attention import segment_ids
     embeddings = esm.embeddings
+    if getattr(embeddings, "_mlmkit_per_example", False):
+        return
+    embeddings._mlmkit_per_example = True
     inner = embeddings.forward
     state: dict = {}
 

@@ -125,7 +125,12 @@ def test_from_scratch_without_a_tokenizer_uses_the_embedded_one(tiny_bert_dir):
 # -- packed rows on the architectures mlmkit packs through its own paths ----------------------
 
 ESM2 = {"position_embedding_type": "rotary", "token_dropout": True, "emb_layer_norm_before": False}
-PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2)]
+DEBERTA_V3 = {"relative_attention": True, "position_biased_input": False, "legacy": False,
+              "pos_att_type": ["p2c", "c2p"], "position_buckets": 256, "max_relative_positions": -1,
+              "norm_rel_ebd": "layer_norm", "share_att_key": True}
+PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2), ("deberta", {}),
+                ("deberta", {"relative_attention": True}), ("deberta-v2", {}),
+                ("deberta-v2", DEBERTA_V3)]
 
 
 def packed_and_padded(model, tokenizer, examples, sparse: bool):
@@ -156,12 +161,12 @@ def eval_examples(tokenizer, text_examples):
 @pytest.mark.parametrize("sparse", [True, False])
 def test_packed_eval_loss_equals_padded(model_type, overrides, sparse, tokenizer, text_examples):
     """fp32, the same examples and masks: packed rows give the padded eval loss within 1e-4,
-    on the path training takes (`use_packed_attention`, as load_model picks it)."""
-    from mlmkit.modeling import use_packed_attention
+    on the path training takes (`use_packed_path`, as load_model picks it)."""
+    from mlmkit.modeling import use_packed_path
     overrides = {**overrides, "mask_token_id": tokenizer.mask_token_id} \
         if model_type == "esm" else overrides
     model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides)
-    assert use_packed_attention(model)
+    assert use_packed_path(model)
     examples = eval_examples(tokenizer, text_examples)
     out = packed_and_padded(model, tokenizer, examples, sparse)
     (padded, n_padded, _), (packed, n_packed, batch) = out["longest"], out["packed"]
@@ -175,14 +180,14 @@ def test_esm_token_dropout_is_rescaled_per_example(tokenizer, text_examples):
     rescaling, packed rows move the loss (5e-5 on this tiny pre-LN model: layer norms absorb most
     of a row's scale); with it, packed equals padded to float noise."""
     from mlmkit.attention import register
-    from mlmkit.modeling import use_packed_attention
+    from mlmkit.modeling import use_packed_path
     examples = eval_examples(tokenizer, text_examples)
     diffs = []
     for rescale in (False, True):
         model = tiny_model("esm", len(tokenizer), tokenizer.pad_token_id,
                            mask_token_id=tokenizer.mask_token_id, **ESM2)
         if rescale:
-            use_packed_attention(model)
+            use_packed_path(model)
         else:
             model.set_attn_implementation(register())  # the attention alone
         out = packed_and_padded(model, tokenizer, examples, True)
