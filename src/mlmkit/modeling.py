@@ -74,6 +74,14 @@ PACKED_ATTENTION_TYPES = ("modernbert", "esm")
 # collator's packed block mask reaches them in that form (`_deberta_block_mask`); their relative
 # positions are differences within the row, the same as within the example.
 BLOCK_MASK_3D_TYPES = ("deberta", "deberta-v2")
+# Architectures that build their attention mask from a 2-D one inside forward(): the 2-D mask
+# they are given is all ones, and the packed block mask is handed to the module that takes the
+# built mask, in the form it takes (`_handover_block_mask`): model type -> (the modules, the form).
+BLOCK_MASK_HANDOVER = {
+    "xlm": (lambda base: list(base.attentions), "bool_3d"),        # (R, T, T), True = attend
+    "flaubert": (lambda base: list(base.attentions), "bool_3d"),
+    "layoutlm": (lambda base: [base.encoder], "additive_4d"),      # (R, 1, T, T), 0 / finfo.min
+}
 
 
 def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
@@ -83,9 +91,22 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
     * `PACKED_ATTENTION_TYPES` (with ``attention``: the user named no --attn_implementation):
       mlmkit's packed attention function (`attention.PACKED_ATTENTION`); padded batches run
       transformers' SDPA under the model's own mask, as before;
-    * `BLOCK_MASK_3D_TYPES`: the packed block mask handed over as the 3-D mask they accept.
+    * `BLOCK_MASK_3D_TYPES`: the packed block mask handed over as the 3-D mask they accept;
+    * `BLOCK_MASK_HANDOVER`: the packed block mask handed to the modules that take the mask the
+      model builds.
+
+    X-MOD runs one language adapter per batch: a model whose config lists one language gets it as
+    the default; with several, the config's ``default_language`` must say which (else the probe
+    reports transformers' error and the run is refused).
     """
     model_type = getattr(model.config, "model_type", None)
+    languages = list(getattr(model.config, "languages", None) or ())
+    if model_type == "xmod" and model.config.default_language is None and len(languages) == 1:
+        model.set_default_language(languages[0])  # X-MOD needs a language; one is unambiguous
+    if model_type in BLOCK_MASK_HANDOVER:
+        modules, form = BLOCK_MASK_HANDOVER[model_type]
+        _handover_block_mask(model.base_model, modules(model.base_model), form)
+        return "block_mask_handover"
     if model_type in BLOCK_MASK_3D_TYPES:
         _deberta_block_mask(model.base_model)
         return "block_mask_3d"
@@ -96,6 +117,54 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
     if model.config.model_type == "esm" and getattr(model.config, "token_dropout", False):
         _per_example_token_dropout(model.base_model)
     return "attention"
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """The collator's packed (R, 1, T, T) mask as bool, True = may attend (SDPA's form is bool;
+    eager's additive float: 0 = attend)."""
+    return mask.bool() if mask.dtype == torch.bool else mask == 0
+
+
+def _handover_block_mask(base: nn.Module, targets: list[nn.Module], form: str) -> None:
+    """For a model that builds its attention mask from a 2-D one (XLM, FlauBERT, LayoutLM): a
+    packed 4-D ``attention_mask`` is taken off the model's input (which gets a 2-D all-ones mask:
+    every position of a packed row belongs to a segment, padding included) and handed to each of
+    ``targets`` in place of the mask it is given (its second argument), in ``form``. 2-D masks
+    (padded batches) pass unchanged."""
+    if getattr(base, "_mlmkit_handover", False):
+        return
+    base._mlmkit_handover = True
+    state: dict = {}
+
+    def take(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        state.pop("mask", None)
+        if mask is not None and mask.dim() == 4:
+            allowed = _allowed(mask[:, 0])  # (R, T, T)
+            state["mask"] = allowed
+            kwargs["attention_mask"] = torch.ones(allowed.shape[:2], dtype=torch.long,
+                                                  device=allowed.device)  # (R, T)
+        return args, kwargs
+
+    def give(module, args, kwargs):
+        allowed = state.get("mask")
+        if allowed is None:
+            return args, kwargs
+        if form == "bool_3d":
+            mask = allowed
+        else:  # additive_4d, in the dtype of the hidden states
+            dtype = args[0].dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)[:, None]  # (R, 1, T, T)
+        if len(args) > 1:
+            args = (args[0], mask, *args[2:])
+        else:
+            kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    base.register_forward_pre_hook(take, with_kwargs=True)
+    for target in targets:
+        target.register_forward_pre_hook(give, with_kwargs=True)
 
 
 def _deberta_block_mask(deberta: nn.Module) -> None:
@@ -186,6 +255,8 @@ def position_offset(model: nn.Module) -> int:
     """First position id of a sequence: 0 for BERT, ``padding_idx + 1`` for RoBERTa-style models,
     whose position embeddings reserve the ids up to the pad id."""
     embeddings = getattr(model.base_model, "embeddings", None)
+    if isinstance(embeddings, nn.Embedding):  # XLM, FlauBERT: the word embeddings, positions from 0
+        return 0
     padding_idx = getattr(embeddings, "padding_idx", None)
     return 0 if padding_idx is None else int(padding_idx) + 1
 
@@ -218,13 +289,20 @@ HEAD_LAYOUTS = {
     "cls": (("cls",), _chain("cls")),                # BERT, MiniLM, MegatronBERT, RoFormer, ...
     "lm_head": (("lm_head",), _chain("lm_head")),    # RoBERTa, XLM-R, CamemBERT, MPNet, ESM, ...
     "predictions": (("predictions",), _chain("predictions")),  # ALBERT
+    "pred_layer": (("pred_layer.proj",), lambda m, h: m.pred_layer.proj(h)),  # XLM, FlauBERT
 }
+
+
+def _attr(obj, dotted: str):
+    for name in dotted.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def mlm_head_layout(model: nn.Module) -> str | None:
     """The name of the model's head layout in `HEAD_LAYOUTS`, or None (full head only)."""
     for name, (attrs, _) in HEAD_LAYOUTS.items():
-        if all(isinstance(getattr(model, a, None), nn.Module) for a in attrs):
+        if all(isinstance(_attr(model, a), nn.Module) for a in attrs):
             return name
     return None
 

@@ -32,6 +32,7 @@ def batch(vocab=100, B=4, T=12):
     ("bert", {}, "cls"), ("roberta", {}, "lm_head"), ("modernbert", {}, "modernbert"),
     ("distilbert", {}, "distilbert"), ("albert", {}, "predictions"), ("electra", {}, "electra"),
     ("deberta-v2", {}, "cls"), ("deberta-v2", {"legacy": False}, "deberta"),
+    ("xlm", {}, "pred_layer"), ("flaubert", {}, "pred_layer"),
 ])
 
 
@@ -128,9 +129,13 @@ ESM2 = {"position_embedding_type": "rotary", "token_dropout": True, "emb_layer_n
 DEBERTA_V3 = {"relative_attention": True, "position_biased_input": False, "legacy": False,
               "pos_att_type": ["p2c", "c2p"], "position_buckets": 256, "max_relative_positions": -1,
               "norm_rel_ebd": "layer_norm", "share_att_key": True}
+PATH_OF = {"modernbert": "attention", "esm": "attention", "deberta": "block_mask_3d",
+           "deberta-v2": "block_mask_3d", "xlm": "block_mask_handover",
+           "flaubert": "block_mask_handover", "layoutlm": "block_mask_handover"}
 PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2), ("deberta", {}),
                 ("deberta", {"relative_attention": True}), ("deberta-v2", {}),
-                ("deberta-v2", DEBERTA_V3)]
+                ("deberta-v2", DEBERTA_V3), ("xlm", {}), ("flaubert", {}), ("layoutlm", {}),
+                ("xmod", {})]
 
 
 def packed_and_padded(model, tokenizer, examples, sparse: bool):
@@ -166,7 +171,7 @@ def test_packed_eval_loss_equals_padded(model_type, overrides, sparse, tokenizer
     overrides = {**overrides, "mask_token_id": tokenizer.mask_token_id} \
         if model_type == "esm" else overrides
     model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides)
-    assert use_packed_path(model)
+    assert use_packed_path(model) == PATH_OF.get(model_type)  # None: the collator's layout as is
     examples = eval_examples(tokenizer, text_examples)
     out = packed_and_padded(model, tokenizer, examples, sparse)
     (padded, n_padded, _), (packed, n_packed, batch) = out["longest"], out["packed"]
