@@ -93,7 +93,8 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
       transformers' SDPA under the model's own mask, as before;
     * `BLOCK_MASK_3D_TYPES`: the packed block mask handed over as the 3-D mask they accept;
     * `BLOCK_MASK_HANDOVER`: the packed block mask handed to the modules that take the mask the
-      model builds.
+      model builds;
+    * Longformer: its local attention computed exactly on packed rows (`_longformer_block_mask`).
 
     X-MOD runs one language adapter per batch: a model whose config lists one language gets it as
     the default; with several, the config's ``default_language`` must say which (else the probe
@@ -103,6 +104,9 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
     languages = list(getattr(model.config, "languages", None) or ())
     if model_type == "xmod" and model.config.default_language is None and len(languages) == 1:
         model.set_default_language(languages[0])  # X-MOD needs a language; one is unambiguous
+    if model_type == "longformer":
+        _longformer_block_mask(model.base_model)
+        return "longformer_exact"
     if model_type in BLOCK_MASK_HANDOVER:
         modules, form = BLOCK_MASK_HANDOVER[model_type]
         _handover_block_mask(model.base_model, modules(model.base_model), form)
@@ -125,14 +129,10 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool() if mask.dtype == torch.bool else mask == 0
 
 
-def _handover_block_mask(base: nn.Module, targets: list[nn.Module], form: str) -> None:
-    """For a model that builds its attention mask from a 2-D one (XLM, FlauBERT, LayoutLM): a
-    packed 4-D ``attention_mask`` is taken off the model's input (which gets a 2-D all-ones mask:
-    every position of a packed row belongs to a segment, padding included) and handed to each of
-    ``targets`` in place of the mask it is given (its second argument), in ``form``. 2-D masks
-    (padded batches) pass unchanged."""
-    if getattr(base, "_mlmkit_handover", False):
-        return
+def _take_block_mask(base: nn.Module) -> dict:
+    """A hook on ``base`` that takes a packed 4-D ``attention_mask`` off its input, replaces it by
+    a 2-D all-ones mask (every position of a packed row is in a segment, padding included) and
+    keeps it, bool (R, T, T), under ``"mask"`` of the returned dict until the next forward."""
     base._mlmkit_handover = True
     state: dict = {}
 
@@ -145,6 +145,64 @@ def _handover_block_mask(base: nn.Module, targets: list[nn.Module], form: str) -
             kwargs["attention_mask"] = torch.ones(allowed.shape[:2], dtype=torch.long,
                                                   device=allowed.device)  # (R, T)
         return args, kwargs
+
+    base.register_forward_pre_hook(take, with_kwargs=True)
+    return state
+
+
+def _longformer_block_mask(base: nn.Module) -> None:
+    """Longformer's local attention is a band of ``attention_window // 2`` positions each side,
+    computed in chunks that only mask keys: it cannot keep packed examples apart. For a packed
+    row (the collator's block mask, taken off the input by `_take_block_mask`), each layer's
+    self-attention runs exactly instead: SDPA under the block mask AND the band, with the layer's
+    own projections and scaling. The model's padding to a multiple of the window is one segment
+    per position. Padded batches, global attention (``attention_mask`` 2) and
+    ``output_attentions`` run Longformer's own code."""
+    if getattr(base, "_mlmkit_handover", False):
+        return
+    state = _take_block_mask(base)
+    for layer in base.encoder.layer:
+        attn = layer.attention.self
+        attn.forward = _exact_longformer(attn, attn.forward, state)
+
+
+def _exact_longformer(attn: nn.Module, inner, state: dict):
+    import math
+
+    def forward(hidden_states, attention_mask=None, is_index_masked=None,
+                is_index_global_attn=None, is_global_attn=None, output_attentions=False):
+        allowed = state.get("mask")
+        if allowed is None or is_global_attn or output_attentions:
+            return inner(hidden_states, attention_mask=attention_mask,
+                         is_index_masked=is_index_masked,
+                         is_index_global_attn=is_index_global_attn,
+                         is_global_attn=is_global_attn, output_attentions=output_attentions)
+        rows, width, dim = hidden_states.shape  # width: padded to a multiple of the window
+        n = allowed.shape[-1]
+        mask = torch.eye(width, dtype=torch.bool, device=allowed.device).repeat(rows, 1, 1)
+        mask[:, :n, :n] = allowed  # (R, T', T')
+        pos = torch.arange(width, device=allowed.device)
+        mask &= (pos[:, None] - pos[None, :]).abs() <= attn.one_sided_attn_window_size
+
+        def heads(x):  # (R, T', D) -> (R, H, T', d)
+            return x.view(rows, width, attn.num_heads, attn.head_dim).transpose(1, 2)
+        query = heads(attn.query(hidden_states) / math.sqrt(attn.head_dim))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, heads(attn.key(hidden_states)), heads(attn.value(hidden_states)),
+            attn_mask=mask[:, None], dropout_p=attn.dropout if attn.training else 0.0, scale=1.0)
+        return (out.transpose(1, 2).reshape(rows, width, dim),)
+    return forward
+
+
+def _handover_block_mask(base: nn.Module, targets: list[nn.Module], form: str) -> None:
+    """For a model that builds its attention mask from a 2-D one (XLM, FlauBERT, LayoutLM): a
+    packed 4-D ``attention_mask`` is taken off the model's input (which gets a 2-D all-ones mask:
+    every position of a packed row belongs to a segment, padding included) and handed to each of
+    ``targets`` in place of the mask it is given (its second argument), in ``form``. 2-D masks
+    (padded batches) pass unchanged."""
+    if getattr(base, "_mlmkit_handover", False):
+        return
+    state = _take_block_mask(base)
 
     def give(module, args, kwargs):
         allowed = state.get("mask")
@@ -162,7 +220,6 @@ def _handover_block_mask(base: nn.Module, targets: list[nn.Module], form: str) -
             kwargs["attention_mask"] = mask
         return args, kwargs
 
-    base.register_forward_pre_hook(take, with_kwargs=True)
     for target in targets:
         target.register_forward_pre_hook(give, with_kwargs=True)
 

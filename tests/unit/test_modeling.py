@@ -131,11 +131,12 @@ DEBERTA_V3 = {"relative_attention": True, "position_biased_input": False, "legac
               "norm_rel_ebd": "layer_norm", "share_att_key": True}
 PATH_OF = {"modernbert": "attention", "esm": "attention", "deberta": "block_mask_3d",
            "deberta-v2": "block_mask_3d", "xlm": "block_mask_handover",
-           "flaubert": "block_mask_handover", "layoutlm": "block_mask_handover"}
+           "flaubert": "block_mask_handover", "layoutlm": "block_mask_handover",
+           "longformer": "longformer_exact"}
 PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2), ("deberta", {}),
                 ("deberta", {"relative_attention": True}), ("deberta-v2", {}),
                 ("deberta-v2", DEBERTA_V3), ("xlm", {}), ("flaubert", {}), ("layoutlm", {}),
-                ("xmod", {})]
+                ("xmod", {}), ("longformer", {}), ("longformer", {"attention_window": 16})]
 
 
 def packed_and_padded(model, tokenizer, examples, sparse: bool):
