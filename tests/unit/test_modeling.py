@@ -211,3 +211,14 @@ def test_packed_attention_windows_within_the_example():
     windowed = block_mask(cu, 2, 10, window=2)[:, 0]
     assert windowed[0, 3, 5] and not windowed[0, 3, 6] and not windowed[0, 2, 3]
     assert torch.equal(windowed, full & windowed)
+
+
+def test_load_model_picks_the_packed_attention_unless_one_is_named(tmp_path, tokenizer):
+    from helpers import tiny_config_dir
+    from mlmkit.modeling import attn_implementation, load_model
+    folder = tiny_config_dir(tmp_path / "mb", "modernbert", tokenizer)
+    picked = load_model(parse_config(["--config_name", folder]), tokenizer)
+    named = load_model(parse_config(["--config_name", folder, "--attn_implementation", "sdpa"]),
+                       tokenizer)
+    assert attn_implementation(picked) == "mlmkit_packed"
+    assert attn_implementation(named) == "sdpa"
