@@ -24,6 +24,12 @@ for every mode, in one process run. Modes:
   so that "recipe vs inner loop" is one column. The inner-loop modes synchronise every step (to
   time it); the recipe's step does not, and is timed from the first to the last step's read.
 
+``--shape modernbert|deberta-v3|esm2`` trains, instead of the embedded MiniLM, a randomly
+initialised model of that architecture, realistically shaped but scaled down (`SHAPES`: the real
+configs' ratios and attention settings, fewer and narrower layers), with the embedded tokenizer
+and corpus; each runs the packed path mlmkit picks for it (`modeling.use_packed_path`), and the
+baseline the same model as transformers runs it.
+
 ``--torch_compile`` compiles the training module of every mlmkit mode and the recipe step (packed
 rows then have the fixed shape ``(rows, max_seq_length)``, as in the recipe); the first
 ``--warmup`` steps absorb compilation.
@@ -60,9 +66,56 @@ from mlmkit.data import (DataRepairs, IndexedExamples, RunData, load_raw_dataset
 from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
 from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_training,  # noqa: E402
                          train_step)
-from mlmkit.modeling import MaskedLMModule, load_model, load_tokenizer, position_offset  # noqa: E402
+from mlmkit.modeling import (MaskedLMModule, attn_implementation, load_model,  # noqa: E402
+                             load_tokenizer, position_offset)
 from mlmkit.prefetch import Prefetcher, build_step_source  # noqa: E402
 from mlmkit.plans import TrainPlan, micro_layout, plan_schedule  # noqa: E402
+
+
+# Scaled-down, realistically shaped configs (random init): the architecture's attention settings
+# as released, fewer/narrower layers so that a CPU runs them.
+SHAPES = {
+    # ModernBERT-base: 22 layers of 768, 12 heads, GLU 1152, a global layer every 3, local 128
+    "modernbert": ("modernbert", dict(hidden_size=256, num_hidden_layers=6,
+                                      num_attention_heads=4, intermediate_size=384,
+                                      global_attn_every_n_layers=3, local_attention=128)),
+    # DeBERTa-v3-base: 12 layers of 768, 12 heads, 3072 FFN, relative attention (p2c, c2p,
+    # 256 log buckets), no absolute positions
+    "deberta-v3": ("deberta-v2", dict(hidden_size=256, num_hidden_layers=4,
+                                      num_attention_heads=4, intermediate_size=1024,
+                                      relative_attention=True, position_biased_input=False,
+                                      pos_att_type=["p2c", "c2p"], position_buckets=256,
+                                      max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                                      share_att_key=True, legacy=False)),
+    # ESM-2 8M (esm2_t6_8M_UR50D) as released: 6 layers of 320, 20 heads, rotary, token dropout
+    "esm2": ("esm", dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=20,
+                         intermediate_size=1280, position_embedding_type="rotary",
+                         token_dropout=True, emb_layer_norm_before=False,
+                         max_position_embeddings=1026)),
+}
+
+
+def shape_config_dir(shape: str, folder: Path) -> str:
+    """``folder`` holding the config.json of ``shape`` for the embedded tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mlmkit.modelcheck import embedded_model_path
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    model_type, overrides = SHAPES[shape]
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    if model_type == "esm":
+        ids["mask_token_id"] = tok.mask_token_id
+    if model_type == "modernbert":
+        ids.update(cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    config = AutoConfig.for_model(model_type, **overrides, **ids)
+    if getattr(config, "layer_types", None) is not None and model_type == "modernbert":
+        every = overrides["global_attn_every_n_layers"]
+        config.layer_types = ["full_attention" if i % every == 0 else "sliding_attention"
+                              for i in range(config.num_hidden_layers)]
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    return str(folder)
 
 
 def peak_mem_gb(device) -> float | None:
@@ -194,7 +247,10 @@ def main() -> None:
                         help="rows per packed batch (default: batch_size)")
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--model_name_or_path", default=None)
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default=None,
+                        help="default: transformers' choice, or mlmkit's packed path (--shape)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="a scaled-down, randomly initialised model of this architecture")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--torch_compile", action="store_true",
                         help="torch.compile the training module (mlmkit modes and recipe)")
@@ -210,10 +266,15 @@ def main() -> None:
     from transformers import DataCollatorForLanguageModeling
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = ["--max_seq_length", str(args.max_seq_length), "--attn_implementation",
-             args.attn_implementation]
+    flags = ["--max_seq_length", str(args.max_seq_length)]
+    if args.attn_implementation:
+        flags += ["--attn_implementation", args.attn_implementation]
     if args.model_name_or_path:
         flags += ["--model_name_or_path", args.model_name_or_path]
+    if args.shape:
+        import tempfile
+        flags += ["--config_name",
+                  shape_config_dir(args.shape, Path(tempfile.mkdtemp()) / args.shape)]
     cfg = parse_config(flags)
     tokenizer = load_tokenizer(cfg)
     train = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["train"]
@@ -222,7 +283,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    offset = position_offset(model)
+    offset, attn = position_offset(model), attn_implementation(model)
     counter = FlopCounter.for_model(model)
     lengths = examples.lengths
 
@@ -235,8 +296,7 @@ def main() -> None:
         shape = run_shape(mode_cfg, num_processes=1, on_gpu=device.type == "cuda",
                           padding=padding)
         collator = MaskedLMCollator.from_config(tokenizer, mode_cfg, position_offset=offset,
-                                                attn_implementation=args.attn_implementation,
-                                                padding=padding,
+                                                attn_implementation=attn, padding=padding,
                                                 pad_to_multiple_of=shape.pad_to_multiple_of)
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
@@ -318,9 +378,11 @@ def main() -> None:
         f"{fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gb'], '.2f')} | "
         f"{r['ratio_vs_baseline']:.2f} | {fmt(r['ratio_vs_packed_sparse'], '.2f')} |"
         for r in results]
-    print(f"\n{device_name}; model {cfg.model_name_or_path or 'all-MiniLM-L6-v2 (embedded)'}, "
+    what = (f"{args.shape} shape (random init)" if args.shape else
+            cfg.model_name_or_path or "all-MiniLM-L6-v2 (embedded)")
+    print(f"\n{device_name}; model {what}, "
           f"batch {args.batch_size} (packed: {rows} rows of {args.max_seq_length}), "
-          f"{args.steps} timed steps, attn {args.attn_implementation}, "
+          f"{args.steps} timed steps, attn {attn}, "
           f"{'bf16' if args.bf16 else 'fp32'}{', torch.compile' if args.torch_compile else ''}, "
           f"peak {fmt(peak, '.0f')} TFLOP/s\n")
     print("\n".join(lines))

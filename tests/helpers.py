@@ -583,13 +583,15 @@ def masked_lm_types() -> list[str]:
 def probe_architecture(model_type: str, tokenizer):
     """(tiny model, IsolationResult) of the start-up probe on a tiny ``model_type``, or
     (None, None) where it cannot be built tiny."""
-    from mlmkit.modeling import MaskedLMModule, attn_implementation, position_offset
+    from mlmkit.modeling import (MaskedLMModule, attn_implementation, position_offset,
+                                 use_packed_path)
     from mlmkit.probe import probe_isolation
 
     try:
         model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id)
     except Exception:
         return None, None
+    use_packed_path(model)  # as load_model does: the attention training runs
     module = MaskedLMModule(model)
     result = probe_isolation(model, tokenizer, attn_implementation=attn_implementation(model),
                              position_offset=position_offset(model), max_length=128,

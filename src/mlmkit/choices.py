@@ -11,6 +11,10 @@ PADDING_CHOICES = ("auto", *PADDING_MODES)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 ADDITIVE_MASK_ATTENTION = ("eager", "flex_attention")  # take a float mask added to the scores
+# mlmkit's registered attention function (attention.py): chosen by the project for some models,
+# never a flag; packed rows reach it, like flash attention, as example boundaries.
+PACKED_ATTENTION = "mlmkit_packed"
+BOUNDARY_ATTENTION = (*FLASH_ATTENTION, PACKED_ATTENTION)  # packed rows as cu_seq_lens
 # --report_to -> the trackers Accelerate starts for it.
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
             "all": ["wandb", "tensorboard"], "none": []}

@@ -36,8 +36,10 @@ T the longest row rounded up to ``pad_to_multiple_of``::
     token_type_ids     (R, T) long   only when the examples carry them; 0 in padding
     attention_mask     sdpa:          (R, 1, T, T) bool, block-diagonal (True = may attend)
                        eager / flex:  (R, 1, T, T) float32 additive (0 = attend, finfo.min = not)
-                       flash_attention_*: (R, T) ones, with cu_seq_lens_q/k (int32) and
-                                      max_length_q/k (ints); untested here (no GPU)
+                       flash_attention_*, mlmkit_packed (attention.py):
+                                      (R, T) ones, with cu_seq_lens_q/k (int32) and
+                                      max_length_q/k (ints): each example a segment of the R*T
+                                      flattened positions, each row's padding tail one more
 
 With ``return_counts=True`` (the recipe's collators, `MaskedLMCollator.from_config`) every batch
 also carries the `METADATA_KEYS` (0-d long tensors) that `model_inputs` drops:
@@ -54,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .choices import ATTN_IMPLEMENTATIONS, PADDING_MODES
+from .choices import ATTN_IMPLEMENTATIONS, PACKED_ATTENTION, PADDING_MODES
 from .layout import Layout
 from .masking import Masker, VocabularyTables
 
@@ -132,9 +134,9 @@ def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
                     'convert the batch yourself, e.g. {k: v.numpy() for k, v in batch.items()}')
     if not isinstance(o["return_counts"], bool):
         raise _fail("return_counts", o["return_counts"], "pass True or False")
-    if o["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+    if o["attn_implementation"] not in (*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION):
         raise _fail("attn_implementation", o["attn_implementation"],
-                    f"use one of {ATTN_IMPLEMENTATIONS}")
+                    f"use one of {(*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION)}")
     if not _is_int(o["position_offset"]) or o["position_offset"] < 0:
         raise _fail("position_offset", o["position_offset"],
                     "use 0, or padding_idx + 1 (2) for RoBERTa-family models")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .choices import ADDITIVE_MASK_ATTENTION, FLASH_ATTENTION
+from .choices import ADDITIVE_MASK_ATTENTION, BOUNDARY_ATTENTION
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -251,7 +251,7 @@ class Layout:
         position_ids = torch.full((n_rows, width), self.position_offset, dtype=torch.long)
         position_ids[tok_row, tok_col] = within + self.position_offset  # restarts per example
         batch["position_ids"] = position_ids  # (R, T)
-        if self.attn_implementation in FLASH_ATTENTION:
+        if self.attn_implementation in BOUNDARY_ATTENTION:  # flash, mlmkit_packed
             ends = [row_of[i] * width + start_of[i] + n for i, n in enumerate(lengths)]
             batch.update(flash_boundaries(ends, n_rows, width))
             return batch

@@ -32,6 +32,7 @@ def batch(vocab=100, B=4, T=12):
     ("bert", {}, "cls"), ("roberta", {}, "lm_head"), ("modernbert", {}, "modernbert"),
     ("distilbert", {}, "distilbert"), ("albert", {}, "predictions"), ("electra", {}, "electra"),
     ("deberta-v2", {}, "cls"), ("deberta-v2", {"legacy": False}, "deberta"),
+    ("xlm", {}, "pred_layer"), ("flaubert", {}, "pred_layer"),
 ])
 
 
@@ -120,3 +121,104 @@ def test_from_scratch_without_a_tokenizer_uses_the_embedded_one(tiny_bert_dir):
     from mlmkit.modeling import load_tokenizer
     tokenizer = load_tokenizer(parse_config(["--config_name", tiny_bert_dir]))
     assert tokenizer.name_or_path == str(embedded_model_path()) and len(tokenizer) == 30522
+
+
+# -- packed rows on the architectures mlmkit packs through its own paths ----------------------
+
+ESM2 = {"position_embedding_type": "rotary", "token_dropout": True, "emb_layer_norm_before": False}
+DEBERTA_V3 = {"relative_attention": True, "position_biased_input": False, "legacy": False,
+              "pos_att_type": ["p2c", "c2p"], "position_buckets": 256, "max_relative_positions": -1,
+              "norm_rel_ebd": "layer_norm", "share_att_key": True}
+PATH_OF = {"modernbert": "attention", "esm": "attention", "deberta": "block_mask_3d",
+           "deberta-v2": "block_mask_3d", "xlm": "block_mask_handover",
+           "flaubert": "block_mask_handover", "layoutlm": "block_mask_handover",
+           "longformer": "longformer_exact"}
+PACKED_PATHS = [("modernbert", {}), ("esm", {}), ("esm", ESM2), ("deberta", {}),
+                ("deberta", {"relative_attention": True}), ("deberta-v2", {}),
+                ("deberta-v2", DEBERTA_V3), ("xlm", {}), ("flaubert", {}), ("layoutlm", {}),
+                ("xmod", {}), ("longformer", {}), ("longformer", {"attention_window": 16})]
+
+
+def packed_and_padded(model, tokenizer, examples, sparse: bool):
+    """{padding: (mean eval loss, masked tokens, batch)} for the same examples and masks (the
+    masks follow each example's idx), padded and packed, as the recipe lays them out."""
+    from mlmkit.collator import MaskedLMCollator, model_inputs
+    from mlmkit.modeling import attn_implementation
+    module = MaskedLMModule(model, sparse_prediction=sparse)
+    items = [{"input_ids": e, "idx": i} for i, e in enumerate(examples)]
+    out = {}
+    for padding in ("longest", "packed"):
+        collator = MaskedLMCollator(tokenizer, mlm_probability=0.3, padding=padding,
+                                    max_length=160, seed=3, position_offset=position_offset(model),
+                                    attn_implementation=attn_implementation(model))
+        batch = model_inputs(collator(items))
+        with torch.no_grad():
+            loss, count = module(**batch)
+        out[padding] = (float(loss) / int(count), int(count), batch)
+    return out
+
+
+def eval_examples(tokenizer, text_examples):
+    from mlmkit.probe import probe_examples
+    return probe_examples(tokenizer, 128) + text_examples  # the long one reaches past windows
+
+
+@pytest.mark.parametrize("model_type, overrides", PACKED_PATHS)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_packed_eval_loss_equals_padded(model_type, overrides, sparse, tokenizer, text_examples):
+    """fp32, the same examples and masks: packed rows give the padded eval loss within 1e-4,
+    on the path training takes (`use_packed_path`, as load_model picks it)."""
+    from mlmkit.modeling import use_packed_path
+    overrides = {**overrides, "mask_token_id": tokenizer.mask_token_id} \
+        if model_type == "esm" else overrides
+    model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id, **overrides)
+    assert use_packed_path(model) == PATH_OF.get(model_type)  # None: the collator's layout as is
+    examples = eval_examples(tokenizer, text_examples)
+    out = packed_and_padded(model, tokenizer, examples, sparse)
+    (padded, n_padded, _), (packed, n_packed, batch) = out["longest"], out["packed"]
+    assert batch["input_ids"].shape[0] < len(examples)  # rows really hold several examples
+    assert n_packed == n_padded > 0
+    assert abs(packed - padded) <= 1e-4, (packed, padded)
+
+
+def test_esm_token_dropout_is_rescaled_per_example(tokenizer, text_examples):
+    """ESM-2's token dropout scales a row by its share of mask tokens: without mlmkit's per-example
+    rescaling, packed rows move the loss (5e-5 on this tiny pre-LN model: layer norms absorb most
+    of a row's scale); with it, packed equals padded to float noise."""
+    from mlmkit.attention import register
+    from mlmkit.modeling import use_packed_path
+    examples = eval_examples(tokenizer, text_examples)
+    diffs = []
+    for rescale in (False, True):
+        model = tiny_model("esm", len(tokenizer), tokenizer.pad_token_id,
+                           mask_token_id=tokenizer.mask_token_id, **ESM2)
+        if rescale:
+            use_packed_path(model)
+        else:
+            model.set_attn_implementation(register())  # the attention alone
+        out = packed_and_padded(model, tokenizer, examples, True)
+        diffs.append(abs(out["packed"][0] - out["longest"][0]))
+    assert diffs[0] > 1e-5 and diffs[1] < 1e-6, diffs
+
+
+def test_packed_attention_windows_within_the_example():
+    """The block mask of mlmkit's attention: same example, and within the sliding window."""
+    from mlmkit.attention import block_mask
+    cu = torch.tensor([0, 3, 8, 10, 16, 20], dtype=torch.int32)  # 2 rows of 10
+    full = block_mask(cu, 2, 10)[:, 0]
+    assert full[0, 0, 2] and not full[0, 2, 3] and full[0, 3, 7] and not full[0, 7, 8]
+    assert full[1, 0, 5] and not full[1, 5, 6]  # row 1: segments [10, 16), [16, 20)
+    windowed = block_mask(cu, 2, 10, window=2)[:, 0]
+    assert windowed[0, 3, 5] and not windowed[0, 3, 6] and not windowed[0, 2, 3]
+    assert torch.equal(windowed, full & windowed)
+
+
+def test_load_model_picks_the_packed_attention_unless_one_is_named(tmp_path, tokenizer):
+    from helpers import tiny_config_dir
+    from mlmkit.modeling import attn_implementation, load_model
+    folder = tiny_config_dir(tmp_path / "mb", "modernbert", tokenizer)
+    picked = load_model(parse_config(["--config_name", folder]), tokenizer)
+    named = load_model(parse_config(["--config_name", folder, "--attn_implementation", "sdpa"]),
+                       tokenizer)
+    assert attn_implementation(picked) == "mlmkit_packed"
+    assert attn_implementation(named) == "sdpa"

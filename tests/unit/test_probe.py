@@ -51,3 +51,38 @@ def test_probe_verdict_is_enforced_and_in_the_readme(model_type, tokenizer):
         assert chosen == ("packed" if result.packed_isolated else "longest"), why
     assert architecture_row(model_type, result) in README, "README's architecture table is stale: run " \
         "`python tests/architectures.py` and paste its rows"
+
+
+# The architectures mlmkit packs through a path of its own (modeling.use_packed_path).
+OWN_PACKED_PATH = ("deberta", "deberta-v2", "esm", "flaubert", "layoutlm", "longformer",
+                   "modernbert", "xlm", "xmod")
+
+
+@pytest.mark.parametrize("model_type", OWN_PACKED_PATH)
+def test_own_packed_paths_are_proven_isolated(model_type, tokenizer):
+    """The probe, on the path training takes, finds packed and padded batches isolated and the
+    masked-only head equal to the full head."""
+    _, result = probed(model_type, tokenizer)
+    assert result.packed_isolated and result.padded_isolated, result
+    assert result.packed_leak <= result.tolerance and result.sparse_head
+    assert resolve_padding("auto", result)[0] == "packed"
+
+
+def test_modernbert_needs_the_window_within_the_example(tokenizer):
+    """Under SDPA with the collator's plain block mask, ModernBERT's local layers see the whole
+    long probe example (past their window): the probe refuses it. mlmkit's attention function
+    windows within the example: isolated."""
+    from helpers import tiny_model
+    from mlmkit.modeling import attn_implementation, position_offset, use_packed_path
+    from mlmkit.probe import probe_isolation
+    model = tiny_model("modernbert", len(tokenizer), tokenizer.pad_token_id,
+                       attn_implementation="sdpa")
+    results = []
+    for switch in (False, True):
+        if switch:
+            assert use_packed_path(model) == "attention"
+        results.append(probe_isolation(model, tokenizer, attn_implementation=attn_implementation(model),
+                                       position_offset=position_offset(model), max_length=128))
+    plain, own = results
+    assert plain.attn_implementation == "sdpa" and not plain.packed_isolated
+    assert own.attn_implementation == "mlmkit_packed" and own.packed_isolated

@@ -1,0 +1,122 @@
+"""mlmkit's own attention function for packed rows, registered in transformers' attention registry.
+
+Models whose attention goes through transformers' registry (``ALL_ATTENTION_FUNCTIONS``) but whose
+own mask code cannot isolate packed examples -- ModernBERT (its local layers build a
+sliding-window mask of their own, which a block-diagonal mask would widen to the whole example)
+and ESM (its embeddings multiply by a 2-D mask) -- run this function instead, under the name
+`PACKED_ATTENTION` (``modeling.PACKED_ATTENTION_TYPES``; the project chooses it, not the user).
+
+Packed rows reach it as the flash-attention form (`layout.flash_boundaries`): a 2-D all-ones
+``attention_mask`` and ``cu_seq_lens_q/k`` over the R*T flattened positions (each example one
+segment, each row's padding tail one more), which transformers hands every attention call in
+``**kwargs``. The function computes each example's attention alone:
+
+* on CUDA in half precision, with `torch.nn.attention.varlen.varlen_attn` where this torch has it:
+  no padding computed, sliding windows through ``window_size`` (untested here: no GPU);
+* elsewhere (CPU, fp32, dropout in training), exactly with SDPA under the block mask built from
+  the boundaries, AND the model's sliding window (``|i - j| <= window``) -- the path the tests and
+  the start-up probe run on CPU.
+
+Padded batches (no boundaries) go to transformers' own SDPA function with the mask the model
+built (transformers builds it in SDPA form: the mask function is registered under the same name).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .choices import PACKED_ATTENTION
+
+__all__ = ["PACKED_ATTENTION", "block_mask", "packed_attention_forward", "register"]
+
+
+def segment_ids(cu_seq_lens: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
+    """(R, T) long: the segment of every position, from the boundaries over R*T positions."""
+    starts = torch.zeros(n_rows * width + 1, dtype=torch.long, device=cu_seq_lens.device)
+    starts[cu_seq_lens.long()] = 1  # (R*T + 1,) 1 where a segment starts (and at the end)
+    return starts[:-1].cumsum(0).view(n_rows, width)  # (R, T)
+
+
+def block_mask(cu_seq_lens: torch.Tensor, n_rows: int, width: int,
+               window: int | None = None) -> torch.Tensor:
+    """(R, 1, T, T) bool, True = may attend: same segment, and within ``window`` positions of
+    each other when given (a bidirectional sliding window, bounds inclusive)."""
+    seg = segment_ids(cu_seq_lens, n_rows, width)  # (R, T)
+    allowed = seg[:, :, None] == seg[:, None, :]  # (R, T, T)
+    if window is not None:
+        pos = torch.arange(width, device=seg.device)
+        allowed &= (pos[:, None] - pos[None, :]).abs() <= window  # (T, T) broadcast
+    return allowed[:, None]
+
+
+class _MaskCache:
+    """The block masks of the current forward: every layer gets the same boundaries tensor, so
+    each (boundaries, window) mask is built once per forward, not once per layer."""
+
+    def __init__(self):
+        self.cu: torch.Tensor | None = None
+        self.masks: dict = {}
+
+    def get(self, cu: torch.Tensor, n_rows: int, width: int, window: int | None) -> torch.Tensor:
+        if self.cu is not cu or self.version != cu._version:
+            self.cu, self.version, self.masks = cu, cu._version, {}
+        key = (n_rows, width, window)
+        if key not in self.masks:
+            self.masks[key] = block_mask(cu, n_rows, width, window)
+        return self.masks[key]
+
+
+_CACHE = _MaskCache()
+
+
+def varlen_available(query: torch.Tensor) -> bool:
+    """Whether the CUDA variable-length kernel can run these inputs."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             dropout: float = 0.0, scaling: float | None = None,
+                             sliding_window: int | None = None, cu_seq_lens_q=None,
+                             cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """An attention function of transformers' registry: query/key/value (R, H, T, D) ->
+    ((R, T, H, D), None). ``sliding_window`` is in the form transformers passes it (ModernBERT:
+    the half window + 1, flash's convention): a position sees those within ``sliding_window - 1``.
+    """
+    if cu_seq_lens_q is None:  # padded batch: the model's own (SDPA-form) mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    n_rows, heads, width, dim = query.shape
+    half = sliding_window - 1 if sliding_window is not None else None
+    if varlen_available(query) and dropout == 0.0 and key.shape[1] == heads:
+        from torch.nn.attention.varlen import varlen_attn
+        flat = [t.transpose(1, 2).reshape(n_rows * width, heads, dim) for t in (query, key, value)]
+        cu_q = cu_seq_lens_q.to(torch.int32)
+        cu_k = (cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q).to(torch.int32)
+        out = varlen_attn(*flat, cu_q, cu_k, int(max_length_q or width),
+                          int(max_length_k or max_length_q or width), scale=scaling,
+                          window_size=(half, half) if half is not None else (-1, -1))
+        return out.view(n_rows, width, heads, dim), None
+    mask = _CACHE.get(cu_seq_lens_q, n_rows, width, half)  # (R, 1, T, T)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=key.shape[1] != heads)
+    return out.transpose(1, 2).contiguous(), None  # (R, T, H, D)
+
+
+def register() -> str:
+    """Register `packed_attention_forward` (and SDPA's mask builder, for padded batches) under
+    `PACKED_ATTENTION`; idempotent. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    return PACKED_ATTENTION
