@@ -138,7 +138,7 @@ def encoder_args(tmp_path, tokenizer, tokenizer_path, model_type: str, *extra) -
             *FEW_STEPS, *extra]
 
 
-@pytest.mark.parametrize("model_type", ["mobilebert", "deberta-v2"])
+@pytest.mark.parametrize("model_type", ["mobilebert", "convbert"])  # they mix tokens
 def test_packed_is_refused_where_the_probe_finds_no_isolation(tmp_path, tokenizer,
                                                                tokenizer_path, model_type):
     """The start-up probe's refusal is the entry point's one error line (exit status 2), before
@@ -151,6 +151,23 @@ def test_packed_is_refused_where_the_probe_finds_no_isolation(tmp_path, tokenize
     assert "train:" not in done.stdout  # refused before training
     # nothing a later run would take for a result, or that would block another padding mode
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+
+
+# Packed through a path of their own (modeling.use_packed_path; the README's architecture table).
+OWN_PACKED_PATH = ["modernbert", "esm", "deberta", "deberta-v2", "longformer", "xlm", "flaubert",
+                   "layoutlm", "xmod"]
+
+
+@pytest.mark.parametrize("model_type", OWN_PACKED_PATH)
+def test_default_padding_resolves_to_packed_and_trains(tmp_path, tokenizer, tokenizer_path,
+                                                       model_type):
+    """The default --padding auto on these architectures: the probe proves packed isolation on
+    the path training takes, the run trains packed (the packed = padded eval loss, per
+    architecture: tests/unit/test_modeling.py)."""
+    run = run_recipe(encoder_args(tmp_path, tokenizer, tokenizer_path, model_type))
+    assert "padding=auto -> packed" in run.stdout, run.stdout[-3000:]
+    assert run.result["probe/packed_isolated"] is True and run.result[M.STEP] == 3
+    assert "padding=packed" in run.stdout and math.isfinite(run.result[M.EVAL_LOSS])
 
 
 @pytest.mark.parametrize("model_type", ["deberta-v2", "mpnet", "roformer"])
