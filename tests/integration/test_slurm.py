@@ -114,8 +114,13 @@ def test_a_time_limit_preempts_the_run_which_checkpoints_requeues_and_resumes_to
     step = int(stopped.group(1))
     assert 1 <= step < STEPS and stopped.group(3) == str(out / "checkpoints" / f"checkpoint-{step}")
     assert "training step ended with status 0" in first and f"requeued job {job}" in first
-    # the launchers exit 0 without torchrun's SignalException traceback; srun killed nobody
-    assert "Traceback" not in log and "forcing job termination" not in log
+    # the launchers exit 0 without torchrun's SignalException traceback; srun killed nobody.
+    # (torchrun's exit barrier may log a DistNetworkError traceback of its own, E-prefixed, when
+    # the head node's agent, which holds the rendezvous store, exits first: a race inside torch's
+    # elastic agent after every process exited 0, not ours.)
+    ours = [line for line in log.splitlines() if "torch/distributed/elastic/agent/" not in line]
+    assert "Traceback" not in "\n".join(ours) and "forcing job termination" not in log
+    assert "SignalException" not in log
     assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'} (step {step};" in second
     assert "done: eval perplexity" in second
     for attempt in (first, second):
