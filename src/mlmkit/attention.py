@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .choices import PACKED_ATTENTION
 
-__all__ = ["PACKED_ATTENTION", "block_mask", "packed_attention_forward", "register"]
+__all__ = ["PACKED_ATTENTION", "band", "block_mask", "packed_attention_forward", "register"]
 
 
 def segment_ids(cu_seq_lens: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
@@ -38,6 +38,13 @@ def segment_ids(cu_seq_lens: torch.Tensor, n_rows: int, width: int) -> torch.Ten
     return starts[:-1].cumsum(0).view(n_rows, width)  # (R, T)
 
 
+def band(width: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) bool: positions within ``window`` of each other (a bidirectional sliding window,
+    bounds inclusive)."""
+    pos = torch.arange(width, device=device)
+    return (pos[:, None] - pos[None, :]).abs() <= window
+
+
 def block_mask(cu_seq_lens: torch.Tensor, n_rows: int, width: int,
                window: int | None = None) -> torch.Tensor:
     """(R, 1, T, T) bool, True = may attend: same segment, and within ``window`` positions of
@@ -45,8 +52,7 @@ def block_mask(cu_seq_lens: torch.Tensor, n_rows: int, width: int,
     seg = segment_ids(cu_seq_lens, n_rows, width)  # (R, T)
     allowed = seg[:, :, None] == seg[:, None, :]  # (R, T, T)
     if window is not None:
-        pos = torch.arange(width, device=seg.device)
-        allowed &= (pos[:, None] - pos[None, :]).abs() <= window  # (T, T) broadcast
+        allowed &= band(width, window, seg.device)  # (T, T) broadcast
     return allowed[:, None]
 
 

@@ -118,7 +118,7 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
         return None
     from .attention import register
     model.set_attn_implementation(register())
-    if model.config.model_type == "esm" and getattr(model.config, "token_dropout", False):
+    if model_type == "esm" and getattr(model.config, "token_dropout", False):
         _per_example_token_dropout(model.base_model)
     return "attention"
 
@@ -169,6 +169,8 @@ def _longformer_block_mask(base: nn.Module) -> None:
 def _exact_longformer(attn: nn.Module, inner, state: dict):
     import math
 
+    from .attention import band
+
     def forward(hidden_states, attention_mask=None, is_index_masked=None,
                 is_index_global_attn=None, is_global_attn=None, output_attentions=False):
         allowed = state.get("mask")
@@ -181,8 +183,7 @@ def _exact_longformer(attn: nn.Module, inner, state: dict):
         n = allowed.shape[-1]
         mask = torch.eye(width, dtype=torch.bool, device=allowed.device).repeat(rows, 1, 1)
         mask[:, :n, :n] = allowed  # (R, T', T')
-        pos = torch.arange(width, device=allowed.device)
-        mask &= (pos[:, None] - pos[None, :]).abs() <= attn.one_sided_attn_window_size
+        mask &= band(width, attn.one_sided_attn_window_size, allowed.device)
 
         def heads(x):  # (R, T', D) -> (R, H, T', d)
             return x.view(rows, width, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -236,8 +237,7 @@ def _deberta_block_mask(deberta: nn.Module) -> None:
     def to_3d(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 4:
-            kwargs["attention_mask"] = (mask[:, 0] == 0) if mask.is_floating_point() \
-                else mask[:, 0].bool()  # (R, T, T)
+            kwargs["attention_mask"] = _allowed(mask[:, 0])  # (R, T, T)
         return args, kwargs
 
     def diagonal(module, args, kwargs):
