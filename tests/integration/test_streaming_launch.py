@@ -1,5 +1,6 @@
-"""`--streaming true` launched for real on a multi-shard parquet corpus: one process and 2-process
-DDP, SIGKILLed mid-run and started again with the same command, against uninterrupted runs.
+"""`--streaming true` launched for real: one process on a multi-shard parquet corpus, and 2-process
+DDP on a weighted mixture of two sharded sources, SIGKILLed mid-run and started again with the
+same command, against uninterrupted runs.
 
 The tiny BERT has dropout 0.1, so equal results need every RNG restored as well as each
 process's own stream position (shard, offset, carried examples). One-process runs that are not
@@ -69,42 +70,35 @@ def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, ar
 
 
 @DEFAULT_PORT
-def test_streaming_ddp_sigkill_then_resume_matches(tmp_path, args):
-    """Two processes, each its own two shards: trains, and the killed-and-resumed run ends where
-    the uninterrupted one does (within 1e-5: gloo's all-reduce order)."""
+def test_streaming_ddp_mixture_sigkill_then_resume_matches(tmp_path, args):
+    """Two processes on a weighted mixture of two sources (0.7 / 0.3), each source two JSON-lines
+    shards, so each process streams its own shard of each: the summary holds the mixture, the
+    tokens trained per source (all processes) and shares near the weights (the 2-point bound
+    over 200 steps is tests/unit/test_streaming.py's; this run is 40 steps); and the
+    killed-and-resumed run ends where the uninterrupted one does (within 1e-5: gloo's
+    all-reduce order)."""
+    sources = []
+    for name in ("alpha", "beta"):
+        texts = [json.dumps({"text": f"{name} {t}"}) + "\n" for t in embedded_corpus()[:300]]
+        for shard in range(2):
+            (tmp_path / f"{name}-{shard}.jsonl").write_text("".join(texts[shard::2]))
+        sources.append(str(tmp_path / f"{name}-*.jsonl"))
+    i = args.index("--train_file")
+    mixture = [*args[:i], *args[i + 2:], "--mixture_files", *sources,
+               "--mixture_weights", "0.7", "0.3", "--max_train_steps", "40"]
+
     ref = tmp_path / "reference"
-    launch([*args, "--output_dir", str(ref)], accelerate_args=DDP)
+    launch([*mixture, "--output_dir", str(ref)], accelerate_args=DDP)
     states = sorted((ref / "checkpoints").glob("checkpoint-*/data_state_*.json"))
     assert {p.name for p in states} == {"data_state_0.json", "data_state_1.json"}
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["num_processes"] == 2
     assert summary[M.EVAL_LOSS] < summary["first/" + M.EVAL_LOSS]
-
-    out = tmp_path / "run"
-    killed_then_resumed([*args, "--output_dir", str(out)], out, accelerate_args=DDP)
-    assert_same_run(out, ref, tol=1e-5)
-
-
-@DEFAULT_PORT
-def test_weighted_mixture_lands_in_the_summary(tmp_path, args, tokenizer_path):
-    """Two JSON-lines sources at 0.7 / 0.3, streamed: the summary holds the mixture, the tokens
-    trained per source (all processes) and shares near the weights (the 2-point bound over 200
-    steps is tests/unit/test_streaming.py's; this run is 40 steps)."""
-    sources = []
-    for name in ("alpha", "beta"):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"text": f"{name} {t}"}) + "\n"
-                                for t in embedded_corpus()[:300]))
-        sources.append(str(path))
-    base = [a for a in args]
-    i = base.index("--train_file")
-    del base[i:i + 2]
-    out = tmp_path / "mix"
-    launch([*base, "--mixture_files", *sources, "--mixture_weights", "0.7", "0.3",
-            "--max_train_steps", "40", "--eval_steps", "40", "--checkpointing_steps", "40",
-            "--output_dir", str(out)], accelerate_args=DDP)
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["data/mixture"] == {sources[0]: 0.7, sources[1]: 0.3}
     tokens = summary["data/source_tokens"]
     assert all(tokens[s] > 0 for s in sources)
     assert abs(summary["data/source_share"][sources[0]] - 0.7) < 0.06
+
+    out = tmp_path / "run"
+    killed_then_resumed([*mixture, "--output_dir", str(out)], out, accelerate_args=DDP)
+    assert_same_run(out, ref, tol=1e-5)
