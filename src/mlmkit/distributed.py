@@ -62,8 +62,10 @@ def build_accelerator(cfg, trackers: list[str]):
     if plugin is not None and no_gpu:
         _switch_to_fsdp(accelerator, plugin)
     if accelerator.state.deepspeed_plugin is not None:
+        from .config import micro_batch
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+        # DeepSpeed's bookkeeping only (the recipe forms the batches): the nominal micro-batch
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch(cfg)[0]
         ds_config["gradient_clipping"] = cfg.max_grad_norm
         ds_config["zero_force_ds_cpu_optimizer"] = False  # offload: keep the recipe's torch AdamW
     if not accelerator.is_main_process:  # transformers' warnings, datasets' bars: once per run
