@@ -71,6 +71,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     log = M.main_print(accelerator)  # each line once per job, not once per node
     rank, world = accelerator.process_index, accelerator.num_processes
     on_gpu = accelerator.device.type == "cuda"
+    if note := distributed.zero_note(accelerator):  # ZeRO on one GPU: only its cost
+        log(f"note: {note}")
     if resume.state is not None:  # same processes and engine as the checkpoint's
         distributed.check_launch(resume.state.launch, resume.checkpoint, accelerator)
     # Same seed on every process while the model is built (a new MLM head must be identical on
