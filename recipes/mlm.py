@@ -71,6 +71,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     log = M.main_print(accelerator)  # each line once per job, not once per node
     rank, world = accelerator.process_index, accelerator.num_processes
     on_gpu = accelerator.device.type == "cuda"
+    if note := distributed.zero_note(accelerator):  # ZeRO on one GPU: only its cost
+        log(f"note: {note}")
     if resume.state is not None:  # same processes and engine as the checkpoint's
         distributed.check_launch(resume.state.launch, resume.checkpoint, accelerator)
     # Same seed on every process while the model is built (a new MLM head must be identical on
@@ -139,7 +141,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     stopper = preemption.StopSignal().install()  # SIGTERM/SIGINT: checkpoint, then stop
     progress = tqdm(total=schedule.max_steps, initial=ts.step, desc="train",
                     disable=not (accelerator.is_main_process and cfg.progress_bar))
-    pending, stop, saved = loop.StepResults(), False, None
+    clock = loop.BusyClock(accelerator.device)  # train/gpu_busy_fraction (CUDA only)
+    pending, stop, saved = loop.StepResults(clock), False, None
     training.module.train()
     try:
         while not stop and ts.step < schedule.max_steps:
@@ -151,11 +154,12 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             for stats in (ts.window, ts.total):
                 stats.add_data(prepared.computed, prepared.real, prepared.flops, waited)
             rank_state.update(prepared)
-            pending.add(loop.train_step(accelerator, training.module, training.optimizer,
-                                        scheduler, prepared.micro_batches,
-                                        mask_padding=cfg.mask_padding,
-                                        max_grad_norm=cfg.max_grad_norm, forward=training.forward),
-                        time.perf_counter() - t0)
+            clock.start(prepared.computed)
+            out = loop.train_step(accelerator, training.module, training.optimizer, scheduler,
+                                  prepared.micro_batches, mask_padding=cfg.mask_padding,
+                                  max_grad_norm=cfg.max_grad_norm, forward=training.forward)
+            clock.stop()
+            pending.add(out, time.perf_counter() - t0)
             ts.advance(prepared)
             progress.update(1)
             logs = ts.step % cfg.logging_steps == 0 or ts.step == schedule.max_steps
@@ -165,15 +169,17 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             if logs or evals or saves or stop:  # the one read of the steps' device results
                 pending.read_into(ts)
             if logs:
-                metrics = M.train_metrics(ts.take_window(), lr=scheduler.get_last_lr()[0],
+                window = ts.take_window()
+                metrics = M.train_metrics(window, lr=scheduler.get_last_lr()[0],
                                           epoch=schedule.epoch_at(ts.step, prepared.epoch),
                                           grad_norm=pending.grad_norm, num_processes=world,
-                                          peak_tflops=peak_tflops)
+                                          peak_tflops=peak_tflops, gpu_busy=clock.fraction(window))
                 metrics_log.log(metrics, ts.step)
                 progress.set_postfix(loss=f"{metrics[M.TRAIN_LOSS]:.3f}",
                                      tok_s=f"{metrics[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
             if evals:
                 evaluate(ts.step)
+                clock.recalibrate()
             if saves or stop:
                 saved = checkpoint.save_checkpoint(accelerator, cfg, ts, rank_state.to_dict())
     finally:
@@ -194,7 +200,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator)),
-        fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
+        fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before),
+        gpu_busy=clock.fraction(ts.total))
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "

@@ -35,7 +35,7 @@ from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_
 from .fileio import atomic_write_text
 
 __all__ = ["ConfigError", "MLMConfig", "parse_config", "save_config", "BOOKKEEPING_KEYS",
-           "PER_RUN_KEYS", "differences", "RunShape", "run_shape"]
+           "PER_RUN_KEYS", "differences", "RunShape", "run_shape", "micro_batch"]
 
 
 _OWN_METADATA = ("bookkeeping", "per_run")
@@ -139,7 +139,12 @@ class MLMConfig:
     # --- optimisation ------------------------------------------------------------------------
     per_device_train_batch_size: int = field(default=16, metadata=_meta(
         "Examples per device per micro-batch; with --padding packed, rows of max_seq_length "
-        "tokens."))
+        "tokens. --per_device_train_tokens, when set, replaces it."))
+    per_device_train_tokens: int | None = field(default=None, metadata=_meta(
+        "The micro-batch as tokens per device (what memory and speed follow), instead of "
+        "--per_device_train_batch_size: packed, N // max_seq_length rows; padded, as many "
+        "examples (in the plan's order) as fit with rows x padded width <= N. At least "
+        "max_seq_length."))
     per_device_eval_batch_size: int = field(default=32, metadata=_meta(
         "Eval examples per device per batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_meta(
@@ -299,6 +304,12 @@ def _check_sizes(cfg: MLMConfig) -> None:
              "model's max_position_embeddings (512 for BERT)")
     if cfg.streaming_eval_examples < 1:
         _bad(cfg, "streaming_eval_examples", "must be at least 1", "pass e.g. 1000")
+    tokens = cfg.per_device_train_tokens
+    if tokens is not None and tokens < cfg.max_seq_length:  # <= 0 included
+        _bad(cfg, "per_device_train_tokens", f"holds less than one example of max_seq_length="
+             f"{cfg.max_seq_length} tokens", f"pass at least --per_device_train_tokens "
+             f"{cfg.max_seq_length}, e.g. {cfg.max_seq_length * 64} ({cfg.max_seq_length} x 64), "
+             "or lower --max_seq_length")
 
 
 def _check_runtime(cfg: MLMConfig) -> None:
@@ -478,6 +489,27 @@ class RunShape:
     positions_multiple: int | None  # masked positions padded to a multiple (CUDA-graph friendly)
     global_batch_size: int          # examples (or packed rows) per optimizer step, all processes
     unit: str                       # "rows" when packed, else "examples"
+    micro_batch_size: int           # examples (rows) per device per micro-batch; with
+    #                                 micro_batch_tokens, the count at full width (a lower bound)
+    micro_batch_tokens: int | None  # padded map-style --per_device_train_tokens: the plan fills
+    #                                 each micro-batch to rows x padded width <= this
+
+
+def micro_batch(cfg: MLMConfig, padding: str | None = None) -> tuple[int, int | None]:
+    """``(examples or rows per device per micro-batch, padded token budget or None)`` of ``cfg``
+    under the resolved ``padding`` (None: not yet known; the count is then the one every layout
+    reaches). The one reading of --per_device_train_batch_size / --per_device_train_tokens.
+
+    Tokens, packed: ``N // max_seq_length`` rows. Tokens, padded: rows vary with the width, so
+    the map-style plan (`plans.TrainPlan`) fills each micro-batch to ``N``; ``--padding
+    max_length`` (width always max_seq_length) and streams take the count that always fits,
+    ``N // max_seq_length``."""
+    tokens = cfg.per_device_train_tokens
+    if tokens is None:
+        return cfg.per_device_train_batch_size, None
+    fits = tokens // cfg.max_seq_length
+    budget = padding == "longest" and not cfg.streaming
+    return fits, tokens if budget else None
 
 
 def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str) -> RunShape:
@@ -488,6 +520,7 @@ def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str)
     if cfg.streaming:  # one process reads the stream (its order is its state): one worker at most
         workers = min(workers, 1)
     packed = padding == "packed"
+    micro, budget = micro_batch(cfg, padding)
     return RunShape(
         workers=workers,
         # compiled + packed: rows at a fixed (rows, max_seq_length) shape, so the graph is static
@@ -495,9 +528,8 @@ def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str)
         else cfg.pad_to_multiple_of,
         # reduce-overhead replays CUDA graphs: few distinct shapes of masked positions
         positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None,
-        global_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        * num_processes,
-        unit="rows" if packed else "examples")
+        global_batch_size=micro * cfg.gradient_accumulation_steps * num_processes,
+        unit="rows" if packed else "examples", micro_batch_size=micro, micro_batch_tokens=budget)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -593,7 +625,30 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
         key = arg[2:].split("=")[0]
         if arg.startswith("--") and key not in FIELDS and key != "help":
             raise _unknown_option(f"--{key}")
-    return _parse_args(from_yaml + argv).validate()
+    cfg = _parse_args(from_yaml + argv)
+    return _one_micro_batch(cfg, yaml=_keys(from_yaml), cli=_keys(argv)).validate()
+
+
+_MICRO_KEYS = ("per_device_train_batch_size", "per_device_train_tokens")
+
+
+def _keys(args: list[str]) -> set[str]:
+    return {arg[2:].split("=")[0] for arg in args if arg.startswith("--")}
+
+
+def _one_micro_batch(cfg: MLMConfig, *, yaml: set[str], cli: set[str]) -> MLMConfig:
+    """The micro-batch stated once: both sizes at one level (the YAML, or the command line) is a
+    ConfigError; a batch size on the command line overrides the YAML's token budget (the
+    command line wins, as for every key)."""
+    for where, keys in (("the command line", cli), ("the --config file", yaml)):
+        if all(k in keys for k in _MICRO_KEYS):
+            raise ConfigError(
+                f"per_device_train_tokens and per_device_train_batch_size both given on {where}: "
+                "the micro-batch is stated once. Fix: keep --per_device_train_tokens (tokens per "
+                "device) or --per_device_train_batch_size (examples), not both.")
+    if "per_device_train_batch_size" in cli and "per_device_train_tokens" in yaml:
+        cfg = dataclasses.replace(cfg, per_device_train_tokens=None)
+    return cfg
 
 
 def save_config(cfg: MLMConfig, path: str | os.PathLike) -> None:

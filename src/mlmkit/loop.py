@@ -122,10 +122,10 @@ class StepResults:
     seconds then sum to the wall time the device needed for them.
     """
 
-    def __init__(self):
+    def __init__(self, clock: "BusyClock | None" = None):
         self._steps: list[tuple[dict, float]] = []
         self.grad_norm: float | None = None  # the newest step's, once read
-
+        self.clock = clock  # its events are read here, after the one synchronisation
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -144,6 +144,8 @@ class StepResults:
                 norm = loss_sum.new_full((), float("nan") if norm is None else float(norm))
             rows.append(torch.stack([loss_sum, out["masked_tokens"].float(), norm.float()]))
         values = torch.stack(rows).cpu().tolist()  # the one synchronisation
+        if self.clock is not None:
+            self.clock.read()
         waited = time.perf_counter() - t0
         result = []
         for i, ((loss_sum, masked, norm), (out, seconds)) in enumerate(zip(values, self._steps)):
@@ -161,6 +163,106 @@ class StepResults:
             for stats in (state.window, state.total):
                 stats.add_step(loss, masked, seconds)
             self.grad_norm = norm
+
+
+class BusyClock:
+    """``train/gpu_busy_fraction``: the share of wall time the GPU spends computing the steps.
+
+    Events recorded around an eager step do not measure that: when the host is the bottleneck
+    the GPU reaches the start event at once and idles between the step's kernels, so the events'
+    interval is the wall time. Here one *calibration* step is queued behind a spin kernel
+    (``torch.cuda._sleep``, about twice the host's time for a step): the host enqueues the whole
+    step while the GPU spins, so from the event after the spin to the event after the step the
+    GPU never waits for the host, and that interval is the step's pure device time. It is valid
+    only if the spin outlasted the enqueueing: ``query()`` of the start event, right after the
+    step is enqueued, must still say "not reached" (else the calibration is dropped and retried
+    at the next step with a spin twice as long, a few times at most). The events are read by
+    `StepResults.read`, after its synchronisation; nothing here synchronises.
+
+    A calibration runs ``WARMUP`` steps into the run (allocator, kernels, compilation settled)
+    and again at the step after each eval (`recalibrate`); it costs about one spin (twice a
+    step's host time) of wall time. ``fraction(stats)`` for a span of steps (a
+    `checkpoint.RunningStats`): device seconds per computed position x the span's computed
+    positions / its wall seconds, at most 1 (shapes that vary are scaled by positions, an
+    approximation; fixed shapes, packed rows, are exact). None (the metric absent) on CPU and
+    before the first calibration is read. ``event``/``sleep``/``timer`` replace CUDA's events,
+    its spin kernel and the host clock in tests.
+    """
+    WARMUP = 5          # steps of this run before the first calibration
+    ATTEMPTS = 4        # calibrations tried in a row before waiting for the next recalibrate
+    MAX_SPIN_S = 1.0    # the longest spin (a step that takes the host longer is not measured)
+
+    def __init__(self, device, *, warmup: int = WARMUP, event=None, sleep=None,
+                 timer=time.perf_counter, cycles_per_s: float = 1.5e9):
+        self.on = event is not None or (device is not None and torch.device(device).type == "cuda")
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._sleep = sleep or torch.cuda._sleep
+        self.cycles_per_s = cycles_per_s  # the spin's clock; re-measured at every read
+        self.per_position: float | None = None  # device seconds per computed position
+        self._timer = timer
+        self._due = warmup        # steps until the next calibration (0: this one)
+        self._tries = 0           # calibrations dropped in a row
+        self._host_s = math.inf   # the shortest host time of an uncalibrated step
+        self._pending: tuple | None = None  # (spin, start, end, cycles, positions, valid)
+        self._open: tuple | None = None
+
+    def start(self, positions: int) -> None:
+        """Before a step of ``positions`` computed positions (this process's)."""
+        self._t0 = self._timer()
+        self._open = None
+        if not self.on or self._due > 0 or self._pending is not None or \
+                not math.isfinite(self._host_s):
+            return
+        spin_s = min(2.0 * 2 ** self._tries * self._host_s + 1e-3, self.MAX_SPIN_S)
+        cycles = int(spin_s * self.cycles_per_s)
+        spin, start = self._event(), self._event()
+        spin.record()
+        self._sleep(cycles)  # the GPU spins while the host enqueues the step behind it
+        start.record()
+        self._open = (spin, start, cycles, positions)
+
+    def stop(self) -> None:
+        """After the step is enqueued."""
+        host_s = self._timer() - self._t0
+        if self._open is None:
+            self._host_s = min(self._host_s, host_s)
+            self._due -= 1
+            return
+        spin, start, cycles, positions = self._open
+        end = self._event()
+        end.record()
+        # the GPU still spinning now: every kernel of the step was queued before it ran
+        self._pending = (spin, start, end, cycles, positions, not start.query())
+        self._open = None
+        self._due = math.inf
+
+    def recalibrate(self) -> None:
+        """Calibrate again at the next step (shapes or load may have changed)."""
+        self._due, self._tries = 0, 0
+
+    def read(self) -> None:
+        """Read the pending calibration's events; only after a synchronisation."""
+        if self._pending is None:
+            return
+        spin, start, end, cycles, positions, valid = self._pending
+        self._pending = None
+        end.synchronize()  # already done after the read's synchronisation on this stream
+        spin_ms = spin.elapsed_time(start)
+        if spin_ms > 0:  # the spin's clock as measured, for the next spin's length
+            self.cycles_per_s = cycles / (spin_ms / 1e3)
+        if valid:
+            self.per_position = start.elapsed_time(end) / 1e3 / max(positions, 1)
+            self._tries = 0
+        else:
+            self._tries += 1
+            if self._tries < self.ATTEMPTS:
+                self._due = 0
+
+    def fraction(self, stats) -> float | None:
+        """The busy fraction of a span of steps (`checkpoint.RunningStats`), or None."""
+        if self.per_position is None or stats.seconds <= 0:
+            return None
+        return min(1.0, self.per_position * stats.computed / stats.seconds)
 
 
 @dataclass

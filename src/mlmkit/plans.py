@@ -20,6 +20,14 @@ the least-full leftover rows are carried into the next window, so rows stay near
 fraction ~1% on the embedded corpus). A micro-batch is then a list of
 rows (lists of example indices), which the collator lays out exactly as planned.
 
+With ``token_budget`` (``--per_device_train_tokens`` with padded rows) a micro-batch is not a
+count: the planner's order (shuffled, or with ``group_by_length`` its sorted mega-batches) is cut
+greedily into micro-batches, each as many examples as fit with ``rows x padded width <= budget``
+(the width the collator pads to: the longest, rounded up to ``pad_to_multiple_of``; at least one
+example), and every ``grad_accum x num_processes`` micro-batches form a step; a short last step
+gives its missing micro-batches to dummies. Still a pure function of (seed, epoch, lengths), so
+resume is exact as before; sorted mega-batches give few distinct shapes.
+
 With ``group_by_length`` the shuffled order is cut into mega-batches of 50 global batches, each
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
@@ -46,7 +54,8 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
 class TrainPlan:
     def __init__(self, lengths, *, per_device_batch_size: int, grad_accum: int,
                  num_processes: int, process_index: int, seed: int, group_by_length: bool = False,
-                 pack_capacity: int | None = None):
+                 pack_capacity: int | None = None, token_budget: int | None = None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.per_device_batch_size = per_device_batch_size
         self.grad_accum = grad_accum
@@ -55,15 +64,17 @@ class TrainPlan:
         self.seed = seed
         self.group_by_length = group_by_length
         self.pack_capacity = pack_capacity
+        self.token_budget = None if pack_capacity is not None else token_budget
+        self.max_length, self.pad_to_multiple_of = max_length, pad_to_multiple_of
         # examples per step, or rows per step when packing
         self.global_batch_size = per_device_batch_size * grad_accum * num_processes
         self._len: int | None = None
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (the last one may be short)."""
-        if self.pack_capacity is None:
+        if self.pack_capacity is None and self.token_budget is None:
             return -(-len(self.lengths) // self.global_batch_size)
-        if self._len is None:  # packing decides the row count; the same in every epoch to ±1
+        if self._len is None:  # packing (budgets) decide the steps; about the same every epoch
             self._len = len(self.global_batches(0))
         return self._len
 
@@ -73,6 +84,8 @@ class TrainPlan:
         gbs = self.global_batch_size
         if self.pack_capacity is not None:
             return self._packed_batches(order, rng)
+        if self.token_budget is not None:
+            return self._budget_batches(order, rng)
         if not self.group_by_length:
             return [order[i:i + gbs] for i in range(0, len(order), gbs)]
         mega = gbs * MEGABATCH_MULT
@@ -98,12 +111,45 @@ class TrainPlan:
         return [batch for steps, _ in packer.windows(_Order(order), rng=lambda _: rng)
                 for batch in steps]
 
+    def _budget_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
+        """Steps of ``grad_accum x num_processes`` micro-batches, each filled to the token
+        budget (the short last step holds fewer)."""
+        from .layout import round_up
+
+        lengths = np.minimum(self.lengths, self.max_length or np.iinfo(np.int64).max).tolist()
+        n_micro = self.grad_accum * self.num_processes
+        chunks = [order]
+        if self.group_by_length:  # mega-batches of 50 nominal steps, each sorted, longest first
+            mega = self.global_batch_size * MEGABATCH_MULT
+            chunks = [c[np.argsort(-self.lengths[c], kind="stable")]
+                      for c in (order[i:i + mega] for i in range(0, len(order), mega))]
+        micros: list[list[int]] = []
+        for chunk in chunks:
+            micro, widest = [], 0
+            for i in chunk.tolist():
+                width = round_up(max(widest, lengths[i]), self.pad_to_multiple_of)
+                if micro and (len(micro) + 1) * width > self.token_budget:
+                    micros.append(micro)
+                    micro, widest = [], 0
+                micro.append(i)
+                widest = max(widest, lengths[i])
+            micros += [micro] if micro else []
+        steps = [micros[i:i + n_micro] for i in range(0, len(micros), n_micro)]
+        if not self.group_by_length:
+            return steps
+        full = [s for s in steps if len(s) == n_micro]  # shuffled, the short tail last
+        return [full[i] for i in rng.permutation(len(full))] + steps[len(full):]
+
     def split(self, global_batch) -> list[list]:
         """This process's ``grad_accum`` micro-batches of one global batch (empty = dummy).
 
         A micro-batch is a list of example indices, or with packing a list of rows of indices.
         """
         n_micro = self.grad_accum * self.num_processes
+        if self.token_budget is not None:  # the step is its micro-batches already
+            return [list(global_batch[c]) if c < len(global_batch) else []
+                    for c in (g * self.num_processes + self.process_index
+                              for g in range(self.grad_accum))]
         items = list(global_batch)
         per = len(items) // n_micro
         extra = len(items) % n_micro  # the first `extra` chunks get one more (array_split's rule)
@@ -204,8 +250,12 @@ class Schedule:
 
     def describe(self, cfg, shape, padding: str, sparse_head: bool, num_processes: int) -> str:
         """The log's ``train:`` line (``shape``: `config.RunShape`)."""
-        return (f"train: {self.max_steps} steps x {shape.global_batch_size} {shape.unit} "
-                f"({cfg.per_device_train_batch_size} per device x "
+        per_device = (f"{shape.micro_batch_size} per device" if shape.micro_batch_tokens is None
+                      else f"as many as fit in {shape.micro_batch_tokens} padded tokens, at "
+                      f"least {shape.micro_batch_size}, per device")
+        at_least = "at least " if shape.micro_batch_tokens is not None else ""
+        return (f"train: {self.max_steps} steps x {at_least}{shape.global_batch_size} "
+                f"{shape.unit} ({per_device} x "
                 f"{cfg.gradient_accumulation_steps} accumulation x {num_processes} processes), "
                 f"padding={padding}, mask_padding={cfg.mask_padding}, "
                 f"sparse_prediction={sparse_head}")
@@ -225,15 +275,19 @@ def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
                   process_index: int) -> Schedule:
     """The plan over map-style ``examples`` (`data.IndexedExamples`; None: streaming, a
     `StreamPlan`) and the run's length."""
+    from .config import micro_batch
+
     pack_capacity = cfg.max_seq_length if padding == "packed" else None
+    micro, budget = micro_batch(cfg, padding)  # --per_device_train_batch_size or _tokens
     if examples is None:
-        return Schedule(StreamPlan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+        return Schedule(StreamPlan(micro, cfg.gradient_accumulation_steps,
                                    process_index, cfg.seed, pack_capacity),
                         cfg.max_train_steps, None)
-    plan = TrainPlan(examples.lengths, per_device_batch_size=cfg.per_device_train_batch_size,
+    plan = TrainPlan(examples.lengths, per_device_batch_size=micro,
                      grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,
                      process_index=process_index, seed=cfg.seed,
                      group_by_length=cfg.group_by_length,
-                     pack_capacity=pack_capacity)
+                     pack_capacity=pack_capacity, token_budget=budget,
+                     max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
     return Schedule(plan, max_steps, math.ceil(max_steps / len(plan)))

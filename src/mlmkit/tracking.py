@@ -28,6 +28,8 @@ TRAIN_MASKED_TOKENS = "train/masked_tokens"
 TRAIN_TFLOPS = "train/tflops"                        # model TFLOP/s per device (flops.py)
 TRAIN_MFU = "train/mfu"                              # train/tflops / the device's dense peak
 TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spent waiting for data
+TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (loop.BusyClock;
+#                                                     absent on CPU and before it is measured)
 TRAIN_RUNTIME = "train/runtime_s"
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
@@ -183,13 +185,17 @@ def peak_mem_gb() -> float:
 
 
 def train_metrics(window, *, lr: float, epoch: float, grad_norm: float | None,
-                  num_processes: int, peak_tflops: float | None) -> dict:
-    """One log line's metrics from a log window (`checkpoint.RunningStats`)."""
+                  num_processes: int, peak_tflops: float | None,
+                  gpu_busy: float | None = None) -> dict:
+    """One log line's metrics from a log window (`checkpoint.RunningStats`); ``gpu_busy``:
+    `loop.BusyClock.fraction` of the window (None: absent)."""
     metrics = {TRAIN_LOSS: window.mean_loss(), TRAIN_LR: lr, TRAIN_MASKED_TOKENS: window.masked,
                EPOCH: epoch, SYS_PEAK_MEM_GB: peak_mem_gb(),
                **window.rates(num_processes, peak_tflops)}
     if grad_norm is not None:
         metrics[TRAIN_GRAD_NORM] = grad_norm
+    if gpu_busy is not None:
+        metrics[TRAIN_GPU_BUSY_FRACTION] = gpu_busy
     return metrics
 
 
@@ -203,10 +209,11 @@ def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -
 
 
 def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
-                  parts, fill_mask: list[dict]) -> dict:
+                  parts, fill_mask: list[dict], gpu_busy: float | None = None) -> dict:
     """``summary.json``: the final eval, the step-0 eval and the whole run's throughput (from
     ``state``, a `checkpoint.TrainState`), then ``parts`` (dicts: the data's, the padding
-    decision's, the mixture's) and the fill-mask check."""
+    decision's, the mixture's) and the fill-mask check; ``gpu_busy``: the whole run's
+    `loop.BusyClock.fraction` (None: absent)."""
     total = state.total
     summary = {**final_eval, FIRST_EVAL_LOSS: state.first_eval[EVAL_LOSS],
                FIRST_EVAL_PERPLEXITY: state.first_eval[EVAL_PERPLEXITY],
@@ -214,6 +221,8 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
                TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
                **total.rates(num_processes, peak_tflops),      # whole-run throughput
                NUM_PROCESSES: num_processes}
+    if gpu_busy is not None:
+        summary[TRAIN_GPU_BUSY_FRACTION] = gpu_busy
     for part in parts:
         summary.update(part)
     if fill_mask:

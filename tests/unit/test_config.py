@@ -136,7 +136,7 @@ def test_run_shape_defaults_follow_the_device_and_the_padding():
     cfg = MLMConfig(per_device_train_batch_size=8, gradient_accumulation_steps=4)
     assert run_shape(cfg, num_processes=2, on_gpu=True, padding="longest") == RunShape(
         workers=2, pad_to_multiple_of=None, positions_multiple=None, global_batch_size=64,
-        unit="examples")
+        unit="examples", micro_batch_size=8, micro_batch_tokens=None)
     cpu = run_shape(cfg, num_processes=1, on_gpu=False, padding="packed")
     assert (cpu.workers, cpu.global_batch_size, cpu.unit) == (0, 32, "rows")
 
@@ -204,3 +204,45 @@ def test_config_differences_ignore_keys_that_do_not_change_results():
     old = {k: v for k, v in base.items() if k != "whole_word_mask"}
     assert differences(old, base) == []
     assert "whole_word_mask" in differences(old, {**base, "whole_word_mask": True})[0]
+
+
+# ------------------------------------------------------------------------------ token budgets
+@pytest.mark.parametrize("tokens", ["0", "-512", "127"])
+def test_a_token_budget_below_one_row_is_refused_naming_the_fix(tokens):
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--per_device_train_tokens", tokens, "--max_seq_length", "128"])
+    message = str(err.value)
+    assert message.startswith(f"per_device_train_tokens={int(tokens)}:") and "\n" not in message
+    assert "Fix: pass at least --per_device_train_tokens 128" in message
+
+
+def test_the_micro_batch_is_stated_once_per_level(tmp_path):
+    both = ["--per_device_train_tokens", "4096", "--per_device_train_batch_size", "8"]
+    with pytest.raises(ConfigError, match="both given on the command line.*Fix: keep"):
+        parse_config(both)
+    file = tmp_path / "c.yaml"
+    file.write_text("per_device_train_tokens: 4096\nper_device_train_batch_size: 8\n")
+    with pytest.raises(ConfigError, match="both given on the --config file"):
+        parse_config(["--config", str(file)])
+    # the command line overrides the file, as for every key
+    file.write_text("per_device_train_tokens: 4096\n")
+    cfg = parse_config(["--config", str(file), "--per_device_train_batch_size", "8"])
+    assert (cfg.per_device_train_tokens, cfg.per_device_train_batch_size) == (None, 8)
+    file.write_text("per_device_train_batch_size: 8\n")
+    cfg = parse_config(["--config", str(file), "--per_device_train_tokens", "4096"])
+    assert cfg.per_device_train_tokens == 4096
+
+
+@pytest.mark.parametrize("flags, padding, micro, budget", [
+    (dict(), "packed", 16, None),                                       # the batch size as before
+    (dict(per_device_train_tokens=4096), "packed", 32, None),          # 4096 // 128 rows
+    (dict(per_device_train_tokens=4100), "packed", 32, None),
+    (dict(per_device_train_tokens=4096), "longest", 32, 4096),         # the plan fills to 4096
+    (dict(per_device_train_tokens=4096), "max_length", 32, None),      # width fixed at 128
+    (dict(per_device_train_tokens=4096, streaming=True, max_train_steps=5), "longest", 32, None),
+])
+def test_run_shape_reads_the_token_budget(flags, padding, micro, budget):
+    from mlmkit.config import run_shape
+    shape = run_shape(MLMConfig(**flags).validate(), num_processes=2, on_gpu=True, padding=padding)
+    assert (shape.micro_batch_size, shape.micro_batch_tokens) == (micro, budget)
+    assert shape.global_batch_size == micro * 2

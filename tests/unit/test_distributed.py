@@ -44,3 +44,24 @@ def test_check_launch_refuses_another_process_count(tmp_path):
     with pytest.raises(ConfigError, match="num_processes"):
         check_launch(state.launch, tmp_path, accelerator)
     check_launch(launch_signature(accelerator), tmp_path, accelerator)
+
+
+def test_zero_note_only_for_one_gpu_process_under_deepspeed():
+    """ZeRO shards nothing on one process: the recipe says so on a GPU; DDP, several processes
+    and CPU runs get no note."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mlmkit.distributed import zero_note
+
+    def launched(stage, processes, device):
+        plugin = None if stage is None else SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
+                               num_processes=processes, device=torch.device(device))
+    note = zero_note(launched(2, 1, "cuda"))
+    assert note.startswith("one GPU under DeepSpeed ZeRO-2") and "ddp.yaml" in note
+    assert "ZeRO-3" in zero_note(launched(3, 1, "cuda"))
+    assert zero_note(launched(None, 1, "cuda")) is None
+    assert zero_note(launched(2, 8, "cuda")) is None
+    assert zero_note(launched(2, 1, "cpu")) is None

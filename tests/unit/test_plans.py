@@ -98,3 +98,52 @@ def test_packed_plan_fills_rows_and_covers_every_example_once(world, accum):
     assert 1 - used / (rows_total * 128) < 0.03  # rows nearly full
     indices, rows = micro_layout(ps[0].split(ps[0].global_batches(0)[0])[0])
     assert [indices[i] for row in rows for i in row] == indices
+
+
+def _width(lengths, mb, multiple):
+    return -(-int(min(lengths[mb].max(), 128)) // multiple) * multiple
+
+
+@pytest.mark.parametrize("world, accum, gbl, multiple", [
+    (1, 1, False, 1), (2, 2, False, 8), (3, 1, True, 8), (1, 2, True, 1)])
+def test_token_budget_fills_padded_micro_batches_and_covers_every_example_once(world, accum, gbl,
+                                                                               multiple):
+    """--per_device_train_tokens with padded rows: each micro-batch holds as many examples as
+    fit with rows x padded width <= the budget; every example once per epoch; every process the
+    same number of steps of ``accum`` micro-batches (a short last step: dummies)."""
+    lengths = np.clip(np.random.default_rng(3).lognormal(3.5, 0.7, size=900), 3, 200).astype(int)
+    budget = 1024
+    ps = [TrainPlan(lengths, per_device_batch_size=budget // 128, grad_accum=accum,
+                    num_processes=world, process_index=r, seed=1, group_by_length=gbl,
+                    token_budget=budget, max_length=128, pad_to_multiple_of=multiple)
+          for r in range(world)]
+    for epoch in range(2):
+        per_rank = [list(p.epoch(epoch)) for p in ps]
+        assert {len(r) for r in per_rank} == {len(ps[0].global_batches(epoch))}
+        seen, sizes, filled = [], [], []
+        for rank_steps in per_rank:
+            for _, micro in rank_steps:
+                assert len(micro) == accum
+                for mb in (m for m in micro if m):
+                    computed = len(mb) * _width(lengths, mb, multiple)
+                    assert computed <= budget
+                    seen += mb
+                    sizes.append(len(mb))
+                    filled.append(computed / budget)
+        assert sorted(seen) == list(range(900))
+        assert max(sizes) > budget // 128  # more than the count that fits at full width
+        assert np.median(filled) > (0.8 if gbl else 0.6)  # as many as fit: little budget left
+    full = list(ps[0].epoch(1))  # resume: the same steps from any step on
+    assert list(ps[0].epoch(1, start_step=3)) == full[3:]
+
+
+def test_token_budget_greedy_rule_is_exact():
+    """In plan order, an example joins the micro-batch unless rows x the new width would exceed
+    the budget (worked out by hand below)."""
+    lengths = np.array([60, 60, 100, 100, 100, 10])
+    plan = TrainPlan(lengths, per_device_batch_size=2, grad_accum=1, num_processes=1,
+                     process_index=0, seed=0, token_budget=256, max_length=128)
+    order = np.arange(6)
+    steps = plan._budget_batches(order, np.random.default_rng(0))
+    # 60,60 (+100 -> 3 x 100 = 300 > 256) | 100,100 (+100 -> 300) | 100,10 (2 x 100 = 200)
+    assert steps == [[[0, 1]], [[2, 3]], [[4, 5]]]

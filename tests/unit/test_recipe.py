@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -58,6 +59,9 @@ def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
                  M.TRAIN_PAD_FRACTION, M.TRAIN_MASKED_TOKENS, M.SYS_PEAK_MEM_GB, M.EPOCH,
                  M.TRAIN_TFLOPS, M.TRAIN_DATA_WAIT_FRACTION):
         assert all(name in line for line in train), name
+    # device time over wall time is a GPU's: absent on CPU (neither 0 nor 1)
+    assert M.TRAIN_GPU_BUSY_FRACTION not in summary
+    assert not any(M.TRAIN_GPU_BUSY_FRACTION in line for line in train)
     assert all(line[M.TRAIN_TFLOPS] > 0 for line in train)
     for name in (M.EVAL_PERPLEXITY, M.EVAL_LOSS_UNMASKED, M.EVAL_PAD_SENSITIVITY):
         assert name in evals[-1], name
@@ -206,6 +210,45 @@ def test_gradient_accumulation_gives_the_losses_of_the_whole_batch(tmp_path, tin
     for a, b in zip(whole, accumulated, strict=True):
         assert abs(a - b) / abs(a) <= 1e-4, (whole, accumulated)
     assert abs(whole[-1] - whole[0]) > 1e-3  # training moved: the comparison has teeth
+
+
+# ------------------------------------------------------------------------------ token budgets
+def test_token_budget_packed_is_rows_of_max_seq_length(tmp_path, tiny_args):
+    """--per_device_train_tokens 256 at max_seq_length 64, packed: 4 rows per device, the very
+    steps of --per_device_train_batch_size 4."""
+    common = [*tiny_args, "--padding", "packed", "--max_seq_length", "64", "--max_train_steps",
+              "3", "--logging_steps", "1", "--max_train_samples", "200"]
+    run_recipe([*common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "rows"])
+    run = run_recipe([*common, "--per_device_train_tokens", "256", "--output_dir",
+                      tmp_path / "tokens"])
+    assert "steps x 4 rows (4 per device x 1 accumulation x 1 processes)" in run.stdout
+    rows, tokens = train_losses(tmp_path / "rows"), train_losses(tmp_path / "tokens")
+    assert len(rows) == 3 and tokens == rows
+
+
+def test_token_budget_padded_fills_micro_batches_and_resumes_exactly(tmp_path, tiny_args):
+    """--per_device_train_tokens 512, padded to the longest: every step computes at most 512
+    positions (rows x width) and fills most of them; a run resumed from its step-3 checkpoint
+    trains the same steps (the plan is a function of seed, epoch and lengths)."""
+    out, budget = tmp_path / "run", 512
+    args = [*tiny_args, "--padding", "longest", "--max_seq_length", "64",
+            "--per_device_train_tokens", str(budget), "--max_train_steps", "6",
+            "--logging_steps", "1", "--checkpointing_steps", "3", "--max_train_samples", "300",
+            "--output_dir", out]
+    run = run_recipe(args)
+    assert f"as many as fit in {budget} padded tokens, at least 8, per device" in run.stdout
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    computed = state["total"]["computed"]  # padded positions of the 6 steps
+    assert 0.6 * 6 * budget < computed <= 6 * budget
+    losses = train_losses(out)
+    assert len(losses) == 6
+    # killed after the step-6 checkpoint was written? resume from step 3 instead:
+    for done in (out / "checkpoints" / "checkpoint-6", out / "model"):
+        shutil.rmtree(done)
+    (out / "summary.json").unlink()
+    again = run_recipe(args)
+    assert "resuming from" in again.stdout
+    assert train_losses(out) == losses
 
 
 # ------------------------------------------------------------------------------ speed options

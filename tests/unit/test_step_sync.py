@@ -20,7 +20,8 @@ from mlmkit.checkpoint import RankState, TrainState
 from mlmkit.collator import MaskedLMCollator
 from mlmkit.config import parse_config, run_shape
 from mlmkit.data import DataRepairs, Example, RunData
-from mlmkit.loop import StepResults, build_scheduler, prepare_training, train_step
+from mlmkit.checkpoint import RunningStats
+from mlmkit.loop import BusyClock, StepResults, build_scheduler, prepare_training, train_step
 from mlmkit.modeling import load_model, load_tokenizer
 from mlmkit.prefetch import PlannedSteps, Prefetcher, build_step_source
 from mlmkit.plans import plan_schedule
@@ -67,15 +68,16 @@ class Examples:
                         source=0) for i in indices]
 
 
-def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
+def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=()):
     """The recipe's training step and step source, built by the recipe's own builders."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # each test its own device and precision
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
-                        "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4",
-                        "--gradient_accumulation_steps", "2", "--max_train_steps", "12"])
+                        "--attn_implementation", "sdpa", "--gradient_accumulation_steps", "2",
+                        "--max_train_steps", "12", *(flags or ("--per_device_train_batch_size",
+                                                               "4"))])
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=device == "cpu",
@@ -97,22 +99,127 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
     return accelerator, training.module, training.optimizer, scheduler, steps
 
 
-@pytest.mark.parametrize("padding", ["packed", "longest"])
-def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding):
+class FakeGpu:
+    """A GPU timeline for `BusyClock`: the host launches (its clock advances), the device runs
+    what was queued in order, never before it was launched; events stamp the device's time.
+    ``elapsed_time``/``synchronize`` raise unless ``synced()`` says the host has synchronised."""
+
+    def __init__(self, synced=lambda: True, hz=2e9):
+        self.host_ms = self.device_ms = 0.0
+        self.synced, self.hz, self.spins = synced, hz, []
+
+    def launch(self, device_ms, host_ms):  # one kernel
+        self.host_ms += host_ms
+        self.device_ms = max(self.device_ms, self.host_ms) + device_ms
+
+    def sleep(self, cycles):
+        self.spins.append(cycles)
+        self.launch(cycles / self.hz * 1e3, 0.0)
+
+    def timer(self):
+        return self.host_ms / 1e3
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                gpu.launch(0.0, 0.0)
+                self.at = gpu.device_ms
+
+            def query(self):  # cudaEventQuery: has the device reached it by now? (no sync)
+                return gpu.host_ms >= self.at
+
+            def synchronize(self):
+                assert gpu.synced(), "synchronize() before the read's synchronisation"
+
+            def elapsed_time(self, end):
+                assert gpu.synced(), "elapsed_time() before the read's synchronisation"
+                return end.at - self.at
+        return Event()
+
+    def clock(self, warmup=2):
+        return BusyClock(None, warmup=warmup, event=self.event, sleep=self.sleep,
+                         timer=self.timer)
+
+    def step(self, clock, positions=100, kernels=10, device_ms=1.0, host_ms=3.0):
+        clock.start(positions)
+        for _ in range(kernels):
+            self.launch(device_ms, host_ms)
+        clock.stop()
+
+
+def test_busy_clock_measures_device_time_behind_a_spin():
+    """A host-bound step (10 kernels of 1 ms, launched 3 ms apart: 30 ms of wall time, 10 ms of
+    device time): events around the step alone would say busy (30 of 30 ms); the calibration
+    behind the spin measures 10 ms, so the busy fraction is 1/3. Nothing is read before the
+    read's synchronisation, and the spin's clock is re-measured (2 GHz, guessed 1.5)."""
+    synced = [False]
+    gpu = FakeGpu(synced=lambda: synced[0])
+    clock = gpu.clock(warmup=2)
+    assert clock.fraction(RunningStats(computed=100, seconds=1.0)) is None  # not yet measured
+    for _ in range(4):
+        gpu.step(clock)
+    assert len(gpu.spins) == 1  # one calibration, on the third step
+    synced[0] = True
+    clock.read()
+    assert clock.per_position == pytest.approx(10e-3 / 100)
+    assert clock.cycles_per_s == pytest.approx(2e9)
+    window = RunningStats(computed=10 * 100, seconds=10 * 0.030)
+    assert clock.fraction(window) == pytest.approx(1 / 3)
+    assert clock.fraction(RunningStats(computed=10 * 100, seconds=0.001)) == 1.0  # capped
+    gpu.step(clock)
+    assert len(gpu.spins) == 1  # once per run ...
+    clock.recalibrate()
+    gpu.step(clock, device_ms=2.0)
+    clock.read()
+    assert len(gpu.spins) == 2 and clock.per_position == pytest.approx(20e-3 / 100)  # ... or asked
+
+
+def test_busy_clock_drops_a_spin_the_host_outlasted_and_retries_longer():
+    gpu = FakeGpu()
+    clock = gpu.clock(warmup=1)
+    gpu.step(clock)                       # 30 ms of launching: the spin will last 61 ms
+    gpu.step(clock, host_ms=9.0)          # this step takes the host 90 ms: the GPU caught up
+    clock.read()
+    assert clock.per_position is None     # dropped, not a wrong number
+    gpu.step(clock, host_ms=9.0)          # twice as long (121 ms, at the measured 2 GHz)
+    clock.read()
+    assert len(gpu.spins) == 2 and clock.per_position == pytest.approx(10e-3 / 100)
+
+
+def test_busy_clock_is_off_on_cpu():
+    clock = BusyClock(torch.device("cpu"))
+    for _ in range(BusyClock.WARMUP + 3):
+        clock.start(100)
+        clock.stop()
+    clock.read()
+    assert clock.fraction(RunningStats(computed=100, seconds=1.0)) is None
+
+
+@pytest.mark.parametrize("padding, flags", [("packed", ()), ("longest", ()),
+                                            ("longest", ("--per_device_train_tokens", "256"))])
+def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding, flags):
     accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
-                                                             padding)
+                                                             padding, flags=flags)
     prefetcher = Prefetcher(steps, num_workers=2)
-    pending, outs = StepResults(), []
+    reads = [None]  # the BusyClock's fake events: readable only after the read's .cpu()
+    gpu = FakeGpu(synced=lambda: reads[0] is not None and "cpu" in [c[0] for c in reads[0].calls])
+    clock = gpu.clock(warmup=1)
+    pending, outs = StepResults(clock), []
     n_steps, micro = 4, 0
     with SyncCounter() as counter:
         for _ in range(n_steps):
             prepared, _ = prefetcher.next()
             micro += len(prepared.micro_batches)
+            clock.start(prepared.computed)
             out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
                              mask_padding=True, max_grad_norm=1.0)
+            clock.stop()
             pending.add(out, 0.0)
             outs.append(out)
     prefetcher.close()
+    assert len(gpu.spins) == 1  # a calibration ran inside the counted steps
     ours = [c for c in counter.calls if "transformers" not in c[1]]
     assert ours == [], f"the step synchronises: {ours}"
     if padding == "packed":  # the block-diagonal 4-D mask reaches SDPA as it is
@@ -122,8 +229,10 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, pad
         assert all("masking_utils" in where for _, where in counter.calls)
 
     with SyncCounter() as counter:
+        reads[0] = counter
         results = pending.read()
     assert [c[0] for c in counter.calls] == ["cpu", "tolist"]  # one transfer for all steps
+    assert clock.per_position is not None  # the calibration was read there
     assert len(results) == n_steps and len(pending) == 0
     for (loss, masked, grad_norm, _), out in zip(results, outs):
         assert masked == int(out["masked_tokens"]) > 0
@@ -150,9 +259,12 @@ def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_pa
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path):
+@pytest.mark.parametrize("padding, flags", [
+    ("packed", ()), ("longest", ("--per_device_train_tokens", "256"))])
+def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path, padding,
+                                                    flags):
     """The steps after any step's position (what the checkpoint saves) are the same steps."""
-    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+    *_, steps = setup(tiny_bert_dir, tokenizer_path, padding, flags=flags)
     run = list(steps)
     assert len({s.position.epoch for s in run}) >= 2  # crosses an epoch boundary
     for k in (0, 4, len(run) - 2):
@@ -180,20 +292,29 @@ def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path):
     accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
                                                              "packed", device="cuda")
     prefetcher = Prefetcher(steps, num_workers=2, pin_memory=True)
-    pending = StepResults()
-    prepared, _ = prefetcher.next()  # a first step outside: lazy CUDA initialisation may sync
-    pending.add(train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
-                           mask_padding=True, max_grad_norm=1.0), 0.0)
+    clock = BusyClock(accelerator.device, warmup=1)  # the real spin kernel and CUDA events
+    pending = StepResults(clock)
+
+    def step():
+        prepared, _ = prefetcher.next()
+        clock.start(prepared.computed)
+        out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                         mask_padding=True, max_grad_norm=1.0)
+        clock.stop()
+        pending.add(out, 0.0)
+
+    step()  # a first step outside: lazy CUDA initialisation may sync
     pending.read()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(4):
-            prepared, _ = prefetcher.next()
-            pending.add(train_step(accelerator, module, optimizer, scheduler,
-                                   prepared.micro_batches, mask_padding=True, max_grad_norm=1.0),
-                        0.0)
+        for _ in range(4):  # the second is the BusyClock's calibration
+            step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
         prefetcher.close()
     results = pending.read()
     assert len(results) == 4 and all(masked > 0 for _, masked, _, _ in results)
+    # the calibration behind the spin was valid and read: the step's device time per position
+    assert clock.per_position is not None and clock.per_position > 0
+    print(f"BusyClock: {clock.per_position * 1e9:.3f} ns of device time per position, "
+          f"spin clock {clock.cycles_per_s / 1e9:.2f} GHz")

@@ -429,6 +429,10 @@ def test_tokenized_dir_not_written_by_pretokenize(fails, tiny_args, tmp_path):
     (["--padding", "sideways"], "not a known value"),
     (["--group_by_length", "--padding", "packed"], "has no effect with --padding packed"),
     (["--config"], "--config needs a path"),
+    (["--per_device_train_tokens", "64"], "pass at least --per_device_train_tokens 128"),
+    (["--per_device_train_tokens", "0"], "holds less than one example"),
+    (["--per_device_train_tokens", "4096", "--per_device_train_batch_size", "8"],
+     "the micro-batch is stated once"),
     (["--config", "no/such/config.yaml"], "no such file"),
 ])
 def test_argument_mistakes(fails, tiny_args, args, needle):
