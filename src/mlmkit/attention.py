@@ -12,13 +12,19 @@ segment, each row's padding tail one more), which transformers hands every atten
 ``**kwargs``. The function computes each example's attention alone:
 
 * on CUDA in half precision, with `torch.nn.attention.varlen.varlen_attn` where this torch has it:
-  no padding computed, sliding windows through ``window_size`` (untested here: no GPU);
+  no padding computed, sliding windows through ``window_size``; the boundaries may repeat their
+  last entry (zero-length segments: `prefetch.StaticShapes` pads them to a fixed length for
+  compiled steps) and ``max_length_q/k`` may be an upper bound (the row width) -- both checked on
+  a GPU by ``benchmarks/gpu_checks.py varlen`` against the block mask;
 * elsewhere (CPU, fp32, dropout in training), exactly with SDPA under the block mask built from
   the boundaries, AND the model's sliding window (``|i - j| <= window``) -- the path the tests and
   the start-up probe run on CPU.
 
 Padded batches (no boundaries) go to transformers' own SDPA function with the mask the model
-built (transformers builds it in SDPA form: the mask function is registered under the same name).
+built (transformers builds it in SDPA form: `packed_mask`, registered under the same name).
+
+On CUDA the BERT family runs this function too (`modeling.VARLEN_TYPES`): its packed rows then
+skip the dense (R, 1, T, T) block mask, which forces SDPA's masked kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import torch.nn.functional as F
 
 from .choices import PACKED_ATTENTION
 
-__all__ = ["PACKED_ATTENTION", "band", "block_mask", "packed_attention_forward", "register"]
+__all__ = ["PACKED_ATTENTION", "band", "block_mask", "packed_attention_forward", "packed_mask",
+           "register"]
 
 
 def segment_ids(cu_seq_lens: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
@@ -58,7 +65,8 @@ def block_mask(cu_seq_lens: torch.Tensor, n_rows: int, width: int,
 
 class _MaskCache:
     """The block masks of the current forward: every layer gets the same boundaries tensor, so
-    each (boundaries, window) mask is built once per forward, not once per layer."""
+    each (boundaries, window) mask is built once per forward, not once per layer (eager only:
+    a compiled forward builds it in the graph, where the cache's Python checks would break it)."""
 
     def __init__(self):
         self.cu: torch.Tensor | None = None
@@ -112,17 +120,29 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                           int(max_length_k or max_length_q or width), scale=scaling,
                           window_size=(half, half) if half is not None else (-1, -1))
         return out.view(n_rows, width, heads, dim), None
-    mask = _CACHE.get(cu_seq_lens_q, n_rows, width, half)  # (R, 1, T, T)
+    if torch.compiler.is_compiling():  # one graph: no Python-side cache (identity, version)
+        mask = block_mask(cu_seq_lens_q, n_rows, width, half)  # (R, 1, T, T)
+    else:
+        mask = _CACHE.get(cu_seq_lens_q, n_rows, width, half)  # (R, 1, T, T)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=key.shape[1] != heads)
     return out.transpose(1, 2).contiguous(), None  # (R, T, H, D)
 
 
+def packed_mask(*args, allow_is_bidirectional_skip: bool = False, **kwargs):
+    """transformers' SDPA mask builder, never skipping the mask of a 2-D mask without zeros:
+    that skip asks ``padding_mask.all()`` on the host, a host-device synchronisation in every
+    forward on a GPU (packed rows carry an all-ones 2-D mask here, which
+    `packed_attention_forward` does not read when the boundaries are given)."""
+    from transformers.masking_utils import sdpa_mask
+    return sdpa_mask(*args, allow_is_bidirectional_skip=False, **kwargs)
+
+
 def register() -> str:
-    """Register `packed_attention_forward` (and SDPA's mask builder, for padded batches) under
-    `PACKED_ATTENTION`; idempotent. Returns the name."""
+    """Register `packed_attention_forward` (and `packed_mask`, SDPA's mask builder, for padded
+    batches) under `PACKED_ATTENTION`; idempotent. Returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_ATTENTION, packed_mask)
     return PACKED_ATTENTION

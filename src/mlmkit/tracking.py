@@ -28,6 +28,7 @@ TRAIN_MASKED_TOKENS = "train/masked_tokens"
 TRAIN_TFLOPS = "train/tflops"                        # model TFLOP/s per device (flops.py)
 TRAIN_MFU = "train/mfu"                              # train/tflops / the device's dense peak
 TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spent waiting for data
+TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the first step (compile, capture)
 TRAIN_RUNTIME = "train/runtime_s"
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
