@@ -67,20 +67,23 @@ class Examples:
                         source=0) for i in indices]
 
 
-def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
-    """The recipe's training step and step source, built by the recipe's own builders."""
+def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=("--attn_implementation",
+                                                                         "sdpa")):
+    """The recipe's training step and step source, built by the recipe's own builders;
+    ``flags``: more recipe flags (default: SDPA named, the dense block mask on every device)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # each test its own device and precision
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
-                        "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4",
-                        "--gradient_accumulation_steps", "2", "--max_train_steps", "12"])
+                        "--per_device_train_batch_size", "4",
+                        "--gradient_accumulation_steps", "2", "--max_train_steps", "12", *flags])
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=device == "cpu",
                               mixed_precision="bf16" if device == "cuda" else "no")
-    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer))
+    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
+                                                             device=accelerator.device))
     shape = run_shape(cfg, num_processes=1, on_gpu=device == "cuda", padding=padding)
     collator = MaskedLMCollator.from_config(
         tokenizer, cfg, position_offset=training.position_offset, padding=padding,
@@ -94,13 +97,13 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu"):
                               training=training, state=TrainState(),
                               rank_state=RankState.load(cfg, None, 0), process_index=0,
                               num_processes=1, shape=shape)
-    return accelerator, training.module, training.optimizer, scheduler, steps
+    return accelerator, training, scheduler, steps
 
 
 @pytest.mark.parametrize("padding", ["packed", "longest"])
 def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding):
-    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
-                                                             padding)
+    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, padding)
+    module, optimizer = training.module, training.optimizer
     prefetcher = Prefetcher(steps, num_workers=2)
     pending, outs = StepResults(), []
     n_steps, micro = 4, 0
@@ -150,9 +153,13 @@ def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_pa
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path):
-    """The steps after any step's position (what the checkpoint saves) are the same steps."""
-    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+@pytest.mark.parametrize("flags", [(), ("--torch_compile", "true")])
+def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path, flags):
+    """The steps after any step's position (what the checkpoint saves) are the same steps;
+    compiled runs' steps (`prefetch.StaticShapes`: empty rows, padded positions) too."""
+    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed", flags=flags)
+    if flags:
+        assert steps.preparer.static is not None
     run = list(steps)
     assert len({s.position.epoch for s in run}) >= 2  # crosses an epoch boundary
     for k in (0, 4, len(run) - 2):
@@ -160,8 +167,8 @@ def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_pat
                              position=run[k].position, num_epochs=steps.num_epochs)
         for want, got in zip(run[k + 1:], again, strict=True):
             assert (want.position, want.real) == (got.position, got.real)
-            assert all(torch.equal(x["input_ids"], y["input_ids"])
-                       for x, y in zip(want.micro_batches, got.micro_batches))
+            for x, y in zip(want.micro_batches, got.micro_batches, strict=True):
+                assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_an_error_in_a_worker_reaches_the_training_loop():
@@ -176,22 +183,32 @@ def test_an_error_in_a_worker_reaches_the_training_loop():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path):
-    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
-                                                             "packed", device="cuda")
+@pytest.mark.parametrize("path, flags", [
+    ("block_mask", ("--attn_implementation", "sdpa")),  # the dense block mask
+    ("varlen", ()),                                      # BERT on CUDA: mlmkit_packed, varlen
+    ("graphed", ("--torch_compile", "true", "--torch_compile_mode", "reduce-overhead")),
+])
+def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path, path, flags):
+    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, "packed",
+                                                    device="cuda", flags=flags)
+    module, optimizer = training.module, training.optimizer
+    assert training.attn_implementation == ("sdpa" if path == "block_mask" else "mlmkit_packed")
     prefetcher = Prefetcher(steps, num_workers=2, pin_memory=True)
     pending = StepResults()
-    prepared, _ = prefetcher.next()  # a first step outside: lazy CUDA initialisation may sync
-    pending.add(train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
-                           mask_padding=True, max_grad_norm=1.0), 0.0)
+    # first steps outside: lazy CUDA initialisation, compilation and CUDA-graph recording sync
+    for _ in range(3 if path == "graphed" else 1):
+        prepared, _ = prefetcher.next()
+        pending.add(train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
+                               mask_padding=True, max_grad_norm=1.0, forward=training.forward),
+                    0.0)
     pending.read()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(4):
             prepared, _ = prefetcher.next()
             pending.add(train_step(accelerator, module, optimizer, scheduler,
-                                   prepared.micro_batches, mask_padding=True, max_grad_norm=1.0),
-                        0.0)
+                                   prepared.micro_batches, mask_padding=True, max_grad_norm=1.0,
+                                   forward=training.forward), 0.0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
         prefetcher.close()
