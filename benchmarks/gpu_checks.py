@@ -103,7 +103,8 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
     n_segments = len(batches["varlen"]["cu_seq_lens_q"]) - 1
     real = batches["block"]["labels"] != -100  # (R, T) the targets: positions that matter
 
-    def run(model, batch, bf16: bool):
+    def run(model, batch, bf16: bool, train: bool = False):
+        model.train(train)
         model.zero_grad(set_to_none=True)
         module = MaskedLMModule(model)
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "masked_positions")}
@@ -126,17 +127,28 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
         results[name] = {"hidden_rel_err": rel(h, ref_h), "loss": loss,
                          "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
                          "grad_rel_err": rel(grad, ref_grad)}
-    for name, model in (("block", dense), ("varlen_static", varlen)):  # informative timing
-        batch = batches[name]
-        for i in range(13):
+    # training mode, attention dropout on (the flash op with dropout): a sane loss and gradient
+    # (dropout masks differ between kernels: not equal, close), and the time of each path
+    from mlmkit.attention import _DROPOUT_KERNEL
+    results["dropout_kernel"] = _DROPOUT_KERNEL["ok"]
+    for name, model in (("block", dense), ("varlen_static", varlen)):
+        torch.manual_seed(0)
+        _, loss, grad = run(model, batches[name], bf16=True, train=True)
+        results[name].update(train_loss=loss, train_grad_rel_err=rel(grad, ref_grad),
+                             train_grad_finite=bool(torch.isfinite(grad).all()))
+        for i in range(13):  # informative timing, training mode
             if i == 3:
                 sync()
                 t0 = time.perf_counter()
-            run(model, batch, bf16=True)
+            run(model, batches[name], bf16=True, train=True)
         sync()
         results[name]["ms_fwd_bwd"] = (time.perf_counter() - t0) * 100  # / 10 * 1000
+    dropped, kept = results["varlen_static"], results["block"]
+    results["dropout_ok"] = bool(dropped["train_grad_finite"] and abs(
+        dropped["train_loss"] - kept["train_loss"]) <= 0.05 * abs(kept["train_loss"]) and
+        dropped["train_grad_rel_err"] <= 2 * kept["train_grad_rel_err"] + 0.05)
     base = results["block"]
-    results["ok"] = bool(results["varlen_kernel"]) and all(
+    results["ok"] = bool(results["varlen_kernel"]) and results["dropout_ok"] and all(
         results[n][k] <= 2 * base[k] + 2e-3 for n in ("varlen", "varlen_static")
         for k in ("hidden_rel_err", "loss_rel_err", "grad_rel_err"))
     return results
@@ -216,7 +228,9 @@ def main() -> None:
         print(f"gpu_checks {what}: skipped (no CUDA device)")
         return
     try:
-        result = {"varlen": check_varlen, "graphed": check_graphed}[what](model_dir)
+        kwargs = {"rows": int(os.environ["GPU_CHECKS_ROWS"])} if what == "varlen" and \
+            os.environ.get("GPU_CHECKS_ROWS") else {}
+        result = {"varlen": check_varlen, "graphed": check_graphed}[what](model_dir, **kwargs)
     except Exception as err:  # the check itself failed: its error is the result
         import traceback
         result = {"ok": False, "error": f"{type(err).__name__}: {err}",

@@ -95,6 +95,10 @@ def checks_section(out: Path) -> list[str]:
                  f"{varlen[n]['loss_rel_err']:.2e}, grad {varlen[n]['grad_rel_err']:.2e}"
                  for n in ("block", "varlen", "varlen_static")]
         ms = [f"{n} {varlen[n].get('ms_fwd_bwd', 0):.1f} ms" for n in ("block", "varlen_static")]
+        parts.append(f"training with attention dropout (flash op: {varlen.get('dropout_kernel')}): "
+                     f"{'ok' if varlen.get('dropout_ok') else '**FAILED**'}, loss "
+                     f"{varlen['varlen_static'].get('train_loss', float('nan')):.4f} vs block "
+                     f"{varlen['block'].get('train_loss', float('nan')):.4f}")
         lines.append(f"- varlen vs dense block mask ({varlen['rows']} rows of {varlen['width']}, "
                      f"{varlen['segments']} segments, padded to {varlen['static_segments']}; "
                      f"relative error vs fp32 block mask): {'ok' if varlen['ok'] else '**FAILED**'}"

@@ -11,7 +11,8 @@ Packed rows reach it as the flash-attention form (`layout.flash_boundaries`): a 
 segment, each row's padding tail one more), which transformers hands every attention call in
 ``**kwargs``. The function computes each example's attention alone:
 
-* on CUDA in half precision, with `torch.nn.attention.varlen.varlen_attn` where this torch has it:
+* on CUDA in half precision, with `torch.nn.attention.varlen.varlen_attn` where this torch has it
+  (with attention dropout in training: the flash op under it, `check_dropout_kernel`):
   no padding computed, sliding windows through ``window_size``; the boundaries may repeat their
   last entry (zero-length segments: `prefetch.StaticShapes` pads them to a fixed length for
   compiled steps) and ``max_length_q/k`` may be an upper bound (the row width) -- both checked on
@@ -28,6 +29,8 @@ skip the dense (R, 1, T, T) block mask, which forces SDPA's masked kernel.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -84,15 +87,52 @@ class _MaskCache:
 _CACHE = _MaskCache()
 
 
+try:  # torch's variable-length flash attention (CUDA), where this torch has it
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    # its keyword arguments: ``scale`` and ``window_size`` arrived after its first release
+    VARLEN_KEYWORDS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, VARLEN_KEYWORDS = None, frozenset()
+
+
+# Attention dropout in training (BERT's attention_probs_dropout_prob): ``varlen_attn`` has no
+# dropout, so the same flash kernel is called through the op under it,
+# ``aten._flash_attention_forward`` (differentiable; dropout from the CUDA generator, as SDPA's
+# flash path). `check_dropout_kernel` tries it once on the device before training relies on it.
+_DROPOUT_KERNEL: dict = {"ok": None}
+
+
+def check_dropout_kernel(device) -> bool:
+    """Whether the flash kernel with dropout runs forward and backward on ``device`` (CUDA, bf16);
+    tried once. Where it does not, training with attention dropout takes the block-mask path."""
+    if _DROPOUT_KERNEL["ok"] is None:
+        try:
+            q = torch.randn(8, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+            cu = torch.tensor([0, 3, 8, 8], device=device, dtype=torch.int32)  # an empty segment
+            out = _flash_varlen(q, q, q, cu, cu, 8, 8, 0.1, None, None)
+            out.float().sum().backward()
+            _DROPOUT_KERNEL["ok"] = bool(q.grad is not None)
+        except Exception as err:  # an older torch: the block-mask path, said once
+            import warnings
+            warnings.warn(f"mlmkit: flash attention with dropout is unavailable ({err}); packed "
+                          "rows with attention dropout use SDPA under the block mask")
+            _DROPOUT_KERNEL["ok"] = False
+    return _DROPOUT_KERNEL["ok"]
+
+
+def _flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, dropout: float,
+                  scale: float | None, half: int | None) -> torch.Tensor:
+    """(N, H, D) x3 -> (N, H, D): the flash kernel over the boundaries, with dropout."""
+    window = {} if half is None else {"window_size_left": half, "window_size_right": half}
+    return torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_q, cu_k, max_q, max_k, dropout, False, False, scale=scale,
+        **window)[0]
+
+
 def varlen_available(query: torch.Tensor) -> bool:
     """Whether the CUDA variable-length kernel can run these inputs."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return (_varlen_attn is not None and query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16))
 
 
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -111,14 +151,24 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                                       scaling=scaling, **kwargs)
     n_rows, heads, width, dim = query.shape
     half = sliding_window - 1 if sliding_window is not None else None
-    if varlen_available(query) and dropout == 0.0 and key.shape[1] == heads:
-        from torch.nn.attention.varlen import varlen_attn
+    keywords = VARLEN_KEYWORDS
+    flash = varlen_available(query) and key.shape[1] == heads and (
+        (dropout == 0.0 and (half is None or "window_size" in keywords))
+        or (dropout > 0.0 and _DROPOUT_KERNEL["ok"]))
+    if flash:
         flat = [t.transpose(1, 2).reshape(n_rows * width, heads, dim) for t in (query, key, value)]
         cu_q = cu_seq_lens_q.to(torch.int32)
         cu_k = (cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q).to(torch.int32)
-        out = varlen_attn(*flat, cu_q, cu_k, int(max_length_q or width),
-                          int(max_length_k or max_length_q or width), scale=scaling,
-                          window_size=(half, half) if half is not None else (-1, -1))
+        max_q, max_k = int(max_length_q or width), int(max_length_k or max_length_q or width)
+        if dropout > 0.0:
+            out = _flash_varlen(*flat, cu_q, cu_k, max_q, max_k, dropout, scaling, half)
+            return out.view(n_rows, width, heads, dim), None
+        more = {"scale": scaling} if "scale" in keywords else {}
+        if scaling is not None and "scale" not in keywords:  # the kernel's default: dim ** -0.5
+            flat[0] = flat[0] * (scaling * dim ** 0.5)
+        if half is not None:
+            more["window_size"] = (half, half)
+        out = _varlen_attn(*flat, cu_q, cu_k, max_q, max_k, **more)
         return out.view(n_rows, width, heads, dim), None
     if torch.compiler.is_compiling():  # one graph: no Python-side cache (identity, version)
         mask = block_mask(cu_seq_lens_q, n_rows, width, half)  # (R, 1, T, T)

@@ -128,8 +128,10 @@ def use_packed_path(model: nn.Module, attention: bool = True, varlen: bool = Fal
     if not attention or not (model_type in PACKED_ATTENTION_TYPES
                              or (varlen and model_type in VARLEN_TYPES)):
         return None
-    from .attention import register
+    from .attention import check_dropout_kernel, register
     model.set_attn_implementation(register())
+    if varlen and torch.cuda.is_available():  # attention dropout through the flash kernel?
+        check_dropout_kernel(torch.device("cuda", torch.cuda.current_device()))
     if model_type == "esm" and getattr(model.config, "token_dropout", False):
         _per_example_token_dropout(model.base_model)
     return "attention"
