@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_checks.py varlen  MODEL_DIR OUT.json   # varlen == dense block mask
     python benchmarks/gpu_checks.py graphed MODEL_DIR OUT.json   # graphed step == eager step
+    python benchmarks/gpu_checks.py sync    MODEL_DIR OUT.json   # test_step_sync, no pytest
 
 * ``varlen``: packed BERT rows in bf16 (autocast), the variable-length kernel
   (`attention.packed_attention_forward` on CUDA, mlmkit's registered attention) against SDPA
@@ -220,6 +221,44 @@ def check_graphed(model_dir: str, steps: int = 8) -> dict:
             "ok": len(errs) == steps and max(errs) <= 2e-2}
 
 
+def check_sync(model_dir: str) -> dict:
+    """tests/unit/test_step_sync.py's CUDA test (no host-device sync: block mask, varlen,
+    graphed), run without pytest where the GPU image has none: each variant's outcome.
+    ``model_dir`` is unused (the test builds its tiny BERT)."""
+    import importlib
+    import types
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    sys.path.insert(0, str(root / "tests" / "unit"))
+    try:
+        import pytest  # noqa: F401
+    except ImportError:  # the decorators the module applies at import time, as no-ops
+        stub = types.ModuleType("pytest")
+
+        class _Mark:
+            def __getattr__(self, name):
+                return lambda *a, **k: (lambda f: f)
+        stub.mark = _Mark()
+        sys.modules["pytest"] = stub
+    import os
+    import tempfile
+
+    from helpers import tiny_config_dir
+    module = importlib.import_module("test_step_sync")
+    tiny = tiny_config_dir(Path(tempfile.mkdtemp()))
+    tokenizer = os.environ.get("MLMKIT_TEST_TOKENIZER") or str(root / ".gpu" / "tok")
+    results = {}
+    for path, flags in (("block_mask", ("--attn_implementation", "sdpa")), ("varlen", ()),
+                        ("graphed", ("--torch_compile", "true", "--torch_compile_mode",
+                                     "reduce-overhead"))):
+        try:
+            module.test_train_step_makes_no_cuda_sync(tiny, tokenizer, path, flags)
+            results[path] = "passed"
+        except BaseException as err:  # an assertion, or the sync-debug error
+            results[path] = f"FAILED: {type(err).__name__}: {str(err)[:500]}"
+    return {"variants": results, "ok": all(v == "passed" for v in results.values())}
+
+
 def main() -> None:
     what, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     import os
@@ -230,7 +269,8 @@ def main() -> None:
     try:
         kwargs = {"rows": int(os.environ["GPU_CHECKS_ROWS"])} if what == "varlen" and \
             os.environ.get("GPU_CHECKS_ROWS") else {}
-        result = {"varlen": check_varlen, "graphed": check_graphed}[what](model_dir, **kwargs)
+        result = {"varlen": check_varlen, "graphed": check_graphed,
+                  "sync": check_sync}[what](model_dir, **kwargs)
     except Exception as err:  # the check itself failed: its error is the result
         import traceback
         result = {"ok": False, "error": f"{type(err).__name__}: {err}",

@@ -118,6 +118,11 @@ def checks_section(out: Path) -> list[str]:
                      f"{graphed['graphed_seconds']:.0f} s incl. compilation")
     status = (out / "status.txt").read_text() if (out / "status.txt").is_file() else ""
     sync = [line for line in status.splitlines() if line.startswith("pytest-step-sync")]
+    direct = read_json(out / "check-sync.json")
+    if direct and "variants" in direct:
+        sync.append(f"run directly (no pytest): {direct['variants']}")
+    elif direct and "error" in direct:
+        sync.append(f"run directly (no pytest): **error** {direct['error']}")
     lines.append(f"- tests/unit/test_step_sync.py on CUDA: {sync[-1] if sync else 'not run'}")
     return lines
 
