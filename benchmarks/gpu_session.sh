@@ -120,9 +120,9 @@ throughput throughput-bert-large-128x256 bert-large 800 256 128 hf_baseline,pack
   "${graphed[@]}"
 # 8: comparisons
 recipe recipe-bert-base-128x256-eager bert-base 256 128 false 120
-throughput throughput-bert-base-224x72 bert-base 224 72 128 hf_baseline,packed_sparse,recipe 180 \
+throughput throughput-bert-base-128x72 bert-base 224 72 128 hf_baseline,packed_sparse,recipe 180 \
   "${graphed[@]}"
-throughput throughput-bert-base-64x22 bert-base 64 22 128 hf_baseline,packed_sparse,recipe 180 \
+throughput throughput-bert-base-128x22 bert-base 64 22 128 hf_baseline,packed_sparse,recipe 180 \
   "${graphed[@]}"
 recipe recipe-bert-base-128x72-graphed bert-base 72 128 reduce-overhead 180
 recipe recipe-bert-base-128x72-eager bert-base 72 128 false 120
