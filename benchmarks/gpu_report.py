@@ -1,89 +1,195 @@
-"""The markdown report of benchmarks/gpu.sh: python benchmarks/gpu_report.py OUT_DIR > gpu.md
+"""The markdown report of a GPU session: python benchmarks/gpu_report.py OUT_DIR > gpu.md
 
-Reads OUT_DIR/throughput-*.json (benchmarks/throughput.py) and the recipe runs
-OUT_DIR/recipe-*/metrics.jsonl; the recipe's steady state is the mean over its log windows after
-the first two (warm-up and compilation).
+Reads what benchmarks/gpu_session.sh (or gpu.sh) left in OUT_DIR, whatever of it exists:
+check-*.json (benchmarks/gpu_checks.py), status.txt (each run's exit status and seconds),
+throughput-*.json (benchmarks/throughput.py) and the recipe runs recipe-*/ (metrics.jsonl,
+summary.json). Runs are named ``recipe-<size>-<width>x<rows>-<graphed|eager>`` and
+``throughput-<size>-<width>x<rows>[-eager]`` (gpu.sh's older names are listed as they are).
+The recipe's steady state is the mean over its log windows after the first two (compilation,
+CUDA-graph recording and warm-up; the first step's time is also in summary.json as
+``train/compile_seconds``); with fewer windows, the last one, marked.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 SIZES = {"minilm": "MiniLM-L6 size (23M)", "bert-base": "bert-base size (110M)",
          "bert-large": "bert-large size (335M)"}
+NAME = re.compile(r"^(recipe|throughput)-(minilm|bert-base|bert-large)-(\d+)x(\d+)(?:-(\w+))?$")
 
 
 def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
-def throughput_tables(out: Path) -> list[str]:
-    lines = ["## Inner loops and the recipe's step (benchmarks/throughput.py)", "",
-             "Real (non-padding) tokens/s; × = ratio to hf_baseline; MFU = model FLOPs "
-             "(mlmkit.flops) / time / dense bf16 peak.", "",
-             "| model | batch | hf_baseline | padded_sparse | packed | packed_sparse | recipe step "
-             "| recipe / packed_sparse | packed_sparse MFU | recipe MFU | recipe ms/step |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    device = None
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def parse(name: str):
+    """(kind, size, width, rows, variant) of a run's name, or None."""
+    m = NAME.match(name)
+    return (m[1], m[2], int(m[3]), int(m[4]), m[5] or "") if m else None
+
+
+def throughputs(out: Path) -> dict:
+    """{(size, width, rows, variant): throughput.py's JSON}."""
+    found = {}
     for path in sorted(out.glob("throughput-*.json")):
-        data = json.loads(path.read_text())
-        device = device or data["device"]
-        res = {r["mode"]: r for r in data["results"]}
-        size = path.stem.split("-", 1)[1].rsplit("-", 1)[0].removesuffix("-224")
-        a = data["args"]
-        name = SIZES.get(size.replace("-224", ""), size)
-        if a.get("torch_compile"):
-            name += ", compiled"
-        base = res.get("hf_baseline")
-
-        def cell(mode):
-            r = res.get(mode)
-            if r is None:
-                return "-"
-            ratio = f" ({r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x)" if base else ""
-            return f"{r['real_tokens_per_s'] / 1e3:.0f}k{ratio}"
-        rec, ps = res.get("recipe"), res.get("packed_sparse")
-        lines.append(
-            f"| {name} | {a['batch_size']} / {a['packed_rows']} rows | {cell('hf_baseline')} | "
-            f"{cell('padded_sparse')} | {cell('packed')} | {cell('packed_sparse')} | "
-            f"{cell('recipe')} | "
-            f"{fmt(rec and ps and rec['real_tokens_per_s'] / ps['real_tokens_per_s'], '.2f')} | "
-            f"{fmt(ps and ps['mfu'], '.1%')} | {fmt(rec and rec['mfu'], '.1%')} | "
-            f"{fmt(rec and rec['ms_per_step'], '.1f')} |")
-    return [f"Device: {device}", ""] + lines
+        data, key = read_json(path), parse(path.stem)
+        if data and key:
+            found[key[1:]] = data
+        elif data:
+            found[(path.stem, 0, 0, "")] = data
+    return found
 
 
-def recipe_table(out: Path) -> list[str]:
-    lines = ["## The recipe itself (accelerate launch recipes/mlm.py, bf16, 72 packed rows of 128)",
-             "", "Steady state: the mean over the log windows (10 steps each) after the first two.",
-             "", "| model | compile | real tokens/s | train/tflops | train/mfu | "
-             "data wait | peak mem (GB) | eval loss first -> last |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+def mode(data, name):
+    return next((r for r in (data or {}).get("results", []) if r["mode"] == name), None)
+
+
+def recipe_steady(run: Path) -> dict | None:
+    metrics = []
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (
+            run / "metrics.jsonl").is_file() else []:
+        try:
+            metrics.append(json.loads(line))
+        except ValueError:
+            pass
+    windows = [m for m in metrics if "train/loss" in m]
+    if not windows:
+        return None
+    steady = windows[2:] or windows[-1:]
+
+    def mean(key):
+        vals = [w[key] for w in steady if w.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+    evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
+    summary = read_json(run / "summary.json") or {}
+    return {"real": mean("train/real_tokens_per_s"), "tflops": mean("train/tflops"),
+            "mfu": mean("train/mfu"), "wait": mean("train/data_wait_fraction"),
+            "mem": mean("sys/peak_mem_gb"), "warm_included": len(windows) <= 2,
+            "compile_s": summary.get("train/compile_seconds"),
+            "attn": summary.get("probe/attn_implementation"),
+            "evals": f"{evals[0]:.3f} -> {evals[-1]:.3f}" if evals else "n/a"}
+
+
+def checks_section(out: Path) -> list[str]:
+    lines = ["## Correctness checks on the device", ""]
+    varlen = read_json(out / "check-varlen.json")
+    if varlen is None:
+        lines.append("- varlen vs dense block mask: not run")
+    elif "skipped" in varlen:
+        lines.append(f"- varlen vs dense block mask: skipped ({varlen['skipped']})")
+    elif "error" in varlen:
+        lines.append(f"- varlen vs dense block mask: **error** {varlen['error']}")
+    else:
+        parts = [f"{n}: hidden {varlen[n]['hidden_rel_err']:.2e}, loss "
+                 f"{varlen[n]['loss_rel_err']:.2e}, grad {varlen[n]['grad_rel_err']:.2e}"
+                 for n in ("block", "varlen", "varlen_static")]
+        ms = [f"{n} {varlen[n].get('ms_fwd_bwd', 0):.1f} ms" for n in ("block", "varlen_static")]
+        parts.append(f"training with attention dropout (flash op: {varlen.get('dropout_kernel')}): "
+                     f"{'ok' if varlen.get('dropout_ok') else '**FAILED**'}, loss "
+                     f"{varlen['varlen_static'].get('train_loss', float('nan')):.4f} vs block "
+                     f"{varlen['block'].get('train_loss', float('nan')):.4f}")
+        lines.append(f"- varlen vs dense block mask ({varlen['rows']} rows of {varlen['width']}, "
+                     f"{varlen['segments']} segments, padded to {varlen['static_segments']}; "
+                     f"relative error vs fp32 block mask): {'ok' if varlen['ok'] else '**FAILED**'}"
+                     f"; {'; '.join(parts)}; forward+backward {', '.join(ms)}")
+    graphed = read_json(out / "check-graphed.json")
+    if graphed is None:
+        lines.append("- graphed step vs eager step (bf16 losses): not run")
+    elif "skipped" in graphed:
+        lines.append(f"- graphed step vs eager step: skipped ({graphed['skipped']})")
+    elif "error" in graphed:
+        lines.append(f"- graphed step vs eager step: **error** {graphed['error']}")
+    else:
+        lines.append(f"- graphed step vs eager step ({graphed['attn_implementation']}, "
+                     f"{len(graphed['eager'])} steps): {'ok' if graphed['ok'] else '**FAILED**'}"
+                     f"; max relative loss difference {max(graphed['rel_err']):.2e} (tolerance "
+                     f"{graphed['tolerance']}); eager {graphed['eager_seconds']:.0f} s, graphed "
+                     f"{graphed['graphed_seconds']:.0f} s incl. compilation")
+    status = (out / "status.txt").read_text() if (out / "status.txt").is_file() else ""
+    sync = [line for line in status.splitlines() if line.startswith("pytest-step-sync")]
+    direct = read_json(out / "check-sync.json")
+    if direct and "variants" in direct:
+        sync.append(f"run directly (no pytest): {direct['variants']}")
+    elif direct and "error" in direct:
+        sync.append(f"run directly (no pytest): **error** {direct['error']}")
+    lines.append(f"- tests/unit/test_step_sync.py on CUDA: {sync[-1] if sync else 'not run'}")
+    return lines
+
+
+def recipe_section(out: Path, tp: dict) -> list[str]:
+    lines = ["## The recipe (accelerate launch recipes/mlm.py, one process)", "",
+             "Steady state: log windows of 10 steps after the first two. × hf = real tokens/s "
+             "over hf_baseline's at the same width (throughput.py, same run folder); recipe / "
+             "inner = over the inner loop's packed_sparse (same shape, same compile mode).", "",
+             "| model | width x rows | step | attention | real tokens/s | TFLOP/s | MFU | "
+             "× hf | recipe / inner | data wait | compile s | peak GB | eval loss |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in sorted(p for p in out.glob("recipe-*") if p.is_dir()):
-        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        windows = [m for m in metrics if "train/loss" in m][2:]
-        evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
-        if not windows:
+        res, key = recipe_steady(run), parse(run.name)
+        if res is None:
+            lines.append(f"| {run.name} | - | - | - | no log window | | | | | | | | |")
             continue
-
-        def mean(key):
-            vals = [w[key] for w in windows if w.get(key) is not None]
-            return sum(vals) / len(vals) if vals else None
-        size, compile_ = run.name.removeprefix("recipe-").split("-compile-")
+        size, width, rows, variant = key[1:] if key else (run.name, 0, 0, "")
+        data = tp.get((size, width, rows, "")) or tp.get((size, width, rows, "eager"))
+        base, inner = mode(data, "hf_baseline"), mode(data, "packed_sparse")
+        eager_tp = tp.get((size, width, rows, "eager"))
+        if variant == "eager" and mode(eager_tp, "packed_sparse"):
+            inner = mode(eager_tp, "packed_sparse")
+        real = res["real"]
         lines.append(
-            f"| {SIZES.get(size, size)} | {compile_} | {mean('train/real_tokens_per_s'):.0f} | "
-            f"{fmt(mean('train/tflops'), '.1f')} | {fmt(mean('train/mfu'), '.1%')} | "
-            f"{fmt(mean('train/data_wait_fraction'), '.1%')} | "
-            f"{fmt(mean('sys/peak_mem_gb'), '.1f')} | {evals[0]:.3f} -> {evals[-1]:.3f} |")
+            f"| {SIZES.get(size, size)} | {width} x {rows} | {variant or '-'} | "
+            f"{res['attn'] or '?'} | {fmt(real, '.0f')}{' (warm-up in)' if res['warm_included'] else ''}"
+            f" | {fmt(res['tflops'], '.1f')} | {fmt(res['mfu'], '.1%')} | "
+            f"{fmt(base and real and real / base['real_tokens_per_s'], '.2f')} | "
+            f"{fmt(inner and real and real / inner['real_tokens_per_s'], '.3f')} | "
+            f"{fmt(res['wait'], '.1%')} | {fmt(res['compile_s'], '.0f')} | "
+            f"{fmt(res['mem'], '.1f')} | {res['evals']} |")
+    return lines
+
+
+def throughput_section(tp: dict) -> list[str]:
+    lines = ["## Inner loops (benchmarks/throughput.py)", "",
+             "Real (non-padding) tokens/s (× = over hf_baseline), MFU = model FLOPs "
+             "(mlmkit.flops) / time / dense bf16 peak, ms per step.", "",
+             "| model | width x rows (examples) | compile | mode | real tokens/s | × hf | MFU | "
+             "ms/step | peak GB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for (size, width, rows, variant), data in sorted(tp.items()):
+        a = data.get("args", {})
+        compiled = (a.get("torch_compile_mode") or "default") if a.get("torch_compile") \
+            else "eager"
+        for r in data.get("results", []):
+            lines.append(
+                f"| {SIZES.get(size, size)} | {a.get('max_seq_length')} x "
+                f"{a.get('packed_rows')} ({a.get('batch_size')}) | "
+                f"{'eager' if r['mode'] == 'hf_baseline' else compiled} | {r['mode']} | "
+                f"{r['real_tokens_per_s']:.0f} | {fmt(r.get('ratio_vs_baseline'), '.2f')} | "
+                f"{fmt(r.get('mfu'), '.1%')} | {r['ms_per_step']:.1f} | "
+                f"{fmt(r.get('peak_mem_gb'), '.1f')} |")
     return lines
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    print("\n".join(["# GPU benchmarks (benchmarks/gpu.sh)", "", *throughput_tables(out), "",
-                     *recipe_table(out)]))
+    tp = throughputs(out)
+    device = next((d["device"] for d in tp.values() if d.get("device")), None)
+    for name in ("check-varlen.json", "check-graphed.json"):
+        device = device or (read_json(out / name) or {}).get("device")
+    status = (out / "status.txt").read_text().strip() if (out / "status.txt").is_file() else ""
+    print("\n".join(["# GPU session (benchmarks/gpu_session.sh)", "",
+                     f"Device: {device or 'unknown'}", "", *checks_section(out), "",
+                     *recipe_section(out, tp), "", *throughput_section(tp), "",
+                     "## Runs (status.txt)", "", "```", status, "```"]))
 
 
 if __name__ == "__main__":

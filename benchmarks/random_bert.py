@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--sizes", default=",".join(SHAPES))
+    parser.add_argument("--tiny", action="store_true",
+                        help="every size at a tiny shape (a CPU dry run of the GPU scripts)")
     args = parser.parse_args()
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
@@ -37,7 +39,7 @@ def main() -> None:
         out = Path(args.out_dir) / size
         if (out / "config.json").is_file():
             continue
-        hidden, layers, heads, ffn = SHAPES[size]
+        hidden, layers, heads, ffn = (32, 2, 2, 64) if args.tiny else SHAPES[size]
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, intermediate_size=ffn,
                             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)

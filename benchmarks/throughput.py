@@ -30,9 +30,12 @@ configs' ratios and attention settings, fewer and narrower layers), with the emb
 and corpus; each runs the packed path mlmkit picks for it (`modeling.use_packed_path`), and the
 baseline the same model as transformers runs it.
 
-``--torch_compile`` compiles the training module of every mlmkit mode and the recipe step (packed
-rows then have the fixed shape ``(rows, max_seq_length)``, as in the recipe); the first
-``--warmup`` steps absorb compilation.
+``--torch_compile`` compiles the training module of every mlmkit mode and the recipe step
+(``--torch_compile_mode``: reduce-overhead adds CUDA graphs); packed batches then have the
+recipe's static shapes (`prefetch.StaticShapes`: fixed rows, masked positions and boundaries);
+the first ``--warmup`` steps absorb compilation and CUDA-graph recording. On CUDA the BERT family
+trains packed rows with the variable-length kernel, as the recipe does (`modeling.VARLEN_TYPES`;
+``--attn_implementation sdpa`` for the dense block mask); the baseline runs transformers' SDPA.
 
 Reported per mode: real (non-padding) tokens/s, all positions/s, pad fraction, ms per step, model
 TFLOP/s and MFU (`mlmkit.flops`: the FLOPs each mode must do, so padding is not counted), peak
@@ -59,6 +62,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from accelerate.utils import send_to_device  # noqa: E402
 
 from mlmkit.checkpoint import RankState, TrainState  # noqa: E402
+from mlmkit.choices import PACKED_ATTENTION as PACKED  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
 from mlmkit.config import parse_config, run_shape  # noqa: E402
 from mlmkit.data import (DataRepairs, IndexedExamples, RunData, load_raw_datasets,  # noqa: E402
@@ -68,7 +72,8 @@ from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_
                          train_step)
 from mlmkit.modeling import (MaskedLMModule, attn_implementation, load_model,  # noqa: E402
                              load_tokenizer, position_offset)
-from mlmkit.prefetch import Prefetcher, build_step_source  # noqa: E402
+from mlmkit.prefetch import (Prefetcher, StaticShapes, add_masked_positions,  # noqa: E402
+                             build_step_source)
 from mlmkit.plans import TrainPlan, micro_layout, plan_schedule  # noqa: E402
 
 
@@ -143,7 +148,9 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
     position), as the HF script does.
     """
     module = MaskedLMModule(model, sparse_prediction=sparse).to(device)
-    forward = torch.compile(module) if args.torch_compile and not hf else module
+    compiled = args.torch_compile and not hf
+    forward = torch.compile(module, mode=args.torch_compile_mode) if compiled else module
+    graphs = compiled and args.torch_compile_mode == "reduce-overhead"
     optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     module.train()  # dropout on, as in training (from_pretrained returns eval mode)
@@ -158,6 +165,8 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
             if hf:
                 loss = model(**batch).loss
             else:
+                if graphs:  # CUDA graphs: a new step (as loop.train_step marks it)
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss_sum, count = forward(**model_inputs(batch))
                 loss = loss_sum / count.clamp(min=1)
         loss.backward()
@@ -227,6 +236,7 @@ def recipe_config(cfg, args, *, padding: str, **more):
     rows = args.packed_rows or args.batch_size
     return dataclasses.replace(
         cfg, padding=padding, learning_rate=1e-5, torch_compile=args.torch_compile,
+        torch_compile_mode=args.torch_compile_mode,
         per_device_train_batch_size=rows if padding == "packed" else args.batch_size,
         dataloader_num_workers=args.dataloader_num_workers, **more)
 
@@ -254,6 +264,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--torch_compile", action="store_true",
                         help="torch.compile the training module (mlmkit modes and recipe)")
+    parser.add_argument("--torch_compile_mode", default="default",
+                        help="torch.compile mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--dataloader_num_workers", type=int, default=None,
                         help="the recipe mode's collating workers (default: 2 on a GPU, 0 on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -281,7 +293,7 @@ def main() -> None:
     examples = IndexedExamples(train)
     n_steps = args.steps + args.warmup
     torch.manual_seed(0)
-    model = load_model(cfg, tokenizer).to(device)
+    model = load_model(cfg, tokenizer, device=device).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     offset, attn = position_offset(model), attn_implementation(model)
     counter = FlopCounter.for_model(model)
@@ -298,10 +310,16 @@ def main() -> None:
         collator = MaskedLMCollator.from_config(tokenizer, mode_cfg, position_offset=offset,
                                                 attn_implementation=attn, padding=padding,
                                                 pad_to_multiple_of=shape.pad_to_multiple_of)
+        static = StaticShapes.for_run(mode_cfg, shape)  # compiled packed: the recipe's shapes
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
             indices, rows = micro_layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
-            batch = collator(examples.fetch(indices), rows=rows)
+            batch = collator(examples.fetch(indices),
+                             rows=static.fill_rows(rows) if static else rows)
+            if static:
+                static.fix(batch)
+            elif sparse:  # as the recipe's steps: the head gathers without a sync
+                add_masked_positions(batch, shape.positions_multiple)
             batch["_flops"] = counter.step_flops(
                 [min(lengths[i], args.max_seq_length) for i in indices],
                 int(batch["num_masked_tokens"]), sparse)
@@ -344,6 +362,9 @@ def main() -> None:
     results = []
     for name in args.modes.split(","):
         model.load_state_dict(initial)  # every mode starts from the same weights
+        # the baseline: the model as transformers runs it (SDPA), not mlmkit's packed attention
+        if attn == PACKED:
+            model.set_attn_implementation("sdpa" if name == "hf_baseline" else PACKED)
         if name == "recipe":
             res = run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args)
         else:

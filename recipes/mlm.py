@@ -83,7 +83,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     tokenizer = modeling.load_tokenizer(cfg)
     run_data = data.load_run_data(cfg, tokenizer, accelerator)  # main process tokenizes first
     log("\n".join(run_data.log_lines(cfg)))
-    training = loop.prepare_training(cfg, accelerator, modeling.load_model(cfg, tokenizer, log))
+    training = loop.prepare_training(cfg, accelerator, modeling.load_model(
+        cfg, tokenizer, log, device=accelerator.device))
     peak_tflops = flops.device_peak_tflops(accelerator, cfg.peak_tflops)
 
     # ============================================================================ isolation probe
@@ -143,6 +144,9 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                     disable=not (accelerator.is_main_process and cfg.progress_bar))
     clock = loop.BusyClock(accelerator.device)  # train/gpu_busy_fraction (CUDA only)
     pending, stop, saved = loop.StepResults(clock), False, None
+    # --torch_compile: the first step compiles (and under reduce-overhead records CUDA graphs);
+    # it is timed on its own (one read) and reported, so steady-state throughput can leave it out
+    compile_seconds = None
     training.module.train()
     try:
         while not stop and ts.step < schedule.max_steps:
@@ -160,6 +164,12 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                                   max_grad_norm=cfg.max_grad_norm, forward=training.forward)
             clock.stop()
             pending.add(out, time.perf_counter() - t0)
+            if training.forward is not None and compile_seconds is None:
+                pending.read_into(ts)  # waits for the device once: the warm-up's whole time
+                compile_seconds = time.perf_counter() - t0
+                log(f"compiled training step: the first step took {compile_seconds:.1f} s "
+                    f"(compilation{', CUDA-graph warm-up' if on_gpu else ''}); the first log "
+                    "window's throughput includes it")
             ts.advance(prepared)
             progress.update(1)
             logs = ts.step % cfg.logging_steps == 0 or ts.step == schedule.max_steps
@@ -199,7 +209,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     modeling.export_hf_model(accelerator, training.module, tokenizer, folder.model)
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
-        parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator)),
+        parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
+               {} if compile_seconds is None else {M.TRAIN_COMPILE_SECONDS: compile_seconds}),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before),
         gpu_busy=clock.fraction(ts.total))
     if accelerator.is_main_process:

@@ -40,9 +40,11 @@ def load_tokenizer(cfg: MLMConfig):
     return tokenizer
 
 
-def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
+def load_model(cfg: MLMConfig, tokenizer, log=None, device=None) -> nn.Module:
     """The ``*ForMaskedLM`` model; ``--attn_implementation`` unset leaves the choice to
-    transformers (SDPA where the architecture supports it, else eager): read the one taken
+    transformers (SDPA where the architecture supports it, else eager), or to the project where
+    the architecture needs a packed path of its own (`use_packed_path`; ``device`` the run's:
+    on CUDA the BERT family's packed rows take the variable-length kernel): read the one taken
     with `attn_implementation`.
 
     The embedded default is loaded quietly: its checkpoint has no MLM head by design, which
@@ -59,7 +61,8 @@ def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
         model = _load_embedded(kwargs, log)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    use_packed_path(model, attention=not cfg.attn_implementation)
+    use_packed_path(model, attention=not cfg.attn_implementation,
+                    varlen=device is not None and torch.device(device).type == "cuda")
     return model
 
 
@@ -68,6 +71,13 @@ def load_model(cfg: MLMConfig, tokenizer, log=None) -> nn.Module:
 # (`attention.py`), which computes each example of a packed row alone. ModernBERT's local layers
 # window within the example there; ESM's embeddings see a 2-D mask only.
 PACKED_ATTENTION_TYPES = ("modernbert", "esm")
+# The BERT family: the collator's block mask isolates packed examples exactly, but on a GPU a
+# dense (R, 1, T, T) mask forces SDPA's masked kernel and computes every padding position. On
+# CUDA (``varlen``) they run mlmkit's registered attention function instead: torch's
+# variable-length flash kernel over the boundaries (`attention.packed_attention_forward`; their
+# attention layers hand transformers' ``**kwargs`` -- ``cu_seq_lens_q/k``, ``max_length_q/k``
+# -- to the registry's function as they are).
+VARLEN_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 # Architectures with attention code of their own that take a (batch, query, key) mask: the
@@ -84,13 +94,14 @@ BLOCK_MASK_HANDOVER = {
 }
 
 
-def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
+def use_packed_path(model: nn.Module, attention: bool = True, varlen: bool = False) -> str | None:
     """Give ``model`` the project's exact packed path where its architecture needs one, and name
     it (None: the collator's packed layout as it is). The start-up probe then checks this path.
 
     * `PACKED_ATTENTION_TYPES` (with ``attention``: the user named no --attn_implementation):
       mlmkit's packed attention function (`attention.PACKED_ATTENTION`); padded batches run
-      transformers' SDPA under the model's own mask, as before;
+      transformers' SDPA under the model's own mask, as before; with ``varlen`` (a CUDA run)
+      also `VARLEN_TYPES` (the variable-length kernel instead of the dense block mask);
     * `BLOCK_MASK_3D_TYPES`: the packed block mask handed over as the 3-D mask they accept;
     * `BLOCK_MASK_HANDOVER`: the packed block mask handed to the modules that take the mask the
       model builds;
@@ -114,10 +125,13 @@ def use_packed_path(model: nn.Module, attention: bool = True) -> str | None:
     if model_type in BLOCK_MASK_3D_TYPES:
         _deberta_block_mask(model.base_model)
         return "block_mask_3d"
-    if model_type not in PACKED_ATTENTION_TYPES or not attention:
+    if not attention or not (model_type in PACKED_ATTENTION_TYPES
+                             or (varlen and model_type in VARLEN_TYPES)):
         return None
-    from .attention import register
+    from .attention import check_dropout_kernel, register
     model.set_attn_implementation(register())
+    if varlen and torch.cuda.is_available():  # attention dropout through the flash kernel?
+        check_dropout_kernel(torch.device("cuda", torch.cuda.current_device()))
     if model_type == "esm" and getattr(model.config, "token_dropout", False):
         _per_example_token_dropout(model.base_model)
     return "attention"

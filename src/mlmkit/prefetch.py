@@ -23,6 +23,7 @@ plan and the position to start from.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,7 @@ import torch
 
 from .checkpoint import DataPosition
 from .collator import drop_targets
+from .layout import round_up
 from .plans import micro_layout
 
 
@@ -55,18 +57,74 @@ class PreparedStep:
             for b in self.micro_batches])
 
 
-def add_masked_positions(batch: dict, multiple: int | None = None) -> dict:
+def add_masked_positions(batch: dict, multiple: int | None = None,
+                         capacity: int | None = None) -> dict:
     """The flat indices of ``labels != -100`` as ``masked_positions`` (host side, in place).
 
     With ``multiple``, padded up to a multiple of it with the index ``labels.numel()`` (one past
     the end), which `modeling.MaskedLMModule` reads as "no target": a compiled graph (CUDA graphs
-    above all) then sees a handful of shapes instead of a new one every step."""
+    above all) then sees a handful of shapes instead of a new one every step. With ``capacity``
+    too, padded to at least ``capacity`` (one shape for the run while the targets fit; more are
+    never dropped: the next multiple holds them)."""
     positions = (batch["labels"].flatten() != -100).nonzero().squeeze(1)
     if multiple:
-        pad = -len(positions) % multiple
-        positions = torch.cat([positions, positions.new_full((pad,), batch["labels"].numel())])
+        size = max(capacity or 0, round_up(len(positions), multiple))
+        positions = torch.cat([positions, positions.new_full((size - len(positions),),
+                                                             batch["labels"].numel())])
     batch["masked_positions"] = positions
     return batch
+
+
+POSITIONS_MULTIPLE = 256  # masked positions are padded to a multiple of this under compile
+SEGMENTS_MULTIPLE = 64    # boundaries entries, likewise
+
+
+@dataclass(frozen=True)
+class StaticShapes:
+    """The one shape of every tensor a compiled training forward sees in a packed run, so that
+    it compiles (and records its CUDA graph) once: ``rows`` rows of ``width`` tokens per
+    micro-batch (a short micro-batch -- an epoch's last step, a dummy -- gets empty rows),
+    ``masked`` masked positions (padded with "no target"), and with the flash form
+    (`layout.flash_boundaries`) ``segments`` boundary entries (the last one repeated: empty
+    segments) and ``max_length_q/k`` = ``width`` (an upper bound). A step that exceeds a
+    capacity is not cut: it takes the next multiple (`POSITIONS_MULTIPLE`,
+    `SEGMENTS_MULTIPLE`), a new shape that compiles once more."""
+    rows: int
+    width: int
+    masked: int
+    segments: int
+
+    @classmethod
+    def for_run(cls, cfg, shape) -> "StaticShapes | None":
+        """The run's shapes under ``--torch_compile`` with packed rows (``shape``:
+        `config.RunShape`), else None. Capacities: the masked positions of a full micro-batch at
+        ``mlm_probability`` with a quarter more and a margin (a binomial count stays well
+        inside); boundaries for one example per 16 tokens of each row plus its padding tail."""
+        if not cfg.torch_compile or shape.unit != "rows":
+            return None
+        rows, width = shape.micro_batch_size, cfg.max_seq_length
+        masked = round_up(math.ceil(rows * width * cfg.mlm_probability * 1.25) + 64,
+                          POSITIONS_MULTIPLE)
+        segments = round_up(rows * (width // 16 + 1) + 1, SEGMENTS_MULTIPLE)
+        return cls(rows, width, masked, segments)
+
+    def fill_rows(self, rows: list[list[int]]) -> list[list[int]]:
+        """``rows`` (positions into a micro-batch's examples) with empty rows up to ``rows``."""
+        if len(rows) > self.rows:
+            raise RuntimeError(f"internal error: a micro-batch of {len(rows)} rows, planned "
+                               f"{self.rows}")
+        return [*rows, *([] for _ in range(self.rows - len(rows)))]
+
+    def fix(self, batch: dict) -> dict:
+        """Masked positions and boundaries of a collated micro-batch at their fixed sizes."""
+        add_masked_positions(batch, POSITIONS_MULTIPLE, self.masked)
+        cu = batch.get("cu_seq_lens_q")
+        if cu is not None:
+            size = max(self.segments, round_up(len(cu), SEGMENTS_MULTIPLE))
+            cu = torch.cat([cu, cu[-1:].expand(size - len(cu))])  # (S,) empty segments at the end
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=self.width,
+                         max_length_k=self.width)
+        return batch
 
 
 class StepPreparer:
@@ -75,13 +133,14 @@ class StepPreparer:
     of the ``mask_epoch``), made a zero-weight dummy where empty, given its masked positions
     (`add_masked_positions`, ``positions_multiple``) and counted on the host (positions
     computed, real tokens, model FLOPs with ``flop_counter``, real tokens per ``--mixture_files``
-    source with ``num_sources``)."""
+    source with ``num_sources``); with ``static`` (a `StaticShapes`) at the run's one shape."""
 
     def __init__(self, collator, *, max_length: int, flop_counter=None, sparse_head: bool = True,
-                 positions_multiple: int | None = None, num_sources: int = 0):
+                 positions_multiple: int | None = None, num_sources: int = 0,
+                 static: StaticShapes | None = None):
         self.collator, self.max_length, self.flop_counter = collator, max_length, flop_counter
         self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
-        self.num_sources = num_sources
+        self.num_sources, self.static = num_sources, static
 
     def __call__(self, micro_batches: list, position: DataPosition, *, mask_epoch: int,
                  fetch=None) -> PreparedStep:
@@ -94,11 +153,13 @@ class StepPreparer:
         source_tokens = [0] * self.num_sources if self.num_sources else None
         for micro in micro_batches:
             items, rows = micro_layout(micro)
+            static = self.static
             if not items:  # this process ran out of examples: a zero-weight dummy
-                batch = drop_targets(self.collator(fetch([0])))
+                batch = drop_targets(self.collator(
+                    fetch([0]), rows=static.fill_rows([[0]]) if static else None))
             else:
                 examples = fetch(items) if fetch is not None else items
-                batch = self.collator(examples, rows=rows)
+                batch = self.collator(examples, rows=static.fill_rows(rows) if static else rows)
                 real += int(batch["num_real_tokens"])
                 lengths = [min(len(e["input_ids"]), self.max_length) for e in examples]
                 if self.flop_counter is not None:
@@ -107,7 +168,10 @@ class StepPreparer:
                 if source_tokens is not None:
                     for e, n in zip(examples, lengths):
                         source_tokens[e["source"]] += n
-            add_masked_positions(batch, self.positions_multiple)
+            if static:
+                static.fix(batch)
+            else:
+                add_masked_positions(batch, self.positions_multiple)
             computed += batch["input_ids"].numel()
             batches.append(batch)
         return PreparedStep(position, batches, computed, real, flops, source_tokens)
@@ -146,7 +210,8 @@ def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, sta
                             flop_counter=training.flop_counter,
                             sparse_head=training.inner.sparse_prediction,
                             positions_multiple=shape.positions_multiple,
-                            num_sources=len(cfg.mixture_files))
+                            num_sources=len(cfg.mixture_files),
+                            static=StaticShapes.for_run(cfg, shape))
     position = rank_state.start(state)
     if cfg.streaming:
         from .streaming import StreamExamples, StreamSteps

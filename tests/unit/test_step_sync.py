@@ -68,21 +68,25 @@ class Examples:
                         source=0) for i in indices]
 
 
-def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=()):
-    """The recipe's training step and step source, built by the recipe's own builders."""
+def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=("--attn_implementation",
+                                                                         "sdpa")):
+    """The recipe's training step and step source, built by the recipe's own builders;
+    ``flags``: more recipe flags (default: SDPA named, the dense block mask on every device); 4
+    examples or rows per device unless they give --per_device_train_tokens."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # each test its own device and precision
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "64",
-                        "--attn_implementation", "sdpa", "--gradient_accumulation_steps", "2",
-                        "--max_train_steps", "12", *(flags or ("--per_device_train_batch_size",
-                                                               "4"))])
+                        "--gradient_accumulation_steps", "2", "--max_train_steps", "12",
+                        *(() if "--per_device_train_tokens" in flags else
+                          ("--per_device_train_batch_size", "4")), *flags])
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=device == "cpu",
                               mixed_precision="bf16" if device == "cuda" else "no")
-    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer))
+    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
+                                                             device=accelerator.device))
     shape = run_shape(cfg, num_processes=1, on_gpu=device == "cuda", padding=padding)
     collator = MaskedLMCollator.from_config(
         tokenizer, cfg, position_offset=training.position_offset, padding=padding,
@@ -96,7 +100,7 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=()):
                               training=training, state=TrainState(),
                               rank_state=RankState.load(cfg, None, 0), process_index=0,
                               num_processes=1, shape=shape)
-    return accelerator, training.module, training.optimizer, scheduler, steps
+    return accelerator, training, scheduler, steps
 
 
 class FakeGpu:
@@ -197,11 +201,16 @@ def test_busy_clock_is_off_on_cpu():
     assert clock.fraction(RunningStats(computed=100, seconds=1.0)) is None
 
 
-@pytest.mark.parametrize("padding, flags", [("packed", ()), ("longest", ()),
-                                            ("longest", ("--per_device_train_tokens", "256"))])
+SDPA = ("--attn_implementation", "sdpa")
+
+
+@pytest.mark.parametrize("padding, flags", [("packed", SDPA), ("longest", SDPA),
+                                            ("longest", (*SDPA, "--per_device_train_tokens",
+                                                         "256"))])
 def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding, flags):
-    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
-                                                             padding, flags=flags)
+    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, padding,
+                                                    flags=flags)
+    module, optimizer = training.module, training.optimizer
     prefetcher = Prefetcher(steps, num_workers=2)
     reads = [None]  # the BusyClock's fake events: readable only after the read's .cpu()
     gpu = FakeGpu(synced=lambda: reads[0] is not None and "cpu" in [c[0] for c in reads[0].calls])
@@ -260,11 +269,16 @@ def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_pa
 
 
 @pytest.mark.parametrize("padding, flags", [
-    ("packed", ()), ("longest", ("--per_device_train_tokens", "256"))])
+    ("packed", ()), ("longest", ("--per_device_train_tokens", "256")),
+    ("packed", ("--torch_compile", "true"))])
 def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_path, padding,
                                                     flags):
-    """The steps after any step's position (what the checkpoint saves) are the same steps."""
+    """The steps after any step's position (what the checkpoint saves) are the same steps;
+    token budgets' steps and compiled runs' steps (`prefetch.StaticShapes`: empty rows, padded
+    positions) too."""
     *_, steps = setup(tiny_bert_dir, tokenizer_path, padding, flags=flags)
+    if "--torch_compile" in flags:
+        assert steps.preparer.static is not None
     run = list(steps)
     assert len({s.position.epoch for s in run}) >= 2  # crosses an epoch boundary
     for k in (0, 4, len(run) - 2):
@@ -272,8 +286,8 @@ def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_pat
                              position=run[k].position, num_epochs=steps.num_epochs)
         for want, got in zip(run[k + 1:], again, strict=True):
             assert (want.position, want.real) == (got.position, got.real)
-            assert all(torch.equal(x["input_ids"], y["input_ids"])
-                       for x, y in zip(want.micro_batches, got.micro_batches))
+            for x, y in zip(want.micro_batches, got.micro_batches, strict=True):
+                assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_an_error_in_a_worker_reaches_the_training_loop():
@@ -288,26 +302,35 @@ def test_an_error_in_a_worker_reaches_the_training_loop():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path):
-    accelerator, module, optimizer, scheduler, steps = setup(tiny_bert_dir, tokenizer_path,
-                                                             "packed", device="cuda")
+@pytest.mark.parametrize("path, flags", [
+    ("block_mask", ("--attn_implementation", "sdpa")),  # the dense block mask
+    ("varlen", ()),                                      # BERT on CUDA: mlmkit_packed, varlen
+    ("graphed", ("--torch_compile", "true", "--torch_compile_mode", "reduce-overhead")),
+])
+def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path, path, flags):
+    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, "packed",
+                                                    device="cuda", flags=flags)
+    module, optimizer = training.module, training.optimizer
+    assert training.attn_implementation == ("sdpa" if path == "block_mask" else "mlmkit_packed")
     prefetcher = Prefetcher(steps, num_workers=2, pin_memory=True)
-    clock = BusyClock(accelerator.device, warmup=1)  # the real spin kernel and CUDA events
+    warmup = 3 if path == "graphed" else 1  # compilation and CUDA-graph recording sync
+    clock = BusyClock(accelerator.device, warmup=warmup)  # the real spin kernel, CUDA events
     pending = StepResults(clock)
 
     def step():
         prepared, _ = prefetcher.next()
         clock.start(prepared.computed)
         out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
-                         mask_padding=True, max_grad_norm=1.0)
+                         mask_padding=True, max_grad_norm=1.0, forward=training.forward)
         clock.stop()
         pending.add(out, 0.0)
 
-    step()  # a first step outside: lazy CUDA initialisation may sync
+    for _ in range(warmup):  # first steps outside: lazy CUDA initialisation may sync
+        step()
     pending.read()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(4):  # the second is the BusyClock's calibration
+        for _ in range(4):  # the first is the BusyClock's calibration
             step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
