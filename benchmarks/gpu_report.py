@@ -75,6 +75,7 @@ def recipe_steady(run: Path) -> dict | None:
     summary = read_json(run / "summary.json") or {}
     return {"real": mean("train/real_tokens_per_s"), "tflops": mean("train/tflops"),
             "mfu": mean("train/mfu"), "wait": mean("train/data_wait_fraction"),
+            "busy": mean("train/gpu_busy_fraction"),
             "mem": mean("sys/peak_mem_gb"), "warm_included": len(windows) <= 2,
             "compile_s": summary.get("train/compile_seconds"),
             "attn": summary.get("probe/attn_implementation"),
@@ -133,12 +134,12 @@ def recipe_section(out: Path, tp: dict) -> list[str]:
              "over hf_baseline's at the same width (throughput.py, same run folder); recipe / "
              "inner = over the inner loop's packed_sparse (same shape, same compile mode).", "",
              "| model | width x rows | step | attention | real tokens/s | TFLOP/s | MFU | "
-             "× hf | recipe / inner | data wait | compile s | peak GB | eval loss |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "× hf | recipe / inner | data wait | GPU busy | compile s | peak GB | eval loss |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in sorted(p for p in out.glob("recipe-*") if p.is_dir()):
         res, key = recipe_steady(run), parse(run.name)
         if res is None:
-            lines.append(f"| {run.name} | - | - | - | no log window | | | | | | | | |")
+            lines.append(f"| {run.name} | - | - | - | no log window | | | | | | | | | |")
             continue
         size, width, rows, variant = key[1:] if key else (run.name, 0, 0, "")
         data = tp.get((size, width, rows, "")) or tp.get((size, width, rows, "eager"))
@@ -153,7 +154,8 @@ def recipe_section(out: Path, tp: dict) -> list[str]:
             f" | {fmt(res['tflops'], '.1f')} | {fmt(res['mfu'], '.1%')} | "
             f"{fmt(base and real and real / base['real_tokens_per_s'], '.2f')} | "
             f"{fmt(inner and real and real / inner['real_tokens_per_s'], '.3f')} | "
-            f"{fmt(res['wait'], '.1%')} | {fmt(res['compile_s'], '.0f')} | "
+            f"{fmt(res['wait'], '.1%')} | {fmt(res['busy'], '.2f')} | "
+            f"{fmt(res['compile_s'], '.0f')} | "
             f"{fmt(res['mem'], '.1f')} | {res['evals']} |")
     return lines
 
