@@ -35,9 +35,12 @@ demo: $(STAMP)
 # Every test: tests/unit (in process) and tests/integration (launched processes, the Slurm
 # script on a real Slurm cluster of this machine: tests/slurm_cluster.py), on every core
 # (pytest-xdist: a test module is one unit of work; tests/conftest.py says how launches are grouped).
-XDIST = -n auto --dist loadscope
+# One worker more than cores for `make test`: launched tests wait (Slurm's time checks, signals,
+# checkpoints to appear) and the extra worker keeps the cores busy meanwhile.
+XDIST      = -n auto --dist loadscope
+XDIST_TEST = -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadscope
 test: $(STAMP) $(DS_CPU_OPS) slurm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST) $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST_TEST) $(ARGS)
 
 # Slurm and munge for the tests' cluster (Debian's slurm-wlm), installed when slurmctld is missing
 # and this is root with apt-get (this project's machines, CI); elsewhere the Slurm tests skip,

@@ -21,7 +21,7 @@ RUNNER = ROOT / "recipes" / "ablate_padding.py"
 TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm colours, in arm order
 
 
-def run_ablation(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def run_ablation(args: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
     env = {k: v for k, v in launch_env(WANDB_MODE="offline", WANDB_SILENT="true").items()
            if not k.startswith("WANDB_") or k in ("WANDB_MODE", "WANDB_SILENT")}
     # no WANDB_DIR: the recipe puts each run's W&B folder under the run's output_dir
