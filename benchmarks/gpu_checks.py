@@ -17,7 +17,7 @@
   per-step losses within bf16 tolerance.
 
 Without CUDA each writes ``{"skipped": ...}`` and exits 0 (the CPU dry run of
-benchmarks/gpu_session.sh). A failed check exits 1 with ``"ok": false`` and its numbers.
+benchmarks/gpu.sh). A failed check exits 1 with ``"ok": false`` and its numbers.
 """
 
 from __future__ import annotations

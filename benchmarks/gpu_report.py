@@ -1,6 +1,6 @@
 """The markdown report of a GPU session: python benchmarks/gpu_report.py OUT_DIR > gpu.md
 
-Reads what benchmarks/gpu_session.sh (or gpu.sh) left in OUT_DIR, whatever of it exists:
+Reads what benchmarks/gpu.sh (or its earlier version) left in OUT_DIR, whatever of it exists:
 check-*.json (benchmarks/gpu_checks.py), status.txt (each run's exit status and seconds),
 throughput-*.json (benchmarks/throughput.py) and the recipe runs recipe-*/ (metrics.jsonl,
 summary.json). Runs are named ``recipe-<size>-<width>x<rows>-<graphed|eager>`` and
@@ -188,7 +188,7 @@ def main() -> None:
     for name in ("check-varlen.json", "check-graphed.json"):
         device = device or (read_json(out / name) or {}).get("device")
     status = (out / "status.txt").read_text().strip() if (out / "status.txt").is_file() else ""
-    print("\n".join(["# GPU session (benchmarks/gpu_session.sh)", "",
+    print("\n".join(["# GPU benchmarks (benchmarks/gpu.sh)", "",
                      f"Device: {device or 'unknown'}", "", *checks_section(out), "",
                      *recipe_section(out, tp), "", *throughput_section(tp), "",
                      "## Runs (status.txt)", "", "```", status, "```"]))
