@@ -142,11 +142,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     stopper = preemption.StopSignal().install()  # SIGTERM/SIGINT: checkpoint, then stop
     progress = tqdm(total=schedule.max_steps, initial=ts.step, desc="train",
                     disable=not (accelerator.is_main_process and cfg.progress_bar))
-    clock = loop.BusyClock(accelerator.device)  # train/gpu_busy_fraction (CUDA only)
-    pending, stop, saved = loop.StepResults(clock), False, None
-    # --torch_compile: the first step compiles (and under reduce-overhead records CUDA graphs);
-    # it is timed on its own (one read) and reported, so steady-state throughput can leave it out
-    compile_seconds = None
+    stepper = loop.Stepper(accelerator, training, scheduler, cfg, ts)  # + its busy clock
+    stop, saved = False, None
     training.module.train()
     try:
         while not stop and ts.step < schedule.max_steps:
@@ -158,18 +155,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             for stats in (ts.window, ts.total):
                 stats.add_data(prepared.computed, prepared.real, prepared.flops, waited)
             rank_state.update(prepared)
-            clock.start(prepared.computed)
-            out = loop.train_step(accelerator, training.module, training.optimizer, scheduler,
-                                  prepared.micro_batches, mask_padding=cfg.mask_padding,
-                                  max_grad_norm=cfg.max_grad_norm, forward=training.forward)
-            clock.stop()
-            pending.add(out, time.perf_counter() - t0)
-            if training.forward is not None and compile_seconds is None:
-                pending.read_into(ts)  # waits for the device once: the warm-up's whole time
-                compile_seconds = time.perf_counter() - t0
-                log(f"compiled training step: the first step took {compile_seconds:.1f} s "
-                    f"(compilation{', CUDA-graph warm-up' if on_gpu else ''}); the first log "
-                    "window's throughput includes it")
+            if line := stepper(prepared, t0):  # a compiled run's first step: its time
+                log(line)
             ts.advance(prepared)
             progress.update(1)
             logs = ts.step % cfg.logging_steps == 0 or ts.step == schedule.max_steps
@@ -177,24 +164,21 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             saves = bool(cfg.checkpointing_steps) and ts.step % cfg.checkpointing_steps == 0
             stop = stopper.agreed(accelerator)  # after a signal, every process stops here
             if logs or evals or saves or stop:  # the one read of the steps' device results
-                pending.read_into(ts)
+                stepper.read()
             if logs:
-                window = ts.take_window()
-                metrics = M.train_metrics(window, lr=scheduler.get_last_lr()[0],
-                                          epoch=schedule.epoch_at(ts.step, prepared.epoch),
-                                          grad_norm=pending.grad_norm, num_processes=world,
-                                          peak_tflops=peak_tflops, gpu_busy=clock.fraction(window))
+                metrics = stepper.window_metrics(epoch=schedule.epoch_at(ts.step, prepared.epoch),
+                                                 num_processes=world, peak_tflops=peak_tflops)
                 metrics_log.log(metrics, ts.step)
                 progress.set_postfix(loss=f"{metrics[M.TRAIN_LOSS]:.3f}",
                                      tok_s=f"{metrics[M.TRAIN_REAL_TOKENS_PER_S]:.0f}")
             if evals:
                 evaluate(ts.step)
-                clock.recalibrate()
+                stepper.clock.recalibrate()
             if saves or stop:
                 saved = checkpoint.save_checkpoint(accelerator, cfg, ts, rank_state.to_dict())
     finally:
         prefetcher.close()
-    pending.read_into(ts)
+    stepper.read()
     progress.close()
     stopper.restore()  # signals are handled between training steps only
     if stop:  # pre-empted: not finished, so no summary.json and no model/
@@ -210,9 +194,9 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
-               {} if compile_seconds is None else {M.TRAIN_COMPILE_SECONDS: compile_seconds}),
+               stepper.summary()),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before),
-        gpu_busy=clock.fraction(ts.total))
+        gpu_busy=stepper.busy(ts.total))
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "

@@ -310,3 +310,57 @@ def compile_forward(module, accelerator, mode: str):
                           "launch without DeepSpeed/FSDP.")
     return torch.compile(module, mode=mode)
 
+
+
+class Stepper:
+    """The run's optimizer steps: `train_step` on each prepared step, its device time calibrated
+    by a `BusyClock` (train/gpu_busy_fraction), its device results kept in `StepResults` and read
+    into ``state`` (a `checkpoint.TrainState`) by `read`. A compiled run's first step
+    (compilation, CUDA-graph recording) is read at once and its time kept (`compile_seconds`)."""
+
+    def __init__(self, accelerator, training: Training, scheduler, cfg, state):
+        self.accelerator, self.training, self.scheduler = accelerator, training, scheduler
+        self.cfg, self.state = cfg, state
+        self.clock = BusyClock(accelerator.device)
+        self.results = StepResults(self.clock)
+        self.compile_seconds: float | None = None
+
+    def __call__(self, prepared, t0: float) -> str | None:
+        """One optimizer step on ``prepared`` (a `prefetch.PreparedStep` fetched from ``t0``,
+        a `time.perf_counter`); a line to log after a compiled run's first step, else None."""
+        training = self.training
+        self.clock.start(prepared.computed)
+        out = train_step(self.accelerator, training.module, training.optimizer, self.scheduler,
+                         prepared.micro_batches, mask_padding=self.cfg.mask_padding,
+                         max_grad_norm=self.cfg.max_grad_norm, forward=training.forward)
+        self.clock.stop()
+        self.results.add(out, time.perf_counter() - t0)
+        if training.forward is None or self.compile_seconds is not None:
+            return None
+        self.read()  # waits for the device once: the warm-up's whole time
+        self.compile_seconds = time.perf_counter() - t0
+        graphs = ", CUDA-graph warm-up" if self.accelerator.device.type == "cuda" else ""
+        return (f"compiled training step: the first step took {self.compile_seconds:.1f} s "
+                f"(compilation{graphs}); the first log window's throughput includes it")
+
+    def read(self) -> None:
+        """The steps' device results since the last read, into the train state (one transfer)."""
+        self.results.read_into(self.state)
+
+    def window_metrics(self, *, epoch: float, num_processes: int,
+                       peak_tflops: float | None) -> dict:
+        """The train/ metrics of the steps since the last log line (`tracking.train_metrics`)."""
+        from .tracking import train_metrics
+        window = self.state.take_window()
+        return train_metrics(window, lr=self.scheduler.get_last_lr()[0], epoch=epoch,
+                             grad_norm=self.results.grad_norm, num_processes=num_processes,
+                             peak_tflops=peak_tflops, gpu_busy=self.busy(window))
+
+    def busy(self, stats) -> float | None:
+        """train/gpu_busy_fraction of a span of steps (`checkpoint.RunningStats`), or None."""
+        return self.clock.fraction(stats)
+
+    def summary(self) -> dict:
+        """What summary.json says of the steps beyond the train state: the compile time."""
+        from .tracking import TRAIN_COMPILE_SECONDS
+        return {} if self.compile_seconds is None else {TRAIN_COMPILE_SECONDS: self.compile_seconds}
