@@ -160,15 +160,11 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from mlmkit.checkpoint import RankState, TrainState
-    from mlmkit.collator import MaskedLMCollator
-    from mlmkit.config import parse_config, run_shape
-    from mlmkit.data import (DataRepairs, IndexedExamples, RunData, load_raw_datasets,
-                             tokenize_datasets)
-    from mlmkit.loop import StepResults, build_scheduler, prepare_training, train_step
+    from mlmkit.config import parse_config
+    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.loop import StepResults, prepare_training, train_step
     from mlmkit.modeling import load_model, load_tokenizer
-    from mlmkit.plans import plan_schedule
-    from mlmkit.prefetch import Prefetcher, build_step_source
+    from mlmkit.prefetch import Prefetcher, one_process_steps
     AcceleratorState._reset_state(True)
     torch._dynamo.reset()
     cfg = parse_config(["--model_name_or_path", model_dir, "--padding", "packed",
@@ -184,18 +180,8 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # the same function eager and compiled (their dropout RNGs differ)
     training = prepare_training(cfg, accelerator, model)
-    shape = run_shape(cfg, num_processes=1, on_gpu=DEV == "cuda", padding="packed")
-    collator = MaskedLMCollator.from_config(
-        tokenizer, cfg, position_offset=training.position_offset, padding="packed",
-        attn_implementation=training.attn_implementation,
-        pad_to_multiple_of=shape.pad_to_multiple_of)
-    schedule = plan_schedule(cfg, examples, padding="packed", num_processes=1, process_index=0)
-    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
-    source = build_step_source(cfg, schedule=schedule, collator=collator, tokenizer=tokenizer,
-                               data=RunData(examples, examples, frozenset(), DataRepairs()),
-                               training=training, state=TrainState(),
-                               rank_state=RankState.load(cfg, None, 0), process_index=0,
-                               num_processes=1, shape=shape)
+    _, scheduler, source = one_process_steps(cfg, training, tokenizer, examples,
+                                             padding="packed", on_gpu=DEV == "cuda")
     prefetcher, pending = Prefetcher(source, num_workers=0), StepResults()
     training.module.train()
     for _ in range(steps):

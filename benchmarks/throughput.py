@@ -61,20 +61,18 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from accelerate.utils import send_to_device  # noqa: E402
 
-from mlmkit.checkpoint import RankState, TrainState  # noqa: E402
 from mlmkit.choices import PACKED_ATTENTION as PACKED  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
 from mlmkit.config import parse_config, run_shape  # noqa: E402
-from mlmkit.data import (DataRepairs, IndexedExamples, RunData, load_raw_datasets,  # noqa: E402
-                         tokenize_datasets)
+from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
 from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
-from mlmkit.loop import (StepResults, build_optimizer, build_scheduler, prepare_training,  # noqa: E402
+from mlmkit.loop import (StepResults, build_optimizer, prepare_training,  # noqa: E402
                          train_step)
 from mlmkit.modeling import (MaskedLMModule, attn_implementation, load_model,  # noqa: E402
                              load_tokenizer, position_offset)
 from mlmkit.prefetch import (Prefetcher, StaticShapes, add_masked_positions,  # noqa: E402
-                             build_step_source)
-from mlmkit.plans import TrainPlan, micro_layout, plan_schedule  # noqa: E402
+                             one_process_steps)
+from mlmkit.plans import TrainPlan, micro_layout  # noqa: E402
 
 
 # Scaled-down, realistically shaped configs (random init): the architecture's attention settings
@@ -184,27 +182,16 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
 
 def run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args) -> dict:
     """The recipe's own training step (see the module doc) on packed rows, masked-only head:
-    the recipe's builders (`loop.prepare_training`, `config.run_shape`, `plans.plan_schedule`,
-    `prefetch.build_step_source`) on the same flags, so this column measures the recipe."""
+    the recipe's builders (`loop.prepare_training`, `prefetch.one_process_steps`) on the same
+    flags, so this column measures the recipe."""
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               cpu=device.type == "cpu")
     cfg = recipe_config(cfg, args, padding="packed", max_train_steps=n_steps)
     training = prepare_training(cfg, accelerator, model)
-    shape = run_shape(cfg, num_processes=1, on_gpu=device.type == "cuda", padding="packed")
-    collator = MaskedLMCollator.from_config(
-        tokenizer, cfg, position_offset=training.position_offset, padding="packed",
-        attn_implementation=training.attn_implementation,
-        pad_to_multiple_of=shape.pad_to_multiple_of)
-    schedule = plan_schedule(cfg, examples, padding="packed", num_processes=1, process_index=0)
-    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
-    data = RunData(examples, examples, frozenset(), DataRepairs())
-    steps = Prefetcher(build_step_source(cfg, schedule=schedule, data=data, collator=collator,
-                                         tokenizer=tokenizer, training=training,
-                                         state=TrainState(),
-                                         rank_state=RankState.load(cfg, None, 0),
-                                         process_index=0, num_processes=1, shape=shape),
-                       num_workers=shape.workers, pin_memory=shape.workers > 0)
+    shape, scheduler, source = one_process_steps(cfg, training, tokenizer, examples,
+                                                 padding="packed", on_gpu=device.type == "cuda")
+    steps = Prefetcher(source, num_workers=shape.workers, pin_memory=shape.workers > 0)
     pending = StepResults()
     reset_peak(device)
     n_real = computed = n_flops = 0

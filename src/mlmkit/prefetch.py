@@ -222,6 +222,34 @@ def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, sta
                         num_epochs=schedule.num_epochs)
 
 
+def one_process_steps(cfg, training, tokenizer, examples, *, padding: str, on_gpu: bool):
+    """The recipe's steps for one process from the start, on ``examples`` (a
+    `data.IndexedExamples`), built by the recipe's builders in the recipe's order
+    (`config.run_shape`, `MaskedLMCollator.from_config`, `plans.plan_schedule`,
+    `loop.build_scheduler`, `build_step_source`) with ``padding`` resolved: what the benchmark's
+    ``recipe`` mode, the GPU checks and the step tests run, so they run the recipe's step.
+    -> ``(shape, scheduler, steps)``."""
+    from .checkpoint import RankState, TrainState
+    from .collator import MaskedLMCollator
+    from .config import run_shape
+    from .data import DataRepairs, RunData
+    from .loop import build_scheduler
+    from .plans import plan_schedule
+    shape = run_shape(cfg, num_processes=1, on_gpu=on_gpu, padding=padding)
+    collator = MaskedLMCollator.from_config(
+        tokenizer, cfg, position_offset=training.position_offset, padding=padding,
+        attn_implementation=training.attn_implementation,
+        pad_to_multiple_of=shape.pad_to_multiple_of)
+    schedule = plan_schedule(cfg, examples, padding=padding, num_processes=1, process_index=0)
+    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
+    steps = build_step_source(cfg, schedule=schedule, collator=collator, tokenizer=tokenizer,
+                              data=RunData(examples, examples, frozenset(), DataRepairs()),
+                              training=training, state=TrainState(),
+                              rank_state=RankState.load(cfg, None, 0), process_index=0,
+                              num_processes=1, shape=shape)
+    return shape, scheduler, steps
+
+
 def _identity(item):
     return item
 

@@ -16,15 +16,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mlmkit.checkpoint import RankState, TrainState
-from mlmkit.collator import MaskedLMCollator
-from mlmkit.config import parse_config, run_shape
-from mlmkit.data import DataRepairs, Example, RunData
 from mlmkit.checkpoint import RunningStats
-from mlmkit.loop import BusyClock, StepResults, build_scheduler, prepare_training, train_step
+from mlmkit.config import parse_config
+from mlmkit.data import Example
+from mlmkit.loop import BusyClock, StepResults, prepare_training, train_step
 from mlmkit.modeling import load_model, load_tokenizer
-from mlmkit.prefetch import PlannedSteps, Prefetcher, build_step_source
-from mlmkit.plans import plan_schedule
+from mlmkit.prefetch import PlannedSteps, Prefetcher, one_process_steps
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
            "nonzero", "masked_select"}
@@ -87,19 +84,8 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=("--attn_i
                               mixed_precision="bf16" if device == "cuda" else "no")
     training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
                                                              device=accelerator.device))
-    shape = run_shape(cfg, num_processes=1, on_gpu=device == "cuda", padding=padding)
-    collator = MaskedLMCollator.from_config(
-        tokenizer, cfg, position_offset=training.position_offset, padding=padding,
-        attn_implementation=training.attn_implementation,
-        pad_to_multiple_of=shape.pad_to_multiple_of)
-    examples = Examples(tokenizer)
-    schedule = plan_schedule(cfg, examples, padding=padding, num_processes=1, process_index=0)
-    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
-    steps = build_step_source(cfg, schedule=schedule, collator=collator, tokenizer=tokenizer,
-                              data=RunData(examples, examples, frozenset(), DataRepairs()),
-                              training=training, state=TrainState(),
-                              rank_state=RankState.load(cfg, None, 0), process_index=0,
-                              num_processes=1, shape=shape)
+    _, scheduler, steps = one_process_steps(cfg, training, tokenizer, Examples(tokenizer),
+                                            padding=padding, on_gpu=device == "cuda")
     return accelerator, training, scheduler, steps
 
 
