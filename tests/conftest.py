@@ -8,10 +8,7 @@ Slurm cluster on this machine (the ``slurm_cluster`` fixture, tests/slurm_cluste
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,40 +18,15 @@ from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
 # `make test` runs the suite on every core (pytest-xdist, --dist loadscope): a test module is one
-# unit of work, so its module fixtures are built once. Tests that need a machine-wide resource
-# carry `pytest.mark.exclusive(name)` (helpers.DEFAULT_PORT: launches of several processes on
-# torchrun's default port 29500, as the README's lines are) and take a file lock for it, held for
-# the module when the module carries the mark, else for the test: one at a time on this machine,
-# whichever worker or session runs them.
+# unit of work, so its module fixtures are built once. Launches of several processes need no
+# lock: the single-node accelerate configs take a free port (`main_process_port: 0`), and
+# launches that name a port take a free one (helpers.free_port).
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
-
-
-@contextlib.contextmanager
-def _exclusive(mark):
-    (name,) = mark.args
-    with open(Path(tempfile.gettempdir()) / f"mlmkit-tests-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exclusive_module(request):
-    mark = request.node.get_closest_marker("exclusive")
-    with _exclusive(mark) if mark else contextlib.nullcontext():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _exclusive_test(request):
-    mark = request.node.get_closest_marker("exclusive")
-    held = request.node.getparent(pytest.Module).get_closest_marker("exclusive")  # by the module
-    with _exclusive(mark) if mark and not held else contextlib.nullcontext():
-        yield
 
 
 @pytest.fixture(scope="session")

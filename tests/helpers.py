@@ -230,12 +230,6 @@ def run_cli(main, argv: list[str]) -> Exit:
 
 
 # ================================================================================ launched
-# Launches of several processes that use torchrun's default port 29500 (the README's lines name no
-# port) carry this mark: one at a time on this machine, under `make test`'s workers too (a file
-# lock, tests/conftest.py).
-DEFAULT_PORT = pytest.mark.exclusive("torchrun_port_29500")
-
-
 def launch_env(**extra: str) -> dict:
     """The environment of every process the tests start: offline hub and datasets, one thread
     per process (2 cores are shared by several processes)."""

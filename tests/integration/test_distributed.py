@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from helpers import (DEFAULT_PORT, exported_eval_loss, finish, free_port, kill_tree, launch, run_recipe, start,
+from helpers import (exported_eval_loss, finish, free_port, kill_tree, launch, run_recipe, start,
                      tiny_model, train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
@@ -25,8 +25,6 @@ from readme_commands import accelerate_args, accelerate_launch, launches_of
 ENGINES = [launch.config for launch in launches_of("accelerate")
            if "--num_machines" not in launch.argv and launch.config != "fsdp2"]
 STEPS = 4
-
-pytestmark = DEFAULT_PORT  # 2-process launches on torchrun's default port
 
 
 def accel(config: str) -> list[str]:

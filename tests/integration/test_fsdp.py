@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import (DEFAULT_PORT, assert_same_run, complete_checkpoints, exported_eval_loss, finish, kill_tree,
+from helpers import (assert_same_run, complete_checkpoints, exported_eval_loss, finish, kill_tree,
                      launch, run_recipe, start, train_losses, wait_for_checkpoint)
 from mlmkit import tracking as M
 from readme_commands import accelerate_args, accelerate_launch
@@ -18,8 +18,6 @@ from readme_commands import accelerate_args, accelerate_launch
 # --num_processes 2 --mixed_precision no
 FSDP2 = accelerate_args(accelerate_launch("fsdp2"))
 STEPS = 16
-
-pytestmark = DEFAULT_PORT  # 2-process launches on torchrun's default port
 
 
 @pytest.fixture(scope="module")

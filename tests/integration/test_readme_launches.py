@@ -25,7 +25,7 @@ import textwrap
 
 import pytest
 
-from helpers import (DEFAULT_PORT, ROOT, SLURM_CLUSTER, assert_logged_once, free_port, run_recipe,
+from helpers import (ROOT, SLURM_CLUSTER, assert_logged_once, free_port, run_recipe,
                      slurm_attempts, slurm_env, train_losses)
 from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
@@ -72,7 +72,6 @@ def launch_checks(argvs: list[list[str]]) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@DEFAULT_PORT  # accelerate checks that 29500 is free
 def test_every_accelerate_line_as_written_passes_accelerates_launch_checks():
     launches = launches_of("accelerate")
     # --main_process_port: a free one (other tests on this machine may hold 29500 right now)

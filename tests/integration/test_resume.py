@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (DEFAULT_PORT, ROOT, assert_same_run, complete_checkpoints, kill_tree, launch, recipe_pids,
+from helpers import (ROOT, assert_same_run, complete_checkpoints, kill_tree, launch, recipe_pids,
                      run_recipe, start, train_losses, wait_for_checkpoint, wait_gone)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
@@ -113,7 +113,6 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, args, reference
     assert len(runs) == 2 and all(r.name.endswith("-" + state["wandb_run_id"]) for r in runs)
 
 
-@DEFAULT_PORT
 def test_ddp_signal_to_one_rank_then_sigkill_then_resume(tmp_path, args, tiny_bert_dir):
     """Two DDP processes. SIGTERM to rank 1 only: both ranks agree to stop after the same step,
     save, and exit 0. The resumed run is SIGKILLed (every process) after a later checkpoint. The

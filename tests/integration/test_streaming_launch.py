@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import (DEFAULT_PORT, ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
+from helpers import (ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
                      wait_for_checkpoint)
 from mlmkit import tracking as M
 from mlmkit.data import embedded_corpus
@@ -69,7 +69,6 @@ def test_streaming_one_process_sigkill_then_resume_is_bit_identical(tmp_path, ar
     assert_same_run(out, ref)
 
 
-@DEFAULT_PORT
 def test_streaming_ddp_mixture_sigkill_then_resume_matches(tmp_path, args):
     """Two processes on a weighted mixture of two sources (0.7 / 0.3), each source two JSON-lines
     shards, so each process streams its own shard of each: the summary holds the mixture, the
