@@ -18,9 +18,18 @@ from helpers import ROOT, SENTENCES, tiny_config_dir
 
 
 # `make test` runs the suite on every core (pytest-xdist, --dist loadscope): a test module is one
-# unit of work, so its module fixtures are built once. Launches of several processes need no
-# lock: the single-node accelerate configs take a free port (`main_process_port: 0`), and
-# launches that name a port take a free one (helpers.free_port).
+# unit of work, so its module fixtures are built once, and each worker runs one intra-op thread.
+# Launches of several processes need no lock: the single-node accelerate configs take a free
+# port (`main_process_port: 0`), and launches that name a port take a free one
+# (helpers.free_port).
+
+
+def pytest_configure(config):
+    """Under `make test`'s workers, one intra-op thread each, as every launched process runs:
+    the workers are the parallelism, and more threads than cores only spin."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):

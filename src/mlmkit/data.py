@@ -236,6 +236,25 @@ def text_examples(texts: list[str], tokenizer, *, max_length: int,
     return {"input_ids": ids, "special_tokens_mask": special, "length": [len(x) for x in ids]}
 
 
+def tokenize_fingerprint(split: Dataset, tokenizer, cfg: MLMConfig) -> str | None:
+    """The cache key of tokenizing ``split`` (datasets' ``new_fingerprint``), from everything the
+    examples depend on: the split's own fingerprint (its data), the tokenizer's complete
+    serialised form (vocabulary, normaliser, pre-tokeniser, post-processor) and special ids,
+    `text_examples`' code and the settings it takes. datasets would otherwise hash the map
+    function with its tokenizer pickled (about a second per split for a BERT vocabulary, on
+    every process of every run). None for a tokenizer without a serialised form: datasets then
+    hashes it itself."""
+    import inspect
+
+    from datasets.fingerprint import Hasher
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return Hasher.hash([split._fingerprint, type(tokenizer).__name__, backend.to_str(),
+                        sorted(tokenizer.all_special_ids), inspect.getsource(text_examples),
+                        cfg.text_column, cfg.line_by_line, cfg.max_seq_length])
+
+
 def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDict:
     """Tokenize into examples with ``input_ids``, ``special_tokens_mask`` and ``length``
     (`text_examples`, per map batch).
@@ -263,7 +282,7 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
             tokenize, batched=True, remove_columns=raw[name].column_names,
             desc=f"tokenizing {name}" + (" (line by line)" if line_by_line else
                                          f" into {cfg.max_seq_length}-token blocks"),
-            **map_kwargs)
+            new_fingerprint=tokenize_fingerprint(split, tokenizer, cfg), **map_kwargs)
 
     tokenized = limit_samples(tokenized, cfg)
     for name in tokenized:
