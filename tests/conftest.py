@@ -32,10 +32,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The modules that spend longest waiting (Slurm's time checks, signals, checkpoints to appear) go
+# first, so `make test`'s workers fill those waits with the rest instead of ending on them.
+WAIT_FIRST = ("test_slurm.py", "test_readme_launches.py", "test_resume.py",
+              "test_streaming_launch.py", "test_ablation.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(WAIT_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable
 
 
 @pytest.fixture(scope="session")
