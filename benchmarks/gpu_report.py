@@ -82,41 +82,46 @@ def recipe_steady(run: Path) -> dict | None:
             "evals": f"{evals[0]:.3f} -> {evals[-1]:.3f}" if evals else "n/a"}
 
 
+def check_line(label: str, result: dict | None, describe) -> str:
+    """One check's line: not run, skipped, an error, or ``label`` + ``describe(result)``."""
+    if result is None:
+        return f"- {label}: not run"
+    if "skipped" in result:
+        return f"- {label}: skipped ({result['skipped']})"
+    if "error" in result:
+        return f"- {label}: **error** {result['error']}"
+    return f"- {label} {describe(result)}"
+
+
+def describe_varlen(varlen: dict) -> str:
+    parts = [f"{n}: hidden {varlen[n]['hidden_rel_err']:.2e}, loss "
+             f"{varlen[n]['loss_rel_err']:.2e}, grad {varlen[n]['grad_rel_err']:.2e}"
+             for n in ("block", "varlen", "varlen_static")]
+    ms = [f"{n} {varlen[n].get('ms_fwd_bwd', 0):.1f} ms" for n in ("block", "varlen_static")]
+    parts.append(f"training with attention dropout (flash op: {varlen.get('dropout_kernel')}): "
+                 f"{'ok' if varlen.get('dropout_ok') else '**FAILED**'}, loss "
+                 f"{varlen['varlen_static'].get('train_loss', float('nan')):.4f} vs block "
+                 f"{varlen['block'].get('train_loss', float('nan')):.4f}")
+    return (f"({varlen['rows']} rows of {varlen['width']}, {varlen['segments']} segments, padded "
+            f"to {varlen['static_segments']}; relative error vs fp32 block mask): "
+            f"{'ok' if varlen['ok'] else '**FAILED**'}; {'; '.join(parts)}; forward+backward "
+            f"{', '.join(ms)}")
+
+
+def describe_graphed(graphed: dict) -> str:
+    return (f"({graphed['attn_implementation']}, {len(graphed['eager'])} steps, bf16 losses): "
+            f"{'ok' if graphed['ok'] else '**FAILED**'}; max relative loss difference "
+            f"{max(graphed['rel_err']):.2e} (tolerance {graphed['tolerance']}); eager "
+            f"{graphed['eager_seconds']:.0f} s, graphed {graphed['graphed_seconds']:.0f} s incl. "
+            "compilation")
+
+
 def checks_section(out: Path) -> list[str]:
-    lines = ["## Correctness checks on the device", ""]
-    varlen = read_json(out / "check-varlen.json")
-    if varlen is None:
-        lines.append("- varlen vs dense block mask: not run")
-    elif "skipped" in varlen:
-        lines.append(f"- varlen vs dense block mask: skipped ({varlen['skipped']})")
-    elif "error" in varlen:
-        lines.append(f"- varlen vs dense block mask: **error** {varlen['error']}")
-    else:
-        parts = [f"{n}: hidden {varlen[n]['hidden_rel_err']:.2e}, loss "
-                 f"{varlen[n]['loss_rel_err']:.2e}, grad {varlen[n]['grad_rel_err']:.2e}"
-                 for n in ("block", "varlen", "varlen_static")]
-        ms = [f"{n} {varlen[n].get('ms_fwd_bwd', 0):.1f} ms" for n in ("block", "varlen_static")]
-        parts.append(f"training with attention dropout (flash op: {varlen.get('dropout_kernel')}): "
-                     f"{'ok' if varlen.get('dropout_ok') else '**FAILED**'}, loss "
-                     f"{varlen['varlen_static'].get('train_loss', float('nan')):.4f} vs block "
-                     f"{varlen['block'].get('train_loss', float('nan')):.4f}")
-        lines.append(f"- varlen vs dense block mask ({varlen['rows']} rows of {varlen['width']}, "
-                     f"{varlen['segments']} segments, padded to {varlen['static_segments']}; "
-                     f"relative error vs fp32 block mask): {'ok' if varlen['ok'] else '**FAILED**'}"
-                     f"; {'; '.join(parts)}; forward+backward {', '.join(ms)}")
-    graphed = read_json(out / "check-graphed.json")
-    if graphed is None:
-        lines.append("- graphed step vs eager step (bf16 losses): not run")
-    elif "skipped" in graphed:
-        lines.append(f"- graphed step vs eager step: skipped ({graphed['skipped']})")
-    elif "error" in graphed:
-        lines.append(f"- graphed step vs eager step: **error** {graphed['error']}")
-    else:
-        lines.append(f"- graphed step vs eager step ({graphed['attn_implementation']}, "
-                     f"{len(graphed['eager'])} steps): {'ok' if graphed['ok'] else '**FAILED**'}"
-                     f"; max relative loss difference {max(graphed['rel_err']):.2e} (tolerance "
-                     f"{graphed['tolerance']}); eager {graphed['eager_seconds']:.0f} s, graphed "
-                     f"{graphed['graphed_seconds']:.0f} s incl. compilation")
+    lines = ["## Correctness checks on the device", "",
+             check_line("varlen vs dense block mask", read_json(out / "check-varlen.json"),
+                        describe_varlen),
+             check_line("graphed step vs eager step", read_json(out / "check-graphed.json"),
+                        describe_graphed)]
     status = (out / "status.txt").read_text() if (out / "status.txt").is_file() else ""
     sync = [line for line in status.splitlines() if line.startswith("pytest-step-sync")]
     direct = read_json(out / "check-sync.json")
