@@ -495,6 +495,12 @@ class RunShape:
     #                                 each micro-batch to rows x padded width <= this
 
 
+# Masked positions are padded (with "no target") to a multiple of this for compiled steps: few
+# shapes under CUDA graphs (`RunShape.positions_multiple`), and the step of a static-shape run
+# that outgrows its capacity takes the next multiple (`prefetch.StaticShapes`).
+POSITIONS_MULTIPLE = 256
+
+
 def micro_batch(cfg: MLMConfig, padding: str | None = None) -> tuple[int, int | None]:
     """``(examples or rows per device per micro-batch, padded token budget or None)`` of ``cfg``
     under the resolved ``padding`` (None: not yet known; the count is then the one every layout
@@ -527,7 +533,8 @@ def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str)
         pad_to_multiple_of=cfg.max_seq_length if cfg.torch_compile and packed
         else cfg.pad_to_multiple_of,
         # reduce-overhead replays CUDA graphs: few distinct shapes of masked positions
-        positions_multiple=256 if cfg.torch_compile_mode == "reduce-overhead" else None,
+        positions_multiple=POSITIONS_MULTIPLE if cfg.torch_compile_mode == "reduce-overhead"
+        else None,
         global_batch_size=micro * cfg.gradient_accumulation_steps * num_processes,
         unit="rows" if packed else "examples", micro_batch_size=micro, micro_batch_tokens=budget)
 
@@ -621,19 +628,20 @@ def parse_config(argv: list[str] | None = None) -> MLMConfig:
             raise ConfigError("--config needs a path. Fix: --config recipes/configs/default.yaml.")
         from_yaml = yaml_args(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
-    for arg in argv:
-        key = arg[2:].split("=")[0]
-        if arg.startswith("--") and key not in FIELDS and key != "help":
+    cli = _keys(argv)
+    for key in cli:
+        if key not in FIELDS and key != "help":
             raise _unknown_option(f"--{key}")
     cfg = _parse_args(from_yaml + argv)
-    return _one_micro_batch(cfg, yaml=_keys(from_yaml), cli=_keys(argv)).validate()
+    return _one_micro_batch(cfg, yaml=set(_keys(from_yaml)), cli=set(cli)).validate()
 
 
 _MICRO_KEYS = ("per_device_train_batch_size", "per_device_train_tokens")
 
 
-def _keys(args: list[str]) -> set[str]:
-    return {arg[2:].split("=")[0] for arg in args if arg.startswith("--")}
+def _keys(args: list[str]) -> list[str]:
+    """The option names of ``args`` (``--key value`` or ``--key=value``), in order."""
+    return [arg[2:].split("=")[0] for arg in args if arg.startswith("--")]
 
 
 def _one_micro_batch(cfg: MLMConfig, *, yaml: set[str], cli: set[str]) -> MLMConfig:

@@ -31,6 +31,7 @@ import torch
 
 from .checkpoint import DataPosition
 from .collator import drop_targets
+from .config import POSITIONS_MULTIPLE
 from .layout import round_up
 from .plans import micro_layout
 
@@ -75,8 +76,8 @@ def add_masked_positions(batch: dict, multiple: int | None = None,
     return batch
 
 
-POSITIONS_MULTIPLE = 256  # masked positions are padded to a multiple of this under compile
-SEGMENTS_MULTIPLE = 64    # boundaries entries, likewise
+# boundary entries are padded to a multiple of this (masked positions: POSITIONS_MULTIPLE)
+SEGMENTS_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
