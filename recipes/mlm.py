@@ -195,8 +195,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
                stepper.summary()),
-        fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before),
-        gpu_busy=stepper.busy(ts.total))
+        fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "

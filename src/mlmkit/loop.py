@@ -361,6 +361,9 @@ class Stepper:
         return self.clock.fraction(stats)
 
     def summary(self) -> dict:
-        """What summary.json says of the steps beyond the train state: the compile time."""
-        from .tracking import TRAIN_COMPILE_SECONDS
-        return {} if self.compile_seconds is None else {TRAIN_COMPILE_SECONDS: self.compile_seconds}
+        """What summary.json says of the steps beyond the train state: the compile time and the
+        whole run's busy fraction, each where there is one."""
+        from .tracking import TRAIN_COMPILE_SECONDS, TRAIN_GPU_BUSY_FRACTION
+        found = {TRAIN_COMPILE_SECONDS: self.compile_seconds,
+                 TRAIN_GPU_BUSY_FRACTION: self.busy(self.state.total)}
+        return {key: value for key, value in found.items() if value is not None}

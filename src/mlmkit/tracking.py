@@ -210,11 +210,10 @@ def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -
 
 
 def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
-                  parts, fill_mask: list[dict], gpu_busy: float | None = None) -> dict:
+                  parts, fill_mask: list[dict]) -> dict:
     """``summary.json``: the final eval, the step-0 eval and the whole run's throughput (from
     ``state``, a `checkpoint.TrainState`), then ``parts`` (dicts: the data's, the padding
-    decision's, the mixture's) and the fill-mask check; ``gpu_busy``: the whole run's
-    `loop.BusyClock.fraction` (None: absent)."""
+    decision's, the mixture's, the steps': `loop.Stepper.summary`) and the fill-mask check."""
     total = state.total
     summary = {**final_eval, FIRST_EVAL_LOSS: state.first_eval[EVAL_LOSS],
                FIRST_EVAL_PERPLEXITY: state.first_eval[EVAL_PERPLEXITY],
@@ -222,8 +221,6 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
                TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
                **total.rates(num_processes, peak_tflops),      # whole-run throughput
                NUM_PROCESSES: num_processes}
-    if gpu_busy is not None:
-        summary[TRAIN_GPU_BUSY_FRACTION] = gpu_busy
     for part in parts:
         summary.update(part)
     if fill_mask:
