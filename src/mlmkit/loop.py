@@ -77,9 +77,17 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     fast as the host can queue kernels. `StepResults` reads the results at log steps.
     ``forward``: what computes each micro-batch's loss, e.g. ``torch.compile(module)``
     (default: ``module``); accumulation and the backward still go through ``module``.
+
+    A compiled forward with accumulation over several micro-batches keeps every gradient in one
+    buffer of the parameter's own for the whole run (zeroed, never set to None): under CUDA graphs
+    (compile mode reduce-overhead) a first backward into a None ``.grad`` would adopt the graph's
+    output memory, which the next micro-batch's replay overwrites (pytorch/pytorch#169545).
     """
     forward = module if forward is None else forward
     device = accelerator.device
+    keep_grads = forward is not module and accelerator.gradient_accumulation_steps > 1
+    if keep_grads:
+        own_grads(module)
     # Pinned batches (prefetch.Prefetcher, with workers) are copied while earlier kernels still run.
     micro_batches = [send_to_device(b, device, non_blocking=True) for b in micro_batches]
     local_masked = sum(b["num_masked_tokens"] for b in micro_batches).float()
@@ -103,12 +111,20 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
                         grad_norm = grad_norm.full_tensor()
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not keep_grads)
     if not accelerator.sync_gradients:
         raise RuntimeError("internal error: a step ended off a gradient-accumulation boundary")
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, "sum")
     return {"loss_sum": loss_sum, "masked_tokens": global_masked, "grad_norm": grad_norm}
+
+
+def own_grads(module: torch.nn.Module) -> None:
+    """Give every trainable parameter without a gradient a zeroed one of its own (`train_step`:
+    gradients then accumulate in place, in memory no compiled graph owns)."""
+    for param in module.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
 
 
 class StepResults:
@@ -315,19 +331,26 @@ def compile_forward(module, accelerator, mode: str):
 class Stepper:
     """The run's optimizer steps: `train_step` on each prepared step, its device time calibrated
     by a `BusyClock` (train/gpu_busy_fraction), its device results kept in `StepResults` and read
-    into ``state`` (a `checkpoint.TrainState`) by `read`. A compiled run's first step
-    (compilation, CUDA-graph recording) is read at once and its time kept (`compile_seconds`)."""
+    into ``state`` (a `checkpoint.TrainState`) by `read`. A compiled run's warm-up -- its first
+    step (compilation), and under CUDA graphs its second too (torch records the graphs at a
+    function's second call) -- is read at once and its time kept (`compile_seconds`)."""
 
     def __init__(self, accelerator, training: Training, scheduler, cfg, state):
+        from .choices import GRAPHED_COMPILE_MODES
         self.accelerator, self.training, self.scheduler = accelerator, training, scheduler
         self.cfg, self.state = cfg, state
         self.clock = BusyClock(accelerator.device)
         self.results = StepResults(self.clock)
         self.compile_seconds: float | None = None
+        graphed = cfg.torch_compile_mode in GRAPHED_COMPILE_MODES and \
+            accelerator.device.type == "cuda"
+        self.warm_steps = 0 if training.forward is None else 2 if graphed else 1
+        self._warm_t0: float | None = None  # the warm-up's start
+        self._warmed = 0  # its steps so far
 
     def __call__(self, prepared, t0: float) -> str | None:
         """One optimizer step on ``prepared`` (a `prefetch.PreparedStep` fetched from ``t0``,
-        a `time.perf_counter`); a line to log after a compiled run's first step, else None."""
+        a `time.perf_counter`); a line to log after a compiled run's warm-up, else None."""
         training = self.training
         self.clock.start(prepared.computed)
         out = train_step(self.accelerator, training.module, training.optimizer, self.scheduler,
@@ -335,13 +358,18 @@ class Stepper:
                          max_grad_norm=self.cfg.max_grad_norm, forward=training.forward)
         self.clock.stop()
         self.results.add(out, time.perf_counter() - t0)
-        if training.forward is None or self.compile_seconds is not None:
+        if self.warm_steps == 0 or self.compile_seconds is not None:
+            return None
+        self._warm_t0 = t0 if self._warm_t0 is None else self._warm_t0
+        self._warmed += 1
+        if self._warmed < self.warm_steps:
             return None
         self.read()  # waits for the device once: the warm-up's whole time
-        self.compile_seconds = time.perf_counter() - t0
-        graphs = ", CUDA-graph warm-up" if self.accelerator.device.type == "cuda" else ""
-        return (f"compiled training step: the first step took {self.compile_seconds:.1f} s "
-                f"(compilation{graphs}); the first log window's throughput includes it")
+        self.compile_seconds = time.perf_counter() - self._warm_t0
+        what = ("the first 2 steps took", "compilation, CUDA-graph recording") \
+            if self.warm_steps == 2 else ("the first step took", "compilation")
+        return (f"compiled training step: {what[0]} {self.compile_seconds:.1f} s ({what[1]}); "
+                "the first log window's throughput includes it")
 
     def read(self) -> None:
         """The steps' device results since the last read, into the train state (one transfer)."""

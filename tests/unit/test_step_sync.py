@@ -24,7 +24,7 @@ from mlmkit.modeling import load_model, load_tokenizer
 from mlmkit.prefetch import PlannedSteps, Prefetcher, one_process_steps
 
 SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
-           "nonzero", "masked_select"}
+           "nonzero", "masked_select", "bincount", "unique", "repeat_interleave"}
 
 
 class SyncCounter(TorchFunctionMode):
@@ -80,8 +80,8 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=("--attn_i
                           ("--per_device_train_batch_size", "4")), *flags])
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
-    accelerator = Accelerator(cpu=device == "cpu",
-                              mixed_precision="bf16" if device == "cuda" else "no")
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda"
+                              else "no", gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
                                                              device=accelerator.device))
     _, scheduler, steps = one_process_steps(cfg, training, tokenizer, Examples(tokenizer),
@@ -188,14 +188,21 @@ def test_busy_clock_is_off_on_cpu():
 
 
 SDPA = ("--attn_implementation", "sdpa")
+ESM2 = {"position_embedding_type": "rotary", "token_dropout": True, "emb_layer_norm_before": False}
 
 
-@pytest.mark.parametrize("padding, flags", [("packed", SDPA), ("longest", SDPA),
-                                            ("longest", (*SDPA, "--per_device_train_tokens",
-                                                         "256"))])
-def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, padding, flags):
-    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, padding,
-                                                    flags=flags)
+@pytest.mark.parametrize("model, padding, flags", [
+    ("bert", "packed", SDPA), ("bert", "longest", SDPA),
+    ("bert", "longest", (*SDPA, "--per_device_train_tokens", "256")),
+    ("esm2", "packed", ()),  # mlmkit_packed with ESM-2's per-example token-dropout scaling
+])
+def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer, tokenizer_path, tmp_path,
+                                              model, padding, flags):
+    from helpers import tiny_config_dir
+    folder = tiny_bert_dir if model == "bert" else tiny_config_dir(
+        tmp_path / "esm2", "esm", tokenizer, mask_token_id=tokenizer.mask_token_id, **ESM2)
+    accelerator, training, scheduler, steps = setup(folder, tokenizer_path, padding, flags=flags)
+    assert training.attn_implementation == ("sdpa" if flags else "mlmkit_packed")
     module, optimizer = training.module, training.optimizer
     prefetcher = Prefetcher(steps, num_workers=2)
     reads = [None]  # the BusyClock's fake events: readable only after the read's .cpu()
@@ -233,6 +240,40 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer_path, pad
         assert masked == int(out["masked_tokens"]) > 0
         assert loss == pytest.approx(float(out["loss_sum"]) / masked, rel=1e-6)
         assert grad_norm == pytest.approx(float(out["grad_norm"]), rel=1e-6)
+
+
+def test_compiled_forward_with_accumulation_keeps_one_gradient_buffer(tiny_bert_dir,
+                                                                       tokenizer_path):
+    """Under CUDA graphs a backward into a None ``.grad`` adopts the graph's output memory, which
+    the next micro-batch's replay overwrites (the accumulated gradient would be the last
+    micro-batch's). With a compiled forward and accumulation over 2 micro-batches, every gradient
+    stays in one buffer of the parameter's own for the whole run, and the steps are the eager
+    steps. Here any forward but the module stands for the compiled one; the CUDA test above runs
+    the graphed step itself with the same accumulation."""
+    runs = {}
+    for compiled in (False, True):
+        accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+        module = training.module
+        forward = (lambda **kwargs: module(**kwargs)) if compiled else None
+        prefetcher, pending, buffers = Prefetcher(steps, num_workers=0), StepResults(), []
+        for _ in range(3):
+            prepared, _ = prefetcher.next()
+            assert len(prepared.micro_batches) == 2
+            pending.add(train_step(accelerator, module, training.optimizer, scheduler,
+                                   prepared.micro_batches, mask_padding=True, max_grad_norm=1.0,
+                                   forward=forward), 0.0)
+            buffers.append([p.grad.data_ptr() if p.grad is not None else None
+                            for p in module.parameters()])
+        prefetcher.close()
+        runs[compiled] = ([loss for loss, *_ in pending.read()],
+                          [p.detach().clone() for p in module.parameters()])
+        if compiled:  # zeroed after each step, never freed: one buffer per parameter
+            assert None not in buffers[0] and buffers[0] == buffers[1] == buffers[2]
+        else:  # eager: freed after each step (set to None), as before
+            assert set(buffers[0]) == {None}
+    (eager_losses, eager_weights), (losses, weights) = runs[False], runs[True]
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(weights, eager_weights))
 
 
 def iter_all(prefetcher):
