@@ -288,9 +288,11 @@ def _per_example_token_dropout(esm: nn.Module) -> None:
             masked = (input_ids == embeddings.mask_token_id).float()  # (R, T)
             lengths = attention_mask.sum(-1) if attention_mask is not None else width  # as ESM
             row_share = masked.sum(-1) / lengths  # (R,)
-            seg = segment_ids(cu, n_rows, width).flatten()  # (R*T,)
-            share = (torch.bincount(seg, weights=masked.flatten())
-                     / torch.bincount(seg).clamp(min=1))[seg].view(n_rows, width)  # (R, T)
+            seg = segment_ids(cu, n_rows, width).flatten()  # (R*T,) at most R*T segments
+            # per-segment sums of a fixed size (bincount's size is data-dependent: a host sync)
+            sums = masked.new_zeros(2, n_rows * width + 1).index_add_(
+                1, seg, torch.stack([masked.flatten(), torch.ones_like(masked.flatten())]))
+            share = (sums[0] / sums[1].clamp(min=1))[seg].view(n_rows, width)  # (R, T)
             factor = (1 - row_share)[:, None] / (1 - share)  # (R, T)
             inputs_embeds = embeddings.word_embeddings(input_ids) * factor[..., None].to(
                 embeddings.word_embeddings.weight.dtype)
