@@ -129,10 +129,16 @@ def _flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, dropout
         **window)[0]
 
 
+def flash_head_dim(dim: int) -> bool:
+    """Whether the flash kernel takes heads of ``dim``: a multiple of 8, at most 256 (it does not
+    pad them; e.g. TinyBERT's 312 / 12 = 26 does not fit and takes the block-mask path)."""
+    return dim % 8 == 0 and dim <= 256
+
+
 def varlen_available(query: torch.Tensor) -> bool:
     """Whether the CUDA variable-length kernel can run these inputs."""
     return (_varlen_attn is not None and query.is_cuda
-            and query.dtype in (torch.float16, torch.bfloat16))
+            and query.dtype in (torch.float16, torch.bfloat16) and flash_head_dim(query.shape[-1]))
 
 
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -201,6 +201,15 @@ def test_esm_token_dropout_is_rescaled_per_example(tokenizer, text_examples):
     assert diffs[0] > 1e-5 and diffs[1] < 1e-6, diffs
 
 
+def test_flash_path_only_takes_head_sizes_the_kernel_runs():
+    """The flash kernel (CUDA) requires heads of a multiple of 8 up to 256 and pads none: other
+    BERT-family models (TinyBERT: 312 / 12 = 26) stay on the block-mask path; CPU never takes it."""
+    from mlmkit.attention import flash_head_dim, varlen_available
+    assert [flash_head_dim(d) for d in (32, 64, 128, 256)] == [True] * 4
+    assert [flash_head_dim(d) for d in (26, 36, 264, 512)] == [False] * 4
+    assert not varlen_available(torch.zeros(4, 2, 64, dtype=torch.bfloat16))  # CPU
+
+
 def test_packed_attention_windows_within_the_example():
     """The block mask of mlmkit's attention: same example, and within the sliding window."""
     from mlmkit.attention import block_mask
