@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from accelerate.utils import send_to_device  # noqa: E402
 
+from mlmkit.choices import GRAPHED_COMPILE_MODES  # noqa: E402
 from mlmkit.choices import PACKED_ATTENTION as PACKED  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
 from mlmkit.config import parse_config, run_shape  # noqa: E402
@@ -148,7 +149,7 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
     module = MaskedLMModule(model, sparse_prediction=sparse).to(device)
     compiled = args.torch_compile and not hf
     forward = torch.compile(module, mode=args.torch_compile_mode) if compiled else module
-    graphs = compiled and args.torch_compile_mode == "reduce-overhead"
+    graphs = compiled and args.torch_compile_mode in GRAPHED_COMPILE_MODES
     optimizer = build_optimizer(module, parse_config(["--learning_rate", "1e-5"]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     module.train()  # dropout on, as in training (from_pretrained returns eval mode)

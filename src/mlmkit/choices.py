@@ -23,5 +23,6 @@ SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "warmup_stable_decay",
 )
-# torch.compile modes (--torch_compile_mode); reduce-overhead adds CUDA graphs
+# torch.compile modes (--torch_compile_mode); reduce-overhead and max-autotune add CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")

@@ -28,8 +28,8 @@ from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
 
-from .choices import (ATTN_IMPLEMENTATIONS, COMPILE_MODES, PADDING_CHOICES, REPORT_TO,
-                      SCHEDULERS)
+from .choices import (ATTN_IMPLEMENTATIONS, COMPILE_MODES, GRAPHED_COMPILE_MODES,
+                      PADDING_CHOICES, REPORT_TO, SCHEDULERS)
 from .configio import (ConfigError, config_differences, did_you_mean, read_yaml_mapping,
                        to_cli_args)
 from .fileio import atomic_write_text
@@ -173,8 +173,9 @@ class MLMConfig:
         "torch.compile the training module (inductor). With --padding packed the rows are laid "
         "out at a fixed (rows, max_seq_length) shape."))
     torch_compile_mode: str = field(default="default", metadata=_meta(
-        f"torch.compile mode, one of {COMPILE_MODES}; reduce-overhead replays CUDA graphs "
-        "(masked positions are then padded to a multiple of 256 so few shapes occur)."))
+        f"torch.compile mode, one of {COMPILE_MODES}; reduce-overhead and max-autotune replay "
+        "CUDA graphs (masked positions are then padded to a multiple of 256 so few shapes "
+        "occur)."))
     gradient_checkpointing: bool = field(default=False, metadata=_meta(
         "Recompute activations in the backward pass (large models, long sequences): less "
         "memory, about a third more compute."))
@@ -532,9 +533,9 @@ def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str)
         # compiled + packed: rows at a fixed (rows, max_seq_length) shape, so the graph is static
         pad_to_multiple_of=cfg.max_seq_length if cfg.torch_compile and packed
         else cfg.pad_to_multiple_of,
-        # reduce-overhead replays CUDA graphs: few distinct shapes of masked positions
-        positions_multiple=POSITIONS_MULTIPLE if cfg.torch_compile_mode == "reduce-overhead"
-        else None,
+        # CUDA graphs (reduce-overhead, max-autotune): few distinct shapes of masked positions
+        positions_multiple=POSITIONS_MULTIPLE if cfg.torch_compile
+        and cfg.torch_compile_mode in GRAPHED_COMPILE_MODES else None,
         global_batch_size=micro * cfg.gradient_accumulation_steps * num_processes,
         unit="rows" if packed else "examples", micro_batch_size=micro, micro_batch_tokens=budget)
 

@@ -161,8 +161,10 @@ def test_run_shape_workers(flags, on_gpu, expected):
     (dict(pad_to_multiple_of=8, torch_compile=True), "packed", 128, None),  # fixed width
     (dict(pad_to_multiple_of=8, torch_compile=True), "longest", 8, None),
     (dict(torch_compile=True, torch_compile_mode="reduce-overhead"), "packed", 128, 256),
-    # positions are padded under reduce-overhead even without --torch_compile (as the recipe does)
-    (dict(torch_compile_mode="reduce-overhead"), "longest", None, 256),
+    (dict(torch_compile=True, torch_compile_mode="max-autotune"), "longest", None, 256),  # graphs
+    (dict(torch_compile=True, torch_compile_mode="max-autotune-no-cudagraphs"), "longest", None,
+     None),
+    (dict(torch_compile_mode="reduce-overhead"), "longest", None, None),  # not compiled: eager
 ])
 
 
