@@ -19,20 +19,24 @@ device's dense peak for the step's precision (`PEAK_TFLOPS`, or ``--peak_tflops`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
 # Dense (no sparsity) peak TFLOP/s per device: (16-bit tensor core, fp32 without TF32). Matched
-# against torch.cuda.get_device_name(), first match wins (so the specific names come first).
+# as whole words of torch.cuda.get_device_name() ("L4" is not "NVIDIA L40", "A10" not "A10G"),
+# first match wins (so the specific names come first).
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("H100 PCIe", 756.0, 51.0),
     ("H100 NVL", 835.0, 60.0),
+    ("H200 NVL", 835.0, 60.0),
     ("GH200", 989.0, 67.0),
     ("H200", 989.0, 67.0),
     ("H100", 989.0, 67.0),       # SXM
     ("A100", 312.0, 19.5),
     ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
     ("L4", 121.0, 30.3),
     ("A10", 125.0, 31.2),
 )
@@ -41,7 +45,7 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 def peak_tflops(device_name: str | None, half_precision: bool) -> float | None:
     """The dense peak of a named device (16-bit or fp32), or None if the table lacks it."""
     for name, half, full in PEAK_TFLOPS:
-        if device_name and name in device_name:
+        if device_name and re.search(rf"\b{re.escape(name)}\b", device_name):
             return half if half_precision else full
     return None
 

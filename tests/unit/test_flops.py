@@ -39,5 +39,9 @@ def test_peak_table_picks_the_specific_name_and_the_precision():
     assert peak_tflops("NVIDIA H100 PCIe", True) == 756.0
     assert peak_tflops("NVIDIA H200", False) == 67.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", True) == 312.0
+    assert peak_tflops("NVIDIA H200 NVL", True) == 835.0
+    assert peak_tflops("NVIDIA GH200 480GB", True) == 989.0
+    assert peak_tflops("NVIDIA L40", True) == 181.0 and peak_tflops("NVIDIA L4", True) == 121.0
+    assert peak_tflops("NVIDIA A10G", True) is None  # not an A10: no MFU rather than a wrong one
     assert peak_tflops("NVIDIA GeForce GTX 1080", True) is None
     assert peak_tflops(None, True) is None
