@@ -12,9 +12,9 @@
   ``max_length`` = the row width) -- the assumptions the CPU tests cannot check. Also times one
   forward+backward of each (informative).
 * ``graphed``: a few steps of the recipe's own step (`loop.train_step` on the recipe's builders,
-  bf16 mixed precision, dropout off) eager and with ``--torch_compile true --torch_compile_mode
-  reduce-overhead`` (static shapes, CUDA graphs, the varlen path) from the same weights: the
-  per-step losses within bf16 tolerance.
+  bf16 mixed precision, dropout off, gradient accumulation over 2 micro-batches) eager and with
+  ``--torch_compile true --torch_compile_mode reduce-overhead`` (static shapes, CUDA graphs, the
+  varlen path) from the same weights: the per-step losses within bf16 tolerance.
 
 Without CUDA each writes ``{"skipped": ...}`` and exits 0 (the CPU dry run of
 benchmarks/gpu.sh). A failed check exits 1 with ``"ok": false`` and its numbers.
@@ -38,7 +38,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def sync() -> None:
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def write(out: Path, result: dict) -> None:
@@ -156,7 +156,8 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
 
 
 def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[float], str]:
-    """Per-step losses of the recipe's own step (its builders), bf16, dropout off."""
+    """Per-step losses of the recipe's own step (its builders), bf16, dropout off, each step 2
+    micro-batches of 16 rows (accumulation: gradients must not live in the graph's memory)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -168,12 +169,14 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
     AcceleratorState._reset_state(True)
     torch._dynamo.reset()
     cfg = parse_config(["--model_name_or_path", model_dir, "--padding", "packed",
-                        "--max_seq_length", "128", "--per_device_train_batch_size", "32",
+                        "--max_seq_length", "128", "--per_device_train_batch_size", "16",
+                        "--gradient_accumulation_steps", "2",
                         "--max_train_steps", str(steps), "--learning_rate", "1e-4",
                         "--max_train_samples", "4000", *flags])
     tokenizer = load_tokenizer(cfg)
     examples = IndexedExamples(tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["train"])
-    accelerator = Accelerator(mixed_precision="bf16", cpu=DEV == "cpu")
+    accelerator = Accelerator(mixed_precision="bf16", cpu=DEV == "cpu",
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer, device=accelerator.device)
     for m in model.modules():

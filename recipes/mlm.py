@@ -155,7 +155,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             for stats in (ts.window, ts.total):
                 stats.add_data(prepared.computed, prepared.real, prepared.flops, waited)
             rank_state.update(prepared)
-            if line := stepper(prepared, t0):  # a compiled run's first step: its time
+            if line := stepper(prepared, t0):  # a compiled run's warm-up: its time
                 log(line)
             ts.advance(prepared)
             progress.update(1)

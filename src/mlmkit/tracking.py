@@ -30,7 +30,7 @@ TRAIN_MFU = "train/mfu"                              # train/tflops / the device
 TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spent waiting for data
 TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (loop.BusyClock;
 #                                                     absent on CPU and before it is measured)
-TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the first step (compile, capture)
+TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the warm-up (compile, capture)
 TRAIN_RUNTIME = "train/runtime_s"
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
