@@ -24,6 +24,8 @@
 #  7. bert-base 512 x 64 rows: recipe graphed, throughput
 #  8. bert-large 128 x 256 rows: recipe graphed, throughput
 #  9. comparisons: recipe bert-base 128 x 256 eager, 72 rows graphed and eager
+# 10. the other encoders' packed paths in bf16 (throughput.py --shape: scaled-down ModernBERT,
+#     ESM-2, DeBERTa-v3; mlmkit_packed through the varlen kernel, DeBERTa's 3-D block mask)
 #
 # Environment: BUDGET_S (seconds for the whole script, default 450: the session's ~9 minutes
 # less run.sh's set-up), MODELS (folder of minilm/ bert-base/ bert-large/, default OUT_DIR/models),
@@ -143,6 +145,14 @@ recipe recipe-bert-base-128x256-eager bert-base 256 128 false 120
 recipe recipe-bert-base-128x72-graphed bert-base 72 128 reduce-overhead 180
 recipe recipe-bert-base-128x72-eager bert-base 72 128 false 120
 throughput throughput-bert-base-128x256-eager bert-base 800 256 128 packed_sparse,recipe 150
+# 10: the other encoders (their own attention paths: no --attn_implementation fallback here)
+for shape in modernbert esm2 deberta-v3; do
+  run "throughput-$shape-128x64" 90 "$py" "$root/benchmarks/throughput.py" $bf16 \
+    --steps "$steps" --warmup 3 --batch_size "$(rows 200)" --packed_rows "$(rows 64)" \
+    --max_seq_length 128 --shape "$shape" --modes hf_baseline,padded,packed_sparse \
+    ${MLMKIT_TEST_TOKENIZER:+--tokenizer_name "$MLMKIT_TEST_TOKENIZER"} \
+    --output "$out/throughput-$shape-128x64.json"
+done
 echo "done in $(( SECONDS - start ))s" | tee -a "$out/status.txt"
 report
 cat "$out/gpu.md"

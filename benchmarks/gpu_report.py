@@ -4,7 +4,8 @@ Reads what benchmarks/gpu.sh (or its earlier version) left in OUT_DIR, whatever 
 check-*.json (benchmarks/gpu_checks.py), status.txt (each run's exit status and seconds),
 throughput-*.json (benchmarks/throughput.py) and the recipe runs recipe-*/ (metrics.jsonl,
 summary.json). Runs are named ``recipe-<size>-<width>x<rows>-<graphed|eager>`` and
-``throughput-<size>-<width>x<rows>[-eager]`` (gpu.sh's older names are listed as they are).
+``throughput-<size>-<width>x<rows>[-eager]`` (size: a BERT size, or a `throughput.py --shape`;
+gpu.sh's older names are listed as they are).
 The recipe's steady state is the mean over its log windows after the first two (compilation,
 CUDA-graph recording and warm-up; the first step's time is also in summary.json as
 ``train/compile_seconds``); with fewer windows, the last one, marked.
@@ -18,8 +19,10 @@ import sys
 from pathlib import Path
 
 SIZES = {"minilm": "MiniLM-L6 size (23M)", "bert-base": "bert-base size (110M)",
-         "bert-large": "bert-large size (335M)"}
-NAME = re.compile(r"^(recipe|throughput)-(minilm|bert-base|bert-large)-(\d+)x(\d+)(?:-(\w+))?$")
+         "bert-large": "bert-large size (335M)", "modernbert": "ModernBERT shape (scaled down)",
+         "esm2": "ESM-2 8M shape", "deberta-v3": "DeBERTa-v3 shape (scaled down)"}
+NAME = re.compile(r"^(recipe|throughput)-(minilm|bert-base|bert-large|modernbert|esm2|deberta-v3)"
+                  r"-(\d+)x(\d+)(?:-(\w+))?$")
 
 
 def fmt(value, spec):

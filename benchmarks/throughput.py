@@ -99,12 +99,13 @@ SHAPES = {
 }
 
 
-def shape_config_dir(shape: str, folder: Path) -> str:
-    """``folder`` holding the config.json of ``shape`` for the embedded tokenizer."""
+def shape_config_dir(shape: str, folder: Path, tokenizer: str | None = None) -> str:
+    """``folder`` holding the config.json of ``shape`` for ``tokenizer`` (default: the embedded
+    model's)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from mlmkit.modelcheck import embedded_model_path
-    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    tok = AutoTokenizer.from_pretrained(tokenizer or embedded_model_path())
     model_type, overrides = SHAPES[shape]
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     if model_type == "esm":
@@ -249,6 +250,8 @@ def main() -> None:
                         help="default: transformers' choice, or mlmkit's packed path (--shape)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="a scaled-down, randomly initialised model of this architecture")
+    parser.add_argument("--tokenizer_name", default=None,
+                        help="the tokenizer folder (default: the model's, or the embedded one)")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--torch_compile", action="store_true",
                         help="torch.compile the training module (mlmkit modes and recipe)")
@@ -271,10 +274,13 @@ def main() -> None:
         flags += ["--attn_implementation", args.attn_implementation]
     if args.model_name_or_path:
         flags += ["--model_name_or_path", args.model_name_or_path]
+    if args.tokenizer_name:
+        flags += ["--tokenizer_name", args.tokenizer_name]
     if args.shape:
         import tempfile
         flags += ["--config_name",
-                  shape_config_dir(args.shape, Path(tempfile.mkdtemp()) / args.shape)]
+                  shape_config_dir(args.shape, Path(tempfile.mkdtemp()) / args.shape,
+                                   args.tokenizer_name)]
     cfg = parse_config(flags)
     tokenizer = load_tokenizer(cfg)
     train = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["train"]
