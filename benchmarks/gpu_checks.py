@@ -120,8 +120,9 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
     ref_h, ref_loss, ref_grad = run(dense, batches["block"], bf16=False)
     results = {"rows": rows, "width": width, "segments": n_segments,
                "static_segments": static.segments, "torch": torch.__version__,
-               "varlen_kernel": varlen_available(torch.zeros(1, device=DEV,
-                                                             dtype=torch.bfloat16)),
+               "varlen_kernel": varlen_available(torch.zeros(  # a query of the model's heads
+                   1, 1, varlen.config.hidden_size // varlen.config.num_attention_heads,
+                   device=DEV, dtype=torch.bfloat16)),
                "fp32_block_loss": ref_loss}
     for name, model in (("block", dense), ("varlen", varlen), ("varlen_static", varlen)):
         h, loss, grad = run(model, batches[name], bf16=True)
