@@ -248,7 +248,7 @@ def test_compiled_forward_with_accumulation_keeps_one_gradient_buffer(tiny_bert_
     the next micro-batch's replay overwrites (the accumulated gradient would be the last
     micro-batch's). With a compiled forward and accumulation over 2 micro-batches, every gradient
     stays in one buffer of the parameter's own for the whole run, and the steps are the eager
-    steps. Here any forward but the module stands for the compiled one; the CUDA test above runs
+    steps. Here any forward but the module stands for the compiled one; the CUDA test below runs
     the graphed step itself with the same accumulation."""
     runs = {}
     for compiled in (False, True):
