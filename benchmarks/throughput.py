@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from accelerate.utils import send_to_device  # noqa: E402
 
+from mlmkit.checkpoint import DataPosition  # noqa: E402
 from mlmkit.choices import GRAPHED_COMPILE_MODES  # noqa: E402
 from mlmkit.choices import PACKED_ATTENTION as PACKED  # noqa: E402
 from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
@@ -71,9 +72,9 @@ from mlmkit.loop import (StepResults, build_optimizer, prepare_training,  # noqa
                          train_step)
 from mlmkit.modeling import (MaskedLMModule, attn_implementation, load_model,  # noqa: E402
                              load_tokenizer, position_offset)
-from mlmkit.prefetch import (Prefetcher, StaticShapes, add_masked_positions,  # noqa: E402
+from mlmkit.prefetch import (Prefetcher, StaticShapes, StepPreparer,  # noqa: E402
                              one_process_steps)
-from mlmkit.plans import TrainPlan, micro_layout  # noqa: E402
+from mlmkit.plans import TrainPlan  # noqa: E402
 
 
 # Scaled-down, realistically shaped configs (random init): the architecture's attention settings
@@ -291,7 +292,6 @@ def main() -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     offset, attn = position_offset(model), attn_implementation(model)
     counter = FlopCounter.for_model(model)
-    lengths = examples.lengths
 
     def plan(**kw):
         return TrainPlan(examples.lengths, grad_accum=1, num_processes=1, process_index=0, seed=0,
@@ -304,19 +304,17 @@ def main() -> None:
         collator = MaskedLMCollator.from_config(tokenizer, mode_cfg, position_offset=offset,
                                                 attn_implementation=attn, padding=padding,
                                                 pad_to_multiple_of=shape.pad_to_multiple_of)
-        static = StaticShapes.for_run(mode_cfg, shape)  # compiled packed: the recipe's shapes
+        # the recipe's step preparation: masked positions (the head gathers without a sync) and,
+        # compiled and packed, the recipe's static shapes; masks of epoch 0 throughout
+        prepare = StepPreparer(collator, max_length=args.max_seq_length, flop_counter=counter,
+                               sparse_head=sparse, positions_multiple=shape.positions_multiple,
+                               static=StaticShapes.for_run(mode_cfg, shape))
         out = []
         for _, (micro,) in (item for epoch in range(1000) for item in p.epoch(epoch)):
-            indices, rows = micro_layout(micro)  # (the corpus is cycled: epochs 0, 1, ...)
-            batch = collator(examples.fetch(indices),
-                             rows=static.fill_rows(rows) if static else rows)
-            if static:
-                static.fix(batch)
-            elif sparse:  # as the recipe's steps: the head gathers without a sync
-                add_masked_positions(batch, shape.positions_multiple)
-            batch["_flops"] = counter.step_flops(
-                [min(lengths[i], args.max_seq_length) for i in indices],
-                int(batch["num_masked_tokens"]), sparse)
+            # (the corpus is cycled: epochs 0, 1, ...)
+            step = prepare([micro], DataPosition(), mask_epoch=0, fetch=examples.fetch)
+            batch = step.micro_batches[0]
+            batch["_flops"] = step.flops
             out.append(batch)
             if len(out) == n_steps:
                 return out
