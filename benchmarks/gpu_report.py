@@ -7,7 +7,7 @@ summary.json). Runs are named ``recipe-<size>-<width>x<rows>-<graphed|eager>`` a
 ``throughput-<size>-<width>x<rows>[-eager]`` (size: a BERT size, or a `throughput.py --shape`;
 gpu.sh's older names are listed as they are).
 The recipe's steady state is the mean over its log windows after the first two (compilation,
-CUDA-graph recording and warm-up; the first step's time is also in summary.json as
+CUDA-graph recording and warm-up; the warm-up's time is also in summary.json as
 ``train/compile_seconds``); with fewer windows, the last one, marked.
 """
 

@@ -327,7 +327,6 @@ def compile_forward(module, accelerator, mode: str):
     return torch.compile(module, mode=mode)
 
 
-
 class Stepper:
     """The run's optimizer steps: `train_step` on each prepared step, its device time calibrated
     by a `BusyClock` (train/gpu_busy_fraction), its device results kept in `StepResults` and read

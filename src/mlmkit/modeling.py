@@ -290,8 +290,9 @@ def _per_example_token_dropout(esm: nn.Module) -> None:
             row_share = masked.sum(-1) / lengths  # (R,)
             seg = segment_ids(cu, n_rows, width).flatten()  # (R*T,) at most R*T segments
             # per-segment sums of a fixed size (bincount's size is data-dependent: a host sync)
+            flat = masked.flatten()  # (R*T,)
             sums = masked.new_zeros(2, n_rows * width + 1).index_add_(
-                1, seg, torch.stack([masked.flatten(), torch.ones_like(masked.flatten())]))
+                1, seg, torch.stack([flat, torch.ones_like(flat)]))
             share = (sums[0] / sums[1].clamp(min=1))[seg].view(n_rows, width)  # (R, T)
             factor = (1 - row_share)[:, None] / (1 - share)  # (R, T)
             inputs_embeds = embeddings.word_embeddings(input_ids) * factor[..., None].to(
