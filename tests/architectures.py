@@ -1,9 +1,9 @@
-"""Prints the README's per-architecture table: the start-up probe (`mlmkit.probe`) on a tiny
+"""Prints the per-architecture table of docs/encoders.md: the start-up probe (`mlmkit.probe`) on a tiny
 model of every architecture in transformers' masked-LM mapping, one markdown row each.
 
     python tests/architectures.py
 
-tests/unit/test_probe.py checks that the README holds exactly these rows.
+tests/unit/test_probe.py checks that docs/encoders.md holds exactly these rows.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Helpers shared by the tests -- the one place for them (fixtures live in conftest.py; the
-README's commands are read by readme_commands.py).
+README's and the docs' commands are read by readme_commands.py).
 
 * tiny models: `tiny_model` (any masked-LM architecture, 2 layers, width 32) and
   `tiny_config_dir` (its config.json, for ``--config_name``)
@@ -16,7 +16,7 @@ README's commands are read by readme_commands.py).
 * batches: `split_batch` (per-example views of a collated batch), `random_examples`,
   `word_level_tokenizer`
 * fake checkpoints: `make_checkpoint`, `run_config`
-* the README's architecture table: `masked_lm_types`, `probe_architecture`, `architecture_row`
+* the architecture table of docs/encoders.md: `masked_lm_types`, `probe_architecture`, `architecture_row`
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def tiny_config_dir(folder: Path, model_type: str = "bert", tokenizer=None, **ov
 
 def save_tiny_model(folder: Path, tokenizer_path: str) -> str:
     """`tiny_model` (BERT) and the tokenizer at ``tokenizer_path`` saved in ``folder``, as a
-    folder ``from_pretrained`` reads (the README's collator examples take it as ``MODEL``)."""
+    folder ``from_pretrained`` reads (the docs' collator examples take it as ``MODEL``)."""
     from transformers import AutoTokenizer
     tiny_model("bert").save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
@@ -594,7 +594,7 @@ def probe_architecture(model_type: str, tokenizer):
 
 
 def architecture_row(model_type: str, result) -> str:
-    """The README table's row for one architecture."""
+    """The row of docs/encoders.md's architecture table for one architecture."""
     def cell(ok: bool, leak, error) -> str:
         if error:
             return "no (crashes)"

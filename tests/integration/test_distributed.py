@@ -21,9 +21,10 @@ from mlmkit import tracking as M
 from mlmkit.tracking import read_metrics
 from readme_commands import accelerate_args, accelerate_launch, launches_of
 
-# The README's single-node launch lines but FSDP2's (test_fsdp.py): ddp, zero2, zero3, ...
+# The README's multi-GPU single-node launch lines but FSDP2's (test_fsdp.py): ddp, zero2,
+# zero3, ... (the CPU line, one process as written: test_readme_launches.py)
 ENGINES = [launch.config for launch in launches_of("accelerate")
-           if "--num_machines" not in launch.argv and launch.config != "fsdp2"]
+           if "--num_machines" not in launch.argv and launch.config not in ("fsdp2", "cpu")]
 STEPS = 4
 
 

@@ -1,6 +1,6 @@
 """probe.py on every architecture in transformers' masked-LM mapping, built tiny: the start-up
 probe's verdict is honoured (a mode that is not isolated is refused with a ConfigError, never a
-raw exception from inside the model), and the README's per-architecture table is what the probe
+raw exception from inside the model), and the per-architecture table of docs/encoders.md is what the probe
 measures (`python tests/architectures.py` prints it). The masked-only head of each layout is
 tested in tests/unit/test_modeling.py."""
 
@@ -15,7 +15,7 @@ from helpers import architecture_row, masked_lm_types, probe_architecture
 from mlmkit.config import ConfigError
 from mlmkit.probe import resolve_padding
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ENCODERS_PAGE = (Path(__file__).resolve().parents[2] / "docs" / "encoders.md").read_text()
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,7 +25,7 @@ def probed(model_type: str, tokenizer):
 
 @pytest.mark.sweep
 @pytest.mark.parametrize("model_type", masked_lm_types())
-def test_probe_verdict_is_enforced_and_in_the_readme(model_type, tokenizer):
+def test_probe_verdict_is_enforced_and_in_the_docs(model_type, tokenizer):
     model, result = probed(model_type, tokenizer)
     if model is None:
         pytest.skip(f"{model_type} cannot be built tiny from its config alone")
@@ -49,8 +49,8 @@ def test_probe_verdict_is_enforced_and_in_the_readme(model_type, tokenizer):
     if result.padded_isolated or result.packed_isolated:
         chosen, why = resolve_padding("auto", result)
         assert chosen == ("packed" if result.packed_isolated else "longest"), why
-    assert architecture_row(model_type, result) in README, "README's architecture table is stale: run " \
-        "`python tests/architectures.py` and paste its rows"
+    assert architecture_row(model_type, result) in ENCODERS_PAGE, "docs/encoders.md's architecture " \
+        "table is stale: run `python tests/architectures.py` and paste its rows"
 
 
 # The architectures mlmkit packs through a path of its own (modeling.use_packed_path).
