@@ -165,6 +165,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
             stop = stopper.agreed(accelerator)  # after a signal, every process stops here
             if logs or evals or saves or stop:  # the one read of the steps' device results
                 stepper.read()
+            if stop:  # the checkpoint first: no tracker call before it (a launcher may kill soon)
+                metrics_log.hold()
             if logs:
                 metrics = stepper.window_metrics(epoch=schedule.epoch_at(ts.step, prepared.epoch),
                                                  num_processes=world, peak_tflops=peak_tflops)
@@ -175,7 +177,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                 evaluate(ts.step)
                 stepper.clock.recalibrate()
             if saves or stop:
+                t_save = time.perf_counter()
                 saved = checkpoint.save_checkpoint(accelerator, cfg, ts, rank_state.to_dict())
+                t_save = time.perf_counter() - t_save
+                if saves and not stop:
+                    preemption.warn_if_stop_outlasts_launcher(t_save, log)
     finally:
         prefetcher.close()
     stepper.read()
@@ -183,18 +189,21 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     stopper.restore()  # signals are handled between training steps only
     if stop:  # pre-empted: not finished, so no summary.json and no model/
         log(f"stopped by {stopper.received or 'a signal to another process'} after step "
-            f"{ts.step} of {schedule.max_steps}; saved {saved}. To resume, run the same "
-            "command again (--resume_from_checkpoint auto finds the newest checkpoint).")
+            f"{ts.step} of {schedule.max_steps}; saved {saved} in {t_save:.1f} s. To resume, "
+            "run the same command again (--resume_from_checkpoint auto finds the newest "
+            "checkpoint).")
+        metrics_log.finish()  # the held records, then the trackers' end: never an error
         accelerator.end_training()
         return {"stopped": True, M.STEP: ts.step, "checkpoint": str(saved)}
 
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
     modeling.export_hf_model(accelerator, training.module, tokenizer, folder.model)
+    metrics_log.finish()  # the trackers' end (W&B's last records): a failure is a warning
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
-               stepper.summary()),
+               stepper.summary(), metrics_log.summary()),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)

@@ -13,16 +13,31 @@ from pathlib import Path
 
 class StopSignal:
     """SIGTERM (Slurm's pre-emption / time-limit warning) and SIGINT set a flag; the loop asks
-    :meth:`agreed` at each step boundary, so every process stops after the same step.
+    :meth:`agreed` at each step boundary, so every process stops after the same step, writes one
+    checkpoint before any tracker call, and exits 0.
 
-    Launchers: torchrun (``accelerate launch`` with 2+ processes, DeepSpeed too) catches SIGTERM
-    and SIGINT and forwards them to every worker, then SIGKILLs the workers still alive after
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default: raise it when a checkpoint takes
-    longer to write), and exits non-zero itself. Accelerate's one-process launcher does not
-    forward signals and dies at once; the recipe gets SIGTERM from the kernel when its launcher
-    dies (PR_SET_PDEATHSIG, see ``_terminate_with_launcher``), so ``kill <launcher pid>`` works
-    there too. Whether a signal reaches only the launcher or every process (``kill -TERM -<pgid>``,
-    Slurm's job-step signalling), every process stops after the same step.
+    Launchers, as each treats a signal:
+
+    * torchrun (``accelerate launch`` with 2+ processes or DeepSpeed, ``torchrun`` itself)
+      catches SIGTERM and SIGINT, forwards them to every worker, SIGKILLs the workers still alive
+      after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default: raise it when a checkpoint
+      takes longer to write) and exits non-zero itself.
+    * Accelerate >= 1.16's one-process launcher sends SIGTERM to the whole process tree (the
+      recipe, W&B's service, data workers) and SIGKILLs what is alive 5 s later: the stop (the
+      step in flight plus the checkpoint) must fit in those 5 s. The data workers ignore the
+      signal (`prefetch`), a tracker that dies under it is a warning (`tracking.MetricsLog`), and
+      the recipe warns once when a checkpoint takes longer than `LAUNCHER_GRACE_S` allows
+      (`warn_if_stop_outlasts_launcher`). Give a big checkpoint time by running one process
+      without that launcher (``python recipes/mlm.py``, ``ACCELERATE_MIXED_PRECISION=bf16`` for
+      bf16) or under ``torchrun --nproc_per_node 1`` with TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
+    * Older one-process launchers neither forward the signal nor wait; the recipe gets SIGTERM
+      from the kernel when its launcher dies (PR_SET_PDEATHSIG, see ``_terminate_with_launcher``),
+      so ``kill <launcher pid>`` works there too.
+    * Slurm (recipes/slurm/mlm.sbatch) starts torchrun-based launchers with SIGTERM ignored and
+      signals every training process itself, waiting up to its STOP_TIMEOUT.
+
+    Whether a signal reaches only the launcher or every process (``kill -TERM -<pgid>``, Slurm's
+    job-step signalling), every process stops after the same step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -102,4 +117,51 @@ def _terminate_with_launcher() -> bool:
         return False
     if os.getppid() != parent:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+# Accelerate >= 1.16's one-process launcher SIGKILLs the process tree this long after SIGTERM.
+LAUNCHER_GRACE_S = 5.0
+LAUNCHER_MIN_VERSION = (1, 16)
+
+
+def under_tree_killing_launcher() -> bool:
+    """True when this process was started by Accelerate's one-process launcher (>= 1.16), which
+    kills its process tree `LAUNCHER_GRACE_S` seconds after a SIGTERM or Ctrl-C."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or not sys.platform.startswith("linux"):
+        return False  # a torchrun worker: torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    try:
+        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if not any(b"accelerate" in part for part in cmdline) or b"launch" not in cmdline:
+        return False
+    try:
+        from importlib.metadata import version
+        major, minor = (int(x) for x in version("accelerate").split(".")[:2])
+    except Exception:  # noqa: BLE001 -- unknown version: assume the old launcher
+        return False
+    return (major, minor) >= LAUNCHER_MIN_VERSION
+
+
+_warned = False
+
+
+def warn_if_stop_outlasts_launcher(save_seconds: float, log, *, launcher: bool | None = None,
+                                   budget: float = 0.6 * LAUNCHER_GRACE_S) -> bool:
+    """After a periodic checkpoint: warn once per process when writing it took more than
+    ``budget`` seconds under a launcher that kills the run `LAUNCHER_GRACE_S` after a signal (a
+    stop there would lose its checkpoint; the previous one is kept). True when it warned."""
+    global _warned
+    if _warned or save_seconds <= budget:
+        return False
+    if not (under_tree_killing_launcher() if launcher is None else launcher):
+        return False
+    _warned = True
+    log(f"warning: a checkpoint took {save_seconds:.1f} s to write, but Accelerate's one-process "
+        f"launcher kills the run {LAUNCHER_GRACE_S:.0f} s after SIGTERM or Ctrl-C, so a stop "
+        "would keep only the previous checkpoint. To give a stop time, run one process without "
+        "that launcher (`python recipes/mlm.py ...`; ACCELERATE_MIXED_PRECISION=bf16 for bf16) "
+        "or with `TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 torchrun --nproc_per_node 1 "
+        "recipes/mlm.py ...`.")
     return True

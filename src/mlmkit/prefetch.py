@@ -255,6 +255,15 @@ def _identity(item):
     return item
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT: a launcher that signals the whole process tree
+    (Accelerate >= 1.16's one-process launcher), or Ctrl-C's process group, must not kill it
+    under the step in flight; the main process stops the run and `Prefetcher.close` the workers."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Prefetcher:
     """Hands out the items of ``steps`` (an iterable dataset): inline with ``num_workers=0``,
     else from a DataLoader's worker processes, ``prefetch_factor`` items ahead per worker and
@@ -266,7 +275,8 @@ class Prefetcher:
         if num_workers > 0:
             loader = torch.utils.data.DataLoader(
                 steps, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                prefetch_factor=prefetch_factor, collate_fn=_identity)
+                prefetch_factor=prefetch_factor, collate_fn=_identity,
+                worker_init_fn=_leave_stop_signals_to_the_main_process)
             self._items = iter(loader)
         else:
             self._items = iter(steps)

@@ -11,6 +11,8 @@ import json
 import math
 import netrc
 import os
+import re
+import sys
 from pathlib import Path
 
 from .choices import TRACKERS
@@ -52,6 +54,7 @@ DATA_SOURCE_SHARE = "data/source_share"              # source -> share of those 
 DATA_REPAIRED_LINES = "data/repaired_lines"          # lines with bytes that were not UTF-8
 PADDING = "padding"                                  # what --padding resolved to
 FILL_MASK = "fill_mask"                              # the fill-mask check (fill_mask.py)
+TRACKERS_RAN = "trackers"                            # tracker -> how it ran (MetricsLog.status)
 
 # The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
@@ -93,21 +96,66 @@ def wandb_has_api_key() -> bool:
     return bool(auth and auth[2])
 
 
-def setup_wandb_env(output_dir: str) -> str | None:
-    """Go offline when no API key is configured; returns a notice to print, if any."""
+WANDB_PROBE_S = 10.0  # how long the start may wait to learn that the W&B server is unreachable
+
+
+def wandb_unreachable(timeout: float = WANDB_PROBE_S) -> str | None:
+    """Why the W&B server (``WANDB_BASE_URL``, else W&B's cloud) cannot be reached, or None when
+    it answers. Any HTTP answer counts as reachable; proxies (``HTTPS_PROXY``) are honoured, as
+    W&B does. Bounded by ``timeout`` in all (a name look-up included)."""
+    import threading
+
+    import requests  # a dependency of wandb
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False)
+            outcome.append(None)
+        except requests.RequestException as err:
+            inner = getattr(err.args[0], "reason", None) if err.args else None  # urllib3's why
+            inner = inner or err
+            text = re.sub(r"^(<[^>]*>|\w+\(host=[^)]*\)):\s*", "", str(inner)).split("\n")[0]
+            outcome.append(f"{url} unreachable ({type(inner).__name__}: {text[:100]})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{url} did not answer within {timeout:.0f} s"
+
+
+def go_offline_notice(why: str) -> str:
+    return (f"W&B: {why}; logging offline under {os.environ['WANDB_DIR']}/wandb instead. Upload "
+            "later with `wandb sync <that folder>/offline-run-*`.")
+
+
+def setup_wandb_env(output_dir: str, *, main_process: bool = True) -> str | None:
+    """Go offline when no API key is configured, or (main process, online mode) when the W&B
+    server cannot be reached within `WANDB_PROBE_S` seconds; returns a notice to print, if any."""
     os.environ.setdefault("WANDB_DIR", str(Path(output_dir).resolve()))
     os.environ.setdefault("WANDB_SILENT", "true")
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or wandb_has_api_key():
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         return None
-    os.environ["WANDB_MODE"] = "offline"
-    return (f"W&B: no API key found, logging offline under {os.environ['WANDB_DIR']}/wandb; "
-            "upload later with `wandb sync <that folder>/offline-run-*`.")
+    if not wandb_has_api_key():
+        os.environ["WANDB_MODE"] = "offline"
+        return go_offline_notice("no API key found")
+    why = wandb_unreachable() if main_process else None
+    if why:
+        os.environ["WANDB_MODE"] = "offline"
+        return go_offline_notice(why)
+    return None
+
+
+WANDB_INIT_TIMEOUT_S = 20
 
 
 def tracker_init_kwargs(cfg, run_id: str | None = None) -> dict:
     """Per-tracker kwargs for ``accelerator.init_trackers``: name, group, tags, resume id."""
     wandb_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group, "tags": list(cfg.wandb_tags),
-                    "dir": os.environ.get("WANDB_DIR")}
+                    "dir": os.environ.get("WANDB_DIR"),
+                    # a server that answered the probe but stalls: fail (then go offline) soon
+                    "settings": {"init_timeout": WANDB_INIT_TIMEOUT_S}}
     if run_id:
         wandb_kwargs.update(id=run_id, resume="allow")
     trackio_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group}  # trackio has no tags
@@ -124,11 +172,20 @@ def wandb_run_id(accelerator) -> str | None:
 
 
 class MetricsLog:
-    """Logs to Accelerate's trackers and appends to ``metrics.jsonl`` (main process only)."""
+    """Appends every record to ``metrics.jsonl`` and logs it to Accelerate's trackers (main
+    process only). A tracker never ends a run: the first error a tracker raises (W&B's service
+    killed, a network error, a full disk) prints one warning line and that tracker logs nothing
+    more; training, evaluation, checkpoints and ``metrics.jsonl`` go on. `hold` keeps records from
+    the trackers until `release` (a stop writes its checkpoint before any tracker call).
+    ``status``: tracker name -> how it ran ("online", "offline", "failed at step N: ...")."""
 
-    def __init__(self, accelerator, output_dir: str | os.PathLike):
+    def __init__(self, accelerator, output_dir: str | os.PathLike,
+                 status: dict[str, str] | None = None):
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS
+        self.status = dict(status or {})
+        self._failed: set[str] = set()
+        self._held: list | None = None
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -136,7 +193,66 @@ class MetricsLog:
         metrics = {STEP: step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.accelerator.log(metrics, step=step)
+        if self._held is not None:
+            self._held.append((metrics, step))
+        else:
+            self._to_trackers(metrics, step)
+
+    def hold(self) -> None:
+        """Keep the next records from the trackers (``metrics.jsonl`` still gets them at once)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Log the held records to the trackers, and log the next ones at once again."""
+        held, self._held = self._held or [], None
+        for metrics, step in held:
+            self._to_trackers(metrics, step)
+
+    def _to_trackers(self, metrics: dict, step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name not in self._failed:
+                self._guard(tracker, f"at step {step}", tracker.log, metrics, step=step)
+
+    def finish(self) -> None:
+        """Finish every tracker still working (W&B: its last records written). Every process
+        calls it, before ``accelerator.end_training()`` (which then only ends the process group:
+        the trackers are taken off the accelerator here)."""
+        self.release()
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if tracker.name not in self._failed:
+                    self._guard(tracker, "at the end", tracker.finish)
+        self.accelerator.trackers = []
+
+    def _guard(self, tracker, when: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 -- whatever a tracker raises, the run goes on
+            self._failed.add(tracker.name)
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.status[tracker.name] = f"failed {when} ({reason})"
+            where = f"; what it wrote is under {os.environ['WANDB_DIR']}/wandb" \
+                if tracker.name == "wandb" and os.environ.get("WANDB_DIR") else ""
+            print(f"mlmkit: warning: the {tracker.name} tracker failed {when} ({reason}) and "
+                  f"logs nothing more in this run{where}; training goes on and {self.path} "
+                  "keeps every record.", file=sys.stderr, flush=True)
+            if tracker.name == "wandb":
+                _drop_wandb_service()
+
+    def summary(self) -> dict:
+        """summary.json's ``trackers`` entry: how each tracker ran."""
+        return {TRACKERS_RAN: dict(self.status)}
+
+
+def _drop_wandb_service() -> None:
+    """After W&B failed: let go of its service (``wandb.teardown``, which also drops its exit
+    hook), so that the interpreter's exit does not end in W&B's traceback."""
+    try:
+        import wandb
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 -- the service is gone already: nothing left to do
+        pass
 
 
 def _plain(value):
@@ -163,17 +279,51 @@ def main_print(accelerator):
 
 
 def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dict) -> MetricsLog:
-    """Start the trackers (W&B offline without an API key; a resumed run continues its W&B run,
-    ``state.wandb_run_id``, and records it) and return the run's `MetricsLog`."""
+    """Start the trackers and return the run's `MetricsLog`. W&B goes offline without an API key
+    or when its server cannot be reached (`setup_wandb_env`); a resumed run continues its W&B
+    run, ``state.wandb_run_id``, and records it. A tracker that fails to start is retried once
+    (W&B offline), then left out with one warning line: it never stops the run."""
+    log = main_print(accelerator)
     if "wandb" in trackers:
-        notice = setup_wandb_env(cfg.output_dir)
+        notice = setup_wandb_env(cfg.output_dir, main_process=accelerator.is_main_process)
         if notice:
-            main_print(accelerator)(notice)
+            log(notice)
+    status: dict[str, str] = {}
     if trackers:
-        accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), **run_config},
-                                  init_kwargs=tracker_init_kwargs(cfg, state.wandb_run_id))
+        config = {**cfg.to_dict(), **run_config}
+        kwargs = tracker_init_kwargs(cfg, state.wandb_run_id)
+        try:
+            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=kwargs)
+        except Exception as err:  # noqa: BLE001 -- a tracker never ends a run
+            accelerator.trackers = []
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if "wandb" in trackers and os.environ.get("WANDB_MODE") != "offline":
+                os.environ["WANDB_MODE"] = "offline"
+                log(go_offline_notice(f"could not start online ({reason})"))
+                try:
+                    accelerator.init_trackers(cfg.wandb_project, config=config,
+                                              init_kwargs=kwargs)
+                    reason = None
+                except Exception as again:  # noqa: BLE001
+                    accelerator.trackers = []
+                    reason = f"{type(again).__name__}: {again}"
+            if reason:
+                status = {name: f"failed to start ({reason})" for name in trackers}
+                log(f"warning: the trackers ({', '.join(trackers)}) failed to start "
+                    f"({reason}); the run goes on without them and {cfg.output_dir}/{METRICS} "
+                    "keeps every record.")
+        for tracker in accelerator.trackers:
+            status[tracker.name] = tracker_mode(tracker)
         state.wandb_run_id = wandb_run_id(accelerator)
-    return MetricsLog(accelerator, cfg.output_dir)
+    return MetricsLog(accelerator, cfg.output_dir, status)
+
+
+def tracker_mode(tracker) -> str:
+    """How a started tracker logs: W&B "online"/"offline"; the others "local"."""
+    if tracker.name != "wandb":
+        return "local"
+    mode = getattr(getattr(tracker.run, "settings", None), "mode", None)
+    return "offline" if mode in ("offline", "dryrun") else str(mode or "online")
 
 
 def peak_mem_gb() -> float:

@@ -94,8 +94,8 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, args, reference
     os.kill(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]  # EOF once the recipe process has exited too
     wait_gone(pids)
-    match = re.search(r"stopped by SIGTERM after step (\d+) of 32; saved (\S+)\. To resume, run "
-                      r"the same command again", output)
+    match = re.search(r"stopped by SIGTERM after step (\d+) of 32; saved (\S+) in [\d.]+ s\. To "
+                      r"resume, run the same command again", output)
     assert match, output[-4000:]
     assert "Traceback" not in output
     step, saved = int(match.group(1)), Path(match.group(2))

@@ -109,7 +109,7 @@ def test_a_time_limit_preempts_the_run_which_checkpoints_requeues_and_resumes_to
     assert f"job {job} attempt 1 (restart 0)" in first
     assert f"job {job} attempt 2 (restart 1)" in second
     assert "mlmkit: SIGTERM: every training process checkpoints" in first
-    stopped = re.search(r"stopped by SIGTERM after step (\d+) of (\d+); saved (\S+)\.", first)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of (\d+); saved (\S+) in [\d.]+ s\.", first)
     assert stopped, first[-6000:]
     step = int(stopped.group(1))
     assert 1 <= step < STEPS and stopped.group(3) == str(out / "checkpoints" / f"checkpoint-{step}")
