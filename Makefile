@@ -81,3 +81,8 @@ ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link or anchor fails.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
