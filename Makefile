@@ -1,21 +1,60 @@
 # The README's commands: `make demo` (main job on the embedded default), `make test` (the whole
 # suite: what CI runs) and `make check` (its fast tier, for the edit loop). Each creates or
-# refreshes .venv idempotently first (re-installed only when pyproject.toml changes).
+# refreshes .venv idempotently first (re-installed only when pyproject.toml or the lock changes),
+# with exactly the versions of requirements/lock.txt: the ones the suite was last green with.
 PYTHON     ?= python3
 VENV       ?= .venv
 # torch==2.13.0: on this project's machines pip takes the CPU build that lies on disk; elsewhere it
-# takes PyPI's normal build of the same release. Override, e.g. TORCH_SPEC="torch==2.14.1".
+# takes PyPI's normal build of the same release (CUDA on Linux). Override, e.g.
+# TORCH_SPEC="torch==2.14.1". torch is not in the lock: its build differs by machine.
 TORCH_SPEC ?= torch==2.13.0
+LOCK       := requirements/lock.txt
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mlmkit-installed
+PIP        := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test check slurm bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
+.PHONY: demo test test-latest lock check slurm bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
 
-$(STAMP): pyproject.toml
+# LOCKED=1 (the default): torch, then the lock's exact versions, hash-checked and without their
+# own dependency resolution (the lock has them all), then mlmkit itself; `pip check` proves the
+# set consistent. LOCKED=0 (`make test-latest`): the newest versions pyproject.toml's ranges allow.
+LOCKED     ?= 1
+ifeq ($(LOCKED),1)
+INSTALL = $(PIP) install -q --require-hashes --no-deps -r $(LOCK) && \
+          $(PIP) install -q --no-deps -e . && $(PIP) check
+else
+INSTALL = $(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+endif
+
+# What the tests are told of the install (tests/unit/test_lock.py checks the environment is it).
+TEST_ENV = MLMKIT_LOCKED=$(LOCKED) MLMKIT_TORCH_SPEC="$(TORCH_SPEC)" HF_HUB_OFFLINE=1
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(INSTALL)
 	touch $(STAMP)
+
+# The suite against the newest versions PyPI serves today, in .venv-latest (reinstalled each
+# time): a dependency release that breaks mlmkit fails here, named, before users meet it. Green?
+# Then `make lock` takes those versions.
+test-latest:
+	rm -f .venv-latest/.mlmkit-installed
+	$(MAKE) test VENV=.venv-latest LOCKED=0
+
+# Refresh the lock on purpose: the newest versions of every dependency (torch held at
+# TORCH_SPEC), with hashes, resolved by pip-tools in a throwaway venv. Run `make test-latest`
+# first; commit the new lock with the suite green on it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip pip-tools
+	echo "$(TORCH_SPEC)" > .venv-lock/torch.txt
+	.venv-lock/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --generate-hashes \
+	    --no-emit-index-url --no-emit-find-links --unsafe-package torch \
+	    --constraint .venv-lock/torch.txt --output-file $(LOCK) pyproject.toml
+	sed -i -e '/^mlmkit @ /,+1d' \
+	    -e 's|^#    pip-compile .*|#    make lock   (pip-compile of pyproject.toml[dev], $(TORCH_SPEC) held)|' $(LOCK)
+	rm -rf .venv-lock
 
 # On a machine without CUDA, DeepSpeed compiles its shared-memory collective op the first time a
 # ZeRO run starts (about 40 s here, cached in ~/.cache/torch_extensions per venv path): built once
@@ -40,7 +79,7 @@ demo: $(STAMP)
 XDIST      = -n auto --dist loadscope
 XDIST_TEST = -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadscope
 test: $(STAMP) $(DS_CPU_OPS) slurm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST_TEST) $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST_TEST) $(ARGS)
 
 # Slurm and munge for the tests' cluster (Debian's slurm-wlm), installed when slurmctld is missing
 # and this is root with apt-get (this project's machines, CI); elsewhere the Slurm tests skip,
@@ -60,7 +99,7 @@ slurm:
 # The fast tier for the edit loop: the unit tests (the recipe's single-process runs in process
 # included) but the per-architecture sweep; no launched processes.
 check: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(XDIST) tests/unit -m "not sweep" $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) tests/unit -m "not sweep" $(ARGS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py
@@ -80,7 +119,7 @@ ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
 	    recipes/ablate_padding.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock outputs .pytest_cache site
 
 # The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link or anchor fails.
 .PHONY: docs
