@@ -7,7 +7,8 @@ Three sources, one code path after loading:
 * ``--dataset_name [--dataset_config_name]``: anything ``datasets.load_dataset`` can open (a hub
   id, or a local folder/script);
 * ``--train_file [--validation_file]``: local .txt, .json/.jsonl, .csv or .parquet files, each
-  one path or a glob of shards of one type;
+  one path or a glob of shards of one type (each split its own; .gz, .bz2, .xz or .zst
+  compressed as shipped, `file_source`);
 * ``--mixture_files`` with ``--mixture_weights``: several such sources sampled with weights
   (`load_and_tokenize`).
 
@@ -24,7 +25,8 @@ special-tokens mask once, here, so the collator never has to.
 
 Dirty files: bytes of a .txt or .csv file that are not UTF-8 are replaced by U+FFFD and the run
 goes on; the lines that held them are counted per file (:class:`DataRepairs`) and reported in one
-warning line. A file that is empty, or holds only blank lines, is a :class:`DataError` saying so.
+warning line. A compressed file is not repaired (datasets decodes it strictly): its bad lines are
+a :class:`DataError` naming the first. A file that is empty, or holds only blank lines, is a :class:`DataError` saying so.
 """
 
 from __future__ import annotations
@@ -98,29 +100,77 @@ def expand_files(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern)) if has_glob(pattern) else [pattern]
 
 
-def file_source(train: str, validation: str | None = None) -> tuple[str, dict, dict]:
-    """``(builder, data_files, load_dataset kwargs)`` for local files (each a path or a glob of
-    shards), after checking their type and that none is empty."""
-    data_files = {"train": expand_files(train)}
-    if validation:
-        data_files["validation"] = expand_files(validation)
-    exts = {Path(f).suffix.lower() for files in data_files.values() for f in files}
-    if len(exts) != 1 or next(iter(exts)) not in FILE_BUILDERS:
-        raise DataError(f"train_file={train!r}: unsupported or mixed file types "
-                        f"{sorted(exts)}. Fix: use one of {sorted(FILE_BUILDERS)} for every file.")
-    builder = FILE_BUILDERS[exts.pop()]
-    for split, files in data_files.items():
-        if not files:
-            raise DataError(f"{split}_file={train if split == 'train' else validation!r} matches "
-                            "no file. Fix: check the path or pattern.")
-        for path in files:
-            if os.path.getsize(path) == 0:
-                raise DataError(f"{split}_file={path!r} is empty (0 bytes). Fix: point "
-                                f"--{split}_file at a file with text in it.")
+# Compressed files are read as they are shipped (datasets decompresses them on the fly): the format
+# is the suffix before the compression's (train.jsonl.zst is JSON lines). Parquet compresses
+# inside the file.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+
+
+def file_format(path: str) -> tuple[str, str | None]:
+    """``(format suffix, compression suffix or None)`` of a data file: ``("x.txt.gz")`` ->
+    ``(".txt", ".gz")``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    return (suffixes[-1] if suffixes else ""), compression
+
+
+def file_source(pattern: str, split: str = "train") -> tuple[str, list[str], dict]:
+    """``(builder, files, load_dataset kwargs)`` of one split's local files (a path or a glob of
+    shards), after checking that they share one format (each split may have its own:
+    a .jsonl train file beside a .txt validation file), that none is empty, and that a
+    compression is one datasets reads."""
+    files = expand_files(pattern)
+    if not files:
+        raise DataError(f"{split}_file={pattern!r} matches no file. Fix: check the path or "
+                        "pattern.")
+    formats = {file_format(f) for f in files}
+    kinds = sorted({fmt for fmt, _ in formats})
+    if len(kinds) != 1 or kinds[0] not in FILE_BUILDERS:
+        shown = sorted(fmt + (comp or "") for fmt, comp in formats)
+        raise DataError(f"{split}_file={pattern!r}: unsupported or mixed file types {shown}. "
+                        f"Fix: use one of {sorted(FILE_BUILDERS)} for every file of the split, "
+                        f"optionally compressed ({', '.join(COMPRESSIONS)}).")
+    builder = FILE_BUILDERS[kinds[0]]
+    if builder == "parquet" and any(comp for _, comp in formats):
+        raise DataError(f"{split}_file={pattern!r}: a compressed .parquet file. Fix: pass the "
+                        ".parquet file itself (Parquet compresses inside the file).")
+    if any(comp == ".zst" for _, comp in formats):
+        import importlib.util
+        if importlib.util.find_spec("zstandard") is None:
+            raise DataError(f"{split}_file={pattern!r}: reading .zst files needs the zstandard "
+                            "package. Fix: `pip install zstandard`.")
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{split}_file={path!r} is empty (0 bytes). Fix: point "
+                            f"--{split}_file at a file with text in it.")
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     if builder in REPAIRABLE_BUILDERS:
         kwargs["encoding_errors"] = "replace"
-    return builder, data_files, kwargs
+    return builder, files, kwargs
+
+
+def load_file_split(pattern: str, split: str) -> tuple[Dataset, str, list[str]]:
+    """One split of local files, loaded with its own builder: ``(dataset, builder, files)``."""
+    builder, files, kwargs = file_source(pattern, split)
+    try:
+        raw = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+    except Exception as err:  # datasets raises many types for unreadable files
+        cause = err
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        compressed = [f for f in files if file_format(f)[1]]
+        if cause is not None and compressed:  # datasets repairs bytes in plain files only
+            for path in compressed:
+                bad, first = _undecodable_lines(path)
+                if bad:
+                    raise DataError(
+                        f"{split}_file={path!r}: {bad} line{'s' if bad > 1 else ''} (first: line "
+                        f"{first}) hold bytes that are not UTF-8, which are repaired in plain "
+                        "files only. Fix: convert it to UTF-8 (e.g. `zcat f.gz | iconv -f "
+                        "latin1 -t utf-8 | gzip`), or pass it decompressed.") from err
+        raise DataError(f"{split}_file={pattern!r}: could not be read as {builder} "
+                        f"({type(err).__name__}: {err}). Fix: check the file's format.") from err
+    return raw, builder, files
 
 
 def load_and_tokenize(cfg: MLMConfig, tokenizer, repairs: DataRepairs | None = None
@@ -168,13 +218,13 @@ def load_raw_datasets(cfg: MLMConfig, repairs: DataRepairs | None = None) -> Dat
             raise DataError(f"dataset_name={cfg.dataset_name!r} has no 'train' split. Fix: pass a "
                             "dataset with a train split, or use --train_file.")
     elif cfg.train_file:
-        builder, data_files, kwargs = file_source(cfg.train_file, cfg.validation_file)
-        try:
-            raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
-        except Exception as err:  # datasets raises many types for unreadable files
-            raise DataError(f"train_file={cfg.train_file!r}: could not be read as {builder} "
-                            f"({type(err).__name__}: {err}). Fix: check the file's format.") from err
-        found = _check_files(raw, data_files, cfg.text_column, builder)
+        splits, sources = {}, {}
+        for split, pattern in (("train", cfg.train_file), ("validation", cfg.validation_file)):
+            if pattern is not None:  # each split in its own format
+                splits[split], builder, files = load_file_split(pattern, split)
+                sources[split] = (builder, files)
+        raw = DatasetDict(splits)
+        found = _check_files(raw, sources, cfg.text_column)
         if repairs is None:
             if found.total and os.environ.get("RANK", "0") == "0":
                 print(f"mlmkit: warning: {found.warning()}", file=sys.stderr)
@@ -304,14 +354,15 @@ def limit_samples(tokenized: DatasetDict, cfg: MLMConfig) -> DatasetDict:
     return tokenized
 
 
-def _check_files(raw: DatasetDict, data_files: dict[str, str], column: str,
-                 builder: str) -> DataRepairs:
-    """Refuse blank files; count the lines whose bytes were not UTF-8 (replaced on loading)."""
+def _check_files(raw: DatasetDict, sources: dict[str, tuple[str, list[str]]],
+                 column: str) -> DataRepairs:
+    """Refuse blank files; count the lines whose bytes were not UTF-8 (replaced on loading).
+    ``sources``: split -> (builder, files)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     found = DataRepairs()
-    for split, paths in data_files.items():
+    for split, (builder, paths) in sources.items():
         if split not in raw or column not in raw[split].column_names:
             continue  # a missing column is reported by the caller
         path = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
@@ -334,15 +385,26 @@ def _check_files(raw: DatasetDict, data_files: dict[str, str], column: str,
 
 def _undecodable_lines(path: str) -> tuple[int, int]:
     """(lines holding bytes that are not UTF-8, the first of them, 1-based) of a file."""
+    import fsspec
     bad = first = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+    with fsspec.open(path, "rb", compression="infer") as f:  # .gz, .bz2, .xz, .zst as shipped
+        for number, line in enumerate(_byte_lines(f), 1):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
                 bad += 1
                 first = first or number
     return bad, first
+
+
+def _byte_lines(f, chunk: int = 1 << 20):
+    """The lines of a binary file object read in chunks (some decompressors have no readline)."""
+    rest = b""
+    while block := f.read(chunk):
+        *lines, rest = (rest + block).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
 
 
 class IndexedExamples:

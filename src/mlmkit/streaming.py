@@ -46,7 +46,7 @@ import torch
 
 from .checkpoint import DataPosition
 from .config import MLMConfig
-from .data import DataError, Example, file_source, text_examples
+from .data import DataError, Example, file_source, load_file_split, text_examples
 from .plans import micro_layout
 from .prefetch import PreparedStep, StepPreparer
 
@@ -67,8 +67,7 @@ def describe_source(cfg: MLMConfig) -> str:
 
 def _file_stream(pattern: str, cfg: MLMConfig, order_seed: int | None):
     import datasets
-    builder, data_files, kwargs = file_source(pattern)
-    files = data_files["train"]
+    builder, files, kwargs = file_source(pattern)
     if order_seed is not None:  # each pass reads the shards in another order
         files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
     if builder == "parquet":  # read one row group at a time: memory independent of shard size
@@ -129,9 +128,7 @@ def held_out_eval(cfg: MLMConfig):
     import datasets
     col, n = cfg.text_column, cfg.streaming_eval_examples
     if cfg.validation_file:
-        builder, data_files, kwargs = file_source(cfg.validation_file)
-        raw = datasets.load_dataset(builder, data_files={"validation": data_files["train"]},
-                                    split="validation", **kwargs)
+        raw = load_file_split(cfg.validation_file, "validation")[0]
         return raw.select_columns([col]), frozenset()
     if cfg.dataset_name:
         try:

@@ -164,3 +164,71 @@ def test_indexed_examples_carry_their_index(tokenizer):
     batch = ex.fetch([3, 7])
     assert [b["idx"] for b in batch] == [3, 7]
     assert batch[1]["input_ids"] == ex[7]["input_ids"]
+
+
+def _compress(path, data: bytes, suffix: str):
+    """``path`` + ``suffix``, holding ``data`` compressed as that suffix says."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+    out = path.with_name(path.name + suffix)
+    pack = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    out.write_bytes(pack(data))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_files_are_read_as_shipped(tmp_path, tokenizer, suffix):
+    """train.txt.gz (and .bz2, .xz, .zst) trains on what train.txt holds. Bytes that are not
+    UTF-8 are repaired in plain files only: in a compressed one they are an error naming the
+    line and the fix."""
+    lines = [f"sentence {i} of the compressed corpus".encode() for i in range(40)]
+    data = b"\n".join(lines) + b"\n"
+    plain = tmp_path / "train.txt"
+    plain.write_bytes(data)
+    packed = _compress(plain, data, suffix)
+    args = ["--validation_file", str(plain), "--max_seq_length", "16"]
+    plain_cfg = parse_config(["--train_file", str(plain), *args])
+    want = tokenize_datasets(load_raw_datasets(plain_cfg), tokenizer, plain_cfg)
+    cfg = parse_config(["--train_file", str(packed), *args])
+    got = tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)
+    assert got["train"]["input_ids"] == want["train"]["input_ids"]
+
+    lines[9] = b"a Latin-1 caf\xe9"
+    dirty = _compress(tmp_path / "dirty.txt", b"\n".join(lines) + b"\n", suffix)
+    with pytest.raises(DataError, match=r"1 line \(first: line 10\) hold bytes that are not "
+                                        r"UTF-8.*Fix: convert it to UTF-8"):
+        load_raw_datasets(parse_config(["--train_file", str(dirty), *args]))
+
+
+def test_each_split_in_its_own_format(tmp_path, tokenizer):
+    """A .jsonl.gz train file beside a .txt validation file: each split read with its own
+    builder (datasets' one load_dataset call takes one)."""
+    import json
+    train = _compress(tmp_path / "train.jsonl",
+                      "".join(json.dumps({"text": f"train row {i}"}) + "\n"
+                              for i in range(30)).encode(), ".gz")
+    valid = tmp_path / "valid.txt"
+    valid.write_text("".join(f"validation line {i}\n" for i in range(7)))
+    raw = load_raw_datasets(parse_config(["--train_file", str(train),
+                                          "--validation_file", str(valid)]))
+    assert raw["train"]["text"][:2] == ["train row 0", "train row 1"] and len(raw["train"]) == 30
+    assert [t.strip() for t in raw["validation"]["text"]] == [f"validation line {i}"
+                                                              for i in range(7)]
+
+
+@pytest.mark.parametrize("files, needle", [
+    (["a.txt", "b.jsonl"], r"mixed file types \['.jsonl', '.txt'\]"),
+    (["a.txt.gz", "b.json.gz"], r"mixed file types \['.json.gz', '.txt.gz'\]"),
+    (["a.txt.rar"], r"unsupported or mixed file types \['.rar'\]"),
+])
+def test_one_split_in_two_formats_is_refused_with_the_fix(tmp_path, files, needle):
+    for name in files:
+        (tmp_path / name).write_bytes(b"x\n")
+    with pytest.raises(DataError, match=needle) as err:
+        load_raw_datasets(parse_config(["--train_file", str(tmp_path / "*")]))
+    assert "Fix: use one of" in str(err.value) and ".zst" in str(err.value)
+    assert "\n" not in str(err.value)

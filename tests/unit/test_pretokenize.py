@@ -163,3 +163,22 @@ def test_existing_folder_is_refused_and_failures_leave_nothing(tmp_path, tokeniz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.parquet", "taken"]
     with pytest.raises(ConfigError, match="tokenized_dir"):  # a folder is not raw data
         pretokenize(MLMConfig(tokenized_dir=str(taken)), str(tmp_path / "new"))
+
+
+def test_pretokenize_reads_compressed_corpora_as_shipped(tmp_path, tiny_bert_dir, tokenizer_path):
+    """A .jsonl.xz train file beside a .txt.gz validation file: pretokenized as they are."""
+    import gzip
+    import lzma
+    rows = embedded_corpus()[:60]
+    (tmp_path / "train.jsonl.xz").write_bytes(lzma.compress(
+        "".join(json.dumps({"text": r}) + "\n" for r in rows[:50]).encode()))
+    (tmp_path / "valid.txt.gz").write_bytes(gzip.compress(
+        "".join(r.replace("\n", " ") + "\n" for r in rows[50:]).encode()))
+    out = tmp_path / "tokenized"
+    proc = run_script(PRETOKENIZE, "--output_dir", str(out),
+                      "--train_file", str(tmp_path / "train.jsonl.xz"),
+                      "--validation_file", str(tmp_path / "valid.txt.gz"),
+                      "--tokenizer_name", tokenizer_path, "--config_name", tiny_bert_dir)
+    assert proc.code == 0, proc.stderr[-4000:]
+    folder = datasets.load_from_disk(str(out))
+    assert len(folder["train"]) == 50 and len(folder["validation"]) == 10

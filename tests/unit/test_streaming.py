@@ -226,3 +226,18 @@ def test_map_style_mixture_with_a_validation_file_uses_it_once(tmp_path, tokeniz
     train = IndexedExamples(tokenized["train"])
     assert {int(i) for i in set(train.sources)} == {0, 1}
     assert (train.sources == 1).sum() >= len(LINES)  # nothing held out of the sources
+
+
+def test_a_compressed_stream_with_a_validation_file_of_another_format(tmp_path, tokenizer):
+    """--streaming reads train.jsonl.gz as shipped; --validation_file is a plain .txt."""
+    import gzip
+    train = tmp_path / "train.jsonl.gz"
+    train.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n"
+                                            for t in LINES[:200]).encode()))
+    valid = tmp_path / "valid.txt"
+    valid.write_text("".join(t + "\n" for t in LINES[200:220]))
+    cfg = config("--train_file", str(train), "--validation_file", str(valid))
+    raw_eval, exclude = held_out_eval(cfg)
+    assert [t.strip() for t in raw_eval["text"]] == LINES[200:220] and not exclude
+    step = next(iter(steps_for(cfg, tokenizer, 0, 1, exclude)))
+    assert step.real > 0 and step.position.step == 1

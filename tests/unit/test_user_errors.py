@@ -403,6 +403,7 @@ def test_train_file_mistakes(fails, tiny_args, tmp_path):
     ("\n\n   \n\n", "train.txt", [], "blank lines"),
     ('{"body": "a b c"}\n{"body": "d e f"}\n', "train.jsonl", [], "text_column='text'"),
     ("binary", "train.docx", [], "unsupported or mixed file types"),
+    ("not parquet", "train.parquet.gz", [], "Parquet compresses inside the file"),
     ("only one line of text\n", "train.txt", [], "fewer than 2 rows"),
 ])
 def test_unusable_data(fails, tiny_args, tmp_path, content, name, extra, needle):
