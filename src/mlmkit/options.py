@@ -62,8 +62,13 @@ def _default_text(value: object) -> str:
 def rows() -> list[tuple[str, str, str, str]]:
     """(flag, type, default, help) of every field of `MLMConfig`, in declaration order."""
     out = []
+    # As written in the source: HfArgumentParser rewrites the fields' types once a config is
+    # parsed in this process (``int | None`` becomes ``int``), the class's annotations stay.
+    written = {k: v for cls in reversed(MLMConfig.__mro__)
+               for k, v in getattr(cls, "__annotations__", {}).items()}
     for f in dataclasses.fields(MLMConfig):
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = written.get(f.name, f.type)
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
         out.append((f"--{f.name}", kind, _default_text(default_of(f)), f.metadata.get("help", "")))
     return out
 

@@ -285,6 +285,7 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
     (W&B offline), then left out with one warning line: it never stops the run."""
     log = main_print(accelerator)
     if "wandb" in trackers:
+        _quiet_lost_socket()
         notice = setup_wandb_env(cfg.output_dir, main_process=accelerator.is_main_process)
         if notice:
             log(notice)
@@ -316,6 +317,20 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
             status[tracker.name] = tracker_mode(tracker)
         state.wandb_run_id = wandb_run_id(accelerator)
     return MetricsLog(accelerator, cfg.output_dir, status)
+
+
+def _quiet_lost_socket() -> None:
+    """W&B talks to its service through asyncio, whose logger adds a bare "socket.send() raised
+    exception." when the service has died; `MetricsLog`'s warning says it all, once."""
+    import logging
+
+    class LostSocket(logging.Filter):
+        def filter(self, record) -> bool:
+            return record.getMessage() != "socket.send() raised exception."
+
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(type(f).__name__ == "LostSocket" for f in asyncio_log.filters):  # once
+        asyncio_log.addFilter(LostSocket())
 
 
 def tracker_mode(tracker) -> str:

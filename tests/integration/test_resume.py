@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -21,8 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (ROOT, assert_same_run, complete_checkpoints, kill_tree, launch, recipe_pids,
-                     run_recipe, start, train_losses, wait_for_checkpoint, wait_gone)
+from helpers import (RECIPE, ROOT, assert_same_run, complete_checkpoints, kill_tree, launch,
+                     launch_env, recipe_pids, run_recipe, start, train_losses,
+                     wait_for_checkpoint, wait_gone)
 from mlmkit import tracking as M
 from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
 from mlmkit.tracking import read_metrics
@@ -112,6 +114,28 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, args, reference
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith("-" + state["wandb_run_id"]) for r in runs)
 
+
+
+def test_sigterm_under_torchrun_with_one_process(tmp_path, args):
+    """The docs' way to give a big checkpoint time: one process under torchrun, which forwards
+    SIGTERM and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (not Accelerate's 5 s) before
+    killing; W&B's service stays up, the stop is clean and the launcher reports the signal."""
+    import subprocess
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "1",
+           str(RECIPE), *args, "--output_dir", str(out), "--report_to", "wandb"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env=launch_env(WANDB_MODE="offline",
+                                           TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300"))
+    wait_for_checkpoint(proc, out, 3)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    match = re.search(r"stopped by SIGTERM after step (\d+) of 32; saved (\S+) in", output)
+    assert match, output[-4000:]
+    assert "the wandb tracker failed" not in output  # torchrun signals the recipe only
+    assert not (out / "summary.json").exists()
+    assert validate_checkpoint(Path(match.group(2))) is None
 
 def test_ddp_signal_to_one_rank_then_sigkill_then_resume(tmp_path, args, tiny_bert_dir):
     """Two DDP processes. SIGTERM to rank 1 only: both ranks agree to stop after the same step,
