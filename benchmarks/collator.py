@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
-    from mlmkit.collator import MaskedLMCollator
+    from mlmkit.batch.collator import MaskedLMCollator
 
     torch.set_num_threads(args.threads)
     if args.tokenizer is None:

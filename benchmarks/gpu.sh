@@ -17,7 +17,7 @@
 #     CUDA graphs, varlen attention)
 #  3. throughput.py bert-base 128 x 256 rows: hf_baseline and the compiled inner loop
 #  4. check-graphed: the graphed step's bf16 losses against the eager step's
-#  5. pytest tests/unit/test_step_sync.py on CUDA (no host sync: block mask, varlen, graphed;
+#  5. pytest tests/unit/train/test_step_sync.py on CUDA (no host sync: block mask, varlen, graphed;
 #     without pytest in the image: gpu_checks.py sync runs its CUDA test directly)
 #  6. the Hugging Face comparison's shapes (224 / 72 and 64 / 22 rows of 128): throughput
 #     compiled (hf_baseline, packed_sparse)
@@ -123,7 +123,7 @@ throughput throughput-bert-base-128x256 bert-base 800 256 128 hf_baseline,packed
 run check-graphed 120 "$py" "$root/benchmarks/gpu_checks.py" graphed "$models/minilm" \
   "$out/check-graphed.json"
 if "$py" -c "import pytest" 2>/dev/null; then
-  run pytest-step-sync 120 "$py" -m pytest -p no:cacheprovider -q "$root/tests/unit/test_step_sync.py"
+  run pytest-step-sync 120 "$py" -m pytest -p no:cacheprovider -q "$root/tests/unit/train/test_step_sync.py"
 else  # the image has no pytest: the CUDA test's variants run directly
   run check-sync 120 "$py" "$root/benchmarks/gpu_checks.py" sync "$models/minilm" \
     "$out/check-sync.json"

@@ -68,11 +68,12 @@ def packed_examples(tokenizer, n: int, seed: int = 0, longest: int = 100) -> lis
 def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmkit.attention import varlen_available
-    from mlmkit.collator import MaskedLMCollator, model_inputs
-    from mlmkit.layout import pack_rows
-    from mlmkit.modeling import MaskedLMModule, attn_implementation, use_packed_path
-    from mlmkit.prefetch import StaticShapes
+    from mlmkit.batch.collator import MaskedLMCollator, model_inputs
+    from mlmkit.batch.layout import pack_rows
+    from mlmkit.model.attention import varlen_available
+    from mlmkit.model.loading import MaskedLMModule, attn_implementation
+    from mlmkit.model.packed import use_packed_path
+    from mlmkit.train.steps import StaticShapes
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dense = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa").to(DEV)
     varlen = AutoModelForMaskedLM.from_pretrained(model_dir).to(DEV)
@@ -131,7 +132,7 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
                          "grad_rel_err": rel(grad, ref_grad)}
     # training mode, attention dropout on (the flash op with dropout): a sane loss and gradient
     # (dropout masks differ between kernels: not equal, close), and the time of each path
-    from mlmkit.attention import _DROPOUT_KERNEL
+    from mlmkit.model.attention import _DROPOUT_KERNEL
     results["dropout_kernel"] = _DROPOUT_KERNEL["ok"]
     for name, model in (("block", dense), ("varlen_static", varlen)):
         torch.manual_seed(0)
@@ -162,11 +163,12 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from mlmkit.config import parse_config
-    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
-    from mlmkit.loop import StepResults, prepare_training, train_step
-    from mlmkit.modeling import load_model, load_tokenizer
-    from mlmkit.prefetch import Prefetcher, one_process_steps
+    from mlmkit.config.parse import parse_config
+    from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.model.checks import load_tokenizer
+    from mlmkit.model.loading import load_model
+    from mlmkit.train.loop import StepResults, prepare_training, train_step
+    from mlmkit.train.steps import Prefetcher, one_process_steps
     AcceleratorState._reset_state(True)
     torch._dynamo.reset()
     cfg = parse_config(["--model_name_or_path", model_dir, "--padding", "packed",
@@ -212,14 +214,14 @@ def check_graphed(model_dir: str, steps: int = 8) -> dict:
 
 
 def check_sync(model_dir: str) -> dict:
-    """tests/unit/test_step_sync.py's CUDA test (no host-device sync: block mask, varlen,
+    """tests/unit/train/test_step_sync.py's CUDA test (no host-device sync: block mask, varlen,
     graphed), run without pytest where the GPU image has none: each variant's outcome.
     ``model_dir`` is unused (the test builds its tiny BERT)."""
     import importlib
     import types
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "tests"))
-    sys.path.insert(0, str(root / "tests" / "unit"))
+    sys.path.insert(0, str(root / "tests" / "unit" / "train"))
     try:
         import pytest  # noqa: F401
     except ImportError:  # the decorators the module applies at import time, as no-ops

@@ -132,7 +132,7 @@ def checks_section(out: Path) -> list[str]:
         sync.append(f"run directly (no pytest): {direct['variants']}")
     elif direct and "error" in direct:
         sync.append(f"run directly (no pytest): **error** {direct['error']}")
-    lines.append(f"- tests/unit/test_step_sync.py on CUDA: {sync[-1] if sync else 'not run'}")
+    lines.append(f"- tests/unit/train/test_step_sync.py on CUDA: {sync[-1] if sync else 'not run'}")
     return lines
 
 
@@ -170,7 +170,7 @@ def recipe_section(out: Path, tp: dict) -> list[str]:
 def throughput_section(tp: dict) -> list[str]:
     lines = ["## Inner loops (benchmarks/throughput.py)", "",
              "Real (non-padding) tokens/s (× = over hf_baseline), MFU = model FLOPs "
-             "(mlmkit.flops) / time / dense bf16 peak, ms per step.", "",
+             "(mlmkit.model.flops) / time / dense bf16 peak, ms per step.", "",
              "| model | width x rows (examples) | compile | mode | real tokens/s | × hf | MFU | "
              "ms/step | peak GB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for (size, width, rows, variant), data in sorted(tp.items()):

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mlmkit.runfolder import RunFolder  # noqa: E402
+from mlmkit.train.runfolder import RunFolder  # noqa: E402
 
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32,
              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -44,7 +44,7 @@ def write_corpus(folder: Path, rows: int, shards: int) -> tuple[str, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mlmkit.data import embedded_corpus
+    from mlmkit.data.corpus import embedded_corpus
     base = embedded_corpus()
     folder.mkdir(parents=True, exist_ok=True)
     per = -(-rows // shards)

@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
     if args.tokenizer is None:
-        from mlmkit.modeling import embedded_model_path
+        from mlmkit.model.checks import embedded_model_path
         args.tokenizer = str(embedded_model_path())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     for size in args.sizes.split(","):

@@ -38,7 +38,7 @@ trains packed rows with the variable-length kernel, as the recipe does (`modelin
 ``--attn_implementation sdpa`` for the dense block mask); the baseline runs transformers' SDPA.
 
 Reported per mode: real (non-padding) tokens/s, all positions/s, pad fraction, ms per step, model
-TFLOP/s and MFU (`mlmkit.flops`: the FLOPs each mode must do, so padding is not counted), peak
+TFLOP/s and MFU (`mlmkit.model.flops`: the FLOPs each mode must do, so padding is not counted), peak
 memory (GPU: max allocated per mode; CPU: n/a, as the process's peak RSS only grows across modes),
 and the ratio of real tokens/s to the baseline's. Written as JSON too.
 """
@@ -61,21 +61,19 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from accelerate.utils import send_to_device  # noqa: E402
 
-from mlmkit.checkpoint import DataPosition  # noqa: E402
-from mlmkit.choices import GRAPHED_COMPILE_MODES  # noqa: E402
-from mlmkit.choices import PACKED_ATTENTION as PACKED  # noqa: E402
-from mlmkit.collator import MaskedLMCollator, model_inputs  # noqa: E402
-from mlmkit.config import parse_config, run_shape  # noqa: E402
-from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
-from mlmkit.flops import FlopCounter, peak_tflops  # noqa: E402
-from mlmkit.loop import (StepResults, build_optimizer, prepare_training,  # noqa: E402
-                         train_step)
-from mlmkit.modeling import (MaskedLMModule, attn_implementation, load_model,  # noqa: E402
-                             load_tokenizer, position_offset)
-from mlmkit.prefetch import (Prefetcher, StaticShapes, StepPreparer,  # noqa: E402
-                             one_process_steps)
-from mlmkit.plans import TrainPlan  # noqa: E402
-
+from mlmkit.batch.collator import MaskedLMCollator, model_inputs  # noqa: E402
+from mlmkit.config.choices import GRAPHED_COMPILE_MODES  # noqa: E402
+from mlmkit.config.choices import PACKED_ATTENTION as PACKED  # noqa: E402
+from mlmkit.config.parse import parse_config  # noqa: E402
+from mlmkit.config.shape import run_shape  # noqa: E402
+from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
+from mlmkit.data.plans import TrainPlan  # noqa: E402
+from mlmkit.data.position import DataPosition  # noqa: E402
+from mlmkit.model.checks import load_tokenizer, position_offset  # noqa: E402
+from mlmkit.model.flops import FlopCounter, peak_tflops  # noqa: E402
+from mlmkit.model.loading import MaskedLMModule, attn_implementation, load_model  # noqa: E402
+from mlmkit.train.loop import StepResults, build_optimizer, prepare_training, train_step  # noqa: E402
+from mlmkit.train.steps import Prefetcher, StaticShapes, StepPreparer, one_process_steps  # noqa: E402
 
 # Scaled-down, realistically shaped configs (random init): the architecture's attention settings
 # as released, fewer/narrower layers so that a CPU runs them.
@@ -105,7 +103,7 @@ def shape_config_dir(shape: str, folder: Path, tokenizer: str | None = None) -> 
     model's)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from mlmkit.modelcheck import embedded_model_path
+    from mlmkit.model.checks import embedded_model_path
     tok = AutoTokenizer.from_pretrained(tokenizer or embedded_model_path())
     model_type, overrides = SHAPES[shape]
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
@@ -261,7 +259,7 @@ def main() -> None:
     parser.add_argument("--dataloader_num_workers", type=int, default=None,
                         help="the recipe mode's collating workers (default: 2 on a GPU, 0 on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="the device's dense peak for MFU (default: mlmkit.flops' table)")
+                        help="the device's dense peak for MFU (default: mlmkit.model.flops' table)")
     parser.add_argument("--modes", default="hf_baseline,padded,padded_sparse,group_by_length,"
                                            "packed,packed_sparse,recipe")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/throughput.json"))

@@ -47,13 +47,14 @@ SRC = ROOT / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from mlmkit.config import FIELDS, MLMConfig, differences, parse_config  # noqa: E402
-from mlmkit.configio import (ConfigError, did_you_mean, read_yaml_mapping,  # noqa: E402
-                             to_cli_args)
-from mlmkit.fileio import write_json_atomic  # noqa: E402
-from mlmkit.report_runs import PLAN_FILE  # noqa: E402  (read by the report)
-from mlmkit.runfolder import RunFolder  # noqa: E402
-from mlmkit.tracking import check_trackers  # noqa: E402
+from mlmkit.config.configio import did_you_mean, read_yaml_mapping, to_cli_args  # noqa: E402
+from mlmkit.config.errors import ConfigError  # noqa: E402
+from mlmkit.config.fields import FIELDS, MLMConfig, differences  # noqa: E402
+from mlmkit.config.fileio import write_json_atomic  # noqa: E402
+from mlmkit.config.parse import parse_config  # noqa: E402
+from mlmkit.report.runs import PLAN_FILE  # noqa: E402  (read by the report)
+from mlmkit.train.runfolder import RunFolder  # noqa: E402
+from mlmkit.train.tracking import check_trackers  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "mlm.py"
 ABLATION_KEYS = {
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.output_dir / 'launch.log'}:\n{tail(run.output_dir / 'launch.log')}",
                   flush=True)
 
-    from mlmkit.report import build_report
+    from mlmkit.report.build import build_report
     try:
         numbers = build_report(ablation.output_dir)
         print(f"report: {numbers['n_finished']}/{numbers['n_runs']} runs -> "

@@ -30,11 +30,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from mlmkit import tracking as M  # noqa: E402  (metric names)
-from mlmkit.config import MLMConfig, parse_config  # noqa: E402
-from mlmkit.rundir import check_output_dir, prepare_output_dir  # noqa: E402
-from mlmkit.runfolder import RunFolder  # noqa: E402
-from mlmkit.runlock import lock_output_dir  # noqa: E402
+from mlmkit.config.fields import MLMConfig  # noqa: E402
+from mlmkit.config.parse import parse_config  # noqa: E402
+from mlmkit.train import tracking as M  # noqa: E402  (metric names)
+from mlmkit.train.rundir import check_output_dir, prepare_output_dir  # noqa: E402
+from mlmkit.train.runfolder import RunFolder  # noqa: E402
+from mlmkit.train.runlock import lock_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,28 +63,33 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mlmkit import (checkpoint, config, data, distributed, evaluation, fill_mask, flops, loop,
-                        modeling, plans, prefetch, preemption, probe)
-    from mlmkit.collator import MaskedLMCollator
+    from mlmkit.batch.collator import MaskedLMCollator
+    from mlmkit.config import launch
+    from mlmkit.config.shape import run_shape
+    from mlmkit.data import plans
+    from mlmkit.data.run import load_run_data
+    from mlmkit.model import checks, flops, loading, probe
+    from mlmkit.train import checkpoint, evaluation, fill_mask, loop, preemption
+    from mlmkit.train.steps import Prefetcher, build_step_source
 
     # ============================================================================ accelerator
-    accelerator = distributed.build_accelerator(cfg, trackers)  # what `accelerate launch` set up
+    accelerator = launch.build_accelerator(cfg, trackers)  # what `accelerate launch` set up
     log = M.main_print(accelerator)  # each line once per job, not once per node
     rank, world = accelerator.process_index, accelerator.num_processes
     on_gpu = accelerator.device.type == "cuda"
-    if note := distributed.zero_note(accelerator):  # ZeRO on one GPU: only its cost
+    if note := launch.zero_note(accelerator):  # ZeRO on one GPU: only its cost
         log(f"note: {note}")
     if resume.state is not None:  # same processes and engine as the checkpoint's
-        distributed.check_launch(resume.state.launch, resume.checkpoint, accelerator)
+        launch.check_launch(resume.state.launch, resume.checkpoint, accelerator)
     # Same seed on every process while the model is built (a new MLM head must be identical on
     # all ranks, ZeRO-3 included); per-process seeds for dropout afterwards.
     set_seed(cfg.seed)
 
     # ============================================================================ data + model
-    tokenizer = modeling.load_tokenizer(cfg)
-    run_data = data.load_run_data(cfg, tokenizer, accelerator)  # main process tokenizes first
+    tokenizer = checks.load_tokenizer(cfg)
+    run_data = load_run_data(cfg, tokenizer, accelerator)  # main process tokenizes first
     log("\n".join(run_data.log_lines(cfg)))
-    training = loop.prepare_training(cfg, accelerator, modeling.load_model(
+    training = loop.prepare_training(cfg, accelerator, loading.load_model(
         cfg, tokenizer, log, device=accelerator.device))
     peak_tflops = flops.device_peak_tflops(accelerator, cfg.peak_tflops)
 
@@ -102,7 +108,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     accelerator.wait_for_everyone()
 
     # ============================================================================ batches, schedule
-    shape = config.run_shape(cfg, num_processes=world, on_gpu=on_gpu, padding=decision.padding)
+    shape = run_shape(cfg, num_processes=world, on_gpu=on_gpu, padding=decision.padding)
     collator = MaskedLMCollator.from_config(
         tokenizer, cfg, position_offset=training.position_offset, padding=decision.padding,
         attn_implementation=training.attn_implementation,
@@ -116,7 +122,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     set_seed(cfg.seed, device_specific=True)
 
     # ============================================================================ trackers, resume
-    ts = resume.state or checkpoint.TrainState(launch=distributed.launch_signature(accelerator))
+    ts = resume.state or checkpoint.TrainState(launch=launch.launch_signature(accelerator))
     metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, decision.run_config())
     log(schedule.describe(cfg, shape, decision.padding, training.inner.sparse_prediction, world))
     evaluate = evaluation.Evaluator(accelerator, training, run_data.validation, tokenizer, cfg,
@@ -133,12 +139,12 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ train
     # Steps are prepared (collated, counted, pinned) ahead by workers; the step itself never
     # waits for the device: its results are read in one transfer at log/eval/checkpoint steps.
-    steps = prefetch.build_step_source(cfg, schedule=schedule, data=run_data, collator=collator,
-                                       tokenizer=tokenizer, training=training, state=ts,
-                                       rank_state=rank_state, process_index=rank,
-                                       num_processes=world, shape=shape)
-    prefetcher = prefetch.Prefetcher(steps, num_workers=shape.workers,
-                                     pin_memory=shape.workers > 0 and on_gpu)
+    steps = build_step_source(cfg, schedule=schedule, data=run_data, collator=collator,
+                              tokenizer=tokenizer, training=training, state=ts,
+                              rank_state=rank_state, process_index=rank, num_processes=world,
+                              shape=shape)
+    prefetcher = Prefetcher(steps, num_workers=shape.workers,
+                            pin_memory=shape.workers > 0 and on_gpu)
     stopper = preemption.StopSignal().install()  # SIGTERM/SIGINT: checkpoint, then stop
     progress = tqdm(total=schedule.max_steps, initial=ts.step, desc="train",
                     disable=not (accelerator.is_main_process and cfg.progress_bar))
@@ -198,7 +204,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
-    modeling.export_hf_model(accelerator, training.module, tokenizer, folder.model)
+    loading.export_hf_model(accelerator, training.module, tokenizer, folder.model)
     metrics_log.finish()  # the trackers' end (W&B's last records): a failure is a warning
     summary = M.build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,

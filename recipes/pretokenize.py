@@ -27,7 +27,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from mlmkit.config import ConfigError, MLMConfig, parse_config  # noqa: E402
+from mlmkit.config.errors import ConfigError  # noqa: E402
+from mlmkit.config.fields import MLMConfig  # noqa: E402
+from mlmkit.config.parse import parse_config  # noqa: E402
 
 USAGE = ("usage: python recipes/pretokenize.py --output_dir DIR [--num_shards N] "
          "[recipe data flags, see below]")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (cfg.preprocessing_num_workers or 1) > 1:  # forked workers: no Rust threads in each
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from mlmkit.pretokenize import check_destination, pretokenize, source_name  # heavy
+    from mlmkit.data.pretokenize import check_destination, pretokenize, source_name
     check_destination(cfg, Path(cfg.output_dir), num_shards)  # before any work is announced
     workers = cfg.preprocessing_num_workers or 1
     print(f"pretokenize: {source_name(cfg)} -> {cfg.output_dir} (max_seq_length "

@@ -1,9 +1,10 @@
 """Shared fixtures: the embedded tokenizer, tiny BERTs built from a config, and the recipe flags
 of a fast run. Shared helpers (launching, in-process runs, tiny models...) are in helpers.py.
 
-Where a test goes: tests/unit/test_<module>.py for src/mlmkit/<module>.py, recipes/<script>.py
-run in this process (test_recipe.py, test_ablate_padding.py); tests/integration/ only for
-tests that launch processes (marked ``integration``). Tests of the Slurm script submit to a real
+Where a test goes: tests/unit/<stage>/test_<module>.py for src/mlmkit/<stage>/<module>.py (the
+package's layout, mirrored); tests/unit/ itself for what spans the package (the recipes run in
+this process: test_recipe.py, test_ablate_padding.py; user errors; the docs; the lock);
+tests/integration/ only for tests that launch processes (marked ``integration``). Tests of the Slurm script submit to a real
 Slurm cluster on this machine (the ``slurm_cluster`` fixture, tests/slurm_cluster.py)."""
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT, SENTENCES, tiny_config_dir
-
 
 # `make test` runs the suite on every core (pytest-xdist, --dist loadscope): a test module is one
 # unit of work, so its module fixtures are built once, and each worker runs one intra-op thread.
@@ -73,7 +72,7 @@ def tokenizer_path() -> str:
     without the embedded model package: .gpu/tok)."""
     if os.environ.get("MLMKIT_TEST_TOKENIZER"):
         return os.environ["MLMKIT_TEST_TOKENIZER"]
-    from mlmkit.modeling import embedded_model_path
+    from mlmkit.model.checks import embedded_model_path
     return str(embedded_model_path())
 
 

@@ -341,7 +341,7 @@ def wait_gone(pids: list[int], timeout: float = 120) -> None:
 
 def complete_checkpoints(out: Path) -> list[int]:
     """The steps of the complete checkpoints (with their marker) in a run folder, ascending."""
-    from mlmkit.checkpoint import MARKER
+    from mlmkit.train.checkpoint import MARKER
     root = out / "checkpoints"
     if not root.is_dir():
         return []
@@ -367,12 +367,12 @@ def wait_for_checkpoint(proc, out: Path, min_step: int, timeout: float = 240) ->
 # ================================================================================ comparing runs
 def train_losses(out: Path) -> list[float]:
     """train/loss of each log line of a run folder's metrics.jsonl."""
-    from mlmkit import tracking as M
+    from mlmkit.train import tracking as M
     return [r[M.TRAIN_LOSS] for r in M.read_metrics(out) if M.TRAIN_LOSS in r]
 
 
 def _timing() -> tuple:
-    from mlmkit import tracking as M
+    from mlmkit.train import tracking as M
     return (M.TRAIN_TOKENS_PER_S, M.TRAIN_REAL_TOKENS_PER_S, M.SYS_PEAK_MEM_GB, M.TRAIN_TFLOPS,
             M.TRAIN_MFU, M.TRAIN_DATA_WAIT_FRACTION)  # depend on the clock
 
@@ -384,7 +384,7 @@ def assert_same_run(out: Path, ref: Path, *, tol: float = 0.0) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from mlmkit import tracking as M
+    from mlmkit.train import tracking as M
     got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
     for key in (M.EVAL_LOSS, "first/" + M.EVAL_LOSS, "first/" + M.EVAL_PERPLEXITY, M.STEP):
         assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
@@ -412,11 +412,11 @@ def exported_eval_loss(out: Path) -> float:
     import yaml
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmkit import tracking as M
-    from mlmkit.config import MLMConfig
-    from mlmkit.data import IndexedExamples, load_raw_datasets, tokenize_datasets
-    from mlmkit.evaluation import eval_collator, evaluate
-    from mlmkit.modeling import MaskedLMModule
+    from mlmkit.config.fields import MLMConfig
+    from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets
+    from mlmkit.model.loading import MaskedLMModule
+    from mlmkit.train import tracking as M
+    from mlmkit.train.evaluation import eval_collator, evaluate
 
     cfg = MLMConfig(**yaml.safe_load((out / "config.yaml").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
@@ -504,7 +504,7 @@ SENTENCES = [
 def split_batch(collator, batch: dict, lengths: list[int]) -> list[dict]:
     """Per-example views of a collated batch, in input order, using the documented layout:
     dicts with ids (L,), labels (L,), row, slice and, packed, position_ids (L,)."""
-    from mlmkit.layout import pack_rows
+    from mlmkit.batch.layout import pack_rows
     out: list[dict] = [{} for _ in lengths]
     if collator.padding == "packed":
         for r, row in enumerate(pack_rows(lengths, collator.max_length)):
@@ -551,7 +551,7 @@ def word_level_tokenizer():
 # ================================================================================ fake checkpoints
 def make_checkpoint(out: Path, step: int, *, complete: bool = True, **state) -> Path:
     """A checkpoint folder as save_checkpoint leaves it (weights faked by a few bytes)."""
-    from mlmkit import checkpoint as C
+    from mlmkit.train import checkpoint as C
     folder = out / C.CHECKPOINTS / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"w" * (100 + step))
@@ -564,7 +564,7 @@ def make_checkpoint(out: Path, step: int, *, complete: bool = True, **state) -> 
 
 def run_config(out: Path, **kw):
     """The MLMConfig of a run into ``out`` (no trackers)."""
-    from mlmkit.config import MLMConfig
+    from mlmkit.config.fields import MLMConfig
     return MLMConfig(output_dir=str(out), report_to="none", **kw)
 
 
@@ -577,9 +577,10 @@ def masked_lm_types() -> list[str]:
 def probe_architecture(model_type: str, tokenizer):
     """(tiny model, IsolationResult) of the start-up probe on a tiny ``model_type``, or
     (None, None) where it cannot be built tiny."""
-    from mlmkit.modeling import (MaskedLMModule, attn_implementation, position_offset,
-                                 use_packed_path)
-    from mlmkit.probe import probe_isolation
+    from mlmkit.model.checks import position_offset
+    from mlmkit.model.loading import MaskedLMModule, attn_implementation
+    from mlmkit.model.packed import use_packed_path
+    from mlmkit.model.probe import probe_isolation
 
     try:
         model = tiny_model(model_type, len(tokenizer), tokenizer.pad_token_id)

@@ -11,7 +11,7 @@ and the other light modules do not pull in torch.
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it, imported lazily by `__getattr__`.
-_LAZY = {"MaskedLMCollator": "mlmkit.collator"}
+_LAZY = {"MaskedLMCollator": "mlmkit.batch.collator"}
 
 __all__ = ["MaskedLMCollator", "__version__"]
 

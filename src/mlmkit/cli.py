@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from mlmkit.config.errors import ConfigError, DataError
+
 
 def error_line(err: BaseException) -> str:
     """``mlmkit: error: <message>`` on one line (a message's own line breaks become spaces), so
@@ -17,8 +19,6 @@ def run_cli(main) -> None:
     ``mlmkit: error: ... Fix: ...`` line, without a traceback, and ends the process with status
     2. Anything else is a bug and keeps its traceback (and the run folder keeps nothing that
     looks finished: summary.json and model/ are written last)."""
-    from .configio import ConfigError
-    from .data import DataError
     try:
         main()
     except (ConfigError, DataError) as err:

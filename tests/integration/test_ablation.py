@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT, launch_env
-from mlmkit import tracking as M
+
+from mlmkit.train import tracking as M
 
 RUNNER = ROOT / "recipes" / "ablate_padding.py"
 TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm colours, in arm order

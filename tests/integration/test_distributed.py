@@ -14,12 +14,21 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from helpers import (exported_eval_loss, finish, free_port, kill_tree, launch, run_recipe, start,
-                     tiny_model, train_losses)
-from mlmkit import tracking as M
-from mlmkit.tracking import read_metrics
+from helpers import (
+    exported_eval_loss,
+    finish,
+    free_port,
+    kill_tree,
+    launch,
+    run_recipe,
+    start,
+    tiny_model,
+    train_losses,
+)
 from readme_commands import accelerate_args, accelerate_launch, launches_of
+
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 # The README's multi-GPU single-node launch lines but FSDP2's (test_fsdp.py): ddp, zero2,
 # zero3, ... (the CPU line, one process as written: test_readme_launches.py)

@@ -1,18 +1,28 @@
 """PyTorch FSDP2 (accelerate_configs/fsdp2.yaml) on 2 CPU processes with gloo: the same per-step
 losses as one process, sharded checkpoints inside the atomic checkpoint scheme, an exact resume
 after SIGKILL, and a consolidated model/ that re-evaluates to the run's final eval loss.
-(FSDP2's layer units: tests/unit/test_distributed.py.)"""
+(FSDP2's layer units: tests/unit/config/test_launch.py.)"""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from helpers import (assert_same_run, complete_checkpoints, exported_eval_loss, finish, kill_tree,
-                     launch, run_recipe, start, train_losses, wait_for_checkpoint)
-from mlmkit import tracking as M
+from helpers import (
+    assert_same_run,
+    complete_checkpoints,
+    exported_eval_loss,
+    finish,
+    kill_tree,
+    launch,
+    run_recipe,
+    start,
+    train_losses,
+    wait_for_checkpoint,
+)
 from readme_commands import accelerate_args, accelerate_launch
+
+from mlmkit.train import tracking as M
 
 # The README's line, with its CPU note: --config_file accelerate_configs/fsdp2.yaml
 # --num_processes 2 --mixed_precision no

@@ -67,7 +67,7 @@ def test_pip_install_then_the_readme_example_outside_the_checkout(tmp_path, toke
     path, module = where.split()
     assert Path(path).resolve().is_relative_to(venv.resolve()), path
     assert not Path(path).resolve().is_relative_to(ROOT), path
-    assert module == "mlmkit.collator"
+    assert module == "mlmkit.batch.collator"
 
     # The README's examples, as written but for the model the README's CPU note lets you choose.
     script = collator_examples(save_tiny_model(tmp_path / "tiny", tokenizer_path))

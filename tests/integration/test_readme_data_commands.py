@@ -10,10 +10,10 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import ROOT, launch, launch_env
-from mlmkit.data import embedded_corpus
 from readme_commands import readme_lines
+
+from mlmkit.data.corpus import embedded_corpus
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,29 @@ import sys
 import textwrap
 
 import pytest
+from helpers import (
+    ROOT,
+    SLURM_CLUSTER,
+    assert_logged_once,
+    free_port,
+    launch,
+    run_recipe,
+    slurm_attempts,
+    slurm_env,
+    train_losses,
+)
+from readme_commands import (
+    RECIPE_PATH,
+    accelerate_args,
+    accelerate_launch,
+    launches_of,
+    sbatch_command,
+    single_gpu_launches,
+)
 
-from helpers import (ROOT, SLURM_CLUSTER, assert_logged_once, free_port, launch,
-                     run_recipe, slurm_attempts, slurm_env, train_losses)
-from mlmkit import tracking as M
-from mlmkit.tracking import read_metrics
-from mlmkit.data import embedded_corpus
-from readme_commands import (RECIPE_PATH, accelerate_args, accelerate_launch, launches_of,
-                             sbatch_command, single_gpu_launches)
+from mlmkit.data.corpus import embedded_corpus
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 # Runs, in one fresh interpreter, Accelerate's `accelerate launch` code for each command line
 # (argument parsing, config-file merging, the launcher's environment for the workers) and then

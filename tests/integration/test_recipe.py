@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import RECIPE, ROOT, launch, launch_env, tiny_model
-
 
 # A model folder with config.json and weights but no tokenizer files: transformers would build a
 # tokenizer with an empty vocabulary; the recipe refuses it (modelcheck.py) before anything loads.

@@ -20,14 +20,26 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import (
+    RECIPE,
+    ROOT,
+    assert_same_run,
+    complete_checkpoints,
+    kill_tree,
+    launch,
+    launch_env,
+    recipe_pids,
+    run_recipe,
+    start,
+    train_losses,
+    wait_for_checkpoint,
+    wait_gone,
+)
 from safetensors.torch import load_file
 
-from helpers import (RECIPE, ROOT, assert_same_run, complete_checkpoints, kill_tree, launch,
-                     launch_env, recipe_pids, run_recipe, start, train_losses,
-                     wait_for_checkpoint, wait_gone)
-from mlmkit import tracking as M
-from mlmkit.checkpoint import STATE_FILE, validate_checkpoint
-from mlmkit.tracking import read_metrics
+from mlmkit.train import tracking as M
+from mlmkit.train.checkpoint import STATE_FILE, validate_checkpoint
+from mlmkit.train.tracking import read_metrics
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]

@@ -1,6 +1,6 @@
 """One run per output folder, launched for real: two `accelerate launch` commands started at the
 same moment into one --output_dir. Exactly one trains; the other stops within seconds with a
-one-line error naming the holder (mlmkit.runlock), and the winner ends exactly as a run without
+one-line error naming the holder (mlmkit.train.runlock), and the winner ends exactly as a run without
 the intruder."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import kill_tree, run_recipe, start
-from mlmkit import tracking as M
-from mlmkit.tracking import read_metrics
+
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 
 def test_two_runs_started_into_one_folder_only_one_trains(tmp_path, tiny_args, capsys):

@@ -25,15 +25,22 @@ import signal
 import time
 
 import pytest
-
-from helpers import (SLURM_CLUSTER, assert_logged_once, complete_checkpoints, run_recipe,
-                     slurm_attempts, slurm_env, train_losses)
-from mlmkit import tracking as M
-from mlmkit.checkpoint import validate_checkpoint
-from mlmkit.config import ConfigError
-from mlmkit.runlock import RunLock
-from mlmkit.tracking import read_metrics
+from helpers import (
+    SLURM_CLUSTER,
+    assert_logged_once,
+    complete_checkpoints,
+    run_recipe,
+    slurm_attempts,
+    slurm_env,
+    train_losses,
+)
 from readme_commands import launches_of, sbatch_command
+
+from mlmkit.config.errors import ConfigError
+from mlmkit.train import tracking as M
+from mlmkit.train.checkpoint import validate_checkpoint
+from mlmkit.train.runlock import RunLock
+from mlmkit.train.tracking import read_metrics
 
 STEPS = 60
 DDP_TIMEOUT = 60

@@ -13,12 +13,19 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    ROOT,
+    assert_same_run,
+    kill_tree,
+    launch,
+    run_recipe,
+    start,
+    wait_for_checkpoint,
+)
 
-from helpers import (ROOT, assert_same_run, kill_tree, launch, run_recipe, start,
-                     wait_for_checkpoint)
-from mlmkit import tracking as M
-from mlmkit.data import embedded_corpus
-from mlmkit.tracking import read_metrics
+from mlmkit.data.corpus import embedded_corpus
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 DDP = ["--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
        "--mixed_precision", "no"]
@@ -73,7 +80,7 @@ def test_streaming_ddp_mixture_sigkill_then_resume_matches(tmp_path, args):
     """Two processes on a weighted mixture of two sources (0.7 / 0.3), each source two JSON-lines
     shards, so each process streams its own shard of each: the summary holds the mixture, the
     tokens trained per source (all processes) and shares near the weights (the 2-point bound
-    over 200 steps is tests/unit/test_streaming.py's; this run is 40 steps); and the
+    over 200 steps is tests/unit/data/test_streaming.py's; this run is 40 steps); and the
     killed-and-resumed run ends where the uninterrupted one does (within 1e-5: gloo's
     all-reduce order)."""
     sources = []

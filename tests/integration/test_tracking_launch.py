@@ -17,10 +17,10 @@ import time
 
 import psutil
 import pytest
-
 from helpers import finish, launch, recipe_pids, start, wait_for_checkpoint
-from mlmkit import tracking as M
-from mlmkit.tracking import read_metrics
+
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import shlex
 from pathlib import Path
 
 import yaml
-
 from helpers import ROOT, load_script
 
 RUNNER = ROOT / "recipes" / "ablate_padding.py"

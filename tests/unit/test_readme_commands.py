@@ -7,8 +7,13 @@ test_readme_launches.py, test_distributed.py, test_fsdp.py and test_readme_data_
 from __future__ import annotations
 
 from helpers import ROOT
-from readme_commands import (cpu_note, launch_lines, launches_of, readme_launches,
-                             single_gpu_launches)
+from readme_commands import (
+    cpu_note,
+    launch_lines,
+    launches_of,
+    readme_launches,
+    single_gpu_launches,
+)
 
 
 def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():

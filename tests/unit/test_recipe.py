@@ -14,11 +14,18 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import (
+    RECIPE,
+    load_script,
+    run_cli,
+    run_recipe,
+    tiny_config_dir,
+    train_losses,
+)
 
-from helpers import RECIPE, load_script, run_cli, run_recipe, tiny_config_dir, train_losses
-from mlmkit import tracking as M
-from mlmkit.config import ConfigError
-from mlmkit.tracking import read_metrics
+from mlmkit.config.errors import ConfigError
+from mlmkit.train import tracking as M
+from mlmkit.train.tracking import read_metrics
 
 
 # ------------------------------------------------------------------------------ a run
@@ -167,7 +174,7 @@ def test_default_padding_resolves_to_packed_and_trains(tmp_path, tokenizer, toke
                                                        model_type):
     """The default --padding auto on these architectures: the probe proves packed isolation on
     the path training takes, the run trains packed (the packed = padded eval loss, per
-    architecture: tests/unit/test_modeling.py)."""
+    architecture: tests/unit/model/test_modeling.py)."""
     run = run_recipe(encoder_args(tmp_path, tokenizer, tokenizer_path, model_type))
     assert "padding=auto -> packed" in run.stdout, run.stdout[-3000:]
     assert run.result["probe/packed_isolated"] is True and run.result[M.STEP] == 3
@@ -187,7 +194,7 @@ def test_masked_only_head_trains_modernbert_and_distilbert(tmp_path, tokenizer, 
                                                            model_type):
     """The recipe keeps the masked-only head for these layouts (the probe finds it equal to the
     full head). That it trains exactly like the full head -- same loss and gradients -- is
-    tests/unit/test_modeling.py::test_masked_only_head_equals_the_full_head."""
+    tests/unit/model/test_modeling.py::test_masked_only_head_equals_the_full_head."""
     run = run_recipe(encoder_args(tmp_path, tokenizer, tokenizer_path, model_type,
                                   "--padding", "longest"))
     assert "sparse_prediction=True" in run.stdout and "using the full head" not in run.stdout

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, STANDINS
 from slurm_standins.slurm_standin import expand_hostlist
 

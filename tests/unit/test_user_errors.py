@@ -23,9 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import RECIPE, load_script, run_cli, tiny_config_dir, tiny_model
-from mlmkit.configio import ConfigError
+
+from mlmkit.config.errors import ConfigError
 
 BASE = ["--report_to", "none", "--progress_bar", "false", "--fill_mask_check", "false",
         "--max_train_samples", "32", "--max_eval_samples", "16", "--max_train_steps", "2"]
@@ -351,12 +351,12 @@ def test_position_offset_of_roberta_style_models(fails, tmp_path, tokenizer_path
     line = fails([*args, "--max_seq_length", "129"], "takes at most 128 tokens")
     assert "reserves the first 2" in line
 
-    from mlmkit import modelcheck, modeling
-    from mlmkit.config import parse_config
+    from mlmkit.config.parse import parse_config
+    from mlmkit.model import checks as modelcheck
     cfg = parse_config([*args, "--max_seq_length", "128"])
     config, offset = modelcheck.check_model_source(cfg)
     assert offset == 2 and modelcheck.max_positions(config, offset) == 128
-    tokenizer = modeling.load_tokenizer(cfg)  # 128 fits: no error
+    tokenizer = modelcheck.load_tokenizer(cfg)  # 128 fits: no error
     modelcheck.check_lengths(parse_config([*args, "--max_seq_length", "3"]), config, tokenizer,
                              offset)  # the shortest length with a token to mask
 
@@ -469,7 +469,7 @@ def test_output_dir_under_a_file(fails, tiny_args, tmp_path):
 
 
 def test_output_dir_not_writable(fails, tiny_args, tmp_path, monkeypatch):
-    from mlmkit import runlock
+    from mlmkit.train import runlock
     monkeypatch.setattr(runlock.os, "access", lambda *a, **k: False)  # as for another user's
     fails([*tiny_args, "--output_dir", str(tmp_path / "run")], "is not writable by this user")
 
@@ -488,7 +488,7 @@ def test_output_dir_holding_a_finished_run(fails, tiny_args, tmp_path):
 
 
 def test_output_dir_holding_a_run_with_other_settings(fails, tiny_args, tmp_path):
-    from mlmkit.config import parse_config, save_config
+    from mlmkit.config.parse import parse_config, save_config
     out = tmp_path / "run"
     out.mkdir()
     save_config(parse_config([*tiny_args, "--learning_rate", "1e-3"]), out / "config.yaml")
@@ -497,7 +497,7 @@ def test_output_dir_holding_a_run_with_other_settings(fails, tiny_args, tmp_path
 
 
 def test_output_dir_in_use_by_a_live_run(fails, tiny_args, tmp_path):
-    from mlmkit import runlock
+    from mlmkit.train import runlock
     out = tmp_path / "run"
     out.mkdir()
     (out / runlock.LOCK_NAME).write_text(json.dumps({
@@ -525,7 +525,7 @@ def test_tracker_package_not_installed(fails, tiny_args):
 
 
 def test_resume_under_another_launch():
-    from mlmkit.distributed import check_launch
+    from mlmkit.config.launch import check_launch
     accelerator = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     saved = {"num_processes": 8, "distributed_type": "DEEPSPEED"}
     assert_user_error(lambda: check_launch(saved, "checkpoint-100", accelerator),
@@ -537,7 +537,7 @@ def test_an_internal_error_keeps_its_traceback_and_leaves_nothing_finished(
         recipe, tiny_args, tmp_path, monkeypatch):
     """A bug is not a user's mistake: it propagates (its traceback is printed by Python) and the
     run folder holds no summary.json or model/."""
-    from mlmkit import loop
+    from mlmkit.train import loop
 
     def broken_step(*args, **kwargs):
         raise RuntimeError("a bug in the training step")

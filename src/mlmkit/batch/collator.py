@@ -1,0 +1,389 @@
+"""`MaskedLMCollator`: examples in, a batch a Hugging Face masked-LM model can consume out.
+
+It orchestrates three steps, each owned by one module (see docs/design.md):
+
+1. `parse_examples` (here): input normalisation -- lists of ids, 1-D tensors or dicts (rows of
+   a `datasets.Dataset`, as lists, tensors or numpy arrays) with ``input_ids`` and optionally
+   ``attention_mask`` (positions where it is 0 are *dropped*: they are padding an upstream
+   tokenizer added), ``special_tokens_mask`` (OR-ed with the tokenizer's special ids),
+   ``token_type_ids`` (kept: laid out like the ids) and ``idx`` (the example's index in its
+   dataset, which keys the reproducible masking). Other keys are ignored. Examples longer than
+   ``max_length`` are truncated to their first ``max_length`` tokens.
+2. `masking.Masker.mask`: targets and replacements (pads and specials never targets). An example
+   with ``idx`` gets the masks of (seed, epoch, idx) wherever and however often it is collated
+   (what pairs the ablation's arms); one without gets new masks at every call, reproducible from
+   the seed (`masking.unkeyed_seed`: the epoch, the DataLoader worker, this collator's call
+   count in that process and the example's position in the batch).
+3. `layout.Layout`: padding or packing, position ids and the attention mask.
+
+Output batches
+--------------
+``padding="longest"`` / ``"max_length"`` (B examples, T columns)::
+
+    input_ids       (B, T) long   masked ids, pad_token_id in padding
+    attention_mask  (B, T) long   1 on the example's tokens, 0 on padding
+    labels          (B, T) long   original id at masked positions, -100 elsewhere
+    position_ids    (B, T) long   only with left padding: offset + 0..L-1 over the real tokens
+    token_type_ids  (B, T) long   only when the examples carry them; 0 in padding
+
+T is the longest example (``"longest"``) or ``max_length``, rounded up to ``pad_to_multiple_of``.
+
+``padding="packed"`` (needs ``max_length``): R <= B rows of at most ``max_length`` tokens,
+T the longest row rounded up to ``pad_to_multiple_of``::
+
+    input_ids, labels  (R, T) long
+    position_ids       (R, T) long   offset + 0..L-1 restarting at every example
+    token_type_ids     (R, T) long   only when the examples carry them; 0 in padding
+    attention_mask     sdpa:          (R, 1, T, T) bool, block-diagonal (True = may attend)
+                       eager / flex:  (R, 1, T, T) float32 additive (0 = attend, finfo.min = not)
+                       flash_attention_*, mlmkit_packed (attention.py):
+                                      (R, T) ones, with cu_seq_lens_q/k (int32) and
+                                      max_length_q/k (ints): each example a segment of the R*T
+                                      flattened positions, each row's padding tail one more
+
+With ``return_counts=True`` (the recipe's collators, `MaskedLMCollator.from_config`) every batch
+also carries the `METADATA_KEYS` (0-d long tensors) that `model_inputs` drops:
+``num_real_tokens`` (sum of example lengths), ``num_masked_tokens`` (labels != -100) and
+``num_examples``. By default they are left out, so that a batch goes to a model's forward as it
+is (the Trainer passes every key of the batch).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mlmkit.batch.layout import Layout
+from mlmkit.batch.masking import Masker, VocabularyTables
+from mlmkit.config.choices import ATTN_IMPLEMENTATIONS, PACKED_ATTENTION, PADDING_MODES
+
+# Keys that describe the batch for the training loop and must not reach the model's forward().
+METADATA_KEYS: tuple[str, ...] = ("num_real_tokens", "num_masked_tokens", "num_examples")
+# Keys that keep padding unattended and packed examples apart; dropping them is the ablation's
+# unmasked arm (padded rows attend to padding, packed rows become naive concatenations).
+ISOLATION_KEYS: tuple[str, ...] = ("attention_mask", "position_ids", "cu_seq_lens_q",
+                                   "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def model_inputs(batch: Mapping[str, Any], mask_padding: bool = True) -> dict[str, Any]:
+    """The keyword arguments for the model: ``batch`` without `METADATA_KEYS`, and with
+    ``mask_padding=False`` also without `ISOLATION_KEYS` -- the ONE definition of the padding
+    ablation's unmasked arm (what happens when the LM example hands the model no mask)."""
+    drop = set(METADATA_KEYS) if mask_padding else {*METADATA_KEYS, *ISOLATION_KEYS}
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
+def drop_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """Make ``batch`` a dummy (no labels, no masked tokens; the forward still runs), in place.
+
+    A process that has run out of examples runs one, so that every process makes the same
+    forward calls (ZeRO-3 gathers parameters collectively) while adding nothing to the loss.
+    """
+    batch["labels"].fill_(-100)
+    if "num_masked_tokens" in batch:  # a batch collated with return_counts=True
+        batch["num_masked_tokens"].zero_()
+    return batch
+
+
+def _fail(arg: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"MaskedLMCollator: invalid {arg}={value!r}; {fix}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_prob(p: Any, lo_open: bool = False, hi_open: bool = False) -> bool:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        return False
+    return (0.0 < p if lo_open else 0.0 <= p) and (p < 1.0 if hi_open else p <= 1.0)
+
+
+def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
+    """Every check of the collator's arguments, in one place; ValueError naming the fix."""
+    if not isinstance(o["mlm"], bool):
+        raise _fail("mlm", o["mlm"], "pass True or False")
+    if not _is_prob(o["mlm_probability"], lo_open=True, hi_open=True):
+        raise _fail("mlm_probability", o["mlm_probability"], "it must be a number in (0, 1), e.g. 0.15")
+    for name in ("mask_replace_prob", "random_replace_prob"):
+        if not _is_prob(o[name]):
+            raise _fail(name, o[name], "it must be a number in [0, 1]")
+    total = o["mask_replace_prob"] + o["random_replace_prob"]
+    if total > 1.0 + 1e-9:
+        raise _fail("mask_replace_prob + random_replace_prob", total,
+                    "the two fractions of the targets must sum to at most 1 (e.g. 0.8 and 0.1)")
+    if o["padding"] not in PADDING_MODES:
+        raise _fail("padding", o["padding"], f"use one of {PADDING_MODES}")
+    max_length = o["max_length"]
+    if max_length is not None and (not _is_int(max_length) or max_length < 1):
+        raise _fail("max_length", max_length, "use a positive int or None")
+    if o["padding"] in ("max_length", "packed") and max_length is None:
+        raise _fail("max_length", max_length,
+                    f'padding="{o["padding"]}" needs max_length (the row length), e.g. 512')
+    multiple = o["pad_to_multiple_of"]
+    if multiple is not None and (not _is_int(multiple) or multiple < 1):
+        raise _fail("pad_to_multiple_of", multiple, "use a positive int (e.g. 8) or None")
+    if not _is_int(o["seed"]):
+        raise _fail("seed", o["seed"], "use an int (masks are always seeded; the default is 0)")
+    if o["return_tensors"] != "pt":
+        raise _fail("return_tensors", o["return_tensors"],
+                    'only "pt" (PyTorch tensors) is supported; pass return_tensors="pt" and '
+                    'convert the batch yourself, e.g. {k: v.numpy() for k, v in batch.items()}')
+    if not isinstance(o["return_counts"], bool):
+        raise _fail("return_counts", o["return_counts"], "pass True or False")
+    if o["attn_implementation"] not in (*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION):
+        raise _fail("attn_implementation", o["attn_implementation"],
+                    f"use one of {(*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION)}")
+    if not _is_int(o["position_offset"]) or o["position_offset"] < 0:
+        raise _fail("position_offset", o["position_offset"],
+                    "use 0, or padding_idx + 1 (2) for RoBERTa-family models")
+    if o["padding_side"] not in ("left", "right"):
+        raise _fail("padding_side", o["padding_side"], 'use "left" or "right"')
+    if tokenizer.pad_token_id is None:
+        raise _fail("tokenizer.pad_token_id", None,
+                    "give the tokenizer a pad token (e.g. tokenizer.pad_token = ...)")
+    if o["mlm"] and tokenizer.mask_token_id is None:
+        raise _fail("tokenizer.mask_token_id", None,
+                    "MLM needs a tokenizer with a mask token, or pass mlm=False")
+
+
+def parse_examples(examples: Sequence[Any], max_length: int | None,
+                   tables: VocabularyTables) -> tuple[torch.Tensor, torch.Tensor, list[int],
+                                                      list[int | None], torch.Tensor | None]:
+    """Concatenate the examples: ids (N,) long, special (N,) bool, lengths [E], idxs [E] (None
+    where an example has no ``idx``), token type ids (N,) long or None (when no example has
+    them; some but not all having them is an error)."""
+    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence) or not examples:
+        raise ValueError("MaskedLMCollator: expected a non-empty list of examples (lists of ids, 1-D "
+                         f"tensors or dicts with 'input_ids'), got {type(examples).__name__}")
+    chunks: list[Any] = []  # python lists or 1-D tensors, one per example, trimmed and truncated
+    given: list[tuple[int, torch.Tensor]] = []  # (example position, special mask) from dicts
+    types: list[Any] = []  # token type ids per example (lists or tensors), trimmed and truncated
+    lengths: list[int] = []
+    idxs: list[int | None] = []
+    for pos, ex in enumerate(examples):
+        ids, special, idx, type_ids = ex, None, None, None
+        if isinstance(ex, Mapping):
+            ids, special, idx, type_ids = _from_dict(ex, pos)
+        if not isinstance(ids, list):
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            if ids.dim() != 1:
+                raise ValueError(f"MaskedLMCollator: example {pos} must be 1-D token ids, got "
+                                 f"shape {tuple(ids.shape)}")
+        n = len(ids)
+        if special is not None and special.shape != (n,):
+            raise ValueError(f"MaskedLMCollator: example {pos}: special_tokens_mask shape != "
+                             "input_ids shape")
+        if type_ids is not None and len(type_ids) != n:
+            raise ValueError(f"MaskedLMCollator: example {pos}: token_type_ids length != "
+                             "input_ids length")
+        if pos == 0:
+            with_types = type_ids is not None
+        elif (type_ids is not None) != with_types:
+            have = ("has", "has no") if with_types else ("has no", "has")
+            raise ValueError(f"MaskedLMCollator: example 0 {have[0]} token_type_ids and example "
+                             f"{pos} {have[1]}; give every example of a batch them, or none")
+        if n == 0:
+            where = f" (idx {idx})" if idx is not None else ""
+            raise ValueError(f"MaskedLMCollator: example {pos}{where} has no tokens; filter "
+                             "empty examples out")
+        if max_length is not None and n > max_length:
+            ids, n = ids[:max_length], max_length
+            special = special[:max_length] if special is not None else None
+            type_ids = type_ids[:max_length] if type_ids is not None else None
+        if special is not None:
+            given.append((pos, special))
+        if type_ids is not None:
+            types.append(type_ids)
+        chunks.append(ids)
+        lengths.append(n)
+        idxs.append(idx)
+    if all(isinstance(c, list) for c in chunks):  # the common case: one tensor for the batch
+        flat = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long)  # (N,)
+    else:
+        flat = torch.cat([torch.as_tensor(c, dtype=torch.long) for c in chunks])  # (N,)
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or hi >= len(tables):
+        raise ValueError(f"MaskedLMCollator: token ids must lie in [0, {len(tables)}) for this "
+                         f"tokenizer, got range [{lo}, {hi}]; was the data tokenized with a "
+                         "different tokenizer?")
+    special_flat = tables.is_special[flat]  # (N,) one table lookup for the batch
+    if given:
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        for pos, mask in given:  # OR: a special id stays special even if the given mask says not
+            special_flat[offsets[pos]:offsets[pos + 1]] |= mask
+    type_flat = None
+    if types:
+        if all(isinstance(t, list) for t in types):
+            type_flat = torch.tensor([t for chunk in types for t in chunk], dtype=torch.long)
+        else:
+            type_flat = torch.cat([torch.as_tensor(t, dtype=torch.long) for t in types])  # (N,)
+    return flat, special_flat, lengths, idxs, type_flat
+
+
+def _from_dict(ex: Mapping, pos: int) -> tuple[Any, torch.Tensor | None, int | None, Any]:
+    """(ids, special mask or None, idx or None, token type ids or None) of a dict example;
+    drops positions whose attention mask is 0."""
+    if "input_ids" not in ex:
+        raise ValueError(f"MaskedLMCollator: example {pos} is a dict without 'input_ids'")
+    ids, special, idx, type_ids = ex["input_ids"], None, None, ex.get("token_type_ids")
+    if ex.get("idx") is not None:
+        raw = ex["idx"]
+        idx = int(raw.item()) if isinstance(raw, torch.Tensor) else operator.index(raw)
+    if ex.get("special_tokens_mask") is not None:
+        special = torch.as_tensor(ex["special_tokens_mask"]).to(torch.bool)
+    if type_ids is not None and not isinstance(type_ids, list):
+        type_ids = torch.as_tensor(type_ids, dtype=torch.long)
+    if ex.get("attention_mask") is not None:
+        keep = torch.as_tensor(ex["attention_mask"]).to(torch.bool)
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if keep.shape != ids.shape or (special is not None and special.shape != keep.shape) or (
+                type_ids is not None and len(type_ids) != len(keep)):
+            raise ValueError(f"MaskedLMCollator: example {pos}: attention_mask, "
+                             "special_tokens_mask or token_type_ids shape != input_ids shape")
+        ids = ids[keep]
+        special = special[keep] if special is not None else None
+        if type_ids is not None:
+            type_ids = torch.as_tensor(type_ids, dtype=torch.long)[keep]
+    return ids, special, idx, type_ids
+
+
+class MaskedLMCollator:
+    """Pads or packs examples, builds attention masks from lengths, applies reproducible masking.
+
+    A drop-in for transformers' ``DataCollatorForLanguageModeling`` (the same argument names where
+    it has them) in a ``Trainer`` or a ``DataLoader``; see README.md, "MaskedLMCollator as a
+    library", for what differs.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (pad and mask ids, special ids, vocabulary size,
+            padding side).
+        mlm: mask tokens for MLM; ``False`` gives labels of all -100 (used by probes; no causal
+            labels as in Hugging Face's collator).
+        mlm_probability: probability that a token (or word, with ``whole_word_mask``) is a target.
+        mask_replace_prob / random_replace_prob: fractions of the targets replaced by the mask
+            token / a random ordinary token; the rest are left unchanged (HF's 80/10/10).
+        whole_word_mask: select whole words (all pieces of a word together; words from the
+            tokenizer's WordPiece ``##``, byte-level ``Ġ`` or SentencePiece ``▁`` marks, see
+            `masking.word_start_scheme`).
+        padding: ``"longest"``, ``"max_length"`` or ``"packed"`` (see the module docstring).
+        max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
+        pad_to_multiple_of: round the time dimension T up to a multiple of this.
+        seed: masking seed; with the epoch (`set_epoch`) and the example's ``idx`` it fixes the
+            masks; examples without ``idx`` get new masks at every call, reproducible from it
+            (module doc, step 2).
+        return_tensors: ``"pt"``, the only form there is (Hugging Face's name).
+        return_counts: add the `METADATA_KEYS` counts to every batch (the recipe's training loop
+            reads them; a model's forward does not take them).
+        attn_implementation: the model's attention backend; decides the packed mask's form.
+        position_offset: first position id of every example (``padding_idx + 1`` for
+            RoBERTa-family models, 0 otherwise).
+        padding_side: ``"right"`` or ``"left"``; ``None`` takes ``tokenizer.padding_side``.
+
+    Raises:
+        ValueError: on any invalid argument, naming it and the fix (`validate_options`).
+    """
+
+    def __init__(self, tokenizer: Any, *, mlm: bool = True, mlm_probability: float = 0.15,
+                 mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
+                 whole_word_mask: bool = False, padding: str = "longest",
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None,
+                 seed: int = 0, return_tensors: str = "pt", return_counts: bool = False,
+                 attn_implementation: str = "sdpa", position_offset: int = 0,
+                 padding_side: str | None = None) -> None:
+        padding_side = tokenizer.padding_side if padding_side is None else padding_side
+        options = dict(locals())
+        del options["self"], options["tokenizer"]
+        validate_options(tokenizer, options)
+        self.tokenizer = tokenizer
+        self.mlm = mlm
+        self.return_counts = return_counts
+        self.epoch = 0
+        self.calls = 0  # this process's calls: keys the masks of examples without idx
+        # Raises ValueError for whole_word_mask with a tokenizer that marks no words.
+        self.tables = VocabularyTables(tokenizer, whole_word=whole_word_mask)
+        self.masker = Masker(self.tables, mask_token_id=tokenizer.mask_token_id,
+                             mlm_probability=mlm_probability, mask_replace_prob=mask_replace_prob,
+                             random_replace_prob=random_replace_prob,
+                             whole_word_mask=whole_word_mask, seed=seed)
+        self.layout = Layout(padding=padding, max_length=max_length,
+                             pad_to_multiple_of=pad_to_multiple_of,
+                             pad_token_id=int(tokenizer.pad_token_id),
+                             position_offset=position_offset, padding_side=padding_side,
+                             attn_implementation=attn_implementation)
+
+    @classmethod
+    def from_config(cls, tokenizer: Any, cfg: Any, *, position_offset: int,
+                    attn_implementation: str | None = None, **overrides: Any) -> "MaskedLMCollator":
+        """The collator a run's config (`config.MLMConfig`) asks for, laid out for the attention
+        implementation the model actually runs, with the counts the training loop and the eval
+        read (``return_counts``); ``overrides`` win (the padding ``auto`` resolved to; eval pads
+        dynamically with its own fixed seed)."""
+        options = dict(
+            mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
+            random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
+            padding=cfg.padding, max_length=cfg.max_seq_length,
+            pad_to_multiple_of=cfg.pad_to_multiple_of, seed=cfg.seed,
+            attn_implementation=attn_implementation or cfg.attn_implementation or "sdpa",
+            position_offset=position_offset, return_counts=True)
+        return cls(tokenizer, **{**options, **overrides})
+
+    # The options, readable where they are kept.
+    padding = property(lambda self: self.layout.padding)
+    max_length = property(lambda self: self.layout.max_length)
+    pad_to_multiple_of = property(lambda self: self.layout.pad_to_multiple_of)
+    padding_side = property(lambda self: self.layout.padding_side)
+    seed = property(lambda self: self.masker.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose masks the next batches get (masks: f(seed, epoch, idx))."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"MaskedLMCollator.set_epoch: invalid epoch={epoch!r}; use an int >= 0")
+        self.epoch = epoch
+
+    def _mask(self, ids, special, lengths, idxs,
+              stream: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.mlm:
+            return ids.clone(), torch.full_like(ids, -100)
+        return self.masker.mask(ids, special, lengths, idxs, self.epoch, stream)
+
+    def mask_example(self, input_ids, special_mask: torch.Tensor | None,
+                     idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask one unpadded example: ``(masked_ids, labels)``, both (L,), exactly what the
+        example gets inside any batch."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)  # (L,)
+        special = self.tables.is_special[ids]  # (L,)
+        if special_mask is not None:
+            special = special | torch.as_tensor(special_mask).to(torch.bool)
+        return self._mask(ids, special, [ids.numel()], [idx])
+
+    def __call__(self, examples: Sequence[Any],
+                 rows: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+        """Collate ``examples``. In packed mode ``rows`` (lists of positions into ``examples``)
+        may give the row layout, e.g. one planned over a larger window (`plans.TrainPlan`); by
+        default the batch is packed on its own with `layout.pack_rows`."""
+        if rows is not None and self.padding != "packed":
+            raise ValueError('MaskedLMCollator: rows= is only meaningful with padding="packed"')
+        ids, special, lengths, idxs, types = parse_examples(examples, self.max_length, self.tables)
+        stream = (collating_worker(), self.calls)  # keys the examples without idx
+        self.calls += 1
+        masked, labels = self._mask(ids, special, lengths, idxs, stream)  # (N,), (N,)
+        batch = self.layout(masked, labels, lengths, rows, token_type_ids=types)
+        if self.return_counts:
+            batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
+            batch["num_masked_tokens"] = (labels != -100).sum()
+            batch["num_examples"] = torch.tensor(len(lengths), dtype=torch.long)
+        return batch
+
+
+def collating_worker() -> int:
+    """Who collates, for `masking.unkeyed_seed`: 0 in the main process, 1 + the worker's seed in
+    a DataLoader worker. The DataLoader gives worker ``i`` the seed ``base + i``, ``base`` drawn
+    for every new set of workers (each epoch, unless ``persistent_workers``) from its
+    ``generator`` or the main process's torch RNG: each worker draws its own masks, new ones each
+    epoch, and a seeded run draws the same ones again."""
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else 1 + int(info.seed)

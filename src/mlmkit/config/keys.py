@@ -1,0 +1,51 @@
+"""The names of every logged metric and summary.json key, W&B and metrics.jsonl alike: the one
+source of truth (do not rename them). Defined at the bottom so that every stage that reports one
+(the probe's padding decision, the data's counts, the run's metrics) names it from here;
+`mlmkit.train.tracking` re-exports them all.
+"""
+
+__all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
+           "TRAIN_REAL_TOKENS_PER_S", "TRAIN_PAD_FRACTION", "TRAIN_MASKED_TOKENS", "TRAIN_TFLOPS",
+           "TRAIN_MFU", "TRAIN_DATA_WAIT_FRACTION", "TRAIN_GPU_BUSY_FRACTION",
+           "TRAIN_COMPILE_SECONDS", "TRAIN_RUNTIME", "EVAL_LOSS", "EVAL_PERPLEXITY",
+           "EVAL_PAD_SENSITIVITY", "EVAL_LOSS_UNMASKED", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
+           "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
+           "NUM_PROCESSES", "DATA_MIXTURE", "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
+           "DATA_REPAIRED_LINES", "PADDING", "FILL_MASK", "TRACKERS_RAN"]
+
+# --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"            # all positions computed, padding included
+TRAIN_REAL_TOKENS_PER_S = "train/real_tokens_per_s"  # non-padding positions only
+TRAIN_PAD_FRACTION = "train/pad_fraction"
+TRAIN_MASKED_TOKENS = "train/masked_tokens"
+TRAIN_TFLOPS = "train/tflops"                        # model TFLOP/s per device (flops.py)
+TRAIN_MFU = "train/mfu"                              # train/tflops / the device's dense peak
+TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spent waiting for data
+TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (loop.BusyClock;
+#                                                     absent on CPU and before it is measured)
+TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the warm-up (compile, capture)
+TRAIN_RUNTIME = "train/runtime_s"
+EVAL_LOSS = "eval/loss"
+EVAL_PERPLEXITY = "eval/perplexity"
+EVAL_PAD_SENSITIVITY = "eval/pad_sensitivity"
+EVAL_LOSS_UNMASKED = "eval/loss_unmasked"
+SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
+STEP = "step"
+EPOCH = "epoch"
+
+# --- summary.json keys beyond the metrics above ----------------------------------------------------
+FIRST_EVAL_LOSS = "first/" + EVAL_LOSS               # the step-0 eval
+FIRST_EVAL_PERPLEXITY = "first/" + EVAL_PERPLEXITY
+TRAIN_PEAK_TFLOPS = "train/peak_tflops"              # the peak train/mfu is against (None: unknown)
+TRAIN_EXAMPLES = "train/examples"                    # map-style training examples (None: stream)
+NUM_PROCESSES = "num_processes"
+DATA_MIXTURE = "data/mixture"                        # --mixture_files: source -> weight
+DATA_SOURCE_TOKENS = "data/source_tokens"            # source -> real tokens trained, all processes
+DATA_SOURCE_SHARE = "data/source_share"              # source -> share of those tokens
+DATA_REPAIRED_LINES = "data/repaired_lines"          # lines with bytes that were not UTF-8
+PADDING = "padding"                                  # what --padding resolved to
+FILL_MASK = "fill_mask"                              # the fill-mask check (fill_mask.py)
+TRACKERS_RAN = "trackers"                            # tracker -> how it ran (MetricsLog.status)

@@ -1,0 +1,219 @@
+"""The ablation report on synthetic run folders: paired differences and t-intervals checked against
+hand-computed values, unfinished and broken runs reported rather than crashing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from mlmkit.report import build as R
+from mlmkit.report import stats as S
+from mlmkit.report.render import PLOTS
+from mlmkit.report.runs import PLAN_FILE
+from mlmkit.train import tracking as M
+
+# Final eval losses per arm and seed. Hand computation of the paired differences vs `masked`:
+#   unmasked: d = (0.05, 0.10, 0.08); mean = 0.23/3 = 0.0766667
+#             deviations (-0.0266667, +0.0233333, +0.0033333); sum of squares = 0.00126667
+#             sd = sqrt(0.00126667 / 2) = 0.0251661; se = sd / sqrt(3) = 0.0145297
+#             t(0.975, 2) = 4.302653 -> half-width 0.0625160 -> CI [0.0141507, 0.1391826]
+#   packed:   seeds 0, 1 only (seed 2 failed): d = (0.01, -0.02); mean = -0.005
+#             sd = 0.03 / sqrt(2) = 0.0212132; se = 0.015; t(0.975, 1) = 12.706205
+#             -> half-width 0.1905931 -> CI [-0.1955931, 0.1855931]
+#   packed_naive: seed 0 only (seed 1 never started) -> n = 1, no interval
+LOSSES = {
+    "masked": {0: 3.00, 1: 3.10, 2: 2.90},
+    "unmasked": {0: 3.05, 1: 3.20, 2: 2.98},
+    "packed": {0: 3.01, 1: 3.08},
+    "packed_naive": {0: 3.20},
+}
+ARM_FLAGS = {"masked": {"padding": "longest", "mask_padding": True},
+             "unmasked": {"padding": "longest", "mask_padding": False},
+             "packed": {"padding": "packed", "mask_padding": True},
+             "packed_naive": {"padding": "packed", "mask_padding": False}}
+
+
+def write_run(folder, arm, seed, final_loss=None, *, rate=1000.0, pad=0.5, finished=True):
+    """A run folder as the recipe leaves it: config.yaml, metrics.jsonl, summary.json."""
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "learning_rate": 1e-4, "wandb_group": "abl",
+              "wandb_tags": [arm, f"seed{seed}"], "output_dir": str(folder), **ARM_FLAGS[arm]}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{M.STEP: 0, M.EVAL_LOSS: 10.0}]
+    for step in (5, 10):
+        records.append({M.STEP: step, M.TRAIN_LOSS: 5.0, M.EPOCH: step / 10,
+                        M.TRAIN_REAL_TOKENS_PER_S: rate + step, M.TRAIN_PAD_FRACTION: pad})
+        if finished:
+            records.append({M.STEP: step, M.EVAL_LOSS: final_loss + (10 - step) / 10})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        summary = {M.EVAL_LOSS: final_loss, M.EVAL_PERPLEXITY: math.exp(final_loss),
+                   M.EVAL_LOSS_UNMASKED: final_loss + 0.5, M.EVAL_PAD_SENSITIVITY: 0.1,
+                   M.TRAIN_RUNTIME: 100.0, M.STEP: 10}
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def ablation(tmp_path):
+    root = tmp_path / "abl"
+    for arm, per_seed in LOSSES.items():
+        for seed, loss in per_seed.items():
+            write_run(root / arm / f"seed{seed}", arm, seed, loss,
+                      rate=3000.0 if arm.startswith("packed") else 1000.0,
+                      pad=0.01 if arm.startswith("packed") else 0.5)
+    write_run(root / "packed" / "seed2", "packed", 2, finished=False)  # failed mid-run
+    (root / "packed" / "seed2" / "launch.log").write_text("Traceback ...\n")
+    plan = {"name": "abl", "reference": "masked", "arms": list(LOSSES), "seeds": [0, 1, 2],
+            "comparisons": [["unmasked", "packed"]],
+            "runs": [{"arm": a, "seed": s, "output_dir": f"{a}/seed{s}"}
+                     for s in (0, 1, 2) for a in LOSSES]}
+    (root / PLAN_FILE).write_text(json.dumps(plan))
+    return root
+
+
+def test_t_quantiles():
+    assert S.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert S.t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert S.t_quantile_975(10) == pytest.approx(2.2281, abs=1e-4)
+    assert S.t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    with pytest.raises(ValueError):
+        S.t_quantile_975(0)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 200):
+        assert S.t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-5)
+
+
+def test_paired_difference_by_hand():
+    d = S.paired_difference(LOSSES["unmasked"], LOSSES["masked"])
+    assert d["n"] == 3
+    assert d["per_seed"] == pytest.approx({"0": 0.05, "1": 0.10, "2": 0.08})
+    assert d["mean"] == pytest.approx(0.0766667, abs=1e-6)
+    assert d["sd"] == pytest.approx(0.0251661, abs=1e-6)
+    assert d["se"] == pytest.approx(0.0145297, abs=1e-6)
+    assert d["ci95"] == pytest.approx([0.0141507, 0.1391826], abs=1e-6)
+
+    d = S.paired_difference(LOSSES["packed"], LOSSES["masked"])  # only the shared seeds pair
+    assert d["n"] == 2 and d["mean"] == pytest.approx(-0.005)
+    assert d["ci95"] == pytest.approx([-0.1955931, 0.1855931], abs=1e-6)
+
+    d = S.paired_difference(LOSSES["packed_naive"], LOSSES["masked"])
+    assert d["n"] == 1 and d["mean"] == pytest.approx(0.20) and d["ci95"] is None
+    assert S.paired_difference({}, LOSSES["masked"])["n"] == 0
+
+
+def test_report_from_run_folders(ablation):
+    numbers = R.build_report(ablation)
+    arms = numbers["arms"]
+    assert list(arms) == ["masked", "unmasked", "packed", "packed_naive"]
+    assert [arms[a]["n_seeds"] for a in arms] == [3, 3, 2, 1]
+    assert arms["masked"]["eval_loss"]["mean"] == pytest.approx(3.0)
+    assert arms["masked"]["eval_loss"]["sd"] == pytest.approx(0.1)
+    assert arms["masked"]["paired_delta_vs_reference"] is None
+    assert arms["unmasked"]["paired_delta_vs_reference"]["ci95"] == pytest.approx(
+        [0.0141507, 0.1391826], abs=1e-6)
+    assert arms["packed"]["paired_delta_vs_reference"]["ci95"] == pytest.approx(
+        [-0.1955931, 0.1855931], abs=1e-6)
+    # throughput: the median of the logged windows (1005, 1010 -> 1007.5); pad fraction: mean
+    assert arms["masked"]["real_tokens_per_s"]["mean"] == pytest.approx(1007.5)
+    assert arms["packed"]["pad_fraction"]["mean"] == pytest.approx(0.01)
+    assert arms["masked"]["eval_loss_unmasked"]["mean"] == pytest.approx(3.5)
+    # the eval curve: the steps every seed evaluated, x in epochs from the train records
+    curve = arms["masked"]["curve"]
+    assert curve["step"] == [0, 5, 10] and curve["epoch"] == pytest.approx([0.0, 0.5, 1.0])
+    assert curve["mean"][-1] == pytest.approx(3.0) and curve["max"][-1] == pytest.approx(3.1)
+
+    # unfinished and never-started runs are reported, not dropped, and never crash the report
+    status = {(r["arm"], r["seed"]): r["status"] for r in numbers["runs"]}
+    assert status[("packed", 2)] == "unfinished" and status[("packed_naive", 1)] == "missing"
+    assert numbers["n_runs"] == 12 and numbers["n_finished"] == 9
+    assert numbers["arm_differences"]["padding"]["packed"] == "packed"
+    assert "learning_rate" not in numbers["arm_differences"]
+
+    md = (ablation / "report.md").read_text()
+    for arm in LOSSES:
+        assert f"| `{arm}` |" in md
+    assert "+0.0767 [+0.0142, +0.1392]" in md                  # unmasked vs masked
+    assert "[n/a: 1 seed]" in md                                 # packed_naive, one seed
+    assert "the interval excludes 0: `unmasked` ends with a higher eval loss" in md
+    assert "the interval includes 0: no difference detectable with 2 seeds" in md
+    assert "3 of 12 runs did not finish" in md and "launch.log" in md
+    assert "Fill-mask" not in md and numbers["fill_mask"] is None  # runs without the check
+    # an extra comparison from the plan: unmasked - packed over seeds 0, 1: (0.04, 0.12)
+    (extra,) = numbers["comparisons"]
+    assert (extra["arm"], extra["against"]) == ("unmasked", "packed")
+    assert extra["paired_delta"]["mean"] == pytest.approx(0.08)
+    assert "`unmasked` − `packed`: final eval loss Δ = +0.0800" in md
+    saved = json.loads((ablation / "report.json").read_text())
+    assert saved["arms"]["unmasked"]["eval_loss"]["per_seed"] == pytest.approx(
+        {"0": 3.05, "1": 3.20, "2": 2.98})
+    for name in PLOTS:
+        png = ablation / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+
+
+def test_fill_mask_check_per_arm(ablation):
+    """Mean rank of the masked word after training per arm (over sentences, then seeds), and the
+    top-1 of each sentence from each arm's lowest seed; runs without the check are left out."""
+    ranks = {"masked": 2, "unmasked": 6, "packed": 1}  # packed_naive: no check (older runs)
+    for file in ablation.glob("*/seed*/summary.json"):
+        arm, seed = file.parent.parent.name, int(file.parent.name[4:])
+        if arm not in ranks:
+            continue
+        summary = json.loads(file.read_text())
+        summary["fill_mask"] = [
+            {"text": f"sentence {i} [MASK].", "answer": "word", "before": ["x"] * 5,
+             "after": [f"{arm}{seed}", "y", "y", "y", "y"], "rank_before": 1000,
+             "rank_after": ranks[arm] + i} for i in range(2)]
+        file.write_text(json.dumps(summary))
+    numbers = R.build_report(ablation)
+    arms = numbers["arms"]
+    assert arms["masked"]["fill_mask_rank_after"]["mean"] == pytest.approx(2.5)  # (2 + 3) / 2
+    assert arms["masked"]["fill_mask_rank_before"]["mean"] == pytest.approx(1000)
+    assert arms["packed"]["fill_mask_rank_after"]["n"] == 2  # its seed 2 did not finish
+    assert arms["packed_naive"]["fill_mask_rank_after"]["n"] == 0
+    check = numbers["fill_mask"]
+    assert [s["text"] for s in check["sentences"]] == ["sentence 0 [MASK].", "sentence 1 [MASK]."]
+    assert check["top1_after"] == {"masked": ["masked0"] * 2, "unmasked": ["unmasked0"] * 2,
+                                   "packed": ["packed0"] * 2}
+    md = (ablation / "report.md").read_text()
+    assert "`masked` 2.5 (before: 1,000), `unmasked` 6.5 (before: 1,000)" in md
+    assert "## Fill-mask check" in md
+    assert "| sentence 0 [MASK]. | word | masked0 | unmasked0 | packed0 |" in md
+
+
+def test_report_without_plan_and_with_a_broken_run(tmp_path):
+    """Runs found by folder alone (arm from the W&B tags); a corrupt summary.json is reported."""
+    root = tmp_path / "loose"
+    write_run(root / "a" / "seed0", "masked", 0, 3.0)
+    write_run(root / "b" / "seed0", "unmasked", 0, 3.1)
+    write_run(root / "c" / "seed1", "unmasked", 1, 3.2)
+    (root / "c" / "seed1" / "summary.json").write_text("{not json")
+    (root / "a" / "seed0" / "wandb" / "run" / "files").mkdir(parents=True)  # not a run folder
+    (root / "a" / "seed0" / "wandb" / "run" / "files" / "config.yaml").write_text("x: 1\n")
+
+    numbers = R.build_report(root)
+    assert set(numbers["arms"]) == {"masked", "unmasked"}
+    assert numbers["n_runs"] == 3 and numbers["n_finished"] == 2
+    broken = [r for r in numbers["runs"] if r["status"] == "unreadable"]
+    assert len(broken) == 1 and "summary.json" in broken[0]["note"]
+    d = numbers["arms"]["unmasked"]["paired_delta_vs_reference"]
+    assert d["n"] == 1 and d["mean"] == pytest.approx(0.1) and d["ci95"] is None
+    assert "from a single paired seed" in (root / "report.md").read_text()
+
+
+def test_cli(tmp_path, ablation, capsys):
+    out = tmp_path / "elsewhere"
+    assert R.main([str(ablation), "--reference", "unmasked", "--output_dir", str(out)]) == 0
+    assert "9/12 runs finished" in capsys.readouterr().out
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["reference"] == "unmasked"
+    assert saved["arms"]["masked"]["paired_delta_vs_reference"]["mean"] == pytest.approx(-0.0766667,
+                                                                                         abs=1e-6)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert R.main([str(empty)]) == 2
+    assert R.main([str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
