@@ -525,7 +525,7 @@ def test_tracker_package_not_installed(fails, tiny_args):
 
 
 def test_resume_under_another_launch():
-    from mlmkit.config.launch import check_launch
+    from mlmkit.train.launch import check_launch
     accelerator = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     saved = {"num_processes": 8, "distributed_type": "DEEPSPEED"}
     assert_user_error(lambda: check_launch(saved, "checkpoint-100", accelerator),

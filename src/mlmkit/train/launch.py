@@ -6,9 +6,14 @@ launch` and its config file, never from the recipe config; this module only adap
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
 
 from mlmkit.config.errors import ConfigError
 from mlmkit.config.shape import micro_batch
@@ -37,9 +42,6 @@ def build_accelerator(cfg, trackers: list[str]):
       gloo) and then switched to FSDP with the plugin, the way Accelerate's own state does it on
       GPUs (`_switch_to_fsdp`); FSDP2's ``fully_shard`` runs on CPU tensors with gloo collectives.
     """
-    import torch
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     no_gpu = not torch.cuda.is_available()
@@ -99,17 +101,19 @@ def fsdp_plugin():
     own separates the word embeddings from the decoder tied to them, and the tie breaks. It also
     lets the inner model be run directly (`gather_root_on_direct_calls`).
     """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    class MLMFullyShardedDataParallelPlugin(FullyShardedDataParallelPlugin):
-        def set_auto_wrap_policy(self, model):
-            policy = getattr(self.auto_wrap_policy, "__name__", "")
-            if policy == "transformer_auto_wrap_policy" and self.transformer_cls_names_to_wrap is None:
-                self.transformer_cls_names_to_wrap = fsdp_layer_classes(model)
-            gather_root_on_direct_calls(model)  # the one hook FSDP preparation offers
-            super().set_auto_wrap_policy(model)
-
     return MLMFullyShardedDataParallelPlugin()
+
+
+class MLMFullyShardedDataParallelPlugin(FullyShardedDataParallelPlugin):
+    """Accelerate's FSDP plugin, whose wrap policy takes the model's own layers (`fsdp_plugin`)
+    and lets its inner model be run directly (`gather_root_on_direct_calls`)."""
+
+    def set_auto_wrap_policy(self, model):
+        policy = getattr(self.auto_wrap_policy, "__name__", "")
+        if policy == "transformer_auto_wrap_policy" and self.transformer_cls_names_to_wrap is None:
+            self.transformer_cls_names_to_wrap = fsdp_layer_classes(model)
+        gather_root_on_direct_calls(model)  # the one hook FSDP preparation offers
+        super().set_auto_wrap_policy(model)
 
 
 def fsdp_layer_classes(module) -> list[str]:
@@ -136,9 +140,6 @@ def _switch_to_fsdp(accelerator, plugin) -> None:
     """Turn a CPU (gloo) Accelerator into an FSDP one: what `AcceleratorState.__init__` does when
     it enables FSDP on GPUs, including the copy into the process-wide state that every later
     `AcceleratorState()` reads."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
     state = accelerator.state
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
@@ -159,17 +160,23 @@ def gather_root_on_direct_calls(root) -> None:
     (as its first forward would) and gathers its parameters; they stay gathered, as after any
     root forward, until the next backward frees them. Inside the root's own forward both are
     no-ops. Other engines: nothing to do (ZeRO-3 gathers per submodule by itself)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    def gather(inner, args):
-        if isinstance(root, FSDPModule):
-            root._get_fsdp_state()._lazy_init()  # what the root's first forward does first
-            root.unshard()  # a no-op when already gathered
     for inner in root.modules():
         if inner is not root and hasattr(inner, "_no_split_modules") and \
                 not getattr(inner, "_mlmkit_gathers_root", False):
-            inner.register_forward_pre_hook(gather)
+            inner.register_forward_pre_hook(_GatherRoot(root))
             inner._mlmkit_gathers_root = True
+
+
+class _GatherRoot:
+    """The forward pre-hook of `gather_root_on_direct_calls`: initialise and gather ``root``."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def __call__(self, inner, args) -> None:
+        if isinstance(self.root, FSDPModule):
+            self.root._get_fsdp_state()._lazy_init()  # what the root's first forward does first
+            self.root.unshard()  # a no-op when already gathered
 
 
 def launch_signature(accelerator) -> dict:
@@ -190,22 +197,3 @@ def check_launch(saved: dict | None, checkpoint, accelerator) -> None:
             "shards, RNG streams and optimizer shards would not match. Fix: relaunch with the "
             "same accelerate config and --num_processes, or --overwrite_output_dir true to "
             "start fresh.")
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """Build a model as in a fresh process (``from_pretrained``, ``from_config``). Inside a ZeRO-3
-    run transformers would build it partitioned (``deepspeed.zero.Init``, its weights gathered
-    to initialise them): collectives that a model built by one process only (the fill-mask
-    check's), or on the meta device (`modelcheck`'s shapes), must not make -- the run would
-    hang."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = config() if config is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if config is not None:
-            hf_deepspeed.set_hf_deepspeed_config(config)

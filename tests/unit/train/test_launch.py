@@ -11,9 +11,9 @@ import pytest
 from helpers import tiny_model
 
 from mlmkit.config.errors import ConfigError
-from mlmkit.config.launch import build_accelerator, check_launch, launch_signature
 from mlmkit.config.parse import parse_config
 from mlmkit.train import checkpoint as C
+from mlmkit.train.launch import build_accelerator, check_launch, launch_signature
 
 
 def test_ddp_timeout_is_the_process_group_timeout():
@@ -31,8 +31,8 @@ def test_ddp_timeout_is_the_process_group_timeout():
 def test_layer_units_keep_the_tied_embeddings_together():
     """Each BertLayer is an FSDP2 unit of its own; BertEmbeddings (BERT's _no_split_modules lists
     it) is not, since it holds the word embeddings that the MLM decoder is tied to."""
-    from mlmkit.config.launch import fsdp_layer_classes
     from mlmkit.model.loading import MaskedLMModule
+    from mlmkit.train.launch import fsdp_layer_classes
 
     model = tiny_model("bert")
     assert set(model._no_split_modules) == {"BertEmbeddings", "BertLayer"}
@@ -54,7 +54,7 @@ def test_zero_note_only_for_one_gpu_process_under_deepspeed():
 
     import torch
 
-    from mlmkit.config.launch import zero_note
+    from mlmkit.train.launch import zero_note
 
     def launched(stage, processes, device):
         plugin = None if stage is None else SimpleNamespace(zero_stage=stage)
