@@ -70,6 +70,11 @@ def to_cli_args(flags: dict) -> list[str]:
     return args
 
 
+def _yaml_plain(d: dict) -> dict:
+    """``d`` in YAML's types (a tuple becomes a list), as a config file would hold it."""
+    return yaml.safe_load(yaml.safe_dump(d)) or {}
+
+
 def config_differences(saved: dict, current: dict, *, defaults: dict,
                        ignore: Iterable[str] = ()) -> list[str]:
     """``"key: <saved> there, <current> now"`` for each setting that differs, skipping ``ignore``.
@@ -77,10 +82,8 @@ def config_differences(saved: dict, current: dict, *, defaults: dict,
     A key missing on one side (a config written by an older mlmkit) counts as its default. Both
     sides are compared in YAML's types (a tuple and a list are equal).
     """
-    def plain(d: dict) -> dict:
-        return yaml.safe_load(yaml.safe_dump(d)) or {}
-
-    saved, current, defaults, ignore = plain(saved), plain(current), plain(defaults), set(ignore)
+    saved, current, defaults = _yaml_plain(saved), _yaml_plain(current), _yaml_plain(defaults)
+    ignore = set(ignore)
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore:

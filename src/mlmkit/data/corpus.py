@@ -200,21 +200,16 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
     map_kwargs = dict(num_proc=cfg.preprocessing_num_workers,
                       load_from_cache_file=not cfg.overwrite_cache)
 
-    def tokenize(batch):
-        texts = [t for t in batch[col] if t and t.strip()] if line_by_line else batch[col]
-        return text_examples(texts, tokenizer, max_length=cfg.max_seq_length,
-                             line_by_line=line_by_line)
-
-    def nonempty(batch):  # grouped: a map batch is then 1000 documents, blank lines included
-        return [bool(t) for t in batch[col]]
-
+    tokenize = dict(column=col, tokenizer=tokenizer, max_length=cfg.max_seq_length,
+                    line_by_line=line_by_line)
     tokenized = DatasetDict()
     for name in raw:
         split = raw[name] if line_by_line else \
-            raw[name].filter(nonempty, batched=True, desc=f"dropping empty {name} rows",
-                             **map_kwargs)
+            raw[name].filter(_nonempty, batched=True, fn_kwargs={"column": col},
+                             desc=f"dropping empty {name} rows", **map_kwargs)
         tokenized[name] = split.map(
-            tokenize, batched=True, remove_columns=raw[name].column_names,
+            _tokenize_batch, batched=True, fn_kwargs=tokenize,
+            remove_columns=raw[name].column_names,
             desc=f"tokenizing {name}" + (" (line by line)" if line_by_line else
                                          f" into {cfg.max_seq_length}-token blocks"),
             new_fingerprint=tokenize_fingerprint(split, tokenizer, cfg), **map_kwargs)
@@ -226,6 +221,18 @@ def tokenize_datasets(raw: DatasetDict, tokenizer, cfg: MLMConfig) -> DatasetDic
             raise DataError(f"the {name} split of {source} holds no text after dropping blank "
                             "lines. Fix: point --train_file/--validation_file at non-empty data.")
     return tokenized
+
+
+def _tokenize_batch(batch, *, column: str, tokenizer, max_length: int,
+                    line_by_line: bool) -> dict[str, list]:
+    """One map batch of a split -> its examples (`text_examples`)."""
+    texts = [t for t in batch[column] if t and t.strip()] if line_by_line else batch[column]
+    return text_examples(texts, tokenizer, max_length=max_length, line_by_line=line_by_line)
+
+
+def _nonempty(batch, *, column: str) -> list[bool]:
+    """Grouped examples: a map batch is 1000 documents, blank lines included; drop the empty."""
+    return [bool(t) for t in batch[column]]
 
 
 def limit_samples(tokenized: DatasetDict, cfg: MLMConfig) -> DatasetDict:

@@ -99,6 +99,29 @@ def _error(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
 
+class _ProbeForward:
+    """The probe's batches (collated as the run collates, on its device) and the model's logits."""
+
+    def __init__(self, model, tokenizer, *, max_length: int, device, position_offset: int,
+                 attn_implementation: str):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_length, self.position_offset = max_length, position_offset
+        self.attn_implementation = attn_implementation
+
+    def collate(self, padding: str, items, rows=None) -> dict:
+        collator = MaskedLMCollator(self.tokenizer, mlm=False, padding=padding,
+                                    max_length=self.max_length,
+                                    position_offset=self.position_offset,
+                                    attn_implementation=self.attn_implementation)
+        batch = model_inputs(collator(items, rows=rows))
+        batch.pop("labels")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def logits(self, batch) -> torch.Tensor:
+        return self.model(**batch).logits.float()
+
+
 @torch.no_grad()
 def probe_isolation(model, tokenizer, *, attn_implementation: str, position_offset: int,
                     max_length: int | None = None, device=None,
@@ -118,17 +141,10 @@ def probe_isolation(model, tokenizer, *, attn_implementation: str, position_offs
     dtype = next(model.parameters()).dtype
     rtol = max(1e-4, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
 
-    def collate(padding: str, items, rows=None):
-        collator = MaskedLMCollator(tokenizer, mlm=False, padding=padding,
-                                    max_length=sum(lengths), position_offset=position_offset,
-                                    attn_implementation=attn_implementation)
-        batch = model_inputs(collator(items, rows=rows))
-        batch.pop("labels")
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def logits(batch) -> torch.Tensor:
-        return model(**batch).logits.float()
-
+    forward = _ProbeForward(model, tokenizer, max_length=sum(lengths), device=device,
+                            position_offset=position_offset,
+                            attn_implementation=attn_implementation)
+    collate, logits = forward.collate, forward.logits
     result = IsolationResult(type(model).__name__, attn_implementation, tolerance=0.0)
     try:
         alone = [logits(collate("longest", [e]))[0] for e in examples]  # (L_i, V) each
@@ -222,7 +238,7 @@ class PaddingDecision:
 
 
 def decide_padding(cfg, training, tokenizer, device) -> PaddingDecision:
-    """Probe ``training``'s model (a `loop.Training`; every process, same forwards) and resolve
+    """Probe ``training``'s model (a `optim.Training`; every process, same forwards) and resolve
     ``--padding`` (`resolve_padding`: a ConfigError before anything is written); a model whose
     masked-only head does not match its full head falls back to the full head."""
     inner = training.inner

@@ -64,16 +64,29 @@ def _arm_order(runs: list[RunResult], plan: dict) -> list[str]:
     return order
 
 
+def shown(path: Path, root: Path | None) -> str:
+    """A run folder as the report shows it: relative to the ablation folder ``root``."""
+    try:
+        return str(path.relative_to(root.resolve())) if root else str(path)
+    except ValueError:
+        return str(path)
+
+
+def per_seed(runs: dict[int, RunResult], fn) -> dict[int, float]:
+    """``fn`` of each seed's run, where it has a value."""
+    return {s: v for s, r in runs.items() if (v := fn(r)) is not None}
+
+
+def stats(values: dict[int, float]) -> dict:
+    """`describe` of the values, and the values per seed."""
+    return {**describe(list(values.values())),
+            "per_seed": {str(s): v for s, v in sorted(values.items())}}
+
+
 def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | None = None,
               root: Path | None = None) -> dict:
     """The report's numbers: per arm, per run, paired differences, and notes."""
     plan = plan or {}
-
-    def shown(path: Path) -> str:  # run folders relative to the ablation folder
-        try:
-            return str(path.relative_to(root.resolve())) if root else str(path)
-        except ValueError:
-            return str(path)
 
     reference = reference or plan.get("reference") or DEFAULT_REFERENCE
     arms = _arm_order(runs, plan)
@@ -90,14 +103,7 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             continue
         by_arm[run.arm][key] = run
 
-    def per_seed(arm: str, fn) -> dict[int, float]:
-        return {s: v for s, r in by_arm[arm].items() if (v := fn(r)) is not None}
-
-    def stats(values: dict[int, float]) -> dict:
-        return {**describe(list(values.values())),
-                "per_seed": {str(s): v for s, v in sorted(values.items())}}
-
-    final_loss = {a: per_seed(a, lambda r: r.final(EVAL_LOSS)) for a in arms}
+    final_loss = {a: per_seed(by_arm[a], lambda r: r.final(EVAL_LOSS)) for a in arms}
     out_arms = {}
     for arm in arms:
         finished = by_arm[arm]
@@ -105,21 +111,22 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
         entry: dict[str, Any] = {
             "n_seeds": len(finished),
             "seeds": sorted(s for s in finished if s >= 0),
-            "not_finished": [{"seed": r.seed, "status": r.status, "path": shown(r.path),
+            "not_finished": [{"seed": r.seed, "status": r.status, "path": shown(r.path, root),
                               "note": r.note} for r in planned if not r.finished],
             # final values (the last eval of each run) and training rates, per seed and summarised
             "eval_loss": stats(final_loss[arm]),
-            "perplexity": stats(per_seed(arm, lambda r: r.final(EVAL_PERPLEXITY))),
-            "eval_loss_unmasked": stats(per_seed(arm, lambda r: r.final(EVAL_LOSS_UNMASKED))),
-            "pad_sensitivity": stats(per_seed(arm, lambda r: r.final(EVAL_PAD_SENSITIVITY))),
+            "perplexity": stats(per_seed(finished, lambda r: r.final(EVAL_PERPLEXITY))),
+            "eval_loss_unmasked": stats(per_seed(finished,
+                                                 lambda r: r.final(EVAL_LOSS_UNMASKED))),
+            "pad_sensitivity": stats(per_seed(finished, lambda r: r.final(EVAL_PAD_SENSITIVITY))),
             "real_tokens_per_s": stats(per_seed(
-                arm, lambda r: r.train_mean(TRAIN_REAL_TOKENS_PER_S))),
+                finished, lambda r: r.train_mean(TRAIN_REAL_TOKENS_PER_S))),
             "pad_fraction": stats(per_seed(
-                arm, lambda r: r.train_mean(TRAIN_PAD_FRACTION, how="mean"))),
-            "runtime_s": stats(per_seed(arm, lambda r: r.final(TRAIN_RUNTIME))),
-            "fill_mask_rank_after": stats(per_seed(arm, lambda r: r.mean_fill_mask_rank())),
+                finished, lambda r: r.train_mean(TRAIN_PAD_FRACTION, how="mean"))),
+            "runtime_s": stats(per_seed(finished, lambda r: r.final(TRAIN_RUNTIME))),
+            "fill_mask_rank_after": stats(per_seed(finished, lambda r: r.mean_fill_mask_rank())),
             "fill_mask_rank_before": stats(per_seed(
-                arm, lambda r: r.mean_fill_mask_rank("before"))),
+                finished, lambda r: r.mean_fill_mask_rank("before"))),
             "paired_delta_vs_reference": None,
             "curve": _mean_curve(list(finished.values())),
         }
@@ -135,7 +142,7 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
         "name": plan.get("name"),
         "reference": reference,
         "arms": out_arms,
-        "runs": [{"arm": r.arm, "seed": r.seed, "status": r.status, "path": shown(r.path),
+        "runs": [{"arm": r.arm, "seed": r.seed, "status": r.status, "path": shown(r.path, root),
                   "note": r.note, "step": r.summary.get(STEP),
                   "eval_loss": r.final(EVAL_LOSS), "perplexity": r.final(EVAL_PERPLEXITY),
                   "runtime_s": r.final(TRAIN_RUNTIME)} for r in table],

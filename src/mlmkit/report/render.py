@@ -182,6 +182,40 @@ def render_markdown(numbers: dict, plots: list[str], plot_note: str = "") -> str
 
 
 # ================================================================================ plots
+class _Figures:
+    """The report's figures, each written atomically into ``out_dir`` (a reader never sees half a
+    plot); `written` lists their names."""
+
+    def __init__(self, plt, out_dir: Path):
+        self.plt, self.out_dir, self.written = plt, out_dir, []
+
+    def save(self, fig, name: str) -> None:
+        fig.tight_layout()
+        tmp = self.out_dir / f".{name}.tmp"
+        fig.savefig(tmp, dpi=110, format=Path(name).suffix.lstrip("."))
+        os.replace(tmp, self.out_dir / name)
+        self.plt.close(fig)
+        self.written.append(name)
+
+    def bars(self, arms: dict, names: list[str], colors: dict, metric: str, name: str,
+             ylabel: str) -> None:
+        """One bar per arm (its mean) with each seed's value as a point."""
+        fig, ax = self.plt.subplots(figsize=(max(4.8, 1.6 + 1.3 * len(names)), 3.8))
+        for i, arm in enumerate(names):
+            stats = arms[arm][metric]
+            if stats["mean"] is None:
+                continue
+            ax.bar(i, stats["mean"], color=colors[arm])
+            points = list(arms[arm][metric]["per_seed"].values())
+            ax.scatter([i] * len(points), points, color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(ylabel)
+        ax.set_title(PLOTS[name], fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        self.save(fig, name)
+
+
 def make_plots(numbers: dict, out_dir: Path) -> list[str]:
     """Write the PNGs; returns their file names. Raises ImportError without matplotlib."""
     import matplotlib
@@ -191,15 +225,7 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
     ref, arms = numbers["reference"], numbers["arms"]
     names = [a for a, e in arms.items() if e["n_seeds"]]
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        tmp = out_dir / f".{name}.tmp"  # a reader never sees half a plot
-        fig.savefig(tmp, dpi=110, format=Path(name).suffix.lstrip("."))
-        os.replace(tmp, out_dir / name)
-        plt.close(fig)
-        written.append(name)
+    figures = _Figures(plt, out_dir)
 
     # eval loss against training progress: full run, and the second half zoomed in
     curves = {a: arms[a]["curve"] for a in names if arms[a]["curve"]}
@@ -224,27 +250,12 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(PLOTS["eval_loss.png"], fontsize=10)
-        save(fig, "eval_loss.png")
+        figures.save(fig, "eval_loss.png")
 
-    def bars(metric: str, name: str, ylabel: str):
-        fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.3 * len(names)), 3.8))
-        for i, arm in enumerate(names):
-            stats = arms[arm][metric]
-            if stats["mean"] is None:
-                continue
-            ax.bar(i, stats["mean"], color=colors[arm])
-            points = list(arms[arm][metric]["per_seed"].values())
-            ax.scatter([i] * len(points), points, color="black", s=12, zorder=3)
-        ax.set_xticks(range(len(names)), names, rotation=15)
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_ylabel(ylabel)
-        ax.set_title(PLOTS[name], fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        save(fig, name)
-
-    bars("perplexity", "perplexity.png", EVAL_PERPLEXITY)
-    bars("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY)
-    bars("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)
+    for metric, name, ylabel in (("perplexity", "perplexity.png", EVAL_PERPLEXITY),
+                                 ("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY),
+                                 ("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)):
+        figures.bars(arms, names, colors, metric, name, ylabel)
 
     # every paired difference: each arm against the reference, then the extra comparisons
     pairs = [(a, ref, arms[a]["paired_delta_vs_reference"]) for a in names if a != ref]
@@ -268,5 +279,5 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel(f"Δ {EVAL_LOSS}")
     ax.set_title(PLOTS["paired_delta.png"], fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    save(fig, "paired_delta.png")
-    return written
+    figures.save(fig, "paired_delta.png")
+    return figures.written
