@@ -11,7 +11,7 @@ The data flags are the training recipe's (--train_file incl. globs of shards, --
 with the same flags would build (mlmkit.data.load_and_tokenize); --preprocessing_num_workers
 processes tokenize. --output_dir is the destination: it must not exist or be empty, and it
 appears only once complete (built in <DIR>.tmp-<pid>, then renamed). --num_shards: Arrow files per
-split (default: about 500 MB each). Contract and metadata: mlmkit/pretokenize.py.
+split (default: about 500 MB each). Contract and metadata: mlmkit/data/pretokenize.py.
 
 Exit status 2 with one `mlmkit: error: ... Fix: ...` line for a bad flag, destination or corpus.
 """
