@@ -8,7 +8,8 @@ The contracts that live here (and nowhere else):
   exactly where an example's tokens are scattered.
 * **Packed rows isolate their examples**: `Layout.pack` restarts position ids at every example
   (plus ``position_offset``: ``padding_idx + 1`` for RoBERTa-family models) and builds an
-  attention mask under which each example attends only to itself (`packed_attention`).
+  attention mask under which each example attends only to itself (`packed_attention`, or the
+  boundaries of the flash form); where each example and padding tail lies is `rows.PackedRows`.
 
 `pack_rows` is the one packing algorithm; the batch plans (`plans.py`) and the stream's steps
 (`streaming.py`) use it to pack rows over a window of examples (`WindowPacker`, the one window
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mlmkit.batch.rows import PackedRows, round_up
 from mlmkit.config.choices import ADDITIVE_MASK_ATTENTION, BOUNDARY_ATTENTION
 
 
@@ -130,38 +132,19 @@ class WindowPacker:
         return [units[i] for i in rng.permutation(len(units))], [pool[i] for i in rest]
 
 
-def round_up(n: int, multiple: int | None) -> int:
-    return -(-n // multiple) * multiple if multiple else n
-
-
 def packed_attention(segment: torch.Tensor, attn_implementation: str) -> torch.Tensor:
     """The (R, 1, T, T) mask under which a position attends only to its own segment.
 
-    ``segment`` (R, T) holds the example of every real token and a distinct negative number for
-    every padding position, so a padding query "matches" only itself (an all-blocked row would
-    make SDPA return NaN; these outputs carry no labels). SDPA takes a bool mask (True = attend);
-    eager and flex a float32 additive one (0 = attend, finfo.min = blocked): transformers adds a
-    4-D mask to the scores as it is, so a bool mask would block nothing there.
+    ``segment`` (R, T): `PackedRows.block_segments` (a padding position matches only itself).
+    SDPA takes a bool mask (True = attend); eager and flex a float32 additive one (0 = attend,
+    finfo.min = blocked): transformers adds a 4-D mask to the scores as it is, so a bool mask
+    would block nothing there.
     """
     allowed = (segment[:, :, None] == segment[:, None, :])[:, None]  # (R, 1, T, T)
     if attn_implementation not in ADDITIVE_MASK_ATTENTION:
         return allowed
     additive = torch.zeros(allowed.shape, dtype=torch.float32)  # (R, 1, T, T)
     return additive.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-
-
-def flash_boundaries(ends: Sequence[int], n_rows: int, width: int) -> dict[str, Any]:
-    """Flash-attention varlen inputs for packed rows: ``cu_seq_lens_q/k`` over the R*T flattened
-    positions (each example a segment, and each row's padding tail one more) and
-    ``max_length_q/k``, the names transformers' `DataCollatorWithFlattening` uses. The 2-D
-    ``attention_mask`` must then be all ones: any 0 sends transformers down its unpadding path,
-    which ignores cu_seq_lens and would let the examples of a row see each other."""
-    bounds = sorted({0, n_rows * width, *ends, *(r * width for r in range(n_rows))})
-    cu = torch.tensor(bounds, dtype=torch.int32)  # (S + 1,)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    return {"attention_mask": torch.ones((n_rows, width), dtype=torch.long),  # (R, T)
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
-            "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass
@@ -236,26 +219,17 @@ class Layout:
                 sum(lengths[i] for i in row) > cap for row in rows):
             raise ValueError("MaskedLMCollator: rows must place every example exactly once, "
                              f"each row holding at most max_length={cap} tokens")
-        row_of, start_of, used = [0] * len(lengths), [0] * len(lengths), []
-        for r, row in enumerate(rows):
-            col = 0
-            for i in row:
-                row_of[i], start_of[i] = r, col
-                col += lengths[i]
-            used.append(col)
-        n_rows, width = len(rows), round_up(max(used), self.pad_to_multiple_of)
-        tok_row = torch.tensor(row_of)[example_of]  # (N,)
-        tok_col = torch.tensor(start_of)[example_of] + within  # (N,)
+        packed = PackedRows.lay_out(lengths, rows, self.pad_to_multiple_of)
+        n_rows, width = packed.n_rows, packed.width
+        tok_row, tok_col = packed.places(example_of, within)  # (N,) each
         batch: dict[str, Any] = self._scatter(n_rows, width, tok_row, tok_col, masked, labels,
                                               token_type_ids)
         position_ids = torch.full((n_rows, width), self.position_offset, dtype=torch.long)
         position_ids[tok_row, tok_col] = within + self.position_offset  # restarts per example
         batch["position_ids"] = position_ids  # (R, T)
         if self.attn_implementation in BOUNDARY_ATTENTION:  # flash, mlmkit_packed
-            ends = [row_of[i] * width + start_of[i] + n for i, n in enumerate(lengths)]
-            batch.update(flash_boundaries(ends, n_rows, width))
+            batch.update(packed.flash_inputs())
             return batch
-        segment = (-1 - torch.arange(width)).repeat(n_rows, 1)  # (R, T) padding: distinct < 0
-        segment[tok_row, tok_col] = example_of
+        segment = packed.block_segments(tok_row, tok_col, example_of)  # (R, T)
         batch["attention_mask"] = packed_attention(segment, self.attn_implementation)
         return batch

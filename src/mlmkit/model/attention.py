@@ -4,17 +4,17 @@ Models whose attention goes through transformers' registry (``ALL_ATTENTION_FUNC
 own mask code cannot isolate packed examples -- ModernBERT (its local layers build a
 sliding-window mask of their own, which a block-diagonal mask would widen to the whole example)
 and ESM (its embeddings multiply by a 2-D mask) -- run this function instead, under the name
-`PACKED_ATTENTION` (``modeling.PACKED_ATTENTION_TYPES``; the project chooses it, not the user).
+`PACKED_ATTENTION` (their `packed.PackedPath` entries; the project chooses it, not the user).
 
-Packed rows reach it as the flash-attention form (`layout.flash_boundaries`): a 2-D all-ones
-``attention_mask`` and ``cu_seq_lens_q/k`` over the R*T flattened positions (each example one
-segment, each row's padding tail one more), which transformers hands every attention call in
-``**kwargs``. The function computes each example's attention alone:
+Packed rows reach it as the flash-attention form (`rows.PackedRows.flash_inputs`: a 2-D all-ones
+``attention_mask`` and the boundaries ``cu_seq_lens_q/k``, in the row convention `PackedRows`
+states), which transformers hands every attention call in ``**kwargs``. The function computes
+each example's attention alone:
 
 * on CUDA in half precision, with `torch.nn.attention.varlen.varlen_attn` where this torch has it
   (with attention dropout in training: the flash op under it, `check_dropout_kernel`):
   no padding computed, sliding windows through ``window_size``; the boundaries may repeat their
-  last entry (zero-length segments: `prefetch.StaticShapes` pads them to a fixed length for
+  last entry (zero-length segments: `steps.StaticShapes` pads them to a fixed length for
   compiled steps) and ``max_length_q/k`` may be an upper bound (the row width) -- both checked on
   a GPU by ``benchmarks/gpu_checks.py varlen`` against the block mask;
 * elsewhere (CPU, fp32, dropout in training), exactly with SDPA under the block mask built from
@@ -24,8 +24,9 @@ segment, each row's padding tail one more), which transformers hands every atten
 Padded batches (no boundaries) go to transformers' own SDPA function with the mask the model
 built (transformers builds it in SDPA form: `packed_mask`, registered under the same name).
 
-On CUDA the BERT family runs this function too (`modeling.VARLEN_TYPES`): its packed rows then
-skip the dense (R, 1, T, T) block mask, which forces SDPA's masked kernel.
+On CUDA the BERT family runs this function too (its `packed.PackedPath` entry receives packed
+rows ``varlen``): its packed rows then skip the dense (R, 1, T, T) block mask, which forces
+SDPA's masked kernel.
 """
 
 from __future__ import annotations
@@ -35,17 +36,11 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from mlmkit.batch.rows import PackedRows
 from mlmkit.config.choices import PACKED_ATTENTION
 
 __all__ = ["PACKED_ATTENTION", "band", "block_mask", "packed_attention_forward", "packed_mask",
            "register"]
-
-
-def segment_ids(cu_seq_lens: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
-    """(R, T) long: the segment of every position, from the boundaries over R*T positions."""
-    starts = torch.zeros(n_rows * width + 1, dtype=torch.long, device=cu_seq_lens.device)
-    starts[cu_seq_lens.long()] = 1  # (R*T + 1,) 1 where a segment starts (and at the end)
-    return starts[:-1].cumsum(0).view(n_rows, width)  # (R, T)
 
 
 def band(width: int, window: int, device=None) -> torch.Tensor:
@@ -59,7 +54,7 @@ def block_mask(cu_seq_lens: torch.Tensor, n_rows: int, width: int,
                window: int | None = None) -> torch.Tensor:
     """(R, 1, T, T) bool, True = may attend: same segment, and within ``window`` positions of
     each other when given (a bidirectional sliding window, bounds inclusive)."""
-    seg = segment_ids(cu_seq_lens, n_rows, width)  # (R, T)
+    seg = PackedRows.segment_ids(cu_seq_lens, n_rows, width)  # (R, T)
     allowed = seg[:, :, None] == seg[:, None, :]  # (R, T, T)
     if window is not None:
         allowed &= band(width, window, seg.device)  # (T, T) broadcast

@@ -79,12 +79,16 @@ def attn_implementation(model: nn.Module) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def _chain(*names: str):
-    def head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        for name in names:
+class _Chain:
+    """A head layout's masked-only head: the model's modules ``names``, applied in turn."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def __call__(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
             hidden = getattr(model, name)(hidden)
         return hidden
-    return head
 
 
 # Masked-LM head layouts: name -> (the attributes that identify it, hidden (N, H) -> logits
@@ -93,15 +97,15 @@ def _chain(*names: str):
 HEAD_LAYOUTS = {
     "deberta": (("lm_predictions",), lambda m, h: m.lm_predictions(
         h, m.base_model.embeddings.word_embeddings)),                # DeBERTa(-v2/v3), non-legacy
-    "modernbert": (("head", "decoder"), _chain("head", "decoder")),  # ModernBERT
+    "modernbert": (("head", "decoder"), _Chain("head", "decoder")),  # ModernBERT
     "electra": (("generator_predictions", "generator_lm_head"),
-                _chain("generator_predictions", "generator_lm_head")),  # ELECTRA, ConvBERT
+                _Chain("generator_predictions", "generator_lm_head")),  # ELECTRA, ConvBERT
     "distilbert": (("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
-                   _chain("vocab_transform", "activation", "vocab_layer_norm",
+                   _Chain("vocab_transform", "activation", "vocab_layer_norm",
                           "vocab_projector")),                        # DistilBERT
-    "cls": (("cls",), _chain("cls")),                # BERT, MiniLM, MegatronBERT, RoFormer, ...
-    "lm_head": (("lm_head",), _chain("lm_head")),    # RoBERTa, XLM-R, CamemBERT, MPNet, ESM, ...
-    "predictions": (("predictions",), _chain("predictions")),  # ALBERT
+    "cls": (("cls",), _Chain("cls")),                # BERT, MiniLM, MegatronBERT, RoFormer, ...
+    "lm_head": (("lm_head",), _Chain("lm_head")),    # RoBERTa, XLM-R, CamemBERT, MPNet, ESM, ...
+    "predictions": (("predictions",), _Chain("predictions")),  # ALBERT
     "pred_layer": (("pred_layer.proj",), lambda m, h: m.pred_layer.proj(h)),  # XLM, FlauBERT
 }
 

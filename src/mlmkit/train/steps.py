@@ -31,6 +31,7 @@ import torch
 
 from mlmkit.batch.collator import MaskedLMCollator, drop_targets
 from mlmkit.batch.layout import round_up
+from mlmkit.batch.rows import PackedRows
 from mlmkit.config.shape import POSITIONS_MULTIPLE, run_shape
 from mlmkit.data.files import DataRepairs
 from mlmkit.data.plans import micro_layout, plan_schedule
@@ -91,9 +92,9 @@ class StaticShapes:
     it compiles (and records its CUDA graph) once: ``rows`` rows of ``width`` tokens per
     micro-batch (a short micro-batch -- an epoch's last step, a dummy -- gets empty rows),
     ``masked`` masked positions (padded with "no target"), and with the flash form
-    (`layout.flash_boundaries`) ``segments`` boundary entries (the last one repeated: empty
-    segments) and ``max_length_q/k`` = ``width`` (an upper bound). A step that exceeds a
-    capacity is not cut: it takes the next multiple (`POSITIONS_MULTIPLE`,
+    (`rows.PackedRows.flash_inputs`) ``segments`` boundary entries (`PackedRows.pad_boundaries`:
+    empty segments at the end) and ``max_length_q/k`` = ``width`` (an upper bound). A step that
+    exceeds a capacity is not cut: it takes the next multiple (`POSITIONS_MULTIPLE`,
     `SEGMENTS_MULTIPLE`), a new shape that compiles once more."""
     rows: int
     width: int
@@ -127,7 +128,7 @@ class StaticShapes:
         cu = batch.get("cu_seq_lens_q")
         if cu is not None:
             size = max(self.segments, round_up(len(cu), SEGMENTS_MULTIPLE))
-            cu = torch.cat([cu, cu[-1:].expand(size - len(cu))])  # (S,) empty segments at the end
+            cu = PackedRows.pad_boundaries(cu, size)  # (size,)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=self.width,
                          max_length_k=self.width)
         return batch

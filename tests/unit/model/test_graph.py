@@ -1,6 +1,6 @@
 """The compiled (graphed) training step's static shapes, and the BERT family's variable-length
-packed path (`modeling.VARLEN_TYPES`, CUDA), checked here through its CPU fallback: SDPA under
-the block mask built from the boundaries, the same math as the CUDA kernel.
+packed path (its `packed.PackedPath` receives rows `varlen`: CUDA), checked here through its CPU
+fallback: SDPA under the block mask built from the boundaries, the same math as the CUDA kernel.
 
 * `prefetch.StaticShapes`: every micro-batch of a compiled packed run has one shape (short
   micro-batches get empty rows; masked positions and boundaries are padded to the run's
