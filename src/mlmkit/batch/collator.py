@@ -38,8 +38,8 @@ T the longest row rounded up to ``pad_to_multiple_of``::
                        eager / flex:  (R, 1, T, T) float32 additive (0 = attend, finfo.min = not)
                        flash_attention_*, mlmkit_packed (attention.py):
                                       (R, T) ones, with cu_seq_lens_q/k (int32) and
-                                      max_length_q/k (ints): each example a segment of the R*T
-                                      flattened positions, each row's padding tail one more
+                                      max_length_q/k (ints): the boundaries of the examples
+                                      and padding tails (`rows.PackedRows`)
 
 With ``return_counts=True`` (the recipe's collators, `MaskedLMCollator.from_config`) every batch
 also carries the `METADATA_KEYS` (0-d long tensors) that `model_inputs` drops:

@@ -30,6 +30,7 @@ import torch
 
 from mlmkit.batch.collator import MaskedLMCollator, model_inputs
 from mlmkit.batch.masking import VocabularyTables
+from mlmkit.batch.rows import PackedRows
 from mlmkit.config.errors import ConfigError
 from mlmkit.config.keys import PADDING
 
@@ -162,8 +163,9 @@ def probe_isolation(model, tokenizer, *, attn_implementation: str, position_offs
     except Exception as err:
         result.padded_error = _error(err)
     try:
-        row = logits(collate("packed", examples, rows=[list(range(len(examples)))]))[0]  # (T, V)
-        starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        rows = [list(range(len(examples)))]  # one row of them all
+        row = logits(collate("packed", examples, rows=rows))[0]  # (T, V)
+        starts = PackedRows.lay_out(lengths, rows).start_of
         result.packed_leak = max(float((row[starts[i]:starts[i] + n] - alone[i]).abs().max())
                                  for i, n in enumerate(lengths))
     except Exception as err:
