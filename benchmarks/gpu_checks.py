@@ -2,19 +2,22 @@
 
     python benchmarks/gpu_checks.py varlen  MODEL_DIR OUT.json   # varlen == dense block mask
     python benchmarks/gpu_checks.py graphed MODEL_DIR OUT.json   # graphed step == eager step
-    python benchmarks/gpu_checks.py sync    MODEL_DIR OUT.json   # test_step_sync, no pytest
+    python benchmarks/gpu_checks.py sync    MODEL_DIR OUT.json   # no sync in the step, no pytest
 
 * ``varlen``: packed BERT rows in bf16 (autocast), the variable-length kernel
   (`attention.packed_attention_forward` on CUDA, mlmkit's registered attention) against SDPA
   under the dense (R, 1, T, T) block mask, both against an fp32 block-mask reference: hidden
   states of the real tokens, the loss and the gradient; with the boundaries as collated and as a
-  compiled run pads them (`prefetch.StaticShapes`: zero-length segments at the end,
+  compiled run pads them (`steps.StaticShapes`: zero-length segments at the end,
   ``max_length`` = the row width) -- the assumptions the CPU tests cannot check. Also times one
   forward+backward of each (informative).
-* ``graphed``: a few steps of the recipe's own step (`loop.train_step` on the recipe's builders,
+* ``graphed``: a few steps of the recipe's own steps (its `steps.RunSteps` and `loop.Stepper`,
   bf16 mixed precision, dropout off, gradient accumulation over 2 micro-batches) eager and with
   ``--torch_compile true --torch_compile_mode reduce-overhead`` (static shapes, CUDA graphs, the
   varlen path) from the same weights: the per-step losses within bf16 tolerance.
+* ``sync``: the recipe's `loop.Stepper` under CUDA's sync debug mode, which raises at any
+  host-device synchronisation (`sync.steps_without_sync`, what the step tests run on CUDA), with
+  the block mask, varlen and graphed.
 
 Without CUDA each writes ``{"skipped": ...}`` and exits 0 (the CPU dry run of
 benchmarks/gpu.sh). A failed check exits 1 with ``"ok": false`` and its numbers.
@@ -157,9 +160,10 @@ def check_varlen(model_dir: str, rows: int = 64, width: int = 128) -> dict:
     return results
 
 
-def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[float], str]:
-    """Per-step losses of the recipe's own step (its builders), bf16, dropout off, each step 2
-    micro-batches of 16 rows (accumulation: gradients must not live in the graph's memory)."""
+def recipe_steps(model_dir: str, flags: list[str], steps: int):
+    """The recipe's own steps on ``model_dir`` (its assembly, `steps.RunSteps`, and its
+    `loop.Stepper`), bf16, dropout off, each step 2 micro-batches of 16 rows (accumulation:
+    gradients must not live in the graph's memory). -> ``(stepper, run_steps)``"""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -167,8 +171,10 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
     from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets
     from mlmkit.model.checks import load_tokenizer
     from mlmkit.model.loading import load_model
-    from mlmkit.train.loop import StepResults, prepare_training, train_step
-    from mlmkit.train.steps import Prefetcher, one_process_steps
+    from mlmkit.train.checkpoint import TrainState
+    from mlmkit.train.loop import Stepper
+    from mlmkit.train.optim import prepare_training
+    from mlmkit.train.steps import RunSteps
     AcceleratorState._reset_state(True)
     torch._dynamo.reset()
     cfg = parse_config(["--model_name_or_path", model_dir, "--padding", "packed",
@@ -186,17 +192,20 @@ def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[fl
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # the same function eager and compiled (their dropout RNGs differ)
     training = prepare_training(cfg, accelerator, model)
-    _, scheduler, source = one_process_steps(cfg, training, tokenizer, examples,
-                                             padding="packed", on_gpu=DEV == "cuda")
-    prefetcher, pending = Prefetcher(source, num_workers=0), StepResults()
+    run_steps = RunSteps.build(cfg, accelerator, training, tokenizer, examples, padding="packed")
     training.module.train()
-    for _ in range(steps):
-        prepared, _ = prefetcher.next()
-        pending.add(train_step(accelerator, training.module, training.optimizer, scheduler,
-                               prepared.micro_batches, mask_padding=True, max_grad_norm=1.0,
-                               forward=training.forward), 0.0)
+    return Stepper(accelerator, training, run_steps.scheduler, cfg, TrainState()), run_steps
+
+
+def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[float], str]:
+    """Per-step losses of the recipe's own steps (`recipe_steps`), read once at the end."""
+    from mlmkit.train.steps import Prefetcher
+    from mlmkit.train.sync import take_steps
+    stepper, run_steps = recipe_steps(model_dir, flags, steps)
+    prefetcher = Prefetcher(run_steps.source(), num_workers=0)
+    take_steps(stepper, prefetcher, steps)
     prefetcher.close()
-    return [loss for loss, *_ in pending.read()], training.attn_implementation
+    return [loss for loss, *_ in stepper.read()], stepper.training.attn_implementation
 
 
 def check_graphed(model_dir: str, steps: int = 8) -> dict:
@@ -214,38 +223,28 @@ def check_graphed(model_dir: str, steps: int = 8) -> dict:
 
 
 def check_sync(model_dir: str) -> dict:
-    """tests/unit/train/test_step_sync.py's CUDA test (no host-device sync: block mask, varlen,
-    graphed), run without pytest where the GPU image has none: each variant's outcome.
-    ``model_dir`` is unused (the test builds its tiny BERT)."""
-    import importlib
-    import types
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "tests"))
-    sys.path.insert(0, str(root / "tests" / "unit" / "train"))
-    try:
-        import pytest  # noqa: F401
-    except ImportError:  # the decorators the module applies at import time, as no-ops
-        stub = types.ModuleType("pytest")
-
-        class _Mark:
-            def __getattr__(self, name):
-                return lambda *a, **k: (lambda f: f)
-        stub.mark = _Mark()
-        sys.modules["pytest"] = stub
-    import os
-    import tempfile
-
-    from helpers import tiny_config_dir
-    module = importlib.import_module("test_step_sync")
-    tiny = tiny_config_dir(Path(tempfile.mkdtemp()))
-    tokenizer = os.environ.get("MLMKIT_TEST_TOKENIZER") or str(root / ".gpu" / "tok")
+    """No host-device synchronisation in the recipe's steps (tests/unit/train/test_step_sync.py's
+    CUDA check, here on ``model_dir``'s model, without pytest where the GPU image has none): its
+    `loop.Stepper` under CUDA's sync debug mode (`sync.steps_without_sync`, the busy clock's
+    calibration included) with the block mask, varlen and graphed; each variant's outcome."""
+    from mlmkit.train.steps import Prefetcher
+    from mlmkit.train.sync import steps_without_sync
     results = {}
     for path, flags in (("block_mask", ("--attn_implementation", "sdpa")), ("varlen", ()),
                         ("graphed", ("--torch_compile", "true", "--torch_compile_mode",
                                      "reduce-overhead"))):
         try:
-            module.test_train_step_makes_no_cuda_sync(tiny, tokenizer, path, flags)
-            results[path] = "passed"
+            stepper, run_steps = recipe_steps(model_dir, list(flags), 12)
+            prefetcher = Prefetcher(run_steps.source(), num_workers=2, pin_memory=DEV == "cuda")
+            warmup = 3 if path == "graphed" else 1  # compilation and CUDA-graph recording sync
+            try:
+                rows = steps_without_sync(stepper, prefetcher, warmup=warmup)
+            finally:
+                prefetcher.close()
+            calibrated = DEV != "cuda" or (stepper.clock.per_position or 0) > 0
+            ok = len(rows) == 4 and all(masked > 0 for _, masked, _, _ in rows) and calibrated
+            results[path] = "passed" if ok else f"FAILED: {len(rows)} steps read, " \
+                f"busy clock per position {stepper.clock.per_position}"
         except BaseException as err:  # an assertion, or the sync-debug error
             results[path] = f"FAILED: {type(err).__name__}: {str(err)[:500]}"
     return {"variants": results, "ok": all(v == "passed" for v in results.values())}

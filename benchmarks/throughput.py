@@ -19,8 +19,9 @@ for every mode, in one process run. Modes:
   steps hold more examples: compare real tokens/s, not steps/s;
 * ``packed_sparse`` -- packed with the masked-only head;
 * ``recipe`` -- the recipe's own training step on the packed_sparse batches: Accelerate
-  (``mixed_precision`` bf16 or no), `prefetch.Prefetcher` over `prefetch.PlannedSteps`,
-  `loop.train_step` and `loop.StepResults` (results read every 10 steps, as ``--logging_steps``),
+  (``mixed_precision`` bf16 or no), the recipe's assembly (`steps.RunSteps`: its `Prefetcher`
+  over `PlannedSteps`) and its `loop.Stepper` (`train_step`, the busy clock's calibration on a
+  GPU, results read every 10 steps, as ``--logging_steps``),
   so that "recipe vs inner loop" is one column. The inner-loop modes synchronise every step (to
   time it); the recipe's step does not, and is timed from the first to the last step's read.
 
@@ -32,7 +33,7 @@ baseline the same model as transformers runs it.
 
 ``--torch_compile`` compiles the training module of every mlmkit mode and the recipe step
 (``--torch_compile_mode``: reduce-overhead adds CUDA graphs); packed batches then have the
-recipe's static shapes (`prefetch.StaticShapes`: fixed rows, masked positions and boundaries);
+recipe's static shapes (`steps.StaticShapes`: fixed rows, masked positions and boundaries);
 the first ``--warmup`` steps absorb compilation and CUDA-graph recording. On CUDA the BERT family
 trains packed rows with the variable-length kernel, as the recipe does (`modeling.VARLEN_TYPES`;
 ``--attn_implementation sdpa`` for the dense block mask); the baseline runs transformers' SDPA.
@@ -72,8 +73,10 @@ from mlmkit.data.position import DataPosition  # noqa: E402
 from mlmkit.model.checks import load_tokenizer, position_offset  # noqa: E402
 from mlmkit.model.flops import FlopCounter, peak_tflops  # noqa: E402
 from mlmkit.model.loading import MaskedLMModule, attn_implementation, load_model  # noqa: E402
-from mlmkit.train.loop import StepResults, build_optimizer, prepare_training, train_step  # noqa: E402
-from mlmkit.train.steps import Prefetcher, StaticShapes, StepPreparer, one_process_steps  # noqa: E402
+from mlmkit.train.checkpoint import TrainState  # noqa: E402
+from mlmkit.train.loop import Stepper  # noqa: E402
+from mlmkit.train.optim import build_optimizer, prepare_training  # noqa: E402
+from mlmkit.train.steps import RunSteps, StaticShapes, StepPreparer  # noqa: E402
 
 # Scaled-down, realistically shaped configs (random init): the architecture's attention settings
 # as released, fewer/narrower layers so that a CPU runs them.
@@ -182,37 +185,35 @@ def run_mode(name, model, batches, real, flops, device, args, *, sparse: bool, h
 
 
 def run_recipe_step(model, cfg, tokenizer, examples, n_steps, device, args) -> dict:
-    """The recipe's own training step (see the module doc) on packed rows, masked-only head:
-    the recipe's builders (`loop.prepare_training`, `prefetch.one_process_steps`) on the same
-    flags, so this column measures the recipe."""
+    """The recipe's own training steps (see the module doc) on packed rows, masked-only head:
+    the recipe's assembly (`optim.prepare_training`, `steps.RunSteps`) and its `loop.Stepper`
+    (busy clock, compiled warm-up, one read per 10 steps) on the same flags, so this column
+    measures the recipe."""
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               cpu=device.type == "cpu")
     cfg = recipe_config(cfg, args, padding="packed", max_train_steps=n_steps)
     training = prepare_training(cfg, accelerator, model)
-    shape, scheduler, source = one_process_steps(cfg, training, tokenizer, examples,
-                                                 padding="packed", on_gpu=device.type == "cuda")
-    steps = Prefetcher(source, num_workers=shape.workers, pin_memory=shape.workers > 0)
-    pending = StepResults()
+    run_steps = RunSteps.build(cfg, accelerator, training, tokenizer, examples, padding="packed")
+    steps = run_steps.prefetcher()
+    stepper = Stepper(accelerator, training, run_steps.scheduler, cfg, TrainState())
     reset_peak(device)
     n_real = computed = n_flops = 0
     training.module.train()
     for i in range(n_steps):
         if i == args.warmup:
-            pending.read()  # everything before is warm-up (and compilation)
+            stepper.read()  # everything before is warm-up (and compilation)
             t0 = time.perf_counter()
+        t_step = time.perf_counter()
         prepared, _ = steps.next()
-        out = train_step(accelerator, training.module, training.optimizer, scheduler,
-                         prepared.micro_batches, mask_padding=True, max_grad_norm=1.0,
-                         forward=training.forward)
-        pending.add(out, 0.0)
+        stepper(prepared, t_step)
         if (i + 1) % 10 == 0:
-            pending.read()  # what --logging_steps 10 reads
+            stepper.read()  # what --logging_steps 10 reads
         if i >= args.warmup:
             computed += prepared.computed
             n_real += prepared.real
             n_flops += prepared.flops
-    pending.read()
+    stepper.read()
     elapsed = time.perf_counter() - t0
     steps.close()
     return measurements("recipe", n_steps - args.warmup, n_real, computed, n_flops, elapsed,

@@ -63,20 +63,17 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mlmkit.batch.collator import MaskedLMCollator
-    from mlmkit.config import launch
-    from mlmkit.config.shape import run_shape
-    from mlmkit.data import plans
     from mlmkit.data.run import load_run_data
     from mlmkit.model import checks, flops, loading, probe
-    from mlmkit.train import checkpoint, evaluation, fill_mask, loop, preemption
-    from mlmkit.train.steps import Prefetcher, build_step_source
+    from mlmkit.train import checkpoint, evaluation, fill_mask, launch, loop, preemption
+    from mlmkit.train.metrics import build_summary
+    from mlmkit.train.optim import prepare_training
+    from mlmkit.train.steps import RunSteps
 
     # ============================================================================ accelerator
     accelerator = launch.build_accelerator(cfg, trackers)  # what `accelerate launch` set up
     log = M.main_print(accelerator)  # each line once per job, not once per node
     rank, world = accelerator.process_index, accelerator.num_processes
-    on_gpu = accelerator.device.type == "cuda"
     if note := launch.zero_note(accelerator):  # ZeRO on one GPU: only its cost
         log(f"note: {note}")
     if resume.state is not None:  # same processes and engine as the checkpoint's
@@ -89,7 +86,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     tokenizer = checks.load_tokenizer(cfg)
     run_data = load_run_data(cfg, tokenizer, accelerator)  # main process tokenizes first
     log("\n".join(run_data.log_lines(cfg)))
-    training = loop.prepare_training(cfg, accelerator, loading.load_model(
+    training = prepare_training(cfg, accelerator, loading.load_model(
         cfg, tokenizer, log, device=accelerator.device))
     peak_tflops = flops.device_peak_tflops(accelerator, cfg.peak_tflops)
 
@@ -108,23 +105,20 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     accelerator.wait_for_everyone()
 
     # ============================================================================ batches, schedule
-    shape = run_shape(cfg, num_processes=world, on_gpu=on_gpu, padding=decision.padding)
-    collator = MaskedLMCollator.from_config(
-        tokenizer, cfg, position_offset=training.position_offset, padding=decision.padding,
-        attn_implementation=training.attn_implementation,
-        pad_to_multiple_of=shape.pad_to_multiple_of)
-    schedule = plans.plan_schedule(cfg, run_data.train, padding=decision.padding,
-                                   num_processes=world, process_index=rank)
-    # Built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped by us, once per
-    # optimizer step; not handed to prepare(), which would step it once per process.
-    scheduler = loop.build_scheduler(training.optimizer, cfg, schedule.max_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    # Shape, train collator, plan and length, LR scheduler: one assembly (the benchmarks' too).
+    steps = RunSteps.build(cfg, accelerator, training, tokenizer, run_data,
+                           padding=decision.padding)
+    schedule = steps.schedule
+    # The scheduler is built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped
+    # by us, once per optimizer step; not handed to prepare(), which would step it per process.
+    accelerator.register_for_checkpointing(steps.scheduler)
     set_seed(cfg.seed, device_specific=True)
 
     # ============================================================================ trackers, resume
     ts = resume.state or checkpoint.TrainState(launch=launch.launch_signature(accelerator))
     metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, decision.run_config())
-    log(schedule.describe(cfg, shape, decision.padding, training.inner.sparse_prediction, world))
+    log(schedule.describe(cfg, steps.shape, decision.padding, training.inner.sparse_prediction,
+                          world))
     evaluate = evaluation.Evaluator(accelerator, training, run_data.validation, tokenizer, cfg,
                                     metrics_log)
     # Last before the loop: load_state restores every process's RNG as it was at the save.
@@ -139,16 +133,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ train
     # Steps are prepared (collated, counted, pinned) ahead by workers; the step itself never
     # waits for the device: its results are read in one transfer at log/eval/checkpoint steps.
-    steps = build_step_source(cfg, schedule=schedule, data=run_data, collator=collator,
-                              tokenizer=tokenizer, training=training, state=ts,
-                              rank_state=rank_state, process_index=rank, num_processes=world,
-                              shape=shape)
-    prefetcher = Prefetcher(steps, num_workers=shape.workers,
-                            pin_memory=shape.workers > 0 and on_gpu)
+    prefetcher = steps.prefetcher(rank_state.start(ts))  # where this process's data stands
     stopper = preemption.StopSignal().install()  # SIGTERM/SIGINT: checkpoint, then stop
     progress = tqdm(total=schedule.max_steps, initial=ts.step, desc="train",
                     disable=not (accelerator.is_main_process and cfg.progress_bar))
-    stepper = loop.Stepper(accelerator, training, scheduler, cfg, ts)  # + its busy clock
+    stepper = loop.Stepper(accelerator, training, steps.scheduler, cfg, ts)  # + its busy clock
     stop, saved = False, None
     training.module.train()
     try:
@@ -206,7 +195,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     final_eval = evaluate(ts.step)
     loading.export_hf_model(accelerator, training.module, tokenizer, folder.model)
     metrics_log.finish()  # the trackers' end (W&B's last records): a failure is a warning
-    summary = M.build_summary(
+    summary = build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
                stepper.summary(), metrics_log.summary()),

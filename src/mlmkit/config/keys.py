@@ -24,7 +24,7 @@ TRAIN_MASKED_TOKENS = "train/masked_tokens"
 TRAIN_TFLOPS = "train/tflops"                        # model TFLOP/s per device (flops.py)
 TRAIN_MFU = "train/mfu"                              # train/tflops / the device's dense peak
 TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spent waiting for data
-TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (loop.BusyClock;
+TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (metrics.BusyClock;
 #                                                     absent on CPU and before it is measured)
 TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the warm-up (compile, capture)
 TRAIN_RUNTIME = "train/runtime_s"

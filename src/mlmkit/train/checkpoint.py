@@ -53,6 +53,7 @@ from mlmkit.config.fields import MLMConfig
 from mlmkit.config.fileio import fsync_dir, fsync_tree, write_json_atomic
 from mlmkit.config.parse import save_config
 from mlmkit.data.position import DataPosition
+from mlmkit.train.metrics import RunningStats, mixture_summary
 from mlmkit.train.runfolder import (  # noqa: F401
     CHECKPOINT_PREFIX,
     CHECKPOINTS,
@@ -63,68 +64,9 @@ from mlmkit.train.runfolder import (  # noqa: F401
     RunFolder,
 )
 from mlmkit.train.runfolder import CONFIG as CONFIG_FILE
-from mlmkit.train.tracking import (
-    TRAIN_DATA_WAIT_FRACTION,
-    TRAIN_MFU,
-    TRAIN_PAD_FRACTION,
-    TRAIN_REAL_TOKENS_PER_S,
-    TRAIN_TFLOPS,
-    TRAIN_TOKENS_PER_S,
-    mixture_summary,
-)
 
 FORMAT = 2
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-
-
-@dataclass
-class RunningStats:
-    """Sums over a span of optimizer steps -- one log window, or the whole run.
-
-    ``computed`` counts every position this process computed (padding and dummy micro-batches
-    included) and ``real`` its real tokens: ``train/tokens_per_s``, ``train/real_tokens_per_s``
-    and ``train/pad_fraction`` come from them. ``masked`` and ``loss_sum`` (loss x masked tokens)
-    are global (all processes), so ``mean_loss`` is the token-weighted mean over the span.
-    ``flops`` (this process's model FLOPs, `flops.FlopCounter`) gives ``train/tflops`` and
-    ``train/mfu``; ``data_wait`` (seconds the loop waited for a prepared step) gives
-    ``train/data_wait_fraction``.
-    """
-    computed: int = 0
-    real: int = 0
-    masked: int = 0
-    loss_sum: float = 0.0
-    seconds: float = 0.0               # wall time of the training steps (data wait included)
-    flops: float = 0.0
-    data_wait: float = 0.0
-
-    def add_data(self, computed: int, real: int, flops: float = 0.0,
-                 data_wait: float = 0.0) -> None:
-        self.computed += computed
-        self.real += real
-        self.flops += flops
-        self.data_wait += data_wait
-
-    def add_step(self, loss: float, masked: int, seconds: float) -> None:
-        self.loss_sum += loss * masked
-        self.masked += masked
-        self.seconds += seconds
-
-    def mean_loss(self) -> float:
-        return self.loss_sum / max(self.masked, 1)
-
-    def rates(self, num_processes: int, peak_tflops: float | None = None) -> dict[str, float]:
-        """Throughput over all processes (every process sees statistically the same load);
-        TFLOP/s per device, and MFU against ``peak_tflops`` when it is known."""
-        seconds = max(self.seconds, 1e-9)
-        out = {TRAIN_TOKENS_PER_S: self.computed * num_processes / seconds,
-               TRAIN_REAL_TOKENS_PER_S: self.real * num_processes / seconds,
-               TRAIN_PAD_FRACTION: 1.0 - self.real / max(self.computed, 1),
-               TRAIN_DATA_WAIT_FRACTION: self.data_wait / seconds}
-        if self.flops:
-            out[TRAIN_TFLOPS] = self.flops / seconds / 1e12
-            if peak_tflops:
-                out[TRAIN_MFU] = out[TRAIN_TFLOPS] / peak_tflops
-        return out
 
 
 @dataclass
@@ -142,7 +84,7 @@ class TrainState:
     format: int = FORMAT
 
     def advance(self, step) -> None:
-        """One optimizer step done on ``step`` (a `prefetch.PreparedStep`): the data position
+        """One optimizer step done on ``step`` (a `steps.PreparedStep`): the data position
         moves past it."""
         self.step, self.epoch, self.step_in_epoch = (self.step + 1, step.position.epoch,
                                                      step.position.step)
@@ -287,7 +229,7 @@ class RankState:
         return self.position or state.position()
 
     def update(self, step) -> None:
-        """Advance past ``step`` (a `prefetch.PreparedStep`)."""
+        """Advance past ``step`` (a `steps.PreparedStep`)."""
         if step.source_tokens is not None:
             self.source_tokens = [a + b for a, b in zip(self.source_tokens, step.source_tokens)]
         self.position = step.position

@@ -21,13 +21,13 @@ from accelerate.utils import send_to_device
 from mlmkit.batch.collator import MaskedLMCollator, drop_targets, model_inputs
 from mlmkit.data.plans import eval_plan
 from mlmkit.model.loading import token_logprobs
+from mlmkit.train.metrics import perplexity
 from mlmkit.train.tracking import (
     EVAL_LOSS,
     EVAL_LOSS_UNMASKED,
     EVAL_PAD_SENSITIVITY,
     EVAL_PERPLEXITY,
     main_print,
-    perplexity,
 )
 
 EVAL_MASK_SEED = 1234
@@ -102,7 +102,7 @@ def pad_sensitivity(model, examples, collator, max_seq_length: int, device) -> f
 class Evaluator:
     """The run's eval: `evaluate` on the validation examples with `eval_collator`'s fixed
     masks, logged at a step (`tracking.MetricsLog`) with one line; every process calls it.
-    ``training``: a `loop.Training`."""
+    ``training``: a `optim.Training`."""
 
     def __init__(self, accelerator, training, examples, tokenizer, cfg, metrics_log):
         self.accelerator, self.module, self.examples = accelerator, training.module, examples

@@ -10,7 +10,7 @@ for the same cores), or prepared ahead by worker processes (a torch ``DataLoader
 on a GPU is 2), pinned so the copy to the device is asynchronous, without holding the training
 process's GIL while it launches kernels. It reports how long the loop waited for each step.
 
-`StepPreparer` is that preparation for one step, built once (`build_step_source`) and handed to
+`StepPreparer` is that preparation for one step, built once (`RunSteps.source`) and handed to
 `PlannedSteps` and to `streaming.StreamSteps` (whose steps come from a stream instead of a plan);
 with ``--mixture_files`` it also counts real tokens per source.
 
@@ -26,20 +26,21 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from mlmkit.batch.collator import MaskedLMCollator, drop_targets
 from mlmkit.batch.layout import round_up
 from mlmkit.batch.rows import PackedRows
-from mlmkit.config.shape import POSITIONS_MULTIPLE, run_shape
+from mlmkit.config.fields import MLMConfig
+from mlmkit.config.shape import POSITIONS_MULTIPLE, RunShape, run_shape
 from mlmkit.data.files import DataRepairs
-from mlmkit.data.plans import micro_layout, plan_schedule
+from mlmkit.data.plans import Schedule, micro_layout, plan_schedule
 from mlmkit.data.position import DataPosition
 from mlmkit.data.run import RunData
 from mlmkit.data.streaming import PASS_SHIFT, StreamExamples, StreamPosition
-from mlmkit.train.checkpoint import RankState, TrainState
-from mlmkit.train.loop import build_scheduler
+from mlmkit.train.optim import Training, build_scheduler
 
 
 @dataclass
@@ -210,7 +211,7 @@ class PlannedSteps(torch.utils.data.IterableDataset):
 class StreamSteps(torch.utils.data.IterableDataset):
     """Prepared steps from the stream of ``examples`` (`StreamExamples`) as ``plan`` (a
     `plans.StreamPlan`) cuts it, from ``position`` (a `checkpoint.DataPosition`) on, made ready by
-    ``preparer`` (a `prefetch.StepPreparer`); see the module doc. Each step's ``position`` is the
+    ``preparer`` (a `StepPreparer`); see the module doc. Each step's ``position`` is the
     one to resume from after it. Iterated by one process (inline or one DataLoader worker: its
     order is its state)."""
 
@@ -249,47 +250,69 @@ class StreamSteps(torch.utils.data.IterableDataset):
         return self.preparer(micro_batches, position, mask_epoch=0)
 
 
-def build_step_source(cfg, *, schedule, data, collator, tokenizer, training, state,
-                      rank_state, process_index: int, num_processes: int, shape):
-    """The run's steps from where ``state`` (a `checkpoint.TrainState`) and ``rank_state`` (a
-    `checkpoint.RankState`) stand: `PlannedSteps` over ``schedule``'s plan, or under
-    ``--streaming`` `streaming.StreamSteps` (read, tokenized and packed on the fly), both made
-    ready by one `StepPreparer`; ``shape``: `config.RunShape`."""
-    preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
-                            flop_counter=training.flop_counter,
-                            sparse_head=training.inner.sparse_prediction,
-                            positions_multiple=shape.positions_multiple,
-                            num_sources=len(cfg.mixture_files),
-                            static=StaticShapes.for_run(cfg, shape))
-    position = rank_state.start(state)
-    if cfg.streaming:
-        examples = StreamExamples(cfg, tokenizer, process_index=process_index,
-                                  num_processes=num_processes, exclude=data.stream_exclude)
-        return StreamSteps(examples, preparer, plan=schedule.plan, position=position)
-    return PlannedSteps(data.train, preparer, plan=schedule.plan, position=position,
-                        num_epochs=schedule.num_epochs)
+@dataclass
+class RunSteps:
+    """The run's training steps, assembled once, by the recipe's builders in the recipe's order:
+    ``shape`` (`shape.run_shape`), the train ``collator`` (`MaskedLMCollator.from_config`),
+    ``schedule`` (`plans.plan_schedule`: the plan and the run's length) and the LR ``scheduler``
+    (`optim.build_scheduler`, on the prepared optimizer); `prefetcher` then hands out the steps
+    from a data position: `PlannedSteps` over the schedule's plan, or under ``--streaming``
+    `StreamSteps` (read, tokenized and packed on the fly), both made ready by one `StepPreparer`.
+    What the recipe, the benchmarks, the GPU checks and the step tests train on."""
+    cfg: MLMConfig
+    training: Training
+    tokenizer: Any
+    data: RunData
+    shape: RunShape
+    collator: MaskedLMCollator
+    schedule: Schedule
+    scheduler: Any
+    process_index: int
+    num_processes: int
+    on_gpu: bool
 
+    @classmethod
+    def build(cls, cfg: MLMConfig, accelerator, training: Training, tokenizer, data, *,
+              padding: str) -> "RunSteps":
+        """This process's steps over ``data`` (a `run.RunData`, or one process's
+        `corpus.IndexedExamples`, then also its validation set) with ``padding`` resolved."""
+        if not isinstance(data, RunData):
+            data = RunData(data, data, frozenset(), DataRepairs())
+        rank, world = accelerator.process_index, accelerator.num_processes
+        on_gpu = accelerator.device.type == "cuda"
+        shape = run_shape(cfg, num_processes=world, on_gpu=on_gpu, padding=padding)
+        collator = MaskedLMCollator.from_config(
+            tokenizer, cfg, position_offset=training.position_offset, padding=padding,
+            attn_implementation=training.attn_implementation,
+            pad_to_multiple_of=shape.pad_to_multiple_of)
+        schedule = plan_schedule(cfg, data.train, padding=padding, num_processes=world,
+                                 process_index=rank)
+        scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
+        return cls(cfg, training, tokenizer, data, shape, collator, schedule, scheduler, rank,
+                   world, on_gpu)
 
-def one_process_steps(cfg, training, tokenizer, examples, *, padding: str, on_gpu: bool):
-    """The recipe's steps for one process from the start, on ``examples`` (a
-    `data.IndexedExamples`), built by the recipe's builders in the recipe's order
-    (`config.run_shape`, `MaskedLMCollator.from_config`, `plans.plan_schedule`,
-    `loop.build_scheduler`, `build_step_source`) with ``padding`` resolved: what the benchmark's
-    ``recipe`` mode, the GPU checks and the step tests run, so they run the recipe's step.
-    -> ``(shape, scheduler, steps)``."""
-    shape = run_shape(cfg, num_processes=1, on_gpu=on_gpu, padding=padding)
-    collator = MaskedLMCollator.from_config(
-        tokenizer, cfg, position_offset=training.position_offset, padding=padding,
-        attn_implementation=training.attn_implementation,
-        pad_to_multiple_of=shape.pad_to_multiple_of)
-    schedule = plan_schedule(cfg, examples, padding=padding, num_processes=1, process_index=0)
-    scheduler = build_scheduler(training.optimizer, cfg, schedule.max_steps)
-    steps = build_step_source(cfg, schedule=schedule, collator=collator, tokenizer=tokenizer,
-                              data=RunData(examples, examples, frozenset(), DataRepairs()),
-                              training=training, state=TrainState(),
-                              rank_state=RankState.load(cfg, None, 0), process_index=0,
-                              num_processes=1, shape=shape)
-    return shape, scheduler, steps
+    def source(self, position: DataPosition | None = None):
+        """The steps from ``position`` (default: the start): `PlannedSteps` or `StreamSteps`."""
+        cfg, training, position = self.cfg, self.training, position or DataPosition()
+        preparer = StepPreparer(self.collator, max_length=cfg.max_seq_length,
+                                flop_counter=training.flop_counter,
+                                sparse_head=training.inner.sparse_prediction,
+                                positions_multiple=self.shape.positions_multiple,
+                                num_sources=len(cfg.mixture_files),
+                                static=StaticShapes.for_run(cfg, self.shape))
+        if cfg.streaming:
+            examples = StreamExamples(cfg, self.tokenizer, process_index=self.process_index,
+                                      num_processes=self.num_processes,
+                                      exclude=self.data.stream_exclude)
+            return StreamSteps(examples, preparer, plan=self.schedule.plan, position=position)
+        return PlannedSteps(self.data.train, preparer, plan=self.schedule.plan,
+                            position=position, num_epochs=self.schedule.num_epochs)
+
+    def prefetcher(self, position: DataPosition | None = None) -> "Prefetcher":
+        """The steps from ``position``, prepared ahead by the run's workers (pinned on a GPU)."""
+        workers = self.shape.workers
+        return Prefetcher(self.source(position), num_workers=workers,
+                          pin_memory=workers > 0 and self.on_gpu)
 
 
 def _identity(item):

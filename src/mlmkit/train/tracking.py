@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import netrc
 import os
 import re
@@ -82,10 +81,6 @@ def check_trackers(report_to: str) -> list[str]:
                 f"Fix: `pip install {TRACKER_PACKAGES[name][0]}`, or pass another --report_to "
                 "(metrics.jsonl is written whatever the tracker).")
     return list(TRACKERS[report_to])
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
 
 
 def wandb_has_api_key() -> bool:
@@ -345,58 +340,6 @@ def tracker_mode(tracker) -> str:
         return "local"
     mode = getattr(getattr(tracker.run, "settings", None), "mode", None)
     return "offline" if mode in ("offline", "dryrun") else str(mode or "online")
-
-
-def peak_mem_gb() -> float:
-    """Peak memory of this process: GPU memory allocated on CUDA, else the peak RSS."""
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def train_metrics(window, *, lr: float, epoch: float, grad_norm: float | None,
-                  num_processes: int, peak_tflops: float | None,
-                  gpu_busy: float | None = None) -> dict:
-    """One log line's metrics from a log window (`checkpoint.RunningStats`); ``gpu_busy``:
-    `loop.BusyClock.fraction` of the window (None: absent)."""
-    metrics = {TRAIN_LOSS: window.mean_loss(), TRAIN_LR: lr, TRAIN_MASKED_TOKENS: window.masked,
-               EPOCH: epoch, SYS_PEAK_MEM_GB: peak_mem_gb(),
-               **window.rates(num_processes, peak_tflops)}
-    if grad_norm is not None:
-        metrics[TRAIN_GRAD_NORM] = grad_norm
-    if gpu_busy is not None:
-        metrics[TRAIN_GPU_BUSY_FRACTION] = gpu_busy
-    return metrics
-
-
-def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -> dict:
-    """The summary's ``data/*`` entries of a mixture (``counts``: tokens per source, summed)."""
-    if not files:
-        return {}
-    total = max(sum(counts), 1)
-    return {DATA_MIXTURE: dict(zip(files, weights)), DATA_SOURCE_TOKENS: dict(zip(files, counts)),
-            DATA_SOURCE_SHARE: {f: n / total for f, n in zip(files, counts)}}
-
-
-def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
-                  parts, fill_mask: list[dict]) -> dict:
-    """``summary.json``: the final eval, the step-0 eval and the whole run's throughput (from
-    ``state``, a `checkpoint.TrainState`), then ``parts`` (dicts: the data's, the padding
-    decision's, the mixture's, the steps': `loop.Stepper.summary`) and the fill-mask check."""
-    total = state.total
-    summary = {**final_eval, FIRST_EVAL_LOSS: state.first_eval[EVAL_LOSS],
-               FIRST_EVAL_PERPLEXITY: state.first_eval[EVAL_PERPLEXITY],
-               TRAIN_RUNTIME: total.seconds, STEP: state.step, SYS_PEAK_MEM_GB: peak_mem_gb(),
-               TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
-               **total.rates(num_processes, peak_tflops),      # whole-run throughput
-               NUM_PROCESSES: num_processes}
-    for part in parts:
-        summary.update(part)
-    if fill_mask:
-        summary[FILL_MASK] = fill_mask
-    return summary
 
 
 def write_summary(output_dir: str | os.PathLike, summary: dict) -> None:

@@ -48,7 +48,7 @@ def config(*args: str):
 
 def steps_for(cfg, tokenizer, rank: int, world: int, exclude=frozenset(), position=None,
               packed: bool = True) -> StreamSteps:
-    """The run's stream steps, built as `prefetch.build_step_source` builds them."""
+    """The run's stream steps, built as `steps.RunSteps.source` builds them."""
     padding = "packed" if packed else "longest"
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
                                             attn_implementation="sdpa", padding=padding)

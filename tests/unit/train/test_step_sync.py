@@ -1,48 +1,29 @@
 """The training step never synchronises host and device outside the reads at log steps.
 
-Counted on CPU through the tensor calls that would synchronise with a GPU: ``.item()``,
-``.tolist()``, ``bool()/float()/int()`` of a tensor, ``.cpu()``, ``.numpy()``, ``nonzero`` and
-boolean-mask indexing (data-dependent shapes). The count covers what the training loop's thread
-does per step: take a prepared step from the prefetcher, run `train_step`, keep its results.
-On a CUDA machine the same steps also run under ``torch.cuda.set_sync_debug_mode("error")``,
-which raises at any operation that synchronises with the GPU (skipped without CUDA).
+Counted on CPU (`sync.SyncCounter`) through the tensor calls that would synchronise with a GPU:
+``.item()``, ``.tolist()``, ``bool()/float()/int()`` of a tensor, ``.cpu()``, ``.numpy()``,
+``nonzero`` and boolean-mask indexing (data-dependent shapes). The count covers what the training
+loop's thread does per step: take a prepared step from the prefetcher, run `train_step`, keep its results.
+On a CUDA machine the recipe's `Stepper` also runs under ``torch.cuda.set_sync_debug_mode
+("error")`` (`sync.steps_without_sync`), which raises at any operation that synchronises with the
+GPU (skipped without CUDA).
 """
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from mlmkit.config.parse import parse_config
 from mlmkit.data.corpus import Example
 from mlmkit.model.checks import load_tokenizer
 from mlmkit.model.loading import load_model
-from mlmkit.train.checkpoint import RunningStats
-from mlmkit.train.loop import BusyClock, StepResults, prepare_training, train_step
-from mlmkit.train.steps import PlannedSteps, Prefetcher, one_process_steps
-
-SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy",
-           "nonzero", "masked_select", "bincount", "unique", "repeat_interleave"}
-
-
-class SyncCounter(TorchFunctionMode):
-    """Records each syncing tensor call (thread-local: the prefetch thread is not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, str]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        boolean_index = name in ("__getitem__", "__setitem__") and len(args) > 1 and \
-            isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
-        if name in SYNCING or boolean_index:
-            frame = traceback.extract_stack(limit=2)[0]  # the calling line
-            self.calls.append((name, f"{frame.filename}:{frame.lineno}"))
-        return func(*args, **(kwargs or {}))
+from mlmkit.train.checkpoint import TrainState
+from mlmkit.train.loop import Stepper, StepResults, train_step
+from mlmkit.train.metrics import BusyClock, RunningStats
+from mlmkit.train.optim import prepare_training
+from mlmkit.train.steps import PlannedSteps, Prefetcher, RunSteps
+from mlmkit.train.sync import SyncCounter, steps_without_sync
 
 
 class Examples:
@@ -85,9 +66,9 @@ def setup(tiny_bert_dir, tokenizer_path, padding, device="cpu", flags=("--attn_i
                               else "no", gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
                                                              device=accelerator.device))
-    _, scheduler, steps = one_process_steps(cfg, training, tokenizer, Examples(tokenizer),
-                                            padding=padding, on_gpu=device == "cuda")
-    return accelerator, training, scheduler, steps
+    run_steps = RunSteps.build(cfg, accelerator, training, tokenizer, Examples(tokenizer),
+                               padding=padding)
+    return accelerator, training, run_steps.scheduler, run_steps.source(), run_steps
 
 
 class FakeGpu:
@@ -202,7 +183,8 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer, tokenize
     from helpers import tiny_config_dir
     folder = tiny_bert_dir if model == "bert" else tiny_config_dir(
         tmp_path / "esm2", "esm", tokenizer, mask_token_id=tokenizer.mask_token_id, **ESM2)
-    accelerator, training, scheduler, steps = setup(folder, tokenizer_path, padding, flags=flags)
+    accelerator, training, scheduler, steps, _ = setup(folder, tokenizer_path, padding,
+                                                       flags=flags)
     assert training.attn_implementation == ("sdpa" if flags else "mlmkit_packed")
     module, optimizer = training.module, training.optimizer
     prefetcher = Prefetcher(steps, num_workers=2)
@@ -253,7 +235,8 @@ def test_compiled_forward_with_accumulation_keeps_one_gradient_buffer(tiny_bert_
     the graphed step itself with the same accumulation."""
     runs = {}
     for compiled in (False, True):
-        accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+        accelerator, training, scheduler, steps, _ = setup(tiny_bert_dir, tokenizer_path,
+                                                           "packed")
         module = training.module
         forward = (lambda **kwargs: module(**kwargs)) if compiled else None
         prefetcher, pending, buffers = Prefetcher(steps, num_workers=0), StepResults(), []
@@ -286,7 +269,7 @@ def iter_all(prefetcher):
 
 
 def test_worker_processes_hand_out_the_plan_in_order(tiny_bert_dir, tokenizer_path):
-    *_, steps = setup(tiny_bert_dir, tokenizer_path, "packed")
+    _, _, _, steps, _ = setup(tiny_bert_dir, tokenizer_path, "packed")
     inline = list(iter_all(Prefetcher(steps, num_workers=0)))
     workers = list(iter_all(Prefetcher(steps, num_workers=3)))
     assert len(inline) == len(workers) > 6
@@ -304,7 +287,7 @@ def test_planned_steps_resume_from_a_steps_position(tiny_bert_dir, tokenizer_pat
     """The steps after any step's position (what the checkpoint saves) are the same steps;
     token budgets' steps and compiled runs' steps (`prefetch.StaticShapes`: empty rows, padded
     positions) too."""
-    *_, steps = setup(tiny_bert_dir, tokenizer_path, padding, flags=flags)
+    _, _, _, steps, _ = setup(tiny_bert_dir, tokenizer_path, padding, flags=flags)
     if "--torch_compile" in flags:
         assert steps.preparer.static is not None
     run = list(steps)
@@ -336,36 +319,21 @@ def test_an_error_in_a_worker_reaches_the_training_loop():
     ("graphed", ("--torch_compile", "true", "--torch_compile_mode", "reduce-overhead")),
 ])
 def test_train_step_makes_no_cuda_sync(tiny_bert_dir, tokenizer_path, path, flags):
-    accelerator, training, scheduler, steps = setup(tiny_bert_dir, tokenizer_path, "packed",
-                                                    device="cuda", flags=flags)
-    module, optimizer = training.module, training.optimizer
+    """The recipe's own `Stepper` on CUDA: no synchronisation in its steps, the busy clock's
+    calibration included (`sync.steps_without_sync`, which benchmarks/gpu_checks.py runs too)."""
+    accelerator, training, *_, run_steps = setup(tiny_bert_dir, tokenizer_path, "packed",
+                                                 device="cuda", flags=flags)
     assert training.attn_implementation == ("sdpa" if path == "block_mask" else "mlmkit_packed")
-    prefetcher = Prefetcher(steps, num_workers=2, pin_memory=True)
+    stepper = Stepper(accelerator, training, run_steps.scheduler, run_steps.cfg, TrainState())
+    prefetcher = Prefetcher(run_steps.source(), num_workers=2, pin_memory=True)
     warmup = 3 if path == "graphed" else 1  # compilation and CUDA-graph recording sync
-    clock = BusyClock(accelerator.device, warmup=warmup)  # the real spin kernel, CUDA events
-    pending = StepResults(clock)
-
-    def step():
-        prepared, _ = prefetcher.next()
-        clock.start(prepared.computed)
-        out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
-                         mask_padding=True, max_grad_norm=1.0, forward=training.forward)
-        clock.stop()
-        pending.add(out, 0.0)
-
-    for _ in range(warmup):  # first steps outside: lazy CUDA initialisation may sync
-        step()
-    pending.read()
-    torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(4):  # the first is the BusyClock's calibration
-            step()
+        results = steps_without_sync(stepper, prefetcher, warmup=warmup)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
         prefetcher.close()
-    results = pending.read()
     assert len(results) == 4 and all(masked > 0 for _, masked, _, _ in results)
     # the calibration behind the spin was valid and read: the step's device time per position
+    clock = stepper.clock
     assert clock.per_position is not None and clock.per_position > 0
     print(f"BusyClock: {clock.per_position * 1e9:.3f} ns of device time per position, "
           f"spin clock {clock.cycles_per_s / 1e9:.2f} GHz")

@@ -1,5 +1,5 @@
-"""loop.py: the optimizer's weight-decay groups, and every LR schedule the config accepts
-(choices.SCHEDULERS) builds through loop.build_scheduler, steps for a whole run, and has its
+"""optim.py: the optimizer's weight-decay groups, and every LR schedule the config accepts
+(choices.SCHEDULERS) builds through optim.build_scheduler, steps for a whole run, and has its
 shape; warmup_stable_decay's phases are checked at config time and at build time. (train_step
 and StepResults: test_step_sync.py.)"""
 
@@ -16,7 +16,7 @@ from mlmkit.config.errors import ConfigError
 from mlmkit.config.fields import MLMConfig
 from mlmkit.config.parse import parse_config
 from mlmkit.config.validation import validate_config
-from mlmkit.train.loop import build_optimizer, build_scheduler
+from mlmkit.train.optim import build_optimizer, build_scheduler
 
 STEPS, WARMUP, PEAK = 100, 10, 1e-3
 

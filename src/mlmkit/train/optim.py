@@ -1,0 +1,105 @@
+"""What trains and how it steps: the optimizer (fused AdamW, weight-decay groups), the LR
+schedule, and `Training` -- the prepared module and optimizer, the ``--torch_compile`` forward and
+what the model's layout tells the collator (`prepare_training`). The step itself is `loop`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import get_scheduler
+
+from mlmkit.config.errors import ConfigError
+from mlmkit.model.checks import position_offset
+from mlmkit.model.flops import FlopCounter
+from mlmkit.model.loading import MaskedLMModule, attn_implementation
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters).
+
+    The fused implementation (CPU and CUDA) is used: on a 2-core CPU the default ``foreach``
+    AdamW took 1.8-3 s per step for the 22M-parameter demo model, the fused one about 0.05 s.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, fused=True)
+
+
+def scheduler_phases(cfg, num_training_steps: int) -> dict[str, int]:
+    """Warmup steps (``num_warmup_steps``, else ``warmup_ratio`` of the steps) and, for
+    ``warmup_stable_decay``, decay steps (``decay_ratio`` of the steps, at least 1)."""
+    phases = {"warmup": cfg.num_warmup_steps or math.ceil(cfg.warmup_ratio * num_training_steps)}
+    if cfg.lr_scheduler_type == "warmup_stable_decay":
+        phases["decay"] = max(1, math.ceil(cfg.decay_ratio * num_training_steps))
+        if phases["warmup"] + phases["decay"] > num_training_steps:
+            raise ConfigError(
+                f"decay_ratio={cfg.decay_ratio!r}: {phases['warmup']} warmup + {phases['decay']} "
+                f"decay steps exceed the {num_training_steps} training steps. Fix: lower "
+                "--num_warmup_steps/--warmup_ratio or --decay_ratio, or train longer.")
+    return phases
+
+
+def build_scheduler(optimizer, cfg, num_training_steps: int):
+    """The LR schedule for ``num_training_steps`` optimizer steps; every name in
+    `choices.SCHEDULERS` builds here. Each takes transformers' defaults for its own knobs
+    (cosine_with_restarts: 1 cycle; polynomial: power 1 down to lr_end 1e-7; inverse_sqrt:
+    timescale = warmup), except warmup_stable_decay, whose decay phase is ``decay_ratio`` of the
+    steps (cosine decay to 0; stable at the peak rate in between)."""
+    phases = scheduler_phases(cfg, num_training_steps)
+    specific = {"num_decay_steps": phases["decay"]} if "decay" in phases else None
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=phases["warmup"],
+                         num_training_steps=num_training_steps,
+                         scheduler_specific_kwargs=specific)
+
+
+@dataclass
+class Training:
+    """What trains: the prepared module and optimizer, the training forward (compiled with
+    ``--torch_compile``, else the module), and what the model's layout tells the collator."""
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: torch.nn.Module | None
+    flop_counter: FlopCounter
+    position_offset: int
+    attn_implementation: str
+
+    @property
+    def inner(self):
+        """The unwrapped `modeling.MaskedLMModule` (probes, the head switch)."""
+        from accelerate.utils import extract_model_from_parallel
+        return extract_model_from_parallel(self.module)
+
+
+def prepare_training(cfg, accelerator, model) -> Training:
+    """The training module around ``model`` (masked-only head per ``--sparse_prediction``),
+    fused AdamW, both through ``accelerator.prepare`` (DDP, ZeRO, FSDP2 as launched), and the
+    ``--torch_compile`` forward (eval and the probe run eager)."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offset, attn = position_offset(model), attn_implementation(model)
+    flop_counter = FlopCounter.for_model(model)  # train/tflops and train/mfu
+    module = MaskedLMModule(model, sparse_prediction=cfg.sparse_prediction)
+    optimizer = build_optimizer(module, cfg)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    forward = compile_forward(module, accelerator, cfg.torch_compile_mode) \
+        if cfg.torch_compile else None
+    return Training(module, optimizer, forward, flop_counter, offset, attn)
+
+
+def compile_forward(module, accelerator, mode: str):
+    """``torch.compile`` of the prepared training module (inductor; DDP or one process)."""
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                            DistributedType.MULTI_CPU):
+        raise ConfigError(f"--torch_compile is supported with DDP or one process, not under "
+                          f"{accelerator.distributed_type.value}. Fix: drop --torch_compile, or "
+                          "launch without DeepSpeed/FSDP.")
+    return torch.compile(module, mode=mode)
