@@ -34,6 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mlmkit.config.parse import parse_config  # noqa: E402
+from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets  # noqa: E402
+from mlmkit.model.checks import load_tokenizer  # noqa: E402
+from mlmkit.model.loading import load_model  # noqa: E402
+from mlmkit.train.checkpoint import TrainState  # noqa: E402
+from mlmkit.train.loop import Stepper  # noqa: E402
+from mlmkit.train.optim import prepare_training  # noqa: E402
+from mlmkit.train.steps import Prefetcher, RunSteps  # noqa: E402
+from mlmkit.train.sync import steps_without_sync, take_steps  # noqa: E402
+
 # GPU_CHECKS_ON_CPU=1 runs the checks on the CPU (debugging the script itself; the results there
 # say nothing about the GPU kernels)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,15 +176,6 @@ def recipe_steps(model_dir: str, flags: list[str], steps: int):
     gradients must not live in the graph's memory). -> ``(stepper, run_steps)``"""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from mlmkit.config.parse import parse_config
-    from mlmkit.data.corpus import IndexedExamples, load_raw_datasets, tokenize_datasets
-    from mlmkit.model.checks import load_tokenizer
-    from mlmkit.model.loading import load_model
-    from mlmkit.train.checkpoint import TrainState
-    from mlmkit.train.loop import Stepper
-    from mlmkit.train.optim import prepare_training
-    from mlmkit.train.steps import RunSteps
     AcceleratorState._reset_state(True)
     torch._dynamo.reset()
     cfg = parse_config(["--model_name_or_path", model_dir, "--padding", "packed",
@@ -199,8 +200,6 @@ def recipe_steps(model_dir: str, flags: list[str], steps: int):
 
 def recipe_losses(model_dir: str, flags: list[str], steps: int) -> tuple[list[float], str]:
     """Per-step losses of the recipe's own steps (`recipe_steps`), read once at the end."""
-    from mlmkit.train.steps import Prefetcher
-    from mlmkit.train.sync import take_steps
     stepper, run_steps = recipe_steps(model_dir, flags, steps)
     prefetcher = Prefetcher(run_steps.source(), num_workers=0)
     take_steps(stepper, prefetcher, steps)
@@ -227,8 +226,6 @@ def check_sync(model_dir: str) -> dict:
     CUDA check, here on ``model_dir``'s model, without pytest where the GPU image has none): its
     `loop.Stepper` under CUDA's sync debug mode (`sync.steps_without_sync`, the busy clock's
     calibration included) with the block mask, varlen and graphed; each variant's outcome."""
-    from mlmkit.train.steps import Prefetcher
-    from mlmkit.train.sync import steps_without_sync
     results = {}
     for path, flags in (("block_mask", ("--attn_implementation", "sdpa")), ("varlen", ()),
                         ("graphed", ("--torch_compile", "true", "--torch_compile_mode",

@@ -1,3 +1,5 @@
-"""Training: the run folder and its lock (`runfolder`, `runlock`, `rundir`), prepared steps
-(`steps`), the step and the loop's parts (`loop`), checkpoints and exact resume (`checkpoint`),
-pre-emption, trackers and metrics (`tracking`), evaluation and the fill-mask check."""
+"""Training: the run folder and its lock (`runfolder`, `runlock`, `rundir`), the prepared steps and
+their one assembly (`steps`), the optimizer and schedule (`optim`), the step and the run's steps
+(`loop`), what is logged (`metrics`), the sync checks (`sync`), checkpoints and exact resume
+(`checkpoint`), the launch (`launch`), pre-emption, trackers (`tracking`), evaluation and the
+fill-mask check."""
