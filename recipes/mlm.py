@@ -16,7 +16,8 @@ checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_to
 Kill it anywhere and run the same command again: it resumes from the newest complete checkpoint
 (--resume_from_checkpoint auto) to the same result. SIGTERM/SIGINT stop it cleanly: every process
 finishes the current step, a checkpoint is saved, and it exits with status 0 without summary.json
-or model/ (Slurm's --requeue then reruns the same command); see mlmkit/preemption.py.
+or model/ (recipes/slurm/mlm.sbatch then requeues the job, which reruns the same command); see
+mlmkit/train/preemption.py for what each launcher does with the signal.
 How a run flows and which module keeps which contract: docs/design.md.
 """
 
