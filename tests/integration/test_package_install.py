@@ -55,7 +55,7 @@ def test_pip_install_then_the_readme_example_outside_the_checkout(tmp_path, toke
               tmp_path, timeout=180)
     assert "Successfully installed mlmkit" in out, out
     installed = new_site / "mlmkit"
-    assert (installed / "collator.py").is_file() and (installed / "__init__.py").is_file()
+    assert (installed / "batch" / "collator.py").is_file() and (installed / "__init__.py").is_file()
     assert not list(new_site.glob("__editable__*mlmkit*")), "an editable install"
 
     outside = tmp_path / "elsewhere"

@@ -8,6 +8,7 @@ fails as W&B's does); W&B itself is launched for real in tests/integration/test_
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 from accelerate import Accelerator
@@ -114,25 +115,28 @@ def test_trackers_that_fail_to_start_leave_the_run_going(tmp_path, capsys, monke
         assert [r[M.STEP] for r in M.read_metrics(tmp_path)] == [1]
 
 
-def test_wandb_goes_offline_without_a_key_or_a_server(tmp_path, monkeypatch):
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL", "WANDB_SILENT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+def test_wandb_goes_offline_without_a_key_or_a_server(tmp_path):
+    with mock.patch.dict(os.environ):  # every variable set here is undone afterwards
+        for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL",
+                    "WANDB_SILENT"):
+            os.environ.pop(key, None)
+        os.environ["NETRC"] = str(tmp_path / "no-netrc")
+        os.environ["HOME"] = str(tmp_path)  # no ~/.netrc with a key
 
-    notice = M.setup_wandb_env(str(tmp_path))
-    assert os.environ["WANDB_MODE"] == "offline"
-    assert notice.startswith("W&B: no API key found; logging offline under")
+        notice = M.setup_wandb_env(str(tmp_path))
+        assert os.environ["WANDB_MODE"] == "offline"
+        assert notice.startswith("W&B: no API key found; logging offline under")
 
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    notice = M.setup_wandb_env(str(tmp_path))
-    assert os.environ["WANDB_MODE"] == "offline"
-    assert "http://127.0.0.1:9 unreachable (NewConnectionError" in notice
-    assert "wandb sync" in notice and "\n" not in notice
+        del os.environ["WANDB_MODE"]
+        os.environ["WANDB_API_KEY"] = "f" * 40
+        os.environ["WANDB_BASE_URL"] = "http://127.0.0.1:9"  # nothing listens there
+        notice = M.setup_wandb_env(str(tmp_path))
+        assert os.environ["WANDB_MODE"] == "offline"
+        assert "http://127.0.0.1:9 unreachable (NewConnectionError" in notice
+        assert "wandb sync" in notice and "\n" not in notice
 
-    monkeypatch.delenv("WANDB_MODE")
-    assert M.setup_wandb_env(str(tmp_path), main_process=False) is None  # only the main probes
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert M.setup_wandb_env(str(tmp_path)) is None
+        del os.environ["WANDB_MODE"]
+        assert M.setup_wandb_env(str(tmp_path), main_process=False) is None  # the main probes
+        os.environ["WANDB_MODE"] = "offline"
+        assert M.setup_wandb_env(str(tmp_path)) is None
+    assert "WANDB_DIR" not in os.environ or os.environ["WANDB_DIR"] != str(tmp_path)
