@@ -22,40 +22,8 @@ from mlmkit.config.fileio import read_jsonl, write_json_atomic
 
 # The metric and summary names (`mlmkit.config.keys`), re-exported where the records are written:
 # ``tracking.TRAIN_LOSS`` and the rest.
-from mlmkit.config.keys import (  # noqa: F401
-    DATA_MIXTURE,
-    DATA_REPAIRED_LINES,
-    DATA_SOURCE_SHARE,
-    DATA_SOURCE_TOKENS,
-    EPOCH,
-    EVAL_LOSS,
-    EVAL_LOSS_UNMASKED,
-    EVAL_PAD_SENSITIVITY,
-    EVAL_PERPLEXITY,
-    FILL_MASK,
-    FIRST_EVAL_LOSS,
-    FIRST_EVAL_PERPLEXITY,
-    NUM_PROCESSES,
-    PADDING,
-    STEP,
-    SYS_PEAK_MEM_GB,
-    TRACKERS_RAN,
-    TRAIN_COMPILE_SECONDS,
-    TRAIN_DATA_WAIT_FRACTION,
-    TRAIN_EXAMPLES,
-    TRAIN_GPU_BUSY_FRACTION,
-    TRAIN_GRAD_NORM,
-    TRAIN_LOSS,
-    TRAIN_LR,
-    TRAIN_MASKED_TOKENS,
-    TRAIN_MFU,
-    TRAIN_PAD_FRACTION,
-    TRAIN_PEAK_TFLOPS,
-    TRAIN_REAL_TOKENS_PER_S,
-    TRAIN_RUNTIME,
-    TRAIN_TFLOPS,
-    TRAIN_TOKENS_PER_S,
-)
+from mlmkit.config.keys import *  # noqa: F403
+from mlmkit.config.keys import STEP, TRACKERS_RAN
 from mlmkit.train.runfolder import METRICS, SUMMARY
 
 # The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
