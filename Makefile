@@ -17,13 +17,15 @@ PIP        := $(BIN)/python -m pip --disable-pip-version-check
 
 # LOCKED=1 (the default): torch, then the lock's exact versions, hash-checked and without their
 # own dependency resolution (the lock has them all), then mlmkit itself; `pip check` proves the
-# set consistent. LOCKED=0 (`make test-latest`): the newest versions pyproject.toml's ranges allow.
+# set consistent. LOCKED=0 (`make test-latest`): the newest versions pyproject.toml's ranges allow
+# (torch held at TORCH_SPEC there too).
 LOCKED     ?= 1
 ifeq ($(LOCKED),1)
 INSTALL = $(PIP) install -q --require-hashes --no-deps -r $(LOCK) && \
           $(PIP) install -q --no-deps -e . && $(PIP) check
 else
-INSTALL = $(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+INSTALL = echo "$(TORCH_SPEC)" > $(VENV)/torch.txt && \
+          $(PIP) install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch.txt -e ".[dev]"
 endif
 
 # What the tests are told of the install (tests/unit/test_lock.py checks the environment is it).
