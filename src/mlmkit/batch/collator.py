@@ -102,12 +102,20 @@ def _is_prob(p: Any, lo_open: bool = False, hi_open: bool = False) -> bool:
     return (0.0 < p if lo_open else 0.0 <= p) and (p < 1.0 if hi_open else p <= 1.0)
 
 
+RETURN_TENSORS = ("pt", "np")
+
+
+def _check_return_tensors(value: Any) -> None:
+    if value not in RETURN_TENSORS:
+        raise _fail("return_tensors", value, 'use "pt" (PyTorch tensors) or "np" (NumPy arrays)')
+
+
 def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
     """Every check of the collator's arguments, in one place; ValueError naming the fix."""
     if not isinstance(o["mlm"], bool):
         raise _fail("mlm", o["mlm"], "pass True or False")
-    if not _is_prob(o["mlm_probability"], lo_open=True, hi_open=True):
-        raise _fail("mlm_probability", o["mlm_probability"], "it must be a number in (0, 1), e.g. 0.15")
+    if not _is_prob(o["mlm_probability"]):
+        raise _fail("mlm_probability", o["mlm_probability"], "it must be a number in [0, 1], e.g. 0.15")
     for name in ("mask_replace_prob", "random_replace_prob"):
         if not _is_prob(o[name]):
             raise _fail(name, o[name], "it must be a number in [0, 1]")
@@ -128,10 +136,7 @@ def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
         raise _fail("pad_to_multiple_of", multiple, "use a positive int (e.g. 8) or None")
     if not _is_int(o["seed"]):
         raise _fail("seed", o["seed"], "use an int (masks are always seeded; the default is 0)")
-    if o["return_tensors"] != "pt":
-        raise _fail("return_tensors", o["return_tensors"],
-                    'only "pt" (PyTorch tensors) is supported; pass return_tensors="pt" and '
-                    'convert the batch yourself, e.g. {k: v.numpy() for k, v in batch.items()}')
+    _check_return_tensors(o["return_tensors"])
     if not isinstance(o["return_counts"], bool):
         raise _fail("return_counts", o["return_counts"], "pass True or False")
     if o["attn_implementation"] not in (*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION):
@@ -263,7 +268,8 @@ class MaskedLMCollator:
             padding side).
         mlm: mask tokens for MLM; ``False`` gives labels of all -100 (used by probes; no causal
             labels as in Hugging Face's collator).
-        mlm_probability: probability that a token (or word, with ``whole_word_mask``) is a target.
+        mlm_probability: probability that a token (or word, with ``whole_word_mask``) is a target,
+            in [0, 1]: 0 gives no targets, 1 makes every real, non-special token one.
         mask_replace_prob / random_replace_prob: fractions of the targets replaced by the mask
             token / a random ordinary token; the rest are left unchanged (HF's 80/10/10).
         whole_word_mask: select whole words (all pieces of a word together; words from the
@@ -275,7 +281,8 @@ class MaskedLMCollator:
         seed: masking seed; with the epoch (`set_epoch`) and the example's ``idx`` it fixes the
             masks; examples without ``idx`` get new masks at every call, reproducible from it
             (module doc, step 2).
-        return_tensors: ``"pt"``, the only form there is (Hugging Face's name).
+        return_tensors: ``"pt"`` (PyTorch tensors) or ``"np"`` (NumPy arrays); a call may ask
+            for the other (``collator(features, "np")``, Hugging Face's signature).
         return_counts: add the `METADATA_KEYS` counts to every batch (the recipe's training loop
             reads them; a model's forward does not take them).
         attn_implementation: the model's attention backend; decides the packed mask's form.
@@ -300,6 +307,7 @@ class MaskedLMCollator:
         validate_options(tokenizer, options)
         self.tokenizer = tokenizer
         self.mlm = mlm
+        self.return_tensors = return_tensors
         self.return_counts = return_counts
         self.epoch = 0
         self.calls = 0  # this process's calls: keys the masks of examples without idx
@@ -360,11 +368,14 @@ class MaskedLMCollator:
             special = special | torch.as_tensor(special_mask).to(torch.bool)
         return self._mask(ids, special, [ids.numel()], [idx])
 
-    def __call__(self, examples: Sequence[Any],
+    def __call__(self, examples: Sequence[Any], return_tensors: str | None = None, *,
                  rows: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
-        """Collate ``examples``. In packed mode ``rows`` (lists of positions into ``examples``)
-        may give the row layout, e.g. one planned over a larger window (`plans.TrainPlan`); by
-        default the batch is packed on its own with `layout.pack_rows`."""
+        """Collate ``examples`` into ``return_tensors`` (None: the collator's; Hugging Face's
+        signature). In packed mode ``rows`` (lists of positions into ``examples``) may give the
+        row layout, e.g. one planned over a larger window (`plans.TrainPlan`); by default the
+        batch is packed on its own with `layout.pack_rows`."""
+        if return_tensors is not None:
+            _check_return_tensors(return_tensors)
         if rows is not None and self.padding != "packed":
             raise ValueError('MaskedLMCollator: rows= is only meaningful with padding="packed"')
         ids, special, lengths, idxs, types = parse_examples(examples, self.max_length, self.tables)
@@ -376,6 +387,8 @@ class MaskedLMCollator:
             batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
             batch["num_masked_tokens"] = (labels != -100).sum()
             batch["num_examples"] = torch.tensor(len(lengths), dtype=torch.long)
+        if (return_tensors or self.return_tensors) == "np":
+            return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
 
 

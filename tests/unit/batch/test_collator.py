@@ -83,6 +83,36 @@ def test_input_forms_give_identical_batches(tokenizer):
     assert torch.equal(swapped["labels"][0, :3], reference["labels"][1, :3])
 
 
+@pytest.mark.parametrize("padding", ["longest", "packed"])
+def test_numpy_batches_in_the_constructor_or_per_call(tokenizer, padding):
+    """return_tensors="np" (or ``collator(features, "np")``, Hugging Face's signature): the same
+    batch as NumPy arrays, keyed masks unchanged."""
+    import numpy as np
+    rows = [{"input_ids": [CLS, 2000 + i, 2001, 2002, SEP][: 3 + i], "idx": i} for i in range(3)]
+    options = dict(mlm_probability=0.5, padding=padding, max_length=16, seed=3)
+    pt = MaskedLMCollator(tokenizer, **options)(rows)
+    for np_batch in (MaskedLMCollator(tokenizer, return_tensors="np", **options)(rows),
+                     MaskedLMCollator(tokenizer, **options)(rows, "np")):
+        assert set(np_batch) == set(pt)
+        for key, value in pt.items():
+            if isinstance(value, torch.Tensor):
+                assert isinstance(np_batch[key], np.ndarray), key
+                assert np.array_equal(np_batch[key], value.numpy()), key
+    assert isinstance(MaskedLMCollator(tokenizer, return_tensors="np", **options)(rows, "pt")
+                      ["input_ids"], torch.Tensor)
+
+
+def test_the_whole_probability_range(tokenizer):
+    """mlm_probability 0: no targets; 1: every real token that is not special, never padding."""
+    rows = [[CLS, 2000, 2001, 2002, SEP], [CLS, 2003, SEP]]
+    none = MaskedLMCollator(tokenizer, mlm_probability=0.0)(rows)
+    assert (none["labels"] == -100).all() and torch.equal(none["input_ids"][0], torch.tensor(rows[0]))
+    every = MaskedLMCollator(tokenizer, mlm_probability=1.0)(rows)
+    targets = every["labels"] != -100
+    assert targets.tolist() == [[False, True, True, True, False], [False, True, False, False, False]]
+    assert every["labels"][0, 1:4].tolist() == [2000, 2001, 2002]
+
+
 def test_bad_inputs_raise(tokenizer):
     collator = MaskedLMCollator(tokenizer)
     with pytest.raises(ValueError, match="no tokens"):
@@ -99,8 +129,7 @@ def test_bad_inputs_raise(tokenizer):
 @pytest.mark.parametrize(
     "kwargs, arg",
     [
-        (dict(mlm_probability=0.0), "mlm_probability"),
-        (dict(mlm_probability=1.0), "mlm_probability"),
+        (dict(mlm_probability=1.5), "mlm_probability"),
         (dict(mlm_probability=-0.2), "mlm_probability"),
         (dict(mlm_probability="0.15"), "mlm_probability"),
         (dict(mask_replace_prob=1.5), "mask_replace_prob"),
@@ -146,9 +175,11 @@ def test_hugging_face_names_and_return_tensors(tokenizer):
                                 mask_replace_prob=0.8, random_replace_prob=0.1, pad_to_multiple_of=8,
                                 return_tensors="pt", seed=0)
     assert collator([[CLS, 2000, SEP]])["input_ids"].shape == (1, 8)
-    for other in ("np", "tf", "jax", None):
-        with pytest.raises(ValueError, match=r"invalid return_tensors=.*only \"pt\".*convert the batch"):
+    for other in ("tf", "jax", None):
+        with pytest.raises(ValueError, match=r'invalid return_tensors=.*use "pt" .* or "np"'):
             MaskedLMCollator(tokenizer, return_tensors=other)
+    with pytest.raises(ValueError, match=r"invalid return_tensors='tf'"):
+        collator([[CLS, 2000, SEP]], "tf")
     with pytest.raises(ValueError, match=r"invalid seed=None; use an int"):
         MaskedLMCollator(tokenizer, seed=None)
     with pytest.raises(ValueError, match=r"invalid return_counts="):
