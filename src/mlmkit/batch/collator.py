@@ -134,8 +134,9 @@ def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
     multiple = o["pad_to_multiple_of"]
     if multiple is not None and (not _is_int(multiple) or multiple < 1):
         raise _fail("pad_to_multiple_of", multiple, "use a positive int (e.g. 8) or None")
-    if not _is_int(o["seed"]):
-        raise _fail("seed", o["seed"], "use an int (masks are always seeded; the default is 0)")
+    if o["seed"] is not None and not _is_int(o["seed"]):
+        raise _fail("seed", o["seed"], "use an int (keyed, reproducible masks; the default is 0) "
+                    "or None (torch's global generator, as transformers)")
     _check_return_tensors(o["return_tensors"])
     if not isinstance(o["return_counts"], bool):
         raise _fail("return_counts", o["return_counts"], "pass True or False")
@@ -278,9 +279,11 @@ class MaskedLMCollator:
         padding: ``"longest"``, ``"max_length"`` or ``"packed"`` (see the module docstring).
         max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
         pad_to_multiple_of: round the time dimension T up to a multiple of this.
-        seed: masking seed; with the epoch (`set_epoch`) and the example's ``idx`` it fixes the
-            masks; examples without ``idx`` get new masks at every call, reproducible from it
-            (module doc, step 2).
+        seed: masking seed (default 0: reproducible); with the epoch (`set_epoch`) and the
+            example's ``idx`` it fixes the masks; examples without ``idx`` get new masks at every
+            call, reproducible from it (module doc, step 2). ``None``: masks from torch's global
+            generator, as transformers draws them (``torch.manual_seed``, a ``Trainer``'s seed),
+            so they follow the batch order instead of the example.
         return_tensors: ``"pt"`` (PyTorch tensors) or ``"np"`` (NumPy arrays); a call may ask
             for the other (``collator(features, "np")``, Hugging Face's signature).
         return_counts: add the `METADATA_KEYS` counts to every batch (the recipe's training loop
@@ -298,7 +301,7 @@ class MaskedLMCollator:
                  mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
                  whole_word_mask: bool = False, padding: str = "longest",
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
-                 seed: int = 0, return_tensors: str = "pt", return_counts: bool = False,
+                 seed: int | None = 0, return_tensors: str = "pt", return_counts: bool = False,
                  attn_implementation: str = "sdpa", position_offset: int = 0,
                  padding_side: str | None = None) -> None:
         padding_side = tokenizer.padding_side if padding_side is None else padding_side

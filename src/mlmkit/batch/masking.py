@@ -198,12 +198,14 @@ class Masker:
 
     Args are those of `MaskedLMCollator` (validated there): ``mlm_probability`` selects targets
     (whole words with ``whole_word_mask``); of the targets, ``mask_replace_prob`` become the mask
-    token, ``random_replace_prob`` a random ordinary token, the rest stay unchanged.
+    token, ``random_replace_prob`` a random ordinary token, the rest stay unchanged. ``seed``
+    None draws from torch's global generator instead of the keyed streams (transformers'
+    ``seed=None``: reproducible only through ``torch.manual_seed`` and the batch order).
     """
 
     def __init__(self, tables: VocabularyTables, *, mask_token_id: int, mlm_probability: float,
                  mask_replace_prob: float, random_replace_prob: float, whole_word_mask: bool,
-                 seed: int):
+                 seed: int | None):
         self.tables = tables
         self.mask_token_id = mask_token_id
         self.mlm_probability = float(mlm_probability)
@@ -252,13 +254,14 @@ class Masker:
             word_of, units = self._word_index(ids, special, lengths)
         else:
             units = lengths
-        if self._generator is None:
+        if self._generator is None and self.seed is not None:
             self._generator = torch.Generator()
         gen, n_replacements = self._generator, len(self.tables.replacement_ids)
         select_u, action_u, picks = [], [], []
         for pos, (n, w, idx) in enumerate(zip(lengths, units, idxs)):
-            gen.manual_seed(example_seed(self.seed, epoch, idx) if idx is not None
-                            else unkeyed_seed(self.seed, epoch, *stream, pos))
+            if gen is not None:  # seed None: torch's global generator, as transformers draws
+                gen.manual_seed(example_seed(self.seed, epoch, idx) if idx is not None
+                                else unkeyed_seed(self.seed, epoch, *stream, pos))
             u = torch.rand(w + n, generator=gen)  # (W + L,): one draw per unit, then per token
             select_u.append(u[:w])
             action_u.append(u[w:])

@@ -102,6 +102,24 @@ def test_numpy_batches_in_the_constructor_or_per_call(tokenizer, padding):
                       ["input_ids"], torch.Tensor)
 
 
+def test_seed_none_draws_from_torchs_global_generator(tokenizer):
+    """seed=None masks as transformers does: torch.manual_seed (a Trainer's seed) decides them,
+    not the example's idx; an int keeps the keyed masks, whatever the global generator."""
+    rows = [{"input_ids": [CLS, *range(2000, 2060), SEP], "idx": 4}]
+    unkeyed = MaskedLMCollator(tokenizer, mlm_probability=0.5, seed=None)
+    torch.manual_seed(7)
+    first = unkeyed(rows)["labels"]
+    torch.manual_seed(7)
+    assert torch.equal(unkeyed([{**rows[0], "idx": 5}])["labels"], first)  # idx plays no part
+    torch.manual_seed(8)
+    assert not torch.equal(unkeyed(rows)["labels"], first)
+    keyed = MaskedLMCollator(tokenizer, mlm_probability=0.5)
+    torch.manual_seed(7)
+    a = keyed(rows)["labels"]
+    torch.manual_seed(8)
+    assert torch.equal(keyed(rows)["labels"], a)
+
+
 def test_the_whole_probability_range(tokenizer):
     """mlm_probability 0: no targets; 1: every real token that is not special, never padding."""
     rows = [[CLS, 2000, 2001, 2002, SEP], [CLS, 2003, SEP]]
@@ -180,8 +198,8 @@ def test_hugging_face_names_and_return_tensors(tokenizer):
             MaskedLMCollator(tokenizer, return_tensors=other)
     with pytest.raises(ValueError, match=r"invalid return_tensors='tf'"):
         collator([[CLS, 2000, SEP]], "tf")
-    with pytest.raises(ValueError, match=r"invalid seed=None; use an int"):
-        MaskedLMCollator(tokenizer, seed=None)
+    with pytest.raises(ValueError, match=r"invalid seed='0'; use an int .* or None"):
+        MaskedLMCollator(tokenizer, seed="0")
     with pytest.raises(ValueError, match=r"invalid return_counts="):
         MaskedLMCollator(tokenizer, return_counts="yes")
 
