@@ -26,7 +26,7 @@ class RunShape:
 
 # Masked positions are padded (with "no target") to a multiple of this for compiled steps: few
 # shapes under CUDA graphs (`RunShape.positions_multiple`), and the step of a static-shape run
-# that outgrows its capacity takes the next multiple (`prefetch.StaticShapes`).
+# that outgrows its capacity takes the next multiple (`steps.StaticShapes`).
 POSITIONS_MULTIPLE = 256
 
 

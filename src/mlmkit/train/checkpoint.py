@@ -22,7 +22,7 @@ result. What makes that true here:
   complete checkpoints, never fewer than one.
 
 The run-folder policy (fresh start, resume or refuse) is in `rundir.py`; pre-emption signals in
-`preemption.py`; the final HF export in `modeling.export_hf_model`.
+`preemption.py`; the final HF export in `loading.export_hf_model`.
 
 Layout of one checkpoint (DDP or one process; under DeepSpeed ``model.safetensors`` and
 ``optimizer.bin`` are replaced by DeepSpeed's ``pytorch_model/`` folder and ``latest``, under

@@ -155,7 +155,7 @@ def predict(model_dir: str | Path, probes: list[dict[str, str]], k: int = TOP_K)
 def initial_predictions(accelerator, module, tokenizer, folder: Path,
                         probes: list[dict[str, str]]) -> list[dict]:
     """`predict` on the model as it is now (before training): exported to ``folder`` exactly as
-    ``model/`` will be (`modeling.export_hf_model`, which every process must call), tried on
+    ``model/`` will be (`loading.export_hf_model`, which every process must call), tried on
     the main process, then deleted. Other processes get []."""
 
     export_hf_model(accelerator, module, tokenizer, folder)

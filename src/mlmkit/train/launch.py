@@ -96,7 +96,7 @@ def fsdp_plugin():
     accelerate config names none (``fsdp_transformer_layer_cls_to_wrap``).
 
     Accelerate's own default reads ``_no_split_modules`` from the prepared module, which here is
-    `modeling.MaskedLMModule` (no such attribute: nothing would be sharded layer by layer), and
+    `loading.MaskedLMModule` (no such attribute: nothing would be sharded layer by layer), and
     BERT-like models list their embeddings there too: sharding the embeddings as a unit of their
     own separates the word embeddings from the decoder tied to them, and the tie breaks. It also
     lets the inner model be run directly (`gather_root_on_direct_calls`).

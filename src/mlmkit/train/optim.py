@@ -73,7 +73,7 @@ class Training:
 
     @property
     def inner(self):
-        """The unwrapped `modeling.MaskedLMModule` (probes, the head switch)."""
+        """The unwrapped `loading.MaskedLMModule` (probes, the head switch)."""
         from accelerate.utils import extract_model_from_parallel
         return extract_model_from_parallel(self.module)
 

@@ -70,7 +70,7 @@ def add_masked_positions(batch: dict, multiple: int | None = None,
     """The flat indices of ``labels != -100`` as ``masked_positions`` (host side, in place).
 
     With ``multiple``, padded up to a multiple of it with the index ``labels.numel()`` (one past
-    the end), which `modeling.MaskedLMModule` reads as "no target": a compiled graph (CUDA graphs
+    the end), which `loading.MaskedLMModule` reads as "no target": a compiled graph (CUDA graphs
     above all) then sees a handful of shapes instead of a new one every step. With ``capacity``
     too, padded to at least ``capacity`` (one shape for the run while the targets fit; more are
     never dropped: the next multiple holds them)."""
