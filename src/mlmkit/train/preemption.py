@@ -25,8 +25,9 @@ class StopSignal:
     * Accelerate >= 1.16's one-process launcher sends SIGTERM to the whole process tree (the
       recipe, W&B's service, data workers) and SIGKILLs what is alive 5 s later: the stop (the
       step in flight plus the checkpoint) must fit in those 5 s. The data workers ignore the
-      signal (`steps.Prefetcher`), a tracker that dies under it is a warning (`tracking.MetricsLog`), and
-      the recipe warns once when a checkpoint takes longer than `LAUNCHER_GRACE_S` allows
+      signal (`steps.Prefetcher`), a tracker that dies under it is a warning
+      (`tracking.MetricsLog`), and the recipe warns once when a checkpoint takes longer than
+      `LAUNCHER_GRACE_S` allows
       (`warn_if_stop_outlasts_launcher`). Give a big checkpoint time by running one process
       without that launcher (``python recipes/mlm.py``, ``ACCELERATE_MIXED_PRECISION=bf16`` for
       bf16) or under ``torchrun --nproc_per_node 1`` with TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
