@@ -384,14 +384,52 @@ class MaskedLMCollator:
         ids, special, lengths, idxs, types = parse_examples(examples, self.max_length, self.tables)
         stream = (collating_worker(), self.calls)  # keys the examples without idx
         self.calls += 1
-        masked, labels = self._mask(ids, special, lengths, idxs, stream)  # (N,), (N,)
-        batch = self.layout(masked, labels, lengths, rows, token_type_ids=types)
+        if self._overrides_masking():
+            batch = self._laid_out_then_masked(ids, special, lengths, rows, types)
+        else:
+            masked, labels = self._mask(ids, special, lengths, idxs, stream)  # (N,), (N,)
+            batch = self.layout(masked, labels, lengths, rows, token_type_ids=types)
+        labels = batch["labels"]
         if self.return_counts:
             batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
             batch["num_masked_tokens"] = (labels != -100).sum()
             batch["num_examples"] = torch.tensor(len(lengths), dtype=torch.long)
         if (return_tensors or self.return_tensors) == "np":
             return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
+
+
+    def torch_mask_tokens(self, inputs: torch.Tensor, special_tokens_mask: Any = None,
+                          offset_mapping: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' override point, with its meaning: ``(masked inputs, labels)`` of a batch
+        of ids (any shape; ``special_tokens_mask`` True where no target may be, padding
+        included). A subclass that overrides it (e.g. every target the mask token) gets it
+        called on each laid-out batch, as transformers does. This default treats ``inputs`` as
+        one example of the unkeyed stream; the collator's own batches are masked per example,
+        keyed by (seed, epoch, idx), before they are laid out (`masking.Masker`)."""
+        if special_tokens_mask is None:
+            special = self.tables.is_special[inputs] | (inputs == self.tokenizer.pad_token_id)
+        else:
+            special = torch.as_tensor(special_tokens_mask).to(torch.bool)
+        flat = inputs.reshape(-1)
+        masked, labels = self._mask(flat, special.reshape(-1), [flat.numel()], [None],
+                                    (collating_worker(), self.calls))
+        return masked.reshape(inputs.shape), labels.reshape(inputs.shape)
+
+    def _overrides_masking(self) -> bool:
+        return type(self).torch_mask_tokens is not MaskedLMCollator.torch_mask_tokens
+
+    def _laid_out_then_masked(self, ids, special, lengths, rows, types) -> dict[str, Any]:
+        """A subclass's `torch_mask_tokens` on the laid-out batch: specials and padding (every
+        position the layout gives no label) are what it must not pick."""
+        candidates = torch.where(special, -100, ids)  # (N,): the positions that may be targets
+        batch = self.layout(ids, candidates, lengths, rows, token_type_ids=types)
+        blocked = batch["labels"] == -100  # specials and padding, in the batch's layout
+        if not self.mlm:
+            batch["labels"] = torch.full_like(batch["input_ids"], -100)
+            return batch
+        batch["input_ids"], batch["labels"] = self.torch_mask_tokens(
+            batch["input_ids"], special_tokens_mask=blocked)
         return batch
 
 

@@ -546,3 +546,33 @@ def test_readme_examples_run_as_written(tokenizer_path, tmp_path, monkeypatch):
     assert namespace["trainer"].state.global_step == 3
     assert namespace["paired"].calls > 0 and torch.isfinite(namespace["loss"])
     assert namespace["step"] == 2 and namespace["packed"].padding == "packed"
+
+
+class EveryTargetMasked(MaskedLMCollator):
+    """NeoBERT-style: every target the mask token, through transformers' override point."""
+
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        labels = inputs.clone()
+        targets = ~special_tokens_mask & (torch.rand(inputs.shape) < self.masker.mlm_probability)
+        labels[~targets] = -100
+        return torch.where(targets, self.tokenizer.mask_token_id, inputs), labels
+
+
+@pytest.mark.parametrize("padding", ["longest", "packed"])
+def test_a_subclass_overriding_torch_mask_tokens_gets_its_masks_used(tokenizer, padding):
+    rows = [[CLS, *range(2000, 2012), SEP], [CLS, 2100, 2101, SEP], [CLS, 2200, SEP]]
+    collator = EveryTargetMasked(tokenizer, mlm_probability=1.0, padding=padding, max_length=32,
+                                 return_counts=True)
+    batch = collator(rows)
+    ids, labels = batch["input_ids"], batch["labels"]
+    targets = labels != -100
+    assert int(targets.sum()) == 12 + 2 + 1  # every real, non-special token, nothing else
+    assert (ids[targets] == MASK).all() and not (ids[~targets] == MASK).any()
+    assert sorted(labels[targets].tolist()) == sorted([*range(2000, 2012), 2100, 2101, 2200])
+    assert int(batch["num_masked_tokens"]) == 15 and int(batch["num_real_tokens"]) == 21
+    # the default implementation, called as transformers' users call it
+    plain = MaskedLMCollator(tokenizer, mlm_probability=1.0)
+    padded = torch.tensor([[CLS, 2000, 2001, SEP, PAD]])
+    masked, labels = plain.torch_mask_tokens(padded)
+    assert labels.tolist() == [[-100, 2000, 2001, -100, -100]]
+    assert masked[0, 0] == CLS and masked[0, 4] == PAD
