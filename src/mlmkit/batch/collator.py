@@ -398,7 +398,6 @@ class MaskedLMCollator:
             return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
 
-
     def torch_mask_tokens(self, inputs: torch.Tensor, special_tokens_mask: Any = None,
                           offset_mapping: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' override point, with its meaning: ``(masked inputs, labels)`` of a batch
