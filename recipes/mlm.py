@@ -177,7 +177,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
                 saved = checkpoint.save_checkpoint(accelerator, cfg, ts, rank_state.to_dict())
                 t_save = time.perf_counter() - t_save
                 if saves and not stop:
-                    preemption.warn_if_stop_outlasts_launcher(t_save, log)
+                    stopper.warn_if_stop_outlasts_launcher(t_save, log)
     finally:
         prefetcher.close()
     stepper.read()

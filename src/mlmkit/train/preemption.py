@@ -27,10 +27,10 @@ class StopSignal:
       step in flight plus the checkpoint) must fit in those 5 s. The data workers ignore the
       signal (`steps.Prefetcher`), a tracker that dies under it is a warning
       (`tracking.MetricsLog`), and the recipe warns once when a checkpoint takes longer than
-      `LAUNCHER_GRACE_S` allows
-      (`warn_if_stop_outlasts_launcher`). Give a big checkpoint time by running one process
-      without that launcher (``python recipes/mlm.py``, ``ACCELERATE_MIXED_PRECISION=bf16`` for
-      bf16) or under ``torchrun --nproc_per_node 1`` with TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
+      `LAUNCHER_GRACE_S` allows (`StopSignal.warn_if_stop_outlasts_launcher`). Give a big
+      checkpoint time by running one process without that launcher (``python recipes/mlm.py``,
+      ``ACCELERATE_MIXED_PRECISION=bf16`` for bf16) or under ``torchrun --nproc_per_node 1``
+      with TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
     * Older one-process launchers neither forward the signal nor wait; the recipe gets SIGTERM
       from the kernel when its launcher dies (PR_SET_PDEATHSIG, see ``_terminate_with_launcher``),
       so ``kill <launcher pid>`` works there too.
@@ -47,6 +47,7 @@ class StopSignal:
         self.received: str | None = None
         self._previous: dict = {}
         self._in_flight: list = []  # CUDA: (pinned host flag, event) per step, oldest first
+        self._warned = False  # the checkpoint-time warning, once per run
 
     def install(self) -> "StopSignal":
         if threading.current_thread() is not threading.main_thread():
@@ -86,28 +87,45 @@ class StopSignal:
         event.synchronize()  # recorded CUDA_LAG steps ago: long done, this does not stall
         return bool(host[0] > 0)
 
+    def warn_if_stop_outlasts_launcher(self, save_seconds: float, log, **kwargs) -> bool:
+        """After a periodic checkpoint: log `stop_outlasts_launcher_warning`, once per run.
+        True when it warned."""
+        if self._warned:
+            return False
+        warning = stop_outlasts_launcher_warning(save_seconds, **kwargs)
+        if warning:
+            self._warned = True
+            log(warning)
+        return warning is not None
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
 
+def _parent_cmdline(parent: int) -> list[bytes]:
+    """The command line of process ``parent`` (the launcher, if any); empty off Linux."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        return Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _terminate_with_launcher() -> bool:
     """Ask Linux for SIGTERM when the launcher that started this process dies (PR_SET_PDEATHSIG).
 
-    Accelerate's one-process launcher (``subprocess.Popen`` + ``wait``) neither forwards SIGTERM
-    nor waits for its child: ``kill <launcher pid>`` would leave the run going, orphaned. torchrun
+    Accelerate's one-process launcher before 1.16 (``subprocess.Popen`` + ``wait``) neither
+    forwards SIGTERM nor waits for its child: ``kill <launcher pid>`` would leave the run going,
+    orphaned. torchrun
     forwards signals, but starts every worker in a session of its own, so a launcher that is
     SIGKILLed (OOM killer, ``kill -9``) would leave its workers running unsupervised. With this,
     the run checkpoints and stops instead. Only when the parent is such a launcher, Linux only.
     """
-    if not sys.platform.startswith("linux"):
-        return False
     parent = os.getppid()
-    try:
-        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    cmdline = _parent_cmdline(parent)
     if not any(name in part for part in cmdline
                for name in (b"accelerate", b"torchrun", b"torch.distributed.run")):
         return False
@@ -129,12 +147,9 @@ LAUNCHER_MIN_VERSION = (1, 16)
 def under_tree_killing_launcher() -> bool:
     """True when this process was started by Accelerate's one-process launcher (>= 1.16), which
     kills its process tree `LAUNCHER_GRACE_S` seconds after a SIGTERM or Ctrl-C."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or not sys.platform.startswith("linux"):
+    if "TORCHELASTIC_RUN_ID" in os.environ:
         return False  # a torchrun worker: torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-    try:
-        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    cmdline = _parent_cmdline(os.getppid())
     if not any(b"accelerate" in part for part in cmdline) or b"launch" not in cmdline:
         return False
     try:
@@ -145,24 +160,19 @@ def under_tree_killing_launcher() -> bool:
     return (major, minor) >= LAUNCHER_MIN_VERSION
 
 
-_warned = False
-
-
-def warn_if_stop_outlasts_launcher(save_seconds: float, log, *, launcher: bool | None = None,
-                                   budget: float = 0.6 * LAUNCHER_GRACE_S) -> bool:
-    """After a periodic checkpoint: warn once per process when writing it took more than
-    ``budget`` seconds under a launcher that kills the run `LAUNCHER_GRACE_S` after a signal (a
-    stop there would lose its checkpoint; the previous one is kept). True when it warned."""
-    global _warned
-    if _warned or save_seconds <= budget:
-        return False
+def stop_outlasts_launcher_warning(save_seconds: float, *, launcher: bool | None = None,
+                                   budget: float = 0.6 * LAUNCHER_GRACE_S) -> str | None:
+    """The warning a periodic checkpoint that took ``save_seconds`` deserves: one when writing
+    it took more than ``budget`` seconds under a launcher that kills the run `LAUNCHER_GRACE_S`
+    after a signal (a stop there would lose its checkpoint; the previous one is kept), else
+    None. ``launcher``: whether this is such a launch (None: `under_tree_killing_launcher`)."""
+    if save_seconds <= budget:
+        return None
     if not (under_tree_killing_launcher() if launcher is None else launcher):
-        return False
-    _warned = True
-    log(f"warning: a checkpoint took {save_seconds:.1f} s to write, but Accelerate's one-process "
-        f"launcher kills the run {LAUNCHER_GRACE_S:.0f} s after SIGTERM or Ctrl-C, so a stop "
-        "would keep only the previous checkpoint. To give a stop time, run one process without "
-        "that launcher (`python recipes/mlm.py ...`; ACCELERATE_MIXED_PRECISION=bf16 for bf16) "
-        "or with `TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 torchrun --nproc_per_node 1 "
-        "recipes/mlm.py ...`.")
-    return True
+        return None
+    return (f"warning: a checkpoint took {save_seconds:.1f} s to write, but Accelerate's "
+            f"one-process launcher kills the run {LAUNCHER_GRACE_S:.0f} s after SIGTERM or "
+            "Ctrl-C, so a stop would keep only the previous checkpoint. To give a stop time, run "
+            "one process without that launcher (`python recipes/mlm.py ...`; "
+            "ACCELERATE_MIXED_PRECISION=bf16 for bf16) or with `TORCH_ELASTIC_SHUTDOWN_TIMEOUT="
+            "120 torchrun --nproc_per_node 1 recipes/mlm.py ...`.")

@@ -23,16 +23,16 @@ def test_stop_signal_sets_a_flag_instead_of_killing():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_a_checkpoint_slower_than_the_launchers_grace_is_warned_once(monkeypatch):
+def test_a_checkpoint_slower_than_the_launchers_grace_is_warned_once():
     """Accelerate >= 1.16's one-process launcher SIGKILLs the run 5 s after a signal: a
     periodic checkpoint that takes longer than 3 s is one warning naming the way out, once."""
     from mlmkit.train import preemption
-    monkeypatch.setattr(preemption, "_warned", False)
-    lines = []
-    assert not preemption.warn_if_stop_outlasts_launcher(7.0, lines.append, launcher=False)
-    assert not preemption.warn_if_stop_outlasts_launcher(1.0, lines.append, launcher=True)
-    assert preemption.warn_if_stop_outlasts_launcher(7.0, lines.append, launcher=True)
-    assert not preemption.warn_if_stop_outlasts_launcher(9.0, lines.append, launcher=True)
+    stopper, lines = StopSignal(), []
+    assert not stopper.warn_if_stop_outlasts_launcher(7.0, lines.append, launcher=False)
+    assert not stopper.warn_if_stop_outlasts_launcher(1.0, lines.append, launcher=True)
+    assert stopper.warn_if_stop_outlasts_launcher(7.0, lines.append, launcher=True)
+    assert not stopper.warn_if_stop_outlasts_launcher(9.0, lines.append, launcher=True)
     assert len(lines) == 1 and "took 7.0 s" in lines[0] and "python recipes/mlm.py" in lines[0]
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in lines[0]
+    assert StopSignal().warn_if_stop_outlasts_launcher(7.0, lines.append, launcher=True)  # a run
     assert not preemption.under_tree_killing_launcher()  # pytest is no launcher
