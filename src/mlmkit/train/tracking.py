@@ -195,7 +195,7 @@ class MetricsLog:
             call(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 -- whatever a tracker raises, the run goes on
             self._failed.add(tracker.name)
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reason = _reason(err)
             self.status[tracker.name] = f"failed {when} ({reason})"
             where = f"; what it wrote is under {os.environ['WANDB_DIR']}/wandb" \
                 if tracker.name == "wandb" and os.environ.get("WANDB_DIR") else ""
@@ -261,30 +261,36 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
     if trackers:
         config = {**cfg.to_dict(), **run_config}
         kwargs = tracker_init_kwargs(cfg, state.wandb_run_id)
-        try:
-            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=kwargs)
-        except Exception as err:  # noqa: BLE001 -- a tracker never ends a run
-            accelerator.trackers = []
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            if "wandb" in trackers and os.environ.get("WANDB_MODE") != "offline":
-                os.environ["WANDB_MODE"] = "offline"
-                log(go_offline_notice(f"could not start online ({reason})"))
-                try:
-                    accelerator.init_trackers(cfg.wandb_project, config=config,
-                                              init_kwargs=kwargs)
-                    reason = None
-                except Exception as again:  # noqa: BLE001
-                    accelerator.trackers = []
-                    reason = f"{type(again).__name__}: {again}"
-            if reason:
-                status = {name: f"failed to start ({reason})" for name in trackers}
-                log(f"warning: the trackers ({', '.join(trackers)}) failed to start "
-                    f"({reason}); the run goes on without them and {cfg.output_dir}/{METRICS} "
-                    "keeps every record.")
+        reason = _init_trackers(accelerator, cfg.wandb_project, config, kwargs)
+        if reason and "wandb" in trackers and os.environ.get("WANDB_MODE") != "offline":
+            os.environ["WANDB_MODE"] = "offline"  # the one retry: W&B offline
+            log(go_offline_notice(f"could not start online ({reason})"))
+            reason = _init_trackers(accelerator, cfg.wandb_project, config, kwargs)
+        if reason:
+            status = {name: f"failed to start ({reason})" for name in trackers}
+            log(f"warning: the trackers ({', '.join(trackers)}) failed to start ({reason}); "
+                f"the run goes on without them and {cfg.output_dir}/{METRICS} keeps every "
+                "record.")
         for tracker in accelerator.trackers:
             status[tracker.name] = tracker_mode(tracker)
         state.wandb_run_id = wandb_run_id(accelerator)
     return MetricsLog(accelerator, cfg.output_dir, status)
+
+
+def _init_trackers(accelerator, project: str, config: dict, kwargs: dict) -> str | None:
+    """``accelerator.init_trackers``; why it failed (none left half-started), or None."""
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs=kwargs)
+        return None
+    except Exception as err:  # noqa: BLE001 -- a tracker never ends a run
+        accelerator.trackers = []
+        return _reason(err)
+
+
+def _reason(err: BaseException) -> str:
+    """An error in one line: its type and its message's first line."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class _LostSocket(logging.Filter):
