@@ -17,7 +17,7 @@ from helpers import ROOT, launch_env
 
 from mlmkit.train import tracking as M
 
-RUNNER = ROOT / "recipes" / "ablate_padding.py"
+RUNNER = ROOT / "recipes" / "ablate.py"
 TAB10 = {"masked": (0x1F, 0x77, 0xB4), "unmasked": (0xFF, 0x7F, 0x0E)}  # arm colours, in arm order
 
 

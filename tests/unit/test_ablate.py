@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from helpers import ROOT, load_script
 
-RUNNER = ROOT / "recipes" / "ablate_padding.py"
+RUNNER = ROOT / "recipes" / "ablate.py"
 
 
 def test_bad_ablation_yaml_fails_before_launching(tmp_path, ablation_yaml, capsys):
