@@ -2,13 +2,13 @@
 
 It orchestrates three steps, each owned by one module (see docs/design.md):
 
-1. `parse_examples` (here): input normalisation -- lists of ids, 1-D tensors or dicts (rows of
-   a `datasets.Dataset`, as lists, tensors or numpy arrays) with ``input_ids`` and optionally
-   ``attention_mask`` (positions where it is 0 are *dropped*: they are padding an upstream
-   tokenizer added), ``special_tokens_mask`` (OR-ed with the tokenizer's special ids),
-   ``token_type_ids`` (kept: laid out like the ids) and ``idx`` (the example's index in its
-   dataset, which keys the reproducible masking). Other keys are ignored. Examples longer than
-   ``max_length`` are truncated to their first ``max_length`` tokens.
+1. `examples.ExampleParser`: input normalisation -- lists of ids, 1-D tensors or arrays, or dicts
+   (rows of a `datasets.Dataset`) with ``input_ids`` and optionally ``attention_mask`` (zeros at
+   an example's ends are upstream padding, dropped; a zero between its tokens is the user's own
+   mask, kept in padded rows), ``special_tokens_mask``, ``idx`` (the example's index in its
+   dataset, which keys the reproducible masking) and any other key, passed through (per-token
+   keys such as ``token_type_ids`` laid out like the ids, per-example keys stacked) unless
+   ``drop_keys`` drops it. Examples longer than ``max_length`` are truncated.
 2. `masking.Masker.mask`: targets and replacements (pads and specials never targets). An example
    with ``idx`` gets the masks of (seed, epoch, idx) wherever and however often it is collated
    (what pairs the ablation's arms); one without gets new masks at every call, reproducible from
@@ -24,8 +24,11 @@ Output batches
     attention_mask  (B, T) long   1 on the example's tokens, 0 on padding
     labels          (B, T) long   original id at masked positions, -100 elsewhere
     position_ids    (B, T) long   only with left padding: offset + 0..L-1 over the real tokens
-    token_type_ids  (B, T) long   only when the examples carry them; 0 in padding
+    <per-token key> (B, T)        e.g. token_type_ids: laid out like the ids, 0 in padding (-100
+                                  for a key ending in "labels")
+    <per-example>   (B, ...)      e.g. a label column: stacked (a list where values don't stack)
 
+A zero inside an example's own ``attention_mask`` stays 0 in its row: a custom mask.
 T is the longest example (``"longest"``) or ``max_length``, rounded up to ``pad_to_multiple_of``.
 
 ``padding="packed"`` (needs ``max_length``): R <= B rows of at most ``max_length`` tokens,
@@ -33,7 +36,8 @@ T the longest row rounded up to ``pad_to_multiple_of``::
 
     input_ids, labels  (R, T) long
     position_ids       (R, T) long   offset + 0..L-1 restarting at every example
-    token_type_ids     (R, T) long   only when the examples carry them; 0 in padding
+    <per-token key>    (R, T)        laid out like the ids (per-example keys and custom masks are
+                                     refused: a row holds several examples)
     attention_mask     sdpa:          (R, 1, T, T) bool, block-diagonal (True = may attend)
                        eager / flex:  (R, 1, T, T) float32 additive (0 = attend, finfo.min = not)
                        flash_attention_*, mlmkit_packed (attention.py):
@@ -50,12 +54,12 @@ is (the Trainer passes every key of the batch).
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from mlmkit.batch.examples import ExampleParser, Examples, stack_per_example
 from mlmkit.batch.layout import Layout
 from mlmkit.batch.masking import Masker, VocabularyTables
 from mlmkit.config.choices import ATTN_IMPLEMENTATIONS, PACKED_ATTENTION, PADDING_MODES
@@ -80,11 +84,13 @@ def drop_targets(batch: dict[str, Any]) -> dict[str, Any]:
     """Make ``batch`` a dummy (no labels, no masked tokens; the forward still runs), in place.
 
     A process that has run out of examples runs one, so that every process makes the same
-    forward calls (ZeRO-3 gathers parameters collectively) while adding nothing to the loss.
+    forward calls (ZeRO-3 gathers parameters collectively) while adding nothing to the loss, and
+    nothing to the counts (`METADATA_KEYS`: no real tokens, masked tokens or examples).
     """
     batch["labels"].fill_(-100)
-    if "num_masked_tokens" in batch:  # a batch collated with return_counts=True
-        batch["num_masked_tokens"].zero_()
+    for key in METADATA_KEYS:  # present in a batch collated with return_counts=True
+        if key in batch:
+            batch[key].zero_()
     return batch
 
 
@@ -138,8 +144,14 @@ def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
         raise _fail("seed", o["seed"], "use an int (keyed, reproducible masks; the default is 0) "
                     "or None (torch's global generator, as transformers)")
     _check_return_tensors(o["return_tensors"])
-    if not isinstance(o["return_counts"], bool):
-        raise _fail("return_counts", o["return_counts"], "pass True or False")
+    for name in ("return_counts", "whole_word_mask", "span_masking"):
+        if not isinstance(o[name], bool):
+            raise _fail(name, o[name], "pass True or False")
+    drop = o["drop_keys"]
+    if not isinstance(drop, bool) and (isinstance(drop, (str, bytes)) or not isinstance(
+            drop, Collection) or not all(isinstance(k, str) for k in drop)):
+        raise _fail("drop_keys", drop, 'pass True (every extra key), False, or key names, '
+                    'e.g. ["label"]')
     if o["attn_implementation"] not in (*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION):
         raise _fail("attn_implementation", o["attn_implementation"],
                     f"use one of {(*ATTN_IMPLEMENTATIONS, PACKED_ATTENTION)}")
@@ -156,113 +168,14 @@ def validate_options(tokenizer: Any, o: dict[str, Any]) -> None:
                     "MLM needs a tokenizer with a mask token, or pass mlm=False")
 
 
-def parse_examples(examples: Sequence[Any], max_length: int | None,
-                   tables: VocabularyTables) -> tuple[torch.Tensor, torch.Tensor, list[int],
-                                                      list[int | None], torch.Tensor | None]:
-    """Concatenate the examples: ids (N,) long, special (N,) bool, lengths [E], idxs [E] (None
-    where an example has no ``idx``), token type ids (N,) long or None (when no example has
-    them; some but not all having them is an error)."""
-    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence) or not examples:
-        raise ValueError("MaskedLMCollator: expected a non-empty list of examples (lists of ids, 1-D "
-                         f"tensors or dicts with 'input_ids'), got {type(examples).__name__}")
-    chunks: list[Any] = []  # python lists or 1-D tensors, one per example, trimmed and truncated
-    given: list[tuple[int, torch.Tensor]] = []  # (example position, special mask) from dicts
-    types: list[Any] = []  # token type ids per example (lists or tensors), trimmed and truncated
-    lengths: list[int] = []
-    idxs: list[int | None] = []
-    for pos, ex in enumerate(examples):
-        ids, special, idx, type_ids = ex, None, None, None
-        if isinstance(ex, Mapping):
-            ids, special, idx, type_ids = _from_dict(ex, pos)
-        if not isinstance(ids, list):
-            ids = torch.as_tensor(ids, dtype=torch.long)
-            if ids.dim() != 1:
-                raise ValueError(f"MaskedLMCollator: example {pos} must be 1-D token ids, got "
-                                 f"shape {tuple(ids.shape)}")
-        n = len(ids)
-        if special is not None and special.shape != (n,):
-            raise ValueError(f"MaskedLMCollator: example {pos}: special_tokens_mask shape != "
-                             "input_ids shape")
-        if type_ids is not None and len(type_ids) != n:
-            raise ValueError(f"MaskedLMCollator: example {pos}: token_type_ids length != "
-                             "input_ids length")
-        if pos == 0:
-            with_types = type_ids is not None
-        elif (type_ids is not None) != with_types:
-            have = ("has", "has no") if with_types else ("has no", "has")
-            raise ValueError(f"MaskedLMCollator: example 0 {have[0]} token_type_ids and example "
-                             f"{pos} {have[1]}; give every example of a batch them, or none")
-        if n == 0:
-            where = f" (idx {idx})" if idx is not None else ""
-            raise ValueError(f"MaskedLMCollator: example {pos}{where} has no tokens; filter "
-                             "empty examples out")
-        if max_length is not None and n > max_length:
-            ids, n = ids[:max_length], max_length
-            special = special[:max_length] if special is not None else None
-            type_ids = type_ids[:max_length] if type_ids is not None else None
-        if special is not None:
-            given.append((pos, special))
-        if type_ids is not None:
-            types.append(type_ids)
-        chunks.append(ids)
-        lengths.append(n)
-        idxs.append(idx)
-    if all(isinstance(c, list) for c in chunks):  # the common case: one tensor for the batch
-        flat = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long)  # (N,)
-    else:
-        flat = torch.cat([torch.as_tensor(c, dtype=torch.long) for c in chunks])  # (N,)
-    lo, hi = int(flat.min()), int(flat.max())
-    if lo < 0 or hi >= len(tables):
-        raise ValueError(f"MaskedLMCollator: token ids must lie in [0, {len(tables)}) for this "
-                         f"tokenizer, got range [{lo}, {hi}]; was the data tokenized with a "
-                         "different tokenizer?")
-    special_flat = tables.is_special[flat]  # (N,) one table lookup for the batch
-    if given:
-        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        for pos, mask in given:  # OR: a special id stays special even if the given mask says not
-            special_flat[offsets[pos]:offsets[pos + 1]] |= mask
-    type_flat = None
-    if types:
-        if all(isinstance(t, list) for t in types):
-            type_flat = torch.tensor([t for chunk in types for t in chunk], dtype=torch.long)
-        else:
-            type_flat = torch.cat([torch.as_tensor(t, dtype=torch.long) for t in types])  # (N,)
-    return flat, special_flat, lengths, idxs, type_flat
-
-
-def _from_dict(ex: Mapping, pos: int) -> tuple[Any, torch.Tensor | None, int | None, Any]:
-    """(ids, special mask or None, idx or None, token type ids or None) of a dict example;
-    drops positions whose attention mask is 0."""
-    if "input_ids" not in ex:
-        raise ValueError(f"MaskedLMCollator: example {pos} is a dict without 'input_ids'")
-    ids, special, idx, type_ids = ex["input_ids"], None, None, ex.get("token_type_ids")
-    if ex.get("idx") is not None:
-        raw = ex["idx"]
-        idx = int(raw.item()) if isinstance(raw, torch.Tensor) else operator.index(raw)
-    if ex.get("special_tokens_mask") is not None:
-        special = torch.as_tensor(ex["special_tokens_mask"]).to(torch.bool)
-    if type_ids is not None and not isinstance(type_ids, list):
-        type_ids = torch.as_tensor(type_ids, dtype=torch.long)
-    if ex.get("attention_mask") is not None:
-        keep = torch.as_tensor(ex["attention_mask"]).to(torch.bool)
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        if keep.shape != ids.shape or (special is not None and special.shape != keep.shape) or (
-                type_ids is not None and len(type_ids) != len(keep)):
-            raise ValueError(f"MaskedLMCollator: example {pos}: attention_mask, "
-                             "special_tokens_mask or token_type_ids shape != input_ids shape")
-        ids = ids[keep]
-        special = special[keep] if special is not None else None
-        if type_ids is not None:
-            type_ids = torch.as_tensor(type_ids, dtype=torch.long)[keep]
-    return ids, special, idx, type_ids
-
-
 class MaskedLMCollator:
     """Pads or packs examples, builds attention masks from lengths, applies reproducible masking.
 
-    A drop-in for transformers' ``DataCollatorForLanguageModeling`` (the same argument names where
-    it has them) in a ``Trainer`` or a ``DataLoader``; see README.md, "MaskedLMCollator as a
-    library", for what differs.
+    A drop-in for transformers' ``DataCollatorForLanguageModeling`` in a ``Trainer`` or a
+    ``DataLoader``: its arguments, in its order, may be given by position (``tokenizer, mlm,
+    whole_word_mask, mlm_probability, mask_replace_prob, random_replace_prob,
+    pad_to_multiple_of, return_tensors, seed``); mlmkit's own are keyword-only. docs/collator.md,
+    "What differs from DataCollatorForLanguageModeling", lists every difference.
 
     Args:
         tokenizer: a Hugging Face tokenizer (pad and mask ids, special ids, vocabulary size,
@@ -276,9 +189,16 @@ class MaskedLMCollator:
         whole_word_mask: select whole words (all pieces of a word together; words from the
             tokenizer's WordPiece ``##``, byte-level ``Ġ`` or SentencePiece ``▁`` marks, see
             `masking.word_start_scheme`).
+        span_masking: select contiguous spans of whole words (SpanBERT): span lengths in words
+            geometric (p = 0.2, at most 10), spans drawn until ``mlm_probability`` of the
+            example's tokens are targets; the 80/10/10 replacement and the keyed masks as usual.
         padding: ``"longest"``, ``"max_length"`` or ``"packed"`` (see the module docstring).
         max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
         pad_to_multiple_of: round the time dimension T up to a multiple of this.
+        drop_keys: keys of dict examples not to pass through: True for every key the collator
+            does not read itself, or a collection of names. By default they pass through
+            (`examples` module docstring: per-token keys laid out like the ids, per-example keys
+            stacked), as transformers' collator passes them.
         seed: masking seed (default 0: reproducible); with the epoch (`set_epoch`) and the
             example's ``idx`` it fixes the masks; examples without ``idx`` get new masks at every
             call, reproducible from it (module doc, step 2). ``None``: masks from torch's global
@@ -297,13 +217,14 @@ class MaskedLMCollator:
         ValueError: on any invalid argument, naming it and the fix (`validate_options`).
     """
 
-    def __init__(self, tokenizer: Any, *, mlm: bool = True, mlm_probability: float = 0.15,
-                 mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
-                 whole_word_mask: bool = False, padding: str = "longest",
-                 max_length: int | None = None, pad_to_multiple_of: int | None = None,
-                 seed: int | None = 0, return_tensors: str = "pt", return_counts: bool = False,
-                 attn_implementation: str = "sdpa", position_offset: int = 0,
-                 padding_side: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, mlm: bool = True, whole_word_mask: bool = False,
+                 mlm_probability: float = 0.15, mask_replace_prob: float = 0.8,
+                 random_replace_prob: float = 0.1, pad_to_multiple_of: int | None = None,
+                 return_tensors: str = "pt", seed: int | None = 0, *,
+                 span_masking: bool = False, padding: str = "longest",
+                 max_length: int | None = None, drop_keys: bool | Collection[str] = False,
+                 return_counts: bool = False, attn_implementation: str = "sdpa",
+                 position_offset: int = 0, padding_side: str | None = None) -> None:
         padding_side = tokenizer.padding_side if padding_side is None else padding_side
         options = dict(locals())
         del options["self"], options["tokenizer"]
@@ -314,12 +235,14 @@ class MaskedLMCollator:
         self.return_counts = return_counts
         self.epoch = 0
         self.calls = 0  # this process's calls: keys the masks of examples without idx
-        # Raises ValueError for whole_word_mask with a tokenizer that marks no words.
-        self.tables = VocabularyTables(tokenizer, whole_word=whole_word_mask)
+        # Raises ValueError for whole-word or span masking with a tokenizer that marks no words.
+        self.tables = VocabularyTables(tokenizer, whole_word=whole_word_mask or span_masking)
         self.masker = Masker(self.tables, mask_token_id=tokenizer.mask_token_id,
                              mlm_probability=mlm_probability, mask_replace_prob=mask_replace_prob,
                              random_replace_prob=random_replace_prob,
-                             whole_word_mask=whole_word_mask, seed=seed)
+                             whole_word_mask=whole_word_mask, span_masking=span_masking,
+                             seed=seed)
+        self.parse = ExampleParser(self.tables, max_length, drop_keys)
         self.layout = Layout(padding=padding, max_length=max_length,
                              pad_to_multiple_of=pad_to_multiple_of,
                              pad_token_id=int(tokenizer.pad_token_id),
@@ -332,11 +255,12 @@ class MaskedLMCollator:
         """The collator a run's config (`config.MLMConfig`) asks for, laid out for the attention
         implementation the model actually runs, with the counts the training loop and the eval
         read (``return_counts``); ``overrides`` win (the padding ``auto`` resolved to; eval pads
-        dynamically with its own fixed seed)."""
+        dynamically with its own fixed seed). The recipe's examples carry bookkeeping keys
+        (``source``), so every extra key is dropped."""
         options = dict(
             mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
             random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
-            padding=cfg.padding, max_length=cfg.max_seq_length,
+            span_masking=cfg.span_masking, drop_keys=True, padding=cfg.padding, max_length=cfg.max_seq_length,
             pad_to_multiple_of=cfg.pad_to_multiple_of, seed=cfg.seed,
             attn_implementation=attn_implementation or cfg.attn_implementation or "sdpa",
             position_offset=position_offset, return_counts=True)
@@ -354,6 +278,14 @@ class MaskedLMCollator:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"MaskedLMCollator.set_epoch: invalid epoch={epoch!r}; use an int >= 0")
         self.epoch = epoch
+
+    def set_mlm_probability(self, mlm_probability: float) -> None:
+        """Select the masking rate of the next batches (a schedule's rate of the step they are
+        for): the masks' draws stay keyed by (seed, epoch, idx), only the threshold moves."""
+        if not _is_prob(mlm_probability):
+            raise _fail("mlm_probability", mlm_probability, "it must be a number in [0, 1], "
+                        "e.g. 0.15")
+        self.masker.mlm_probability = float(mlm_probability)
 
     def _mask(self, ids, special, lengths, idxs,
               stream: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,19 +313,30 @@ class MaskedLMCollator:
             _check_return_tensors(return_tensors)
         if rows is not None and self.padding != "packed":
             raise ValueError('MaskedLMCollator: rows= is only meaningful with padding="packed"')
-        ids, special, lengths, idxs, types = parse_examples(examples, self.max_length, self.tables)
+        ex = self.parse(examples)
+        if self.padding == "packed" and ex.per_example:
+            key = next(iter(ex.per_example))
+            raise ValueError(f"MaskedLMCollator: a packed row holds several examples, so the "
+                             f"per-example key {key!r} has no place in it; drop it "
+                             f'(drop_keys=[{key!r}]) or use padding="longest"')
+        if self.padding == "packed" and ex.hidden is not None:
+            raise ValueError("MaskedLMCollator: an example's attention_mask has a 0 between its "
+                             "tokens (a custom mask), and packed rows build their own masks; "
+                             'use padding="longest" or "max_length" to keep it')
         stream = (collating_worker(), self.calls)  # keys the examples without idx
         self.calls += 1
         if self._overrides_masking():
-            batch = self._laid_out_then_masked(ids, special, lengths, rows, types)
+            batch = self._laid_out_then_masked(ex, rows)
         else:
-            masked, labels = self._mask(ids, special, lengths, idxs, stream)  # (N,), (N,)
-            batch = self.layout(masked, labels, lengths, rows, token_type_ids=types)
+            masked, labels = self._mask(ex.ids, ex.special, ex.lengths, ex.idxs, stream)  # (N,)
+            batch = self.layout(masked, labels, ex.lengths, rows, ex.per_token, ex.hidden)
+        for key, values in ex.per_example.items():
+            batch[key] = stack_per_example(values)
         labels = batch["labels"]
         if self.return_counts:
-            batch["num_real_tokens"] = torch.tensor(ids.numel(), dtype=torch.long)
+            batch["num_real_tokens"] = torch.tensor(ex.ids.numel(), dtype=torch.long)
             batch["num_masked_tokens"] = (labels != -100).sum()
-            batch["num_examples"] = torch.tensor(len(lengths), dtype=torch.long)
+            batch["num_examples"] = torch.tensor(len(ex.lengths), dtype=torch.long)
         if (return_tensors or self.return_tensors) == "np":
             return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
@@ -418,11 +361,11 @@ class MaskedLMCollator:
     def _overrides_masking(self) -> bool:
         return type(self).torch_mask_tokens is not MaskedLMCollator.torch_mask_tokens
 
-    def _laid_out_then_masked(self, ids, special, lengths, rows, types) -> dict[str, Any]:
-        """A subclass's `torch_mask_tokens` on the laid-out batch: specials and padding (every
-        position the layout gives no label) are what it must not pick."""
-        candidates = torch.where(special, -100, ids)  # (N,): the positions that may be targets
-        batch = self.layout(ids, candidates, lengths, rows, token_type_ids=types)
+    def _laid_out_then_masked(self, ex: Examples, rows) -> dict[str, Any]:
+        """A subclass's `torch_mask_tokens` on the laid-out batch: specials, hidden tokens and
+        padding (every position the layout gives no label) are what it must not pick."""
+        candidates = torch.where(ex.special, -100, ex.ids)  # (N,): the positions that may be targets
+        batch = self.layout(ex.ids, candidates, ex.lengths, rows, ex.per_token, ex.hidden)
         blocked = batch["labels"] == -100  # specials and padding, in the batch's layout
         if not self.mlm:
             batch["labels"] = torch.full_like(batch["input_ids"], -100)

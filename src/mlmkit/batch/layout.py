@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mlmkit.batch.examples import pad_value
 from mlmkit.batch.rows import PackedRows, round_up
 from mlmkit.config.choices import ADDITIVE_MASK_ATTENTION, BOUNDARY_ATTENTION
 
@@ -165,33 +166,37 @@ class Layout:
 
     def __call__(self, masked: torch.Tensor, labels: torch.Tensor, lengths: list[int],
                  rows: Sequence[Sequence[int]] | None = None,
-                 token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
-        """``token_type_ids`` (N,), when the examples carry them, are laid out like the ids
-        (0 in padding; packed rows concatenate them) and returned under that name."""
+                 per_token: dict[str, torch.Tensor] | None = None,
+                 hidden: torch.Tensor | None = None) -> dict[str, Any]:
+        """``per_token`` (name -> (N,)): keys the examples carry per token (``token_type_ids``),
+        laid out like the ids (`examples.pad_value` in padding; packed rows concatenate them)
+        and returned under their names. ``hidden`` (N,) bool: tokens the user's own attention
+        mask hides (padded rows only: their attention-mask column is 0)."""
         lens = torch.tensor(lengths, dtype=torch.long)  # (E,)
         example_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (N,)
         within = torch.arange(masked.numel()) - (torch.cumsum(lens, 0) - lens)[example_of]  # (N,)
         if self.padding == "packed":
-            return self.pack(masked, labels, lengths, example_of, within, rows, token_type_ids)
-        return self.pad(masked, labels, lens, example_of, within, token_type_ids)
+            return self.pack(masked, labels, lengths, example_of, within, rows, per_token)
+        return self.pad(masked, labels, lens, example_of, within, per_token, hidden)
 
     def _scatter(self, n_rows: int, width: int, row: torch.Tensor, col: torch.Tensor,
                  masked: torch.Tensor, labels: torch.Tensor,
-                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 per_token: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """One allocation per tensor, then one scatter of all tokens: (R, T) ids and labels
-        (and token type ids, 0 in padding)."""
+        (and each per-token key, `examples.pad_value` in padding)."""
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)  # (R, T)
         label_t = torch.full((n_rows, width), -100, dtype=torch.long)  # (R, T)
         input_ids[row, col] = masked
         label_t[row, col] = labels
         out = {"input_ids": input_ids, "labels": label_t}
-        if token_type_ids is not None:
-            types = torch.zeros((n_rows, width), dtype=torch.long)  # (R, T)
-            types[row, col] = token_type_ids
-            out["token_type_ids"] = types
+        for key, values in (per_token or {}).items():
+            laid = torch.full((n_rows, width), pad_value(key), dtype=values.dtype)  # (R, T)
+            laid[row, col] = values
+            out[key] = laid
         return out
 
-    def pad(self, masked, labels, lens, example_of, within, token_type_ids=None) -> dict[str, Any]:
+    def pad(self, masked, labels, lens, example_of, within, per_token=None,
+            hidden=None) -> dict[str, Any]:
         """One example per row, padded to the longest (or max_length) on ``padding_side``."""
         width = self.max_length if self.padding == "max_length" else int(lens.max())
         width = round_up(width, self.pad_to_multiple_of)
@@ -199,9 +204,10 @@ class Layout:
         start = (width - lens) if left else torch.zeros_like(lens)  # (B,) first column
         col = start[example_of] + within  # (N,) column of every token
         batch: dict[str, Any] = self._scatter(len(lens), width, example_of, col, masked, labels,
-                                              token_type_ids)
+                                              per_token)
         attention_mask = torch.zeros((len(lens), width), dtype=torch.long)  # (B, T)
-        attention_mask[example_of, col] = 1  # from the lengths, never from ids == pad id
+        # From the lengths, never from ids == pad id; 0 where the user's own mask hides a token.
+        attention_mask[example_of, col] = 1 if hidden is None else (~hidden).long()
         batch["attention_mask"] = attention_mask
         if left:  # absolute-position models would otherwise number tokens from the pad count
             pos = (torch.arange(width)[None, :] - start[:, None]).clamp_(min=0)  # (B, T)
@@ -209,7 +215,7 @@ class Layout:
         return batch
 
     def pack(self, masked, labels, lengths, example_of, within, rows=None,
-             token_type_ids=None) -> dict[str, Any]:
+             per_token=None) -> dict[str, Any]:
         """Examples laid out contiguously in rows of at most max_length tokens (``rows`` gives
         the layout as positions into the examples; by default `pack_rows` packs the batch)."""
         cap = self.max_length
@@ -223,7 +229,7 @@ class Layout:
         n_rows, width = packed.n_rows, packed.width
         tok_row, tok_col = packed.places(example_of, within)  # (N,) each
         batch: dict[str, Any] = self._scatter(n_rows, width, tok_row, tok_col, masked, labels,
-                                              token_type_ids)
+                                              per_token)
         position_ids = torch.full((n_rows, width), self.position_offset, dtype=torch.long)
         position_ids[tok_row, tok_col] = within + self.position_offset  # restarts per example
         batch["position_ids"] = position_ids  # (R, T)

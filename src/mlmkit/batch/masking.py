@@ -193,6 +193,43 @@ class VocabularyTables:
         return len(self.is_special)
 
 
+SPAN_P = 0.2  # SpanBERT's geometric span lengths (mean 3.8 words with the cap)
+SPAN_MAX_WORDS = 10
+
+
+def span_words(sizes: list[int], rate: float, gen: torch.Generator | None) -> list[int]:
+    """SpanBERT's span selection for one example: the indices of the chosen words.
+
+    ``sizes`` are the example's words' real tokens (0 for a special token's word: never chosen).
+    The target budget is ``rate`` of the real tokens, rounded at random so that its mean is
+    exact; spans of geometric length (``SPAN_P``, at most ``SPAN_MAX_WORDS`` words) start at a
+    uniformly drawn word and are taken word by word until the budget is reached (the last span
+    cut there; a word is never split). When the drawn spans overlap so much that they fall short
+    (high rates), the rest is filled in a drawn order. All draws come from ``gen`` (the
+    example's keyed generator, or torch's global one)."""
+    w, total = len(sizes), sum(sizes)
+    budget = int(rate * total + float(torch.rand(1, generator=gen)))
+    if budget <= 0:
+        return []
+    tries = 2 * budget + 8
+    u = 1.0 - torch.rand(tries, generator=gen)  # (0, 1]
+    spans = (1 + torch.floor(torch.log(u) / torch.log(torch.tensor(1.0 - SPAN_P)))).clamp_(
+        max=SPAN_MAX_WORDS).to(torch.long).tolist()
+    starts = torch.randint(w, (tries,), generator=gen).tolist()
+    fill = torch.randperm(w, generator=gen).tolist()
+    taken, chosen, covered = [False] * w, [], 0
+    order = [range(s, min(s + n, w)) for s, n in zip(starts, spans)] + [fill]
+    for run in order:
+        for j in run:
+            if not taken[j] and sizes[j] > 0:
+                taken[j] = True
+                chosen.append(j)
+                covered += sizes[j]
+                if covered >= budget:
+                    return chosen
+    return chosen
+
+
 class Masker:
     """Reproducible MLM masking of concatenated examples (HF's 80/10/10 semantics by default).
 
@@ -201,17 +238,19 @@ class Masker:
     token, ``random_replace_prob`` a random ordinary token, the rest stay unchanged. ``seed``
     None draws from torch's global generator instead of the keyed streams (transformers'
     ``seed=None``: reproducible only through ``torch.manual_seed`` and the batch order).
+    ``span_masking`` selects contiguous spans of whole words instead (`span_words`).
     """
 
     def __init__(self, tables: VocabularyTables, *, mask_token_id: int, mlm_probability: float,
                  mask_replace_prob: float, random_replace_prob: float, whole_word_mask: bool,
-                 seed: int | None):
+                 seed: int | None, span_masking: bool = False):
         self.tables = tables
         self.mask_token_id = mask_token_id
         self.mlm_probability = float(mlm_probability)
         self.mask_replace_prob = float(mask_replace_prob)
         self.random_replace_prob = float(random_replace_prob)
         self.whole_word_mask = bool(whole_word_mask)
+        self.span_masking = bool(span_masking)
         self.seed = seed
         self._generator: torch.Generator | None = None  # built lazily: the Masker pickles
 
@@ -250,10 +289,15 @@ class Masker:
         and replacement then run once over the whole batch. No minimum number of targets is
         forced: a short example can get none (the loss is token weighted, so it adds no terms).
         """
-        if self.whole_word_mask:
+        words = self.whole_word_mask or self.span_masking
+        if words:
             word_of, units = self._word_index(ids, special, lengths)
         else:
             units = lengths
+        if self.span_masking:  # (W_total,) the real (non-special) tokens of every word
+            word_sizes = torch.zeros(sum(units), dtype=torch.long).index_add_(
+                0, word_of, (~special).to(torch.long))
+            first_word = 0
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator()
         gen, n_replacements = self._generator, len(self.tables.replacement_ids)
@@ -266,10 +310,15 @@ class Masker:
             select_u.append(u[:w])
             action_u.append(u[w:])
             picks.append(torch.randint(n_replacements, (n,), generator=gen))  # (L,)
+            if self.span_masking:  # the unit draws become the chosen words: 0 chosen, 1 not
+                sizes = word_sizes[first_word:first_word + w].tolist()
+                chosen = span_words(sizes, self.mlm_probability, gen)
+                select_u[-1] = torch.ones(w).index_fill_(0, torch.tensor(chosen, dtype=torch.long), 0.0)
+                first_word += w
         select = torch.cat(select_u)  # (W_total,) or (N,)
         action = torch.cat(action_u)  # (N,)
         pick = torch.cat(picks)  # (N,)
-        if self.whole_word_mask:
+        if words:
             select = select[word_of]  # (N,) every token takes its word's draw
         selected = (select < self.mlm_probability) & ~special  # (N,) never a special token
         # One uniform per token splits the targets three ways: [0, m) -> mask token,

@@ -126,6 +126,9 @@ class MLMConfig:
     whole_word_mask: bool = field(default=False, metadata=_meta(
         "Mask whole words: every piece of a word together. Words from the tokenizer's scheme: "
         "WordPiece '##', byte-level BPE 'Ġ', SentencePiece '▁' (masking.word_start_scheme)."))
+    span_masking: bool = field(default=False, metadata=_meta(
+        "Mask contiguous spans of whole words (SpanBERT): span lengths geometric (p=0.2, at "
+        "most 10 words), drawn until --mlm_probability of each example's tokens are targets."))
     sparse_prediction: bool = field(default=True, metadata=_meta(
         "Apply the MLM head only at masked positions (same loss, less compute)."))
     # --- optimisation ------------------------------------------------------------------------

@@ -328,11 +328,13 @@ def check_tokenizer(tokenizer, name: str, cfg: MLMConfig) -> None:
             f"tokenizer {name!r} has no ordinary tokens: its {len(tokenizer)} ids are all special "
             "(an empty vocabulary, as transformers builds when the vocabulary file is missing). "
             "Fix: pass --tokenizer_name with the model's tokenizer, or save it into the folder.")
-    if cfg.whole_word_mask and word_start_scheme(tokenizer) is None:
+    words = "whole_word_mask" if cfg.whole_word_mask else "span_masking" if cfg.span_masking \
+        else None
+    if words and word_start_scheme(tokenizer) is None:
         raise ConfigError(
-            f"whole_word_mask=True: tokenizer {name!r} ({type(tokenizer).__name__}) marks no word "
+            f"{words}=True: tokenizer {name!r} ({type(tokenizer).__name__}) marks no word "
             "boundaries that mlmkit knows (WordPiece '##', byte-level BPE 'Ġ', SentencePiece "
-            "'▁'). Fix: drop --whole_word_mask, or use a tokenizer with one of those schemes.")
+            f"'▁'). Fix: drop --{words}, or use a tokenizer with one of those schemes.")
 
 
 def max_positions(config, offset: int = 0) -> int | None:

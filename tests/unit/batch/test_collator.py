@@ -263,13 +263,14 @@ def test_token_type_ids_are_laid_out_like_input_ids(tokenizer):
     assert "token_type_ids" not in MaskedLMCollator(tokenizer)([{"input_ids": p["input_ids"]} for p in pairs])
     with pytest.raises(ValueError, match=r"example 0 has token_type_ids and example 1 has no; give every"):
         MaskedLMCollator(tokenizer)([pairs[0], {"input_ids": pairs[1]["input_ids"]}])
-    with pytest.raises(ValueError, match="token_type_ids length"):
+    with pytest.raises(ValueError, match="token_type_ids length != its input_ids length"):
         MaskedLMCollator(tokenizer)([{"input_ids": [CLS, SEP], "token_type_ids": [0]}])
 
 
 def test_rows_of_a_datasets_dataset_in_every_format(tokenizer):
     """Rows as `datasets` gives them (python lists, torch tensors, numpy arrays), with and without
-    idx, collate to the same batch; columns the collator does not know are ignored."""
+    idx, collate to the same batch; a column the collator does not read passes through unless
+    drop_keys names it."""
     from datasets import Dataset
 
     encoded = tokenizer(SENTENCES, return_special_tokens_mask=True)
@@ -282,11 +283,17 @@ def test_rows_of_a_datasets_dataset_in_every_format(tokenizer):
             rows = dataset.with_format(fmt, columns=[c for c in dataset.column_names if c != "text"]) \
                 if fmt else dataset
             for options in (dict(), dict(padding="packed", max_length=64)):
-                collator = MaskedLMCollator(tokenizer, mlm_probability=0.3, **options)
+                collator = MaskedLMCollator(tokenizer, mlm_probability=0.3, drop_keys=["text"],
+                                            **options)
                 batches.append(collator([rows[i] for i in range(len(rows))]))
         for a, b in zip(batches, batches[2:]):  # lists vs torch, torch vs numpy; per padding
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
         assert set(batches[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    # Kept, the strings pass through as a list (padded); a packed row has no place for them.
+    assert MaskedLMCollator(tokenizer)([plain[i] for i in range(3)])["text"] == SENTENCES[:3]
+    with pytest.raises(ValueError, match=r"per-example key 'text' has no place in it; drop it "
+                                         r"\(drop_keys=\['text'\]\)"):
+        MaskedLMCollator(tokenizer, padding="packed", max_length=64)([plain[i] for i in range(3)])
 
 
 def test_inputs_are_not_mutated(tokenizer):
