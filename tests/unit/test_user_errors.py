@@ -335,10 +335,11 @@ def test_tokenizer_with_only_special_tokens(fails, tiny_bert_dir, tmp_path):
           "has no ordinary tokens")
 
 
-def test_whole_word_mask_with_a_tokenizer_without_word_marks(fails, tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--whole_word_mask", "--span_masking"])
+def test_word_masking_with_a_tokenizer_without_word_marks(fails, tiny_bert_dir, tmp_path, flag):
     folder = word_tokenizer(tmp_path / "tok", **BERT_SPECIALS)
-    fails(["--config_name", tiny_bert_dir, "--tokenizer_name", str(folder),
-           "--whole_word_mask"], "marks no word boundaries")
+    fails(["--config_name", tiny_bert_dir, "--tokenizer_name", str(folder), flag],
+          f"'▁'). Fix: drop {flag}, or use a tokenizer with one of those schemes.")
 
 
 # ================================================================================ lengths

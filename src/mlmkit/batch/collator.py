@@ -196,7 +196,8 @@ class MaskedLMCollator:
         max_length: truncation length; the row length for ``"max_length"`` and ``"packed"``.
         pad_to_multiple_of: round the time dimension T up to a multiple of this.
         drop_keys: keys of dict examples not to pass through: True for every key the collator
-            does not read itself, or a collection of names. By default they pass through
+            does not read itself but ``token_type_ids`` (a model input), or a collection of
+            names. By default they pass through
             (`examples` module docstring: per-token keys laid out like the ids, per-example keys
             stacked), as transformers' collator passes them.
         seed: masking seed (default 0: reproducible); with the epoch (`set_epoch`) and the
@@ -272,6 +273,13 @@ class MaskedLMCollator:
     pad_to_multiple_of = property(lambda self: self.layout.pad_to_multiple_of)
     padding_side = property(lambda self: self.layout.padding_side)
     seed = property(lambda self: self.masker.seed)
+    mask_replace_prob = property(lambda self: self.masker.mask_replace_prob)
+    random_replace_prob = property(lambda self: self.masker.random_replace_prob)
+    whole_word_mask = property(lambda self: self.masker.whole_word_mask)
+    span_masking = property(lambda self: self.masker.span_masking)
+    # Settable, as on transformers' collator (a callback moving the rate): `set_mlm_probability`.
+    mlm_probability = property(lambda self: self.masker.mlm_probability,
+                               lambda self, p: self.set_mlm_probability(p))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose masks the next batches get (masks: f(seed, epoch, idx))."""

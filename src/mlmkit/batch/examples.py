@@ -18,7 +18,8 @@ lists, tensors or numpy arrays) with ``input_ids`` and optionally:
   ``token_type_ids``) is truncated and laid out like the ids, padded with `pad_value` (0, or
   -100 for keys ending in ``labels``); a **per-example** key (anything else: an int label, a
   float score, a fixed-size vector) is stacked into a tensor of B rows (kept as a list when it
-  can't be, e.g. strings). ``drop_keys`` (the collator's option) drops them instead.
+  can't be, e.g. strings). ``drop_keys`` (the collator's option) drops them instead: True drops
+  all but ``token_type_ids``, a collection of names drops those.
 
 Examples longer than ``max_length`` are truncated to their first ``max_length`` tokens.
 """
@@ -88,7 +89,8 @@ def _user_mask(keep: torch.Tensor) -> tuple[slice, torch.Tensor | None]:
 
 class ExampleParser:
     """Turns a list of examples into `Examples` (module docstring). ``drop_keys``: True drops
-    every key that would pass through, a collection drops those named."""
+    every key that would pass through but the tokenizer's own (``token_type_ids``, a model
+    input), a collection drops those named."""
 
     def __init__(self, tables: VocabularyTables, max_length: int | None,
                  drop_keys: bool | Collection[str] = False):
@@ -175,8 +177,8 @@ class ExampleParser:
             special = torch.as_tensor(ex["special_tokens_mask"]).to(torch.bool)
             if special.shape != (len(ids),):
                 raise _fail(pos, "has a special_tokens_mask whose shape != input_ids shape")
-        extra = {} if self.drop_all else {
-            k: v for k, v in ex.items() if k not in self.dropped and v is not None}
+        extra = {k: v for k, v in ex.items() if k not in self.dropped and v is not None and (
+            not self.drop_all or k in PER_TOKEN_KEYS)}
         for key in PER_TOKEN_KEYS & extra.keys():
             if not _one_d(extra[key]) or len(extra[key]) != len(ids):
                 raise _fail(pos, f"has a {key} length != its input_ids length")

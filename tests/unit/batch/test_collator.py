@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLS, MASK, PAD, SENTENCES, SEP, save_tiny_model, split_batch
@@ -222,7 +224,8 @@ def test_counts_only_on_request(tokenizer):
         assert int(counted["num_real_tokens"]) == 35 and int(counted["num_examples"]) == 2
         assert int(counted["num_masked_tokens"]) == int((counted["labels"] != -100).sum()) > 0
         assert torch.equal(counted["labels"], MaskedLMCollator(tokenizer, mlm_probability=0.5, **options)(exs)["labels"])
-        assert int(drop_targets(counted)["num_masked_tokens"]) == 0
+        drop_targets(counted)  # a dummy counts nothing: no masked or real tokens, no examples
+        assert [int(counted[key]) for key in METADATA_KEYS] == [0, 0, 0]
 
     cfg = validate_config(MLMConfig())
     for collator in (MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0, padding="longest"),
@@ -583,3 +586,104 @@ def test_a_subclass_overriding_torch_mask_tokens_gets_its_masks_used(tokenizer, 
     masked, labels = plain.torch_mask_tokens(padded)
     assert labels.tolist() == [[-100, 2000, 2001, -100, -100]]
     assert masked[0, 0] == CLS and masked[0, 4] == PAD
+
+
+SWAP_SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "trainer_swap.py"
+SWAP_IMPORT = "from transformers import DataCollatorForLanguageModeling"
+
+
+@pytest.mark.parametrize("collator_class", ["transformers", "mlmkit"])
+def test_a_trainer_script_written_for_transformers_runs_with_the_collator_swapped_in(
+        tokenizer_path, tmp_path, monkeypatch, collator_class):
+    """examples/trainer_swap.py (NumPy features, a label column kept, seed=None, a subclass
+    overriding torch_mask_tokens, a NumPy batch per call) as written for transformers' collator,
+    and with only its import swapped for MaskedLMCollator, as its docstring and docs/collator.md
+    say; MODEL set to a tiny BERT, the one change the docs tell CPU users to make."""
+    script = SWAP_SCRIPT.read_text()
+    assert script.count(SWAP_IMPORT) == 1
+    swap = "from mlmkit import MaskedLMCollator as DataCollatorForLanguageModeling"
+    assert swap in script and swap in (SWAP_SCRIPT.parents[1] / "docs" / "collator.md").read_text()
+    if collator_class == "mlmkit":
+        script = script.replace(SWAP_IMPORT, swap)
+    model = save_tiny_model(tmp_path / "tiny", tokenizer_path)
+    script, n = re.subn(r"^MODEL = .*$", f"MODEL = {model!r}", script, flags=re.M)
+    assert n == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(script, str(SWAP_SCRIPT), "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 3
+    assert isinstance(namespace["collator"], MaskedLMCollator) == (collator_class == "mlmkit")
+    if collator_class == "mlmkit":  # the override's masks are the batch's, and the label passes
+        batch = namespace["batch"]
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "label"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers' own collator tests (tests/trainer/test_data_collator.py), re-expressed
+# ----------------------------------------------------------------------------------------------------
+def test_arguments_by_position_in_transformers_order(tokenizer):
+    import dataclasses
+
+    from transformers import DataCollatorForLanguageModeling
+
+    hf = [f.name for f in dataclasses.fields(DataCollatorForLanguageModeling)]
+    ours = list(inspect.signature(MaskedLMCollator.__init__).parameters)[1:len(hf) + 1]
+    assert ours == hf
+    collator = MaskedLMCollator(tokenizer, True, True, 0.3, 1.0, 0.0, 8, "np", 5)
+    assert (collator.mlm, collator.whole_word_mask, collator.mlm_probability) == (True, True, 0.3)
+    assert (collator.mask_replace_prob, collator.random_replace_prob) == (1.0, 0.0)
+    assert (collator.pad_to_multiple_of, collator.return_tensors, collator.seed) == (8, "np", 5)
+    collator.mlm_probability = 0.5  # settable, as on transformers' dataclass
+    assert collator.masker.mlm_probability == 0.5
+    with pytest.raises(TypeError):  # mlmkit's own options are keyword-only
+        MaskedLMCollator(tokenizer, True, False, 0.15, 0.8, 0.1, None, "pt", 0, False)
+
+
+@pytest.mark.parametrize("as_dicts", [True, False], ids=["dicts", "lists"])
+def test_no_pad_and_pad(tokenizer, as_dicts):
+    ids = list(range(1000, 1010))
+    no_pad, pad = [ids, ids], [ids[:5], ids]
+    if as_dicts:
+        no_pad, pad = ([{"input_ids": x} for x in f] for f in (no_pad, pad))
+    for mlm in (False, True):
+        for multiple, width in ((None, 10), (8, 16)):
+            collator = MaskedLMCollator(tokenizer, mlm=mlm, pad_to_multiple_of=multiple,
+                                        mlm_probability=0.5)
+            for features in (no_pad, pad):
+                batch = collator(features)
+                assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
+                masked = batch["input_ids"] == MASK
+                assert masked.any() == mlm
+                assert (batch["labels"][masked] != -100).all()  # a mask token is a target
+                assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    without_pad = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    without_pad.pad_token = None
+    with pytest.raises(ValueError, match="give the tokenizer a pad token"):
+        MaskedLMCollator(without_pad, mlm=False)
+
+
+@pytest.mark.parametrize("key", ["next_sentence_label", "sentence_order_label"])
+def test_sentence_pair_labels_pass_through(tokenizer, key):
+    features = [{"input_ids": torch.tensor([CLS, 1000, SEP, 1001, SEP]),
+                 "token_type_ids": torch.tensor([0, 0, 0, 1, 1]), key: i} for i in range(2)]
+    for multiple, width in ((None, 5), (8, 8)):
+        batch = MaskedLMCollator(tokenizer, pad_to_multiple_of=multiple)(features)
+        assert batch["input_ids"].shape == batch["token_type_ids"].shape == (2, width)
+        assert batch["labels"].shape == (2, width) and batch[key].tolist() == [0, 1]
+
+
+def test_language_modelling_collator_immutability(tokenizer):
+    import copy
+
+    base = [{"input_ids": tuple(range(1000, 1010)), "labels": (1,)},
+            {"input_ids": tuple(range(1000, 1005)), "labels": (1,)}]
+    for make in (list, torch.tensor, np.array):
+        features = [{"input_ids": make(f["input_ids"]), "labels": make(f["labels"])} for f in base]
+        original = copy.deepcopy(features)
+        for collator in (MaskedLMCollator(tokenizer, mlm=False),
+                         MaskedLMCollator(tokenizer, pad_to_multiple_of=8),
+                         MaskedLMCollator(tokenizer, whole_word_mask=True),
+                         MaskedLMCollator(tokenizer, span_masking=True)):
+            collator(features)
+            for f, o in zip(features, original):
+                assert all(np.array_equal(np.asarray(f[k]), np.asarray(o[k])) for k in o)

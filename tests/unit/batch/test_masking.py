@@ -447,3 +447,61 @@ def test_keyed_neighbours_of_unkeyed_examples_keep_their_masks(wordpiece):
                 masked, labels = collator.mask_example(e, None, 10 + i)
                 assert torch.equal(part["labels"], labels) and torch.equal(part["ids"], masked)
     assert collator.calls == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# span masking (SpanBERT): contiguous whole-word spans, the same budget, keyed, isolated when packed
+# ----------------------------------------------------------------------------------------------------
+def _words_and_runs(tables, ids, labels):
+    """(words, the lengths in words of the runs of consecutive target words) of one example."""
+    starts = tables.starts_word[ids].tolist()
+    words, runs, run = [], [], 0
+    for i, start in enumerate(starts):
+        if start or i == 0:
+            words.append([])
+        words[-1].append(i)
+    for word in words:
+        hit = [labels[i] != -100 for i in word]
+        assert all(hit) or not any(hit), "a span splits a word"
+        if hit[0]:
+            run += 1
+        elif run:
+            runs.append(run)
+            run = 0
+    return words, runs + ([run] if run else [])
+
+
+def test_span_masking_masks_contiguous_word_spans_to_the_same_budget(tokenizer):
+    texts = [t for t in embedded_corpus() if len(t) > 400][:120]
+    examples = [{"input_ids": ids, "idx": i} for i, ids in
+                enumerate(tokenizer(texts, truncation=True, max_length=128)["input_ids"])]
+    collator = MaskedLMCollator(tokenizer, span_masking=True, seed=3)
+    plain = MaskedLMCollator(tokenizer, whole_word_mask=True, seed=3)
+    runs, plain_runs, targets, real = [], [], 0, 0
+    for ex in examples:
+        ids = torch.tensor(ex["input_ids"])
+        labels = collator.mask_example(ids, None, ex["idx"])[1].tolist()
+        runs += _words_and_runs(collator.tables, ids, labels)[1]
+        plain_runs += _words_and_runs(collator.tables, ids,
+                                      plain.mask_example(ids, None, ex["idx"])[1].tolist())[1]
+        targets += sum(x != -100 for x in labels)
+        real += len(ids) - 2
+    assert sum(runs) / len(runs) > 2.5 > 1.5 > sum(plain_runs) / len(plain_runs)
+    assert 0.14 < targets / real < 0.17  # the budget: 15% of the real tokens
+    # Keyed: an example's spans are the same in any batch, position or layout, padded or packed
+    # (spans never cross into a neighbour in a packed row).
+    ref = {ex["idx"]: collator.mask_example(torch.tensor(ex["input_ids"]), None, ex["idx"])
+           for ex in examples[:24]}
+    for options in (dict(), dict(padding="packed", max_length=256)):
+        batched = MaskedLMCollator(tokenizer, span_masking=True, seed=3, **options)
+        batch_examples = examples[:24][::-1]
+        lengths = [len(ex["input_ids"]) for ex in batch_examples]
+        batch = batched(batch_examples)
+        for ex, part in zip(batch_examples, split_batch(batched, batch, lengths)):
+            assert torch.equal(part["ids"], ref[ex["idx"]][0])
+            assert torch.equal(part["labels"], ref[ex["idx"]][1])
+    # Rates 0 and 1: no target, every real token.
+    ids = torch.tensor(examples[0]["input_ids"])
+    for rate, expected in ((0.0, 0), (1.0, len(ids) - 2)):
+        one = MaskedLMCollator(tokenizer, span_masking=True, mlm_probability=rate)
+        assert int((one.mask_example(ids, None, 0)[1] != -100).sum()) == expected
