@@ -236,9 +236,10 @@ def test_token_budget_packed_is_rows_of_max_seq_length(tmp_path, tiny_args):
 def test_token_budget_padded_fills_micro_batches_and_resumes_exactly(tmp_path, tiny_args):
     """--per_device_train_tokens 512, padded to the longest: every step computes at most 512
     positions (rows x width) and fills most of them; a run resumed from its step-3 checkpoint
-    trains the same steps (the plan is a function of seed, epoch and lengths)."""
+    trains the same steps (the plan is a function of seed, epoch and lengths), span masking
+    included (spans keyed by seed, epoch and idx like every mask)."""
     out, budget = tmp_path / "run", 512
-    args = [*tiny_args, "--padding", "longest", "--max_seq_length", "64",
+    args = [*tiny_args, "--padding", "longest", "--max_seq_length", "64", "--span_masking",
             "--per_device_train_tokens", str(budget), "--max_train_steps", "6",
             "--logging_steps", "1", "--checkpointing_steps", "3", "--max_train_samples", "300",
             "--output_dir", out]
