@@ -117,7 +117,8 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ trackers, resume
     ts = resume.state or checkpoint.TrainState(launch=launch.launch_signature(accelerator))
-    metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, decision.run_config())
+    metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, {  # + the run's name, tags
+        **decision.run_config(), "model_type": training.inner.model.config.model_type})
     log(schedule.describe(cfg, steps.shape, decision.padding, training.inner.sparse_prediction,
                           world))
     evaluate = evaluation.Evaluator(accelerator, training, run_data.validation, tokenizer, cfg,
@@ -195,12 +196,14 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
     loading.export_hf_model(accelerator, training.module, tokenizer, folder.model)
-    metrics_log.finish()  # the trackers' end (W&B's last records): a failure is a warning
     summary = build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
-               stepper.summary(), metrics_log.summary()),
+               stepper.summary()),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
+    # the trackers' end (W&B: the summary into its own, its last records): a failure is a warning
+    metrics_log.finish(summary)
+    summary.update(metrics_log.summary())
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "

@@ -604,3 +604,35 @@ def architecture_row(model_type: str, result) -> str:
             f"{cell(result.padded_isolated, result.padded_leak, result.padded_error)} | "
             f"{cell(result.packed_isolated, result.packed_leak, result.packed_error)} | "
             f"{'yes' if result.sparse_head else 'no'} |")
+
+
+def wandb_records(run_dir: Path) -> dict[str, list]:
+    """What an offline W&B run wrote to its transaction log (``<run_dir>/run-*.wandb``, the file
+    `wandb sync` uploads), by record type: ``{"run": [...], "metric": [...], "summary": [...],
+    ...}``, each a list of `wandb_internal_pb2` messages in the order written. The log is
+    LevelDB's log format: 32 KiB blocks of chunks, each ``crc32 (4) length (2) type (1) data``
+    (type 1 a whole record, 2/3/4 its first, middle, last chunk), after a 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    found: dict[str, list] = {}
+    pos, record = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a chunk: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if kind == 0:  # zeros: the rest of the block is padding
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + header:pos + header + length], pos + header + length
+        record = chunk if kind in (1, 2) else record + chunk
+        if kind in (1, 4):
+            message = wandb_internal_pb2.Record.FromString(record)
+            kind_name = message.WhichOneof("record_type")
+            found.setdefault(kind_name, []).append(getattr(message, kind_name))
+    return found

@@ -3,7 +3,9 @@
 * W&B's service (``wandb-core``) SIGKILLed mid-run: one warning line, and the run finishes with
   every step in metrics.jsonl, its checkpoints, its model and summary.json saying what happened.
 * W&B online with an API key and no route to the server (a compute node without outbound
-  internet): the run starts offline at once, says so and how to `wandb sync`, and trains.
+  internet): the run starts offline at once, says so and how to `wandb sync`, and trains. What
+  that offline run wrote for W&B, read back from its transaction log: the run's name and tags,
+  its metrics against train/tokens_seen, and summary.json's numbers in its summary.
 
 How a stop under Accelerate's one-process launcher (which signals W&B's service too) goes:
 tests/integration/test_resume.py.
@@ -17,7 +19,7 @@ import time
 
 import psutil
 import pytest
-from helpers import finish, launch, recipe_pids, start, wait_for_checkpoint
+from helpers import finish, launch, recipe_pids, start, wait_for_checkpoint, wandb_records
 
 from mlmkit.train import tracking as M
 from mlmkit.train.tracking import read_metrics
@@ -80,6 +82,29 @@ def test_wandb_online_without_a_route_goes_offline(tmp_path, args):
     assert "wandb sync" in notice
     summary = json.loads((out / "summary.json").read_text())
     assert summary[M.TRACKERS_RAN] == {"wandb": "offline"}
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
     print(f"online W&B without a route: the whole launch took {seconds:.0f} s")
+
+    # the x-axes: every record has them, eval records included (the eval at 0, train at 1 and
+    # 2, the final eval at 2); rows of 4 per step, packed several examples to a row
+    records = read_metrics(out)
+    assert [r[M.STEP] for r in records] == [0, 1, 2, 2]
+    for axis in (M.TRAIN_EXAMPLES_SEEN, M.TRAIN_TOKENS_SEEN):
+        seen = [r[axis] for r in records]
+        assert 0 == seen[0] < seen[1] < seen[2] == seen[3] == summary[axis], (axis, seen)
+    assert summary[M.TRAIN_EXAMPLES_SEEN] >= 8  # at least one example a row
+    # ... and what W&B got: the run named after its folder, tagged, its axes, its summary
+    wandb = wandb_records(run_dir)
+    (run,) = wandb["run"]
+    assert run.display_name == "run"
+    assert list(run.tags) == [f"padding:{summary[M.PADDING]}", "model:bert"]
+    axes = {m.name or m.glob_name: m.step_metric for m in wandb["metric"]}
+    assert axes == {M.TRAIN_TOKENS_SEEN: "", M.TRAIN_EXAMPLES_SEEN: "", M.STEP: "",
+                    "*": M.TRAIN_TOKENS_SEEN}
+    got = {}  # W&B's summary: its updates, the last one wins
+    for item in (i for update in wandb["summary"] for i in update.update):
+        got[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    for key in (M.FIRST_EVAL_LOSS, M.FIRST_EVAL_PERPLEXITY, M.EVAL_LOSS, M.EVAL_PERPLEXITY,
+                M.TRAIN_RUNTIME, M.TRAIN_TOKENS_SEEN, M.TRAIN_EXAMPLES_SEEN, M.STEP, M.PADDING):
+        assert got[key] == summary[key], key
 

@@ -211,13 +211,15 @@ class MLMConfig:
     report_to: str = field(default="wandb", metadata=_meta(
         f"One of {REPORT_TO}.", bookkeeping=True))
     run_name: str | None = field(default=None, metadata=_meta(
-        "The tracker's run name.", bookkeeping=True, per_run=True))
+        "The tracker's run name. Default: the output folder's name.", bookkeeping=True,
+        per_run=True))
     wandb_project: str = field(default="mlmkit", metadata=_meta(
         "The tracker's project.", bookkeeping=True))
     wandb_group: str | None = field(default=None, metadata=_meta(
         "The tracker's run group.", bookkeeping=True))
     wandb_tags: list[str] = field(default_factory=list, metadata=_meta(
-        "The W&B run's tags.", bookkeeping=True, per_run=True))
+        "The W&B run's tags; padding:<mode> and model:<type> are added.", bookkeeping=True,
+        per_run=True))
     progress_bar: bool = field(default=True, metadata=_meta(
         "Show a tqdm progress bar (main process).", bookkeeping=True))
     fill_mask_check: bool = field(default=True, metadata=_meta(

@@ -10,7 +10,8 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "TRAIN_COMPILE_SECONDS", "TRAIN_RUNTIME", "EVAL_LOSS", "EVAL_PERPLEXITY",
            "EVAL_PAD_SENSITIVITY", "EVAL_LOSS_UNMASKED", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
            "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
-           "NUM_PROCESSES", "DATA_MIXTURE", "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
+           "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
+           "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
            "DATA_REPAIRED_LINES", "PADDING", "FILL_MASK", "TRACKERS_RAN"]
 
 # --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
@@ -28,6 +29,8 @@ TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (
 #                                                     absent on CPU and before it is measured)
 TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the warm-up (compile, capture)
 TRAIN_RUNTIME = "train/runtime_s"
+TRAIN_EXAMPLES_SEEN = "train/examples_seen"  # examples trained on so far, all processes (x-axis)
+TRAIN_TOKENS_SEEN = "train/tokens_seen"      # real tokens trained on so far, all processes (x-axis)
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
 EVAL_PAD_SENSITIVITY = "eval/pad_sensitivity"

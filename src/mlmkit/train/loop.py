@@ -30,7 +30,9 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
     """Run one optimizer step over this process's ``grad_accum`` micro-batches (on the device).
 
     Returns device tensors, read by nobody here: ``loss_sum`` (the global sum of the MLM loss over
-    masked tokens), ``masked_tokens`` (their global count) and ``grad_norm`` (or None). The step
+    masked tokens), ``masked_tokens`` (their global count), ``seen`` (the global counts of real
+    tokens and examples, int64, all-reduced with the masked count: one collective) and
+    ``grad_norm`` (or None). The step
     makes no host-device synchronisation (no ``.item()``, no data-dependent shapes): the global
     count is all-reduced on the device and the scale stays a device tensor, so a GPU is fed as
     fast as the host can queue kernels. `StepResults` reads the results at log steps.
@@ -49,9 +51,11 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
         own_grads(module)
     # Pinned batches (steps.Prefetcher, with workers) are copied while earlier kernels still run.
     micro_batches = [send_to_device(b, device, non_blocking=True) for b in micro_batches]
-    local_masked = sum(b["num_masked_tokens"] for b in micro_batches).float()
-    global_masked = accelerator.reduce(local_masked, "sum") if accelerator.num_processes > 1 \
-        else local_masked
+    counts = torch.stack([sum(b[key] for b in micro_batches)  # masked, real tokens, examples
+                          for key in ("num_masked_tokens", "num_real_tokens", "num_examples")])
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, "sum")
+    global_masked = counts[0].float()
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / \
         global_masked.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
@@ -75,7 +79,8 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
         raise RuntimeError("internal error: a step ended off a gradient-accumulation boundary")
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, "sum")
-    return {"loss_sum": loss_sum, "masked_tokens": global_masked, "grad_norm": grad_norm}
+    return {"loss_sum": loss_sum, "masked_tokens": global_masked, "grad_norm": grad_norm,
+            "seen": counts[1:]}
 
 
 def own_grads(module: torch.nn.Module) -> None:
@@ -90,8 +95,9 @@ class StepResults:
     """The device-side results of the steps since the last read, read in one transfer.
 
     `add` keeps each step's tensors and its host time (no synchronisation); `read` (at log and
-    eval steps, checkpoints and the end) stacks them, copies them to the host once and returns
-    per-step ``(loss, masked_tokens, grad_norm, seconds)`` -- the same numbers, in the same order,
+    eval steps, checkpoints and the end) stacks them (float64: counts exact), copies them to the
+    host once and returns per-step ``(loss, masked_tokens, grad_norm, seconds, real_tokens,
+    examples)`` (the counts global) -- the same numbers, in the same order,
     as reading every step would give, so the log and the checkpointed statistics do not depend on
     when reads happen. The wait for the device is added to the last step's seconds: the steps'
     seconds then sum to the wall time the device needed for them.
@@ -108,7 +114,7 @@ class StepResults:
     def add(self, out: dict, seconds: float) -> None:
         self._steps.append((out, seconds))
 
-    def read(self) -> list[tuple[float, int, float | None, float]]:
+    def read(self) -> list[tuple[float, int, float | None, float, int, int]]:
         if not self._steps:
             return []
         t0 = time.perf_counter()
@@ -117,28 +123,33 @@ class StepResults:
             loss_sum, norm = out["loss_sum"].float(), out["grad_norm"]
             if not isinstance(norm, torch.Tensor):  # None, or DeepSpeed's float
                 norm = loss_sum.new_full((), float("nan") if norm is None else float(norm))
-            rows.append(torch.stack([loss_sum, out["masked_tokens"].float(), norm.float()]))
+            rows.append(torch.cat([torch.stack([loss_sum, out["masked_tokens"].float(),
+                                                norm.float()]).double(), out["seen"].double()]))
         values = torch.stack(rows).cpu().tolist()  # the one synchronisation
         if self.clock is not None:
             self.clock.read()
         waited = time.perf_counter() - t0
         result = []
-        for i, ((loss_sum, masked, norm), (out, seconds)) in enumerate(zip(values, self._steps)):
+        for i, (row, (out, seconds)) in enumerate(zip(values, self._steps)):
+            loss_sum, masked, norm, real, examples = row
             masked = int(masked)
             result.append((loss_sum / max(masked, 1), masked,
                            None if out["grad_norm"] is None else norm,
-                           seconds + (waited if i == len(values) - 1 else 0.0)))
+                           seconds + (waited if i == len(values) - 1 else 0.0), int(real),
+                           int(examples)))
         self._steps = []
         return result
 
-    def read_into(self, state) -> list[tuple[float, int, float | None, float]]:
+    def read_into(self, state) -> list[tuple[float, int, float | None, float, int, int]]:
         """`read`, then add each step to ``state.window`` and ``state.total`` (a
-        `checkpoint.TrainState`) and keep the newest gradient norm in ``grad_norm``; returns the
-        steps read."""
+        `checkpoint.TrainState`) and to its examples and tokens seen, and keep the newest
+        gradient norm in ``grad_norm``; returns the steps read."""
         rows = self.read()
-        for loss, masked, norm, seconds in rows:
+        for loss, masked, norm, seconds, real, examples in rows:
             for stats in (state.window, state.total):
                 stats.add_step(loss, masked, seconds)
+            state.tokens_seen += real
+            state.examples_seen += examples
             self.grad_norm = norm
         return rows
 
@@ -186,9 +197,10 @@ class Stepper:
         return (f"compiled training step: {what[0]} {self.compile_seconds:.1f} s ({what[1]}); "
                 "the first log window's throughput includes it")
 
-    def read(self) -> list[tuple[float, int, float | None, float]]:
+    def read(self) -> list[tuple[float, int, float | None, float, int, int]]:
         """The steps' device results since the last read, into the train state (one transfer);
-        returns them per step, ``(loss, masked_tokens, grad_norm, seconds)`` (`StepResults.read`;
+        returns them per step, ``(loss, masked_tokens, grad_norm, seconds, real_tokens,
+        examples)`` (`StepResults.read`;
         the warm-up's steps, read at once, are returned by the next call)."""
         rows, self._unreturned = self._unreturned + self.results.read_into(self.state), []
         return rows

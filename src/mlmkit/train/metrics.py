@@ -29,6 +29,7 @@ from mlmkit.config.keys import (
     STEP,
     SYS_PEAK_MEM_GB,
     TRAIN_DATA_WAIT_FRACTION,
+    TRAIN_EXAMPLES_SEEN,
     TRAIN_GPU_BUSY_FRACTION,
     TRAIN_GRAD_NORM,
     TRAIN_LOSS,
@@ -41,6 +42,7 @@ from mlmkit.config.keys import (
     TRAIN_RUNTIME,
     TRAIN_TFLOPS,
     TRAIN_TOKENS_PER_S,
+    TRAIN_TOKENS_SEEN,
 )
 
 
@@ -242,6 +244,7 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
     summary = {**final_eval, FIRST_EVAL_LOSS: state.first_eval[EVAL_LOSS],
                FIRST_EVAL_PERPLEXITY: state.first_eval[EVAL_PERPLEXITY],
                TRAIN_RUNTIME: total.seconds, STEP: state.step, SYS_PEAK_MEM_GB: peak_mem_gb(),
+               TRAIN_EXAMPLES_SEEN: state.examples_seen, TRAIN_TOKENS_SEEN: state.tokens_seen,
                TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
                **total.rates(num_processes, peak_tflops),      # whole-run throughput
                NUM_PROCESSES: num_processes}

@@ -4,12 +4,18 @@ Every run writes ``metrics.jsonl`` in its output folder whatever the tracker, so
 the network. W&B runs offline by itself when no API key is configured or its server cannot be
 reached (``wandb sync`` uploads later), and a tracker that fails never ends a run (`MetricsLog`).
 The metric names (`mlmkit.config.keys`, re-exported here) are the one source of truth.
+
+Every record carries the run's x-axes, ``train/examples_seen`` and ``train/tokens_seen`` (all
+processes, restored on resume), beside ``step``. In W&B the run is named (`run_name`) and tagged
+(`run_tags`), its metrics are plotted against the real tokens seen (`define_wandb_axes`), and its
+summary gets summary.json's numbers at the end (`wandb_summary`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 import re
@@ -23,7 +29,7 @@ from mlmkit.config.fileio import read_jsonl, write_json_atomic
 # The metric and summary names (`mlmkit.config.keys`), re-exported where the records are written:
 # ``tracking.TRAIN_LOSS`` and the rest.
 from mlmkit.config.keys import *  # noqa: F403
-from mlmkit.config.keys import STEP, TRACKERS_RAN
+from mlmkit.config.keys import STEP, TRACKERS_RAN, TRAIN_EXAMPLES_SEEN, TRAIN_TOKENS_SEEN
 from mlmkit.train.runfolder import METRICS, SUMMARY
 
 # The package each tracker imports (Accelerate accepts tensorboardX in place of tensorboard).
@@ -115,15 +121,34 @@ def setup_wandb_env(output_dir: str, *, main_process: bool = True) -> str | None
 WANDB_INIT_TIMEOUT_S = 20
 
 
-def tracker_init_kwargs(cfg, run_id: str | None = None) -> dict:
+def run_name(cfg) -> str:
+    """The tracker's run name: ``--run_name``, else the output folder's name."""
+    return cfg.run_name or Path(cfg.output_dir).resolve().name
+
+
+# The run's own tags (``<label>:<value>``) from the run config's entries ``key: label``.
+AUTO_TAGS = {"padding_resolved": "padding", "model_type": "model"}
+
+
+def run_tags(cfg, run_config: dict | None = None) -> list[str]:
+    """The W&B run's tags: ``--wandb_tags``, then what the run resolved (`AUTO_TAGS`, e.g.
+    ``padding:packed``, ``model:bert``), each once."""
+    run_config = run_config or {}
+    auto = [f"{label}:{run_config[key]}" for key, label in AUTO_TAGS.items()
+            if run_config.get(key) is not None]
+    return list(dict.fromkeys([*cfg.wandb_tags, *auto]))
+
+
+def tracker_init_kwargs(cfg, run_id: str | None = None, run_config: dict | None = None) -> dict:
     """Per-tracker kwargs for ``accelerator.init_trackers``: name, group, tags, resume id."""
-    wandb_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group, "tags": list(cfg.wandb_tags),
+    name = run_name(cfg)
+    wandb_kwargs = {"name": name, "group": cfg.wandb_group, "tags": run_tags(cfg, run_config),
                     "dir": os.environ.get("WANDB_DIR"),
                     # a server that answered the probe but stalls: fail (then go offline) soon
                     "settings": {"init_timeout": WANDB_INIT_TIMEOUT_S}}
     if run_id:
         wandb_kwargs.update(id=run_id, resume="allow")
-    trackio_kwargs = {"name": cfg.run_name, "group": cfg.wandb_group}  # trackio has no tags
+    trackio_kwargs = {"name": name, "group": cfg.wandb_group}  # trackio has no tags
     return {"wandb": {k: v for k, v in wandb_kwargs.items() if v is not None},
             "trackio": {k: v for k, v in trackio_kwargs.items() if v is not None}}
 
@@ -136,26 +161,66 @@ def wandb_run_id(accelerator) -> str | None:
     return None
 
 
+WANDB_X_AXIS = TRAIN_TOKENS_SEEN  # W&B's default x-axis of every metric (`define_wandb_axes`)
+
+
+def define_wandb_axes(run) -> None:
+    """Declare the run's x-axes to W&B (``define_metric``): ``train/tokens_seen``,
+    ``train/examples_seen`` and ``step`` are step metrics, and every other metric is plotted
+    against `WANDB_X_AXIS` by default, so that runs with other step counts (packed against
+    padded rows, another batch size) line up; a chart's x-axis can still be switched to the
+    examples seen or the optimizer step."""
+    for axis in (TRAIN_TOKENS_SEEN, TRAIN_EXAMPLES_SEEN, STEP):
+        run.define_metric(axis)
+    run.define_metric("*", step_metric=WANDB_X_AXIS)
+
+
+def wandb_summary(summary: dict, prefix: str = "") -> dict:
+    """summary.json's numbers and strings for W&B's summary: nested dicts flattened to
+    ``a/b`` keys; lists (the fill-mask check), None and non-finite numbers left out."""
+    flat = {}
+    for key, value in summary.items():
+        key = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(wandb_summary(value, key + "/"))
+        elif isinstance(value, (bool, int, str)) or \
+                (isinstance(value, float) and math.isfinite(value)):
+            flat[key] = value
+    return flat
+
+
 class MetricsLog:
     """Appends every record to ``metrics.jsonl`` and logs it to Accelerate's trackers (main
     process only). A tracker never ends a run: the first error a tracker raises (W&B's service
     killed, a network error, a full disk) prints one warning line and that tracker logs nothing
     more; training, evaluation, checkpoints and ``metrics.jsonl`` go on. `hold` keeps records from
     the trackers until `release` (a stop writes its checkpoint before any tracker call).
-    ``status``: tracker name -> how it ran ("online", "offline", "failed at step N: ...")."""
+    ``status``: tracker name -> how it ran ("online", "offline", "failed at step N: ...").
+    ``seen``: the run's `checkpoint.TrainState`, whose examples and tokens seen every record
+    carries (its x-axes, as of the last read of the steps)."""
 
     def __init__(self, accelerator, output_dir: str | os.PathLike,
-                 status: dict[str, str] | None = None):
+                 status: dict[str, str] | None = None, seen=None):
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS
         self.status = dict(status or {})
+        self.seen = seen
         self._failed: set[str] = set()
         self._held: list | None = None
+
+    def start(self) -> None:
+        """W&B: declare the run's x-axes (`define_wandb_axes`)."""
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "wandb" and tracker.name not in self._failed:
+                    self._guard(tracker, "at the start", define_wandb_axes, tracker.tracker)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        metrics = {STEP: step, **{k: _plain(v) for k, v in metrics.items()}}
+        axes = {} if self.seen is None else {TRAIN_EXAMPLES_SEEN: self.seen.examples_seen,
+                                             TRAIN_TOKENS_SEEN: self.seen.tokens_seen}
+        metrics = {STEP: step, **axes, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self._held is not None:
@@ -179,13 +244,17 @@ class MetricsLog:
             if tracker.name not in self._failed:
                 self._guard(tracker, f"at step {step}", tracker.log, metrics, step=step)
 
-    def finish(self) -> None:
-        """Finish every tracker still working (W&B: its last records written). Every process
-        calls it, before ``accelerator.end_training()`` (which then only ends the process group:
-        the trackers are taken off the accelerator here)."""
+    def finish(self, summary: dict | None = None) -> None:
+        """Finish every tracker still working (W&B: ``summary``, the run's summary.json, into its
+        summary (`wandb_summary`), then its last records written). Every process calls it, before
+        ``accelerator.end_training()`` (which then only ends the process group: the trackers are
+        taken off the accelerator here)."""
         self.release()
         if self.accelerator.is_main_process:
             for tracker in self.accelerator.trackers:
+                if summary and tracker.name == "wandb" and tracker.name not in self._failed:
+                    self._guard(tracker, "at the end", tracker.tracker.summary.update,
+                                wandb_summary(summary))
                 if tracker.name not in self._failed:
                     self._guard(tracker, "at the end", tracker.finish)
         self.accelerator.trackers = []
@@ -250,7 +319,9 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
     """Start the trackers and return the run's `MetricsLog`. W&B goes offline without an API key
     or when its server cannot be reached (`setup_wandb_env`); a resumed run continues its W&B
     run, ``state.wandb_run_id``, and records it. A tracker that fails to start is retried once
-    (W&B offline), then left out with one warning line: it never stops the run."""
+    (W&B offline), then left out with one warning line: it never stops the run. The run is named
+    and tagged (`run_name`, `run_tags` of ``run_config``, which the trackers' config records
+    beside the flags), and W&B gets its x-axes (`define_wandb_axes`)."""
     log = main_print(accelerator)
     if "wandb" in trackers:
         _quiet_lost_socket()
@@ -260,7 +331,7 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
     status: dict[str, str] = {}
     if trackers:
         config = {**cfg.to_dict(), **run_config}
-        kwargs = tracker_init_kwargs(cfg, state.wandb_run_id)
+        kwargs = tracker_init_kwargs(cfg, state.wandb_run_id, run_config)
         reason = _init_trackers(accelerator, cfg.wandb_project, config, kwargs)
         if reason and "wandb" in trackers and os.environ.get("WANDB_MODE") != "offline":
             os.environ["WANDB_MODE"] = "offline"  # the one retry: W&B offline
@@ -274,7 +345,9 @@ def start_tracking(accelerator, cfg, trackers: list[str], state, run_config: dic
         for tracker in accelerator.trackers:
             status[tracker.name] = tracker_mode(tracker)
         state.wandb_run_id = wandb_run_id(accelerator)
-    return MetricsLog(accelerator, cfg.output_dir, status)
+    metrics_log = MetricsLog(accelerator, cfg.output_dir, status, seen=state)
+    metrics_log.start()
+    return metrics_log
 
 
 def _init_trackers(accelerator, project: str, config: dict, kwargs: dict) -> str | None:

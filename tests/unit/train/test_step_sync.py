@@ -191,11 +191,12 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer, tokenize
     reads = [None]  # the BusyClock's fake events: readable only after the read's .cpu()
     gpu = FakeGpu(synced=lambda: reads[0] is not None and "cpu" in [c[0] for c in reads[0].calls])
     clock = gpu.clock(warmup=1)
-    pending, outs = StepResults(clock), []
+    pending, outs, preps = StepResults(clock), [], []
     n_steps, micro = 4, 0
     with SyncCounter() as counter:
         for _ in range(n_steps):
             prepared, _ = prefetcher.next()
+            preps.append(prepared)
             micro += len(prepared.micro_batches)
             clock.start(prepared.computed)
             out = train_step(accelerator, module, optimizer, scheduler, prepared.micro_batches,
@@ -219,8 +220,10 @@ def test_train_step_makes_no_host_device_sync(tiny_bert_dir, tokenizer, tokenize
     assert [c[0] for c in counter.calls] == ["cpu", "tolist"]  # one transfer for all steps
     assert clock.per_position is not None  # the calibration was read there
     assert len(results) == n_steps and len(pending) == 0
-    for (loss, masked, grad_norm, _), out in zip(results, outs):
+    for (loss, masked, grad_norm, _, real, examples), out, prepared in zip(results, outs, preps):
         assert masked == int(out["masked_tokens"]) > 0
+        assert real == prepared.real > 0  # the device's count is the host's (one process)
+        assert examples == sum(int(b["num_examples"]) for b in prepared.micro_batches) > 0
         assert loss == pytest.approx(float(out["loss_sum"]) / masked, rel=1e-6)
         assert grad_norm == pytest.approx(float(out["grad_norm"]), rel=1e-6)
 
