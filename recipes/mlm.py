@@ -11,7 +11,8 @@ the recipe config. `--mask_padding false` withholds the mask from the model: the
 ablation's unmasked arm, not something to train with.
 
 Outputs in --output_dir: config.yaml, metrics.jsonl, summary.json, model/ (HF format), and
-checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_total_limit kept).
+checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_total_limit kept);
+with --average_checkpoints K, model_avg/ (the final weights and K-1 checkpoints averaged).
 
 Kill it anywhere and run the same command again: it resumes from the newest complete checkpoint
 (--resume_from_checkpoint auto) to the same result. SIGTERM/SIGINT stop it cleanly: every process
@@ -66,7 +67,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     from mlmkit.data.run import load_run_data
     from mlmkit.model import checks, flops, loading, probe
-    from mlmkit.train import checkpoint, evaluation, fill_mask, launch, loop, preemption
+    from mlmkit.train import average, checkpoint, evaluation, fill_mask, launch, loop, preemption
     from mlmkit.train.metrics import build_summary
     from mlmkit.train.optim import prepare_training
     from mlmkit.train.steps import RunSteps
@@ -110,6 +111,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     steps = RunSteps.build(cfg, accelerator, training, tokenizer, run_data,
                            padding=decision.padding)
     schedule = steps.schedule
+    average.check_schedule(cfg, schedule.max_steps)  # --average_checkpoints: enough saved
     # The scheduler is built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped
     # by us, once per optimizer step; not handed to prepare(), which would step it per process.
     accelerator.register_for_checkpointing(steps.scheduler)
@@ -196,10 +198,11 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
     loading.export_hf_model(accelerator, training.module, tokenizer, folder.model)
+    averaged = average.finish_run(accelerator, cfg, evaluate, ts.step, log)  # model_avg/
     summary = build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
-               stepper.summary()),
+               averaged, stepper.summary()),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
     # the trackers' end (W&B: the summary into its own, its last records): a failure is a warning
     metrics_log.finish(summary)

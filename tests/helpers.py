@@ -406,8 +406,9 @@ def assert_same_run(out: Path, ref: Path, *, tol: float = 0.0) -> None:
             assert x == pytest.approx(y, rel=tol, abs=tol)
 
 
-def exported_eval_loss(out: Path) -> float:
-    """Re-evaluate a run's exported model/ in this process, exactly as the recipe's eval does."""
+def exported_eval_loss(out: Path, model_dir: str = "model") -> float:
+    """Re-evaluate a run's exported model/ (or ``model_dir``, e.g. model_avg) in this process,
+    exactly as the recipe's eval does."""
     import torch
     import yaml
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -419,8 +420,8 @@ def exported_eval_loss(out: Path) -> float:
     from mlmkit.train.evaluation import eval_collator, evaluate
 
     cfg = MLMConfig(**yaml.safe_load((out / "config.yaml").read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    model = AutoModelForMaskedLM.from_pretrained(out / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out / model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(out / model_dir, dtype=torch.float32)
     examples = IndexedExamples(
         tokenize_datasets(load_raw_datasets(cfg), tokenizer, cfg)["validation"])
     with isolated_globals():

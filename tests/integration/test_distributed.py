@@ -44,13 +44,16 @@ def accel(config: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def args(tmp_path_factory, tiny_args) -> list[str]:
-    """4 steps (fp32, no dropout), each logged, fine-tuning the tiny BERT's saved weights."""
+    """4 steps (fp32, no dropout), each logged, fine-tuning the tiny BERT's saved weights; a
+    checkpoint at step 2 averaged with the final weights (model_avg/: the engine's checkpoint
+    consolidated)."""
     weights = tmp_path_factory.mktemp("tiny_bert_weights")
     tiny_model("bert").save_pretrained(weights)
     i = tiny_args.index("--config_name")
     return [*tiny_args[:i], "--model_name_or_path", str(weights), *tiny_args[i + 2:],
             "--max_train_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "3e-3",
-            "--max_train_samples", "200"]
+            "--max_train_samples", "200", "--checkpointing_steps", "2",
+            "--average_checkpoints", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,11 @@ def test_engine_matches_one_process_and_exports_the_trained_weights(tmp_path, ar
     # model/ is a plain HF checkpoint (consolidated from ZeRO-3 shards) holding the weights the
     # engine evaluated: re-evaluating it in a fresh process gives the recipe's final eval loss.
     assert exported_eval_loss(out) == pytest.approx(summary[M.EVAL_LOSS], rel=1e-5)
+    # model_avg/: the final weights and checkpoint-2 (ZeRO's shards through DeepSpeed's
+    # zero_to_fp32), re-evaluated to the run's eval/avg_loss
+    assert summary[M.AVERAGED_CHECKPOINTS] == [2, STEPS]
+    assert exported_eval_loss(out, "model_avg") == pytest.approx(summary[M.EVAL_AVG_LOSS],
+                                                                 rel=1e-5)
 
 
 def test_simulated_two_node_launch(tmp_path, tiny_args):

@@ -34,10 +34,12 @@ STEPS = 16
 def args(tiny_args) -> list[str]:
     """16 steps of a global batch of 8 (fp32, no dropout), a log line and a checkpoint every 2;
     the fill-mask check on (it reads model/ after FSDP2 training, and a resumed run takes the
-    initial model's predictions from the checkpoint)."""
+    initial model's predictions from the checkpoint); the final weights averaged with the
+    sharded checkpoint-14 (model_avg/)."""
     return [*tiny_args, "--max_train_steps", str(STEPS), "--logging_steps", "1",
             "--learning_rate", "3e-3", "--max_train_samples", "200", "--padding", "longest",
-            "--checkpointing_steps", "2", "--save_total_limit", "2", "--fill_mask_check", "true"]
+            "--checkpointing_steps", "2", "--save_total_limit", "2", "--fill_mask_check", "true",
+            "--average_checkpoints", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,13 @@ def test_fsdp2_matches_one_process_and_exports_the_trained_weights(fsdp_run):
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert sorted(p.name for p in (out / "model").glob("*.safetensors")) == ["model.safetensors"]
     assert exported_eval_loss(out) == pytest.approx(summary[M.EVAL_LOSS], rel=1e-5)
+    # model_avg/: the final weights and the sharded checkpoint-14 (consolidated), re-evaluated
+    # to the run's eval/avg_loss, as the one-process run's
+    assert summary[M.AVERAGED_CHECKPOINTS] == [STEPS - 2, STEPS]
+    assert exported_eval_loss(out, "model_avg") == pytest.approx(summary[M.EVAL_AVG_LOSS],
+                                                                 rel=1e-5)
+    one_summary = json.loads((one / "summary.json").read_text())
+    assert one_summary[M.EVAL_AVG_LOSS] == pytest.approx(summary[M.EVAL_AVG_LOSS], rel=1e-4)
     # the fill-mask check ran on model/ after FSDP2 training
     assert len(summary["fill_mask"]) == 3
 

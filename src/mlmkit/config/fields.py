@@ -56,6 +56,11 @@ class MLMConfig:
         "(uncased WordPiece, 30,522 ids)."))
     tokenizer_name: str | None = field(default=None, metadata=_meta(
         "Tokenizer, if not the model's."))
+    config_overrides: str | None = field(default=None, metadata=_meta(
+        "Changes to the model's config before it is built, for every model source: "
+        "comma-separated key=value, nested keys with dots, e.g. max_position_embeddings=8192,"
+        "rope_parameters.full_attention.rope_theta=160000 (a second phase at a longer "
+        "--max_seq_length)."))
     attn_implementation: str | None = field(default=None, metadata=_meta(
         f"One of {ATTN_IMPLEMENTATIONS}; unset: transformers' choice (SDPA where the "
         "architecture supports it, else eager)."))
@@ -206,6 +211,10 @@ class MLMConfig:
         "Save a resumable checkpoint every N optimizer steps.", bookkeeping=True))
     save_total_limit: int | None = field(default=None, metadata=_meta(
         "Keep only the newest N checkpoints. Default: all.", bookkeeping=True))
+    average_checkpoints: int | None = field(default=None, metadata=_meta(
+        "At the end, also write model_avg/: the mean of the final weights and the newest K-1 "
+        "checkpoints saved before the last step (K >= 2; needs --checkpointing_steps), "
+        "evaluated beside model/ (eval/avg_loss)."))
     resume_from_checkpoint: str = field(default="auto", metadata=_meta(
         "auto (newest complete checkpoint), a path, or none.", bookkeeping=True, per_run=True))
     report_to: str = field(default="wandb", metadata=_meta(

@@ -12,7 +12,8 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
            "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
            "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
-           "DATA_REPAIRED_LINES", "PADDING", "FILL_MASK", "TRACKERS_RAN"]
+           "DATA_REPAIRED_LINES", "PADDING", "FILL_MASK", "TRACKERS_RAN", "EVAL_AVG_LOSS",
+           "EVAL_AVG_PERPLEXITY", "AVERAGED_CHECKPOINTS"]
 
 # --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -35,6 +36,8 @@ EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
 EVAL_PAD_SENSITIVITY = "eval/pad_sensitivity"
 EVAL_LOSS_UNMASKED = "eval/loss_unmasked"
+EVAL_AVG_LOSS = "eval/avg_loss"                      # model_avg/ (--average_checkpoints), same
+EVAL_AVG_PERPLEXITY = "eval/avg_perplexity"          # eval masks as eval/loss, at the last step
 SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
 STEP = "step"
 EPOCH = "epoch"
@@ -51,4 +54,5 @@ DATA_SOURCE_SHARE = "data/source_share"              # source -> share of those 
 DATA_REPAIRED_LINES = "data/repaired_lines"          # lines with bytes that were not UTF-8
 PADDING = "padding"                                  # what --padding resolved to
 FILL_MASK = "fill_mask"                              # the fill-mask check (fill_mask.py)
+AVERAGED_CHECKPOINTS = "averaged_checkpoints"        # what model_avg/ averages: final + steps
 TRACKERS_RAN = "trackers"                            # tracker -> how it ran (MetricsLog.status)

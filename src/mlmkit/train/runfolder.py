@@ -11,6 +11,7 @@ folder" draws the same tree.
       checkpoints/checkpoint-<step>/   (trainer_state.json, config.yaml, COMPLETE,
                         data_state_<rank>.json, Accelerate's files); .tmp-* while saving
       model/            the trained model (HF format; model.tmp while written)
+      model_avg/        --average_checkpoints: the averaged weights (HF format; model_avg.tmp)
       model.initial/    the initial model for the fill-mask check (deleted once tried)
       summary.json      written last: a run with it is finished
       wandb/            W&B's files
@@ -26,6 +27,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model"
 MODEL_INITIAL = "model.initial"
+MODEL_AVG = "model_avg"
 CHECKPOINTS = "checkpoints"
 WANDB = "wandb"
 TMP_SUFFIX = ".tmp"              # a folder being written (model.tmp), renamed when complete
@@ -39,10 +41,11 @@ RANK_STATE_PREFIX = "data_state_"  # + <rank>.json: one process's data position
 
 # What --overwrite_output_dir deletes (config.yaml is rewritten; tracker folders are left alone).
 RUN_OUTPUTS = (CHECKPOINTS, METRICS, SUMMARY, MODEL, MODEL + TMP_SUFFIX, MODEL_INITIAL,
-               MODEL_INITIAL + TMP_SUFFIX, CONFIG)
+               MODEL_INITIAL + TMP_SUFFIX, MODEL_AVG, MODEL_AVG + TMP_SUFFIX, CONFIG)
 # Folders inside a run that are never runs themselves (W&B's files/ holds a config.yaml).
 NOT_RUNS = frozenset({WANDB, MODEL, MODEL + TMP_SUFFIX, MODEL_INITIAL, MODEL_INITIAL + TMP_SUFFIX,
-                      "tensorboard", CHECKPOINTS, "__pycache__"})
+                      MODEL_AVG, MODEL_AVG + TMP_SUFFIX, "tensorboard", CHECKPOINTS,
+                      "__pycache__"})
 
 
 def _path(name: str) -> property:
@@ -61,6 +64,7 @@ class RunFolder:
     summary = _path(SUMMARY)
     model = _path(MODEL)
     model_initial = _path(MODEL_INITIAL)
+    model_avg = _path(MODEL_AVG)
     checkpoints = _path(CHECKPOINTS)
 
     def checkpoint(self, step: int, *, tmp: bool = False) -> Path:
