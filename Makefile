@@ -108,7 +108,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py
 
 ablation: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate_padding.py \
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate.py \
 	    --config recipes/configs/ablation_padding.yaml $(ARGS)
 
 # The second ablation regime, both architectures; `make -j2 ablation-scratch` runs them side by
@@ -118,7 +118,7 @@ ablation-scratch: ablation-scratch-bert ablation-scratch-roberta
 SCRATCH_THREADS = $(if $(filter -j%,$(MAKEFLAGS)),1,2)
 ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
 	OMP_NUM_THREADS=$(SCRATCH_THREADS) HF_HUB_OFFLINE=1 $(BIN)/python \
-	    recipes/ablate_padding.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
+	    recipes/ablate.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock outputs .pytest_cache site

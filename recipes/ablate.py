@@ -1,10 +1,12 @@
-"""The padding ablation: every arm x seed through the recipe, one W&B group, then the report.
+"""An ablation: every arm x seed through the recipe, one W&B group, then the report.
 
-    python recipes/ablate_padding.py --config recipes/configs/ablation_padding.yaml
-    python recipes/ablate_padding.py --config recipes/configs/ablation_padding.yaml --dry_run >jobs
-    python recipes/ablate_padding.py --config ... --arms masked unmasked --seeds 0 1 --eval_steps 50
+    python recipes/ablate.py --config recipes/configs/ablation_recipe.yaml
+    python recipes/ablate.py --config recipes/configs/ablation_padding.yaml --dry_run >jobs
+    python recipes/ablate.py --config ... --arms classic --seeds 0 1 --eval_steps 50
 
-Each run is its own process, launched exactly as a user launches the recipe:
+An arm is any set of recipe flags (`recipes/mlm.py --help`), named in the ablation YAML's
+``arms:``; ``recipe:`` holds the flags every arm shares. Each run is its own process, launched
+exactly as a user launches the recipe:
 
     accelerate launch --config_file <accelerate_config> recipes/mlm.py [--config <recipe_config>]
         <recipe flags> <arm flags> --output_dir <output_dir>/<arm>/seed<k> --seed <k>
@@ -22,7 +24,9 @@ and the masked positions from (seed, epoch, example index), whatever the arm.
   failure runs only what is missing. A failed run is reported, the others still run, and the
   runner exits 1 at the end. Each run's output is appended to <run folder>/launch.log.
 * Afterwards it writes the report (python -m mlmkit.report <output_dir>): report.md, report.json
-  and PNG plots in <output_dir>.
+  and PNG plots in <output_dir>, or in ``--report_dir`` (with a copy of the plan, ablation.json).
+  When the arms differ in ``mask_padding`` the report adds the padding measurements (the eval
+  loss with the mask withheld, pad sensitivity).
 
 Flags other than the ones below are recipe flags applied to every arm: they override the YAML's
 ``recipe:`` section, and an arm's own flags still win (so ``--per_device_train_batch_size 8``
@@ -36,6 +40,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -175,14 +180,14 @@ def load_ablation(path: str) -> Ablation:
     arms_raw = data.get("arms")
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise _fail(path, "arms", "missing or empty", "give at least one arm, e.g. "
-                    "`arms: {masked: {mask_padding: true}, unmasked: {mask_padding: false}}`")
+                    "`arms: {classic: {mlm_probability: 0.15}, high: {mlm_probability: 0.3}}`")
     arms = {}
     for arm, flags in arms_raw.items():
         if not isinstance(arm, str) or not ARM_NAME.match(arm) or re.match(r"^seed\d+$", arm):
             raise _fail(path, f"arms.{arm}", "not a usable arm name (it names folders and W&B "
                         "tags)", "use letters, digits, _ . - (and not seed<k>)")
         arms[arm] = _check_flags(path, f"arms.{arm}", flags)
-    reference = data.get("reference", "masked" if "masked" in arms else next(iter(arms)))
+    reference = data.get("reference", next(iter(arms)))
     if reference not in arms:
         raise _fail(path, "reference", f"{reference!r} is not an arm",
                     f"use one of {', '.join(arms)}")
@@ -347,6 +352,8 @@ def main(argv: list[str] | None = None, default_config: str | None = None,
                         help="print one `accelerate launch` command per run still to do; run none")
     parser.add_argument("--accelerate_config", help="override the YAML's accelerate_config")
     parser.add_argument("--output_dir", help="override the YAML's output_dir")
+    parser.add_argument("--report_dir", help="write the report (and a copy of the plan, "
+                        "ablation.json) here instead of into the output_dir")
     parser.add_argument("--seeds", nargs="+", type=int, help="run these seeds (e.g. --seeds 0 1)")
     parser.add_argument("--arms", nargs="+", help="run only these arms")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -372,7 +379,8 @@ def main(argv: list[str] | None = None, default_config: str | None = None,
             print(shlex.join(command(ablation, run)))
         sys.stdout.flush()
         print(f"# {len(todo)} of {len(runs)} runs to do; W&B group '{ablation.name}'; afterwards: "
-              f"python -m mlmkit.report {ablation.output_dir}", file=sys.stderr)
+              f"python -m mlmkit.report {ablation.output_dir}"
+              + (f" --output_dir {args.report_dir}" if args.report_dir else ""), file=sys.stderr)
         return 0
 
     ablation.output_dir.mkdir(parents=True, exist_ok=True)
@@ -409,12 +417,16 @@ def main(argv: list[str] | None = None, default_config: str | None = None,
 
     from mlmkit.report.build import build_report
     try:
-        numbers = build_report(ablation.output_dir)
+        report_dir = Path(args.report_dir or ablation.output_dir)
+        numbers = build_report(ablation.output_dir, output_dir=report_dir)
+        if args.report_dir:
+            shutil.copyfile(ablation.output_dir / PLAN_FILE, report_dir / PLAN_FILE)
         print(f"report: {numbers['n_finished']}/{numbers['n_runs']} runs -> "
-              f"{ablation.output_dir / 'report.md'} (+ report.json, {len(numbers['plots'])} plots)")
+              f"{report_dir / 'report.md'} (+ report.json, {len(numbers['plots'])} plots)")
     except Exception as err:  # the runs are done; a report bug must not hide that
-        print(f"report FAILED: {err!r}; rebuild with python -m mlmkit.report {ablation.output_dir}",
-              file=sys.stderr)
+        rebuild = f" --output_dir {args.report_dir}" if args.report_dir else ""
+        print(f"report FAILED: {err!r}; rebuild with python -m mlmkit.report "
+              f"{ablation.output_dir}{rebuild}", file=sys.stderr)
         failed.append(None)
     if failed:
         names = ", ".join(r.label for r in failed if r)

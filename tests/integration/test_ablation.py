@@ -101,7 +101,7 @@ def test_ablation_end_to_end(ablation_yaml):
         # the real W&B offline run: named, grouped, tagged, with the resolved config and metrics
         wb = wandb_run(run_dir)
         assert wb["name"] == f"{arm}-seed0" and wb["group"] == "abl-test"
-        assert wb["tags"] == [arm, "seed0"] and wb["project"] == "mlmkit"
+        assert wb["tags"][:2] == [arm, "seed0"] and wb["project"] == "mlmkit"  # then the run's
         assert wb["config"]["mask_padding"] is (arm == "masked")
         assert wb["config"]["seed"] == 0 and wb["config"]["max_train_steps"] == 4
         assert {M.EVAL_LOSS, M.TRAIN_REAL_TOKENS_PER_S, M.EVAL_PAD_SENSITIVITY} <= wb["history"]
@@ -141,3 +141,50 @@ def test_ablation_end_to_end(ablation_yaml):
         assert (out / arm / "seed0" / "summary.json").stat().st_mtime_ns == stamp
         assert len(list((out / arm / "seed0" / "wandb").glob("offline-run-*"))) == 1
     assert (out / "broken" / "seed0" / "launch.log").read_text().count("==== exit") == 2
+
+
+def test_ablation_of_any_flags(ablation_yaml, tmp_path):
+    """Arms of ordinary recipe flags (two learning rates): seed 0 first, then the whole ablation
+    skips it and runs seed 1; the report pairs the two seeds, leaves the padding measurements out,
+    and goes with a copy of the plan to --report_dir."""
+    spec = yaml.safe_load(ablation_yaml.read_text())
+    out, published = tmp_path / "lr", tmp_path / "published"
+    spec.update(name="lr-test", output_dir=str(out), seeds=2, arms={
+        "lr_high": {"learning_rate": 3e-3}, "lr_low": {"learning_rate": 1e-4}})
+    spec["recipe"].update(max_train_steps=2, report_to="none", eval_pad_sensitivity=False)
+    config = tmp_path / "lr.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    proc = run_ablation(["--config", str(config), "--seeds", "0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stamps = {arm: (out / arm / "seed0" / "summary.json").stat().st_mtime_ns
+              for arm in spec["arms"]}
+    proc = run_ablation(["--config", str(config), "--report_dir", str(published)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[1/4] lr_high-seed0: finished earlier, skipped" in proc.stdout
+    assert "[2/4] lr_low-seed0: finished earlier, skipped" in proc.stdout
+    assert "[3/4] lr_high-seed1: running" in proc.stdout and "WARNING" not in proc.stdout
+    loss = {}
+    for arm, flags in spec["arms"].items():
+        assert (out / arm / "seed0" / "summary.json").stat().st_mtime_ns == stamps[arm]
+        for seed in (0, 1):
+            run_dir = out / arm / f"seed{seed}"
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            assert saved["learning_rate"] == flags["learning_rate"] and saved["seed"] == seed
+            assert saved["wandb_group"] == "lr-test" and saved["wandb_tags"] == [arm, f"seed{seed}"]
+            loss[arm, seed] = json.loads((run_dir / "summary.json").read_text())[M.EVAL_LOSS]
+
+    report = json.loads((published / "report.json").read_text())
+    assert report["padding"] is False and report["reference"] == "lr_high"
+    assert report["arm_differences"] == {"learning_rate": {"lr_high": 3e-3, "lr_low": 1e-4}}
+    delta = report["arms"]["lr_low"]["paired_delta_vs_reference"]
+    assert delta["per_seed"] == pytest.approx(
+        {str(s): loss["lr_low", s] - loss["lr_high", s] for s in (0, 1)})
+    assert delta["n"] == 2 and delta["ci95"][0] < delta["mean"] < delta["ci95"][1]
+    md = (published / "report.md").read_text()
+    assert md.startswith("# Ablation report: lr-test") and "| `lr_low` | 2 |" in md
+    assert "mask withheld" not in md and "ad sensitivity" not in md
+    assert not (published / "pad_sensitivity.png").exists()
+    assert (published / "paired_delta.png").stat().st_size > 5000
+    assert json.loads((published / "ablation.json").read_text())["arms"] == ["lr_high", "lr_low"]
+    assert "| `lr_low` | 1 |" in (out / "report.md").read_text()  # the first one's, seed 0 only

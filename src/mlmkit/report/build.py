@@ -3,19 +3,27 @@
     python -m mlmkit.report outputs/ablation_padding [--reference masked] [--output_dir DIR]
 
 Reads every run under the ablation folder -- ``<dir>/<arm>/seed<k>/`` as written by
-``recipes/ablate_padding.py``, or generally any subfolder holding a run's ``config.yaml`` -- from
+``recipes/ablate.py``, or generally any subfolder holding a run's ``config.yaml`` -- from
 the files every run writes (``config.yaml``, ``metrics.jsonl``, ``summary.json``), so it needs no
 W&B. Writes into the ablation folder (or ``--output_dir``):
 
-* ``report.md``   the table (arm, seeds, final eval loss mean ± sd, perplexity, eval loss with the
-                  mask withheld, paired Δ vs the reference arm with a 95% t-interval, pad
-                  sensitivity, real tokens/s, pad fraction, runtime), a "what the numbers say"
+* ``report.md``   the table (arm, seeds, final eval loss mean ± sd, perplexity, paired Δ vs the
+                  reference arm with a 95% t-interval, real tokens/s, pad fraction, runtime;
+                  the eval loss of the averaged weights where an arm has them
+                  (--average_checkpoints); in a padding ablation also the eval loss with the
+                  mask withheld and the pad sensitivity), a "what the numbers say"
                   paragraph computed from the numbers, the fill-mask check per arm (mean rank of
                   the masked word after training, and each sentence's top-1), the per-run table,
                   and the plots;
 * ``report.json`` the same numbers, machine-readable (null where a number does not exist);
-* ``eval_loss.png``, ``perplexity.png``, ``paired_delta.png``, ``pad_sensitivity.png``,
-  ``throughput.png`` (matplotlib, Agg backend; skipped with a note if matplotlib is missing).
+* ``eval_loss.png``, ``perplexity.png``, ``paired_delta.png``, ``throughput.png``, and in a
+  padding ablation ``pad_sensitivity.png`` (matplotlib, Agg backend; skipped with a note if
+  matplotlib is missing).
+
+A padding ablation is one whose arms differ in ``mask_padding`` (`PADDING_KEY`): the padding
+ablations' arms do, an ablation of other flags does not, and a report of it leaves the padding
+measurements out (report.json keeps them, null where the runs did not measure them). The reference
+arm is ``--reference``, else the plan's, else the first arm.
 
 A run's arm comes from ``ablation.json`` (the runner's plan) when present, else from its
 ``wandb_tags`` (the first tag that is not ``seed<k>``), else from its folder name. A run without
@@ -42,6 +50,7 @@ from mlmkit.report.render import make_plots, render_markdown
 from mlmkit.report.runs import RunResult, collect_runs
 from mlmkit.report.stats import describe, paired_difference
 from mlmkit.train.tracking import (
+    EVAL_AVG_LOSS,
     EVAL_LOSS,
     EVAL_LOSS_UNMASKED,
     EVAL_PAD_SENSITIVITY,
@@ -52,7 +61,7 @@ from mlmkit.train.tracking import (
     TRAIN_RUNTIME,
 )
 
-DEFAULT_REFERENCE = "masked"
+PADDING_KEY = "mask_padding"  # arms that differ in it make a padding ablation
 
 
 # ================================================================================ numbers
@@ -88,8 +97,8 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
     """The report's numbers: per arm, per run, paired differences, and notes."""
     plan = plan or {}
 
-    reference = reference or plan.get("reference") or DEFAULT_REFERENCE
     arms = _arm_order(runs, plan)
+    reference = reference or plan.get("reference") or (arms[0] if arms else None)
     notes = []
     by_arm: dict[str, dict[int, RunResult]] = {a: {} for a in arms}
     for run in runs:
@@ -115,6 +124,7 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
                               "note": r.note} for r in planned if not r.finished],
             # final values (the last eval of each run) and training rates, per seed and summarised
             "eval_loss": stats(final_loss[arm]),
+            "eval_loss_averaged": stats(per_seed(finished, lambda r: r.final(EVAL_AVG_LOSS))),
             "perplexity": stats(per_seed(finished, lambda r: r.final(EVAL_PERPLEXITY))),
             "eval_loss_unmasked": stats(per_seed(finished,
                                                  lambda r: r.final(EVAL_LOSS_UNMASKED))),
@@ -134,9 +144,15 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             entry["paired_delta_vs_reference"] = paired_difference(final_loss[arm],
                                                                    final_loss[reference])
         out_arms[arm] = entry
-    if reference not in out_arms:
+    if arms and reference not in out_arms:
         notes.append(f"reference arm '{reference}' has no runs: no paired differences")
     unfinished = [r for r in runs if not r.finished]
+    differences = _config_differences(runs)
+    eval_rates = _eval_rates(runs)
+    if len(set(eval_rates.values())) > 1:
+        notes.append("the arms evaluate at different masking rates (eval_mlm_probability: "
+                     + ", ".join(f"{a} {p}" for a, p in eval_rates.items()) + "): their eval "
+                     "losses measure different tasks; set one eval_mlm_probability for every arm")
     table = sorted(runs, key=lambda r: (arms.index(r.arm), -1 if r.seed is None else r.seed))
     return {
         "name": plan.get("name"),
@@ -150,7 +166,10 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             {"arm": a, "against": b, "paired_delta": paired_difference(final_loss[a], final_loss[b])}
             for a, b in plan.get("comparisons", []) if a in final_loss and b in final_loss],
         "n_runs": len(runs), "n_finished": len(runs) - len(unfinished),
-        "arm_differences": _config_differences(runs),
+        "padding": PADDING_KEY in differences,
+        "eval_mlm_probability": next(iter(eval_rates.values())) if len(set(
+            eval_rates.values())) == 1 else None,
+        "arm_differences": differences,
         "fill_mask": _fill_mask_sentences(by_arm),
         "notes": notes,
     }
@@ -191,6 +210,16 @@ def _mean_curve(runs: list[RunResult]) -> dict | None:
         "max": [max(c[s] for c in curves) for s in steps],
         "per_seed": [[c[s] for s in steps] for c in curves],
     }
+
+
+def _eval_rates(runs: list[RunResult]) -> dict[str, float]:
+    """Each arm's eval masking rate, from its first run with a config that records it."""
+    rates: dict[str, float] = {}
+    for run in runs:
+        if run.arm not in rates and isinstance(run.config.get("eval_mlm_probability"),
+                                               (int, float)):
+            rates[run.arm] = run.config["eval_mlm_probability"]
+    return rates
 
 
 def _config_differences(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding the runs (e.g. outputs/ablation_padding)")
     parser.add_argument("--reference", default=None,
                         help="arm that paired differences are taken against (default: the plan's "
-                             f"reference, else '{DEFAULT_REFERENCE}')")
+                             "reference, else the first arm)")
     parser.add_argument("--output_dir", default=None,
                         help="where report.md/json and the PNGs go (default: ablation_dir)")
     args = parser.parse_args(argv)

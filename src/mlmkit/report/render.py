@@ -29,6 +29,10 @@ def _mean_sd(stats: dict, digits: int = 4) -> str:
                                         else "")
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def _delta(d: dict | None, reference_arm: bool) -> str:
     if reference_arm:
         return "(reference)"
@@ -46,19 +50,16 @@ def what_the_numbers_say(numbers: dict) -> list[str]:
              if arm != ref]
     pairs += [(c["arm"], c["against"], c["paired_delta"]) for c in numbers.get("comparisons", [])]
     lines = [_paired_sentence(arm, against, d) for arm, against, d in pairs if d and d["n"]]
-    gaps = []
-    for arm, entry in arms.items():
-        lu, lm = entry["eval_loss_unmasked"]["mean"], entry["eval_loss"]["mean"]
-        if lu is not None and lm is not None:
-            gaps.append(f"`{arm}` {_f(lu - lm, signed=True)}")
-    if gaps:
-        lines.append("Withholding the attention mask at eval (padding attended) changes the final "
-                     "eval loss by: " + ", ".join(gaps) + ".")
-    sens = [f"`{a}` {_f(e['pad_sensitivity']['mean'])}" for a, e in arms.items()
-            if e["pad_sensitivity"]["mean"] is not None]
-    if sens:
-        lines.append("Pad sensitivity (mean |Δ log p| of real tokens when unmasked padding is "
-                     "appended; 0 = padding ignored): " + ", ".join(sens) + ".")
+    if numbers.get("padding", True):  # (reports written before the key were all padding)
+        lines += _padding_sentences(arms)
+    averaged = [f"`{a}` {_f(e['eval_loss_averaged']['mean'])} "
+                f"({_f(e['eval_loss_averaged']['mean'] - e['eval_loss']['mean'], signed=True)} "
+                "vs its final weights)" for a, e in arms.items()
+                if e.get("eval_loss_averaged", {}).get("mean") is not None
+                and e["eval_loss"]["mean"] is not None]
+    if averaged:
+        lines.append("Eval loss of the averaged weights (model_avg/: the final weights and the "
+                     "checkpoints before them, mean over seeds): " + ", ".join(averaged) + ".")
     base = arms.get(ref, {}).get("real_tokens_per_s", {}).get("mean")
     speed = []
     for arm, entry in arms.items():
@@ -87,6 +88,24 @@ def what_the_numbers_say(numbers: dict) -> list[str]:
         names = ", ".join(f"{r['arm']} seed {r['seed']} ({r['status']})" for r in missing)
         lines.append(f"{len(missing)} of {numbers['n_runs']} runs did not finish and are left "
                      f"out of every number above: {names}.")
+    return lines
+
+
+def _padding_sentences(arms: dict) -> list[str]:
+    """A padding ablation's measurements: the mask withheld at eval, pad sensitivity."""
+    lines, gaps = [], []
+    for arm, entry in arms.items():
+        lu, lm = entry["eval_loss_unmasked"]["mean"], entry["eval_loss"]["mean"]
+        if lu is not None and lm is not None:
+            gaps.append(f"`{arm}` {_f(lu - lm, signed=True)}")
+    if gaps:
+        lines.append("Withholding the attention mask at eval (padding attended) changes the final "
+                     "eval loss by: " + ", ".join(gaps) + ".")
+    sens = [f"`{a}` {_f(e['pad_sensitivity']['mean'])}" for a, e in arms.items()
+            if e["pad_sensitivity"]["mean"] is not None]
+    if sens:
+        lines.append("Pad sensitivity (mean |Δ log p| of real tokens when unmasked padding is "
+                     "appended; 0 = padding ignored): " + ", ".join(sens) + ".")
     return lines
 
 
@@ -123,6 +142,10 @@ def _fill_mask_table(check: dict | None) -> list[str]:
     return out
 
 
+# only in a padding ablation's report (`build.PADDING_KEY`)
+PADDING_COLUMNS = ("eval loss, mask withheld", "pad sensitivity")
+PADDING_PLOTS = ("pad_sensitivity.png",)
+AVERAGED_COLUMN = "eval loss, averaged weights"  # only where an arm averaged checkpoints
 PLOTS = {  # file -> title (short: it must fit a narrow figure)
     "eval_loss.png": "Eval loss during training (mean over seeds; band: min–max)",
     "perplexity.png": "Final eval perplexity (bar: mean, dots: seeds)",
@@ -134,26 +157,35 @@ PLOTS = {  # file -> title (short: it must fit a narrow figure)
 
 def render_markdown(numbers: dict, plots: list[str], plot_note: str = "") -> str:
     ref, arms = numbers["reference"], numbers["arms"]
-    title = f"# Padding ablation report: {numbers['name']}" if numbers["name"] else \
-        "# Padding ablation report"
+    padding = numbers.get("padding", True)
+    title = "# " + ("Padding ablation report" if padding else "Ablation report") + (
+        f": {numbers['name']}" if numbers["name"] else "")
+    rate = numbers.get("eval_mlm_probability")
+    at = f", at an eval masking rate of {rate:g} in every arm" if rate is not None else ""
     out = [title, "",
            f"{numbers['n_finished']} of {numbers['n_runs']} runs finished. Final values are the "
-           f"last eval of each run (summary.json); Δ is paired by seed against `{ref}` "
-           "(same data order and masked positions), with a 95% t-interval.", ""]
-    header = ["arm", "n seeds", "final eval loss (mean ± sd)", "perplexity",
-              "eval loss, mask withheld", f"paired Δ loss vs {ref} [95% CI]", "pad sensitivity",
-              "real tokens/s", "pad fraction", "runtime (s)"]
+           f"last eval of each run (summary.json){at}; Δ is paired by seed against `{ref}` "
+           "(a seed gives every arm the same data order and, at the same masking rate, the same "
+           "masked positions), with a 95% t-interval.", ""]
+    columns = [  # (header, cell of an arm's entry), the padding measurements in padding ablations
+        ("final eval loss (mean ± sd)", lambda a, e: _mean_sd(e["eval_loss"])),
+        ("perplexity", lambda a, e: _f(e["perplexity"]["mean"], 2)),
+        (AVERAGED_COLUMN, lambda a, e: _f(e.get("eval_loss_averaged", {}).get("mean"))),
+        ("eval loss, mask withheld", lambda a, e: _f(e["eval_loss_unmasked"]["mean"])),
+        (f"paired Δ loss vs {ref} [95% CI]",
+         lambda a, e: _delta(e["paired_delta_vs_reference"], a == ref)),
+        ("pad sensitivity", lambda a, e: _f(e["pad_sensitivity"]["mean"])),
+        ("real tokens/s", lambda a, e: _f(e["real_tokens_per_s"]["mean"], 0)),
+        ("pad fraction", lambda a, e: _percent(e["pad_fraction"]["mean"])),
+        ("runtime (s)", lambda a, e: _f(e["runtime_s"]["mean"], 1))]
+    averaged = any(e.get("eval_loss_averaged", {}).get("n") for e in arms.values())
+    columns = [c for c in columns if (padding or c[0] not in PADDING_COLUMNS)
+               and (averaged or c[0] != AVERAGED_COLUMN)]
+    header = ["arm", "n seeds"] + [name for name, _ in columns]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, e in arms.items():
-        pad = e["pad_fraction"]["mean"]
-        out.append("| " + " | ".join([
-            f"`{arm}`", str(e["n_seeds"]), _mean_sd(e["eval_loss"]),
-            _f(e["perplexity"]["mean"], 2), _f(e["eval_loss_unmasked"]["mean"]),
-            _delta(e["paired_delta_vs_reference"], arm == ref),
-            _f(e["pad_sensitivity"]["mean"]),
-            _f(e["real_tokens_per_s"]["mean"], 0),
-            "n/a" if pad is None else f"{100 * pad:.1f}%",
-            _f(e["runtime_s"]["mean"], 1)]) + " |")
+        out.append("| " + " | ".join([f"`{arm}`", str(e["n_seeds"])]
+                                     + [cell(arm, e) for _, cell in columns]) + " |")
     out += ["", "## What the numbers say", ""]
     out += [f"- {line}" for line in what_the_numbers_say(numbers)] or ["- No finished runs."]
     out += _fill_mask_table(numbers.get("fill_mask"))
@@ -252,10 +284,12 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
         fig.suptitle(PLOTS["eval_loss.png"], fontsize=10)
         figures.save(fig, "eval_loss.png")
 
-    for metric, name, ylabel in (("perplexity", "perplexity.png", EVAL_PERPLEXITY),
-                                 ("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY),
-                                 ("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)):
-        figures.bars(arms, names, colors, metric, name, ylabel)
+    bars = [("perplexity", "perplexity.png", EVAL_PERPLEXITY),
+            ("pad_sensitivity", "pad_sensitivity.png", EVAL_PAD_SENSITIVITY),
+            ("real_tokens_per_s", "throughput.png", TRAIN_REAL_TOKENS_PER_S)]
+    for metric, name, ylabel in bars:
+        if name not in PADDING_PLOTS or numbers.get("padding", True):
+            figures.bars(arms, names, colors, metric, name, ylabel)
 
     # every paired difference: each arm against the reference, then the extra comparisons
     pairs = [(a, ref, arms[a]["paired_delta_vs_reference"]) for a in names if a != ref]

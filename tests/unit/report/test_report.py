@@ -8,10 +8,11 @@ import math
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from mlmkit.report import build as R
 from mlmkit.report import stats as S
-from mlmkit.report.render import PLOTS
+from mlmkit.report.render import PLOTS, render_markdown
 from mlmkit.report.runs import PLAN_FILE
 from mlmkit.train import tracking as M
 
@@ -36,11 +37,14 @@ ARM_FLAGS = {"masked": {"padding": "longest", "mask_padding": True},
              "packed_naive": {"padding": "packed", "mask_padding": False}}
 
 
-def write_run(folder, arm, seed, final_loss=None, *, rate=1000.0, pad=0.5, finished=True):
-    """A run folder as the recipe leaves it: config.yaml, metrics.jsonl, summary.json."""
+def write_run(folder, arm, seed, final_loss=None, *, rate=1000.0, pad=0.5, finished=True,
+              flags=None):
+    """A run folder as the recipe leaves it: config.yaml, metrics.jsonl, summary.json; the arm's
+    recipe flags are ``flags``, else the padding arm's."""
     folder.mkdir(parents=True)
     config = {"seed": seed, "learning_rate": 1e-4, "wandb_group": "abl",
-              "wandb_tags": [arm, f"seed{seed}"], "output_dir": str(folder), **ARM_FLAGS[arm]}
+              "wandb_tags": [arm, f"seed{seed}"], "output_dir": str(folder),
+              **(ARM_FLAGS[arm] if flags is None else flags)}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     records = [{M.STEP: 0, M.EVAL_LOSS: 10.0}]
     for step in (5, 10):
@@ -141,6 +145,7 @@ def test_report_from_run_folders(ablation):
     assert "the interval includes 0: no difference detectable with 2 seeds" in md
     assert "3 of 12 runs did not finish" in md and "launch.log" in md
     assert "Fill-mask" not in md and numbers["fill_mask"] is None  # runs without the check
+    assert numbers["padding"] is True and "averaged weights" not in md  # no --average_checkpoints
     # an extra comparison from the plan: unmasked - packed over seeds 0, 1: (0.04, 0.12)
     (extra,) = numbers["comparisons"]
     assert (extra["arm"], extra["against"]) == ("unmasked", "packed")
@@ -217,3 +222,74 @@ def test_cli(tmp_path, ablation, capsys):
     assert R.main([str(empty)]) == 2
     assert R.main([str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_report_of_other_flags_leaves_the_padding_measurements_out(tmp_path):
+    """Arms that differ in other flags than mask_padding (here the masking and the optimizer):
+    no mask-withheld or pad-sensitivity column, sentence or plot; paired differences, the
+    reference (the plan's first arm when it names none) and what the arms change stay."""
+    root = tmp_path / "recipe"
+    arms = {"classic": {"mlm_probability": 0.15, "eval_mlm_probability": 0.15},
+            "modern": {"mlm_probability": 0.3, "eval_mlm_probability": 0.15,
+                       "padding": "packed"}}
+    for seed, (classic, modern) in enumerate([(3.0, 2.9), (3.1, 3.05), (2.9, 2.82)]):
+        for arm, loss in (("classic", classic), ("modern", modern)):
+            write_run(root / arm / f"seed{seed}", arm, seed, loss, flags=arms[arm])
+        summary = root / "modern" / f"seed{seed}" / "summary.json"  # --average_checkpoints
+        summary.write_text(json.dumps({**json.loads(summary.read_text()),
+                                       M.EVAL_AVG_LOSS: modern - 0.02}))
+    (root / PLAN_FILE).write_text(json.dumps({
+        "name": "recipe", "arms": list(arms), "seeds": [0, 1, 2],
+        "runs": [{"arm": a, "seed": s, "output_dir": f"{a}/seed{s}"}
+                 for s in range(3) for a in arms]}))
+
+    numbers = R.build_report(root)
+    assert numbers["padding"] is False and numbers["reference"] == "classic"
+    assert numbers["eval_mlm_probability"] == 0.15 and not numbers["notes"]
+    d = numbers["arms"]["modern"]["paired_delta_vs_reference"]  # d = (-0.10, -0.05, -0.08)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-0.0766667, abs=1e-6)
+    assert d["ci95"] == pytest.approx([-0.1391826, -0.0141507], abs=1e-6)
+    assert numbers["arm_differences"]["mlm_probability"] == {"classic": 0.15, "modern": 0.3}
+    assert numbers["arms"]["modern"]["pad_sensitivity"]["mean"] == pytest.approx(0.1)  # kept
+
+    md = (root / "report.md").read_text()
+    assert md.startswith("# Ablation report: recipe\n")
+    assert "(summary.json), at an eval masking rate of 0.15 in every arm;" in md
+    assert "| arm | n seeds | final eval loss (mean ± sd) | perplexity | eval loss, averaged " \
+           "weights | paired Δ loss vs classic [95% CI] | real tokens/s | pad fraction | " \
+           "runtime (s) |" in md
+    assert "| `modern` | 3 | 2.9233 ± 0.1168 | 18.69 | 2.9033 | -0.0767 [-0.1392, -0.0142] |" \
+        in md and "| `classic` | 3 | 3.0000 ± 0.1000 | 20.15 | n/a | (reference) |" in md
+    assert "averaged weights (model_avg/: the final weights and the checkpoints before them, " \
+           "mean over seeds): `modern` 2.9033 (-0.0200 vs its final weights)." in md
+    assert "`modern` ends with a lower eval loss than `classic`" in md
+    assert "| mlm_probability | 0.15 | 0.3 |" in md and "| padding | None | packed |" in md
+    for padding_only in ("mask withheld", "Withholding", "ad sensitivity"):
+        assert padding_only not in md, padding_only
+    assert not (root / "pad_sensitivity.png").exists()
+    assert sorted(numbers["plots"]) == ["eval_loss.png", "paired_delta.png", "perplexity.png",
+                                        "throughput.png"]
+
+    # arms evaluated at different masking rates: said, since their losses do not compare
+    config = root / "modern" / "seed0" / "config.yaml"
+    config.write_text(config.read_text().replace("eval_mlm_probability: 0.15",
+                                                 "eval_mlm_probability: 0.3"))
+    numbers = R.build_report(root)
+    assert numbers["eval_mlm_probability"] is None
+    assert any("eval_mlm_probability: classic 0.15, modern 0.3" in n for n in numbers["notes"])
+
+
+@pytest.mark.parametrize("report", ["ablation", "ablation/scratch/bert",
+                                    "ablation/scratch/roberta"])
+def test_committed_reports_still_render(report):
+    """The reports under docs/ (written before the padding key existed) render as padding
+    reports: every arm's row with the padding columns, and the plan they came with still reads."""
+    folder = ROOT / "docs" / report
+    numbers = json.loads((folder / "report.json").read_text())
+    md = render_markdown(numbers, numbers["plots"])
+    assert md.startswith("# Padding ablation report: ")
+    assert "eval loss, mask withheld" in md and "Pad sensitivity (mean" in md
+    for arm in ("masked", "unmasked", "packed", "packed_naive"):
+        assert f"| `{arm}` | {numbers['arms'][arm]['n_seeds']} |" in md
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    assert plan["reference"] == "masked" and len(plan["runs"]) == len(numbers["runs"])
