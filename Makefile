@@ -123,6 +123,18 @@ ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock outputs .pytest_cache site
 
+# The downstream probe's labelled texts (docs/downstream.md) in probes/ (git-ignored): the
+# sentiment snippets of the vaderSentiment 3.3.2 source distribution (MIT), fetched by pip into
+# .cache/probe-data/ and read from the archive as it is, and the embedded corpus's topic probe.
+PROBE_CACHE ?= .cache/probe-data
+PROBE_DIR   ?= probes
+.PHONY: probe-data
+probe-data: $(STAMP)
+	$(PIP) download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(PROBE_CACHE)
+	$(BIN)/python -m mlmkit.data.probe_sets vader \
+	    $(PROBE_CACHE)/vaderSentiment-3.3.2.tar.gz $(PROBE_DIR)
+	$(BIN)/python -m mlmkit.data.probe_sets docs $(PROBE_DIR)
+
 # The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link or anchor fails.
 .PHONY: docs
 docs: $(STAMP)

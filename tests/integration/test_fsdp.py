@@ -22,6 +22,7 @@ from helpers import (
 )
 from readme_commands import accelerate_args, accelerate_launch
 
+from mlmkit.data.probe_sets import main as probe_sets
 from mlmkit.train import tracking as M
 
 # The README's line, with its CPU note: --config_file accelerate_configs/fsdp2.yaml
@@ -45,13 +46,17 @@ def args(tiny_args) -> list[str]:
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, args):
     """(the uninterrupted FSDP2 run of 2 processes x 4 examples, its output, one process x 8):
-    the launch, and the one-process run in this process while it runs."""
+    the launch, and the one-process run in this process while it runs; both with the
+    downstream probe (both arms) and the pseudo-perplexity, which every process takes part in."""
     root = tmp_path_factory.mktemp("fsdp")
-    proc = start([*args, "--per_device_train_batch_size", "4", "--output_dir", str(root / "fsdp2")],
-                 FSDP2)
+    probe_sets(["docs", str(root), "--max_examples", "600"])
+    downstream = ["--probe_file", str(root / "docs.tsv"), "--probe_folds", "3",
+                  "--probe_mask_padding", "both", "--pseudo_perplexity_examples", "8"]
+    proc = start([*args, *downstream, "--per_device_train_batch_size", "4", "--output_dir",
+                  str(root / "fsdp2")], FSDP2)
     try:
-        run_recipe([*args, "--per_device_train_batch_size", "8", "--output_dir", root / "one",
-                    "--fill_mask_check", "false"], threads=1)  # the launch has the other core
+        run_recipe([*args, *downstream, "--per_device_train_batch_size", "8", "--output_dir",
+                    root / "one", "--fill_mask_check", "false"], threads=1)  # the other core
     except BaseException:
         kill_tree(proc)
         raise
@@ -84,6 +89,12 @@ def test_fsdp2_matches_one_process_and_exports_the_trained_weights(fsdp_run):
                                                                  rel=1e-5)
     one_summary = json.loads((one / "summary.json").read_text())
     assert one_summary[M.EVAL_AVG_LOSS] == pytest.approx(summary[M.EVAL_AVG_LOSS], rel=1e-4)
+    # the downstream measures: the two processes' shares of the forwards give one process's
+    for key in (M.FIRST_EVAL_PSEUDO_PERPLEXITY, M.EVAL_PSEUDO_PERPLEXITY):
+        assert summary[key] == pytest.approx(one_summary[key], rel=1e-4), key
+    for key in (M.FIRST_EVAL_PROBE_ACCURACY, M.FIRST_EVAL_PROBE_ACCURACY_UNMASKED,
+                M.EVAL_PROBE_ACCURACY, M.EVAL_PROBE_ACCURACY_UNMASKED):
+        assert summary[key] == pytest.approx(one_summary[key], abs=0.01), key
     # the fill-mask check ran on model/ after FSDP2 training
     assert len(summary["fill_mask"]) == 3
 

@@ -37,8 +37,9 @@ def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():
 
 
 # The recipe flags that make a line one of the large-corpora page's commands, which
-# tests/integration/test_readme_data_commands.py runs.
-DATA_LINES = ("--streaming", "--tokenized_dir")
+# tests/integration/test_readme_data_commands.py runs, or the downstream page's, which
+# tests/unit/test_recipe.py runs in process.
+DATA_LINES = ("--streaming", "--tokenized_dir", "--probe_file")
 
 
 def test_every_launch_the_docs_show_is_one_a_test_runs():

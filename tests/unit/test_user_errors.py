@@ -412,6 +412,26 @@ def test_unusable_data(fails, tiny_args, tmp_path, content, name, extra, needle)
     fails([*tiny_args, "--train_file", train, *extra], needle)
 
 
+def test_probe_file_mistakes(fails, tiny_args, tmp_path):
+    """--probe_file: refused at start, before any model loads, naming the fix."""
+    cases = [
+        (["--probe_file", str(tmp_path / "none.tsv")], "no such file"),
+        (["--probe_file", str(tmp_path)], "is a folder, not a file"),
+        (["--probe_file", _write(tmp_path / "p.txt", "a\n")], "not a .csv, .tsv, .jsonl file"),
+        (["--probe_file", _write(tmp_path / "p.csv", "sentence,label\nx,a\n")],
+         "Fix: pass --probe_text_column"),
+        (["--probe_file", _write(tmp_path / "one.csv", "text,label\nx,a\ny,a\n")],
+         "a probe needs at least 2 labels"),
+        (["--probe_file", _write(tmp_path / "few.csv", "text,label\nx,a\ny,a\nz,b\n")],
+         "fewer than the 5 cross-validation folds"),
+        (["--probe_folds", "1"], "cross-validation needs at least 2 folds"),
+        (["--probe_mask_padding", "maybe"], "not a known value"),
+        (["--pseudo_perplexity_examples", "-1"], "must be at least 0"),
+    ]
+    for args, needle in cases:
+        fails([*tiny_args, *args], needle)
+
+
 def test_tokenized_dir_not_written_by_pretokenize(fails, tiny_args, tmp_path):
     folder = tmp_path / "tokenized"
     folder.mkdir()

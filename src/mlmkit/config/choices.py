@@ -15,6 +15,10 @@ ADDITIVE_MASK_ATTENTION = ("eager", "flex_attention")  # take a float mask added
 # never a flag; packed rows reach it, like flash attention, as example boundaries.
 PACKED_ATTENTION = "mlmkit_packed"
 BOUNDARY_ATTENTION = (*FLASH_ATTENTION, PACKED_ATTENTION)  # packed rows as cu_seq_lens
+# --probe_mask_padding: the downstream probe's embeddings with the attention mask (as users run
+# the model), without it (as the ablation's unmasked arm trains), or both.
+PROBE_MASK_PADDING = ("true", "false", "both")
+PROBE_FILE_TYPES = (".csv", ".tsv", ".jsonl")  # --probe_file (data/probe_file.py reads them)
 # --report_to -> the trackers Accelerate starts for it.
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "trackio": ["trackio"],
             "all": ["wandb", "tensorboard"], "none": []}

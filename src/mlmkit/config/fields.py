@@ -25,6 +25,7 @@ from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
     PADDING_CHOICES,
+    PROBE_MASK_PADDING,
     REPORT_TO,
     SCHEDULERS,
 )
@@ -207,6 +208,27 @@ class MLMConfig:
         "Evaluate every N optimizer steps (and always at the end).", bookkeeping=True))
     eval_pad_sensitivity: bool = field(default=True, metadata=_meta(
         "Log eval/loss_unmasked and eval/pad_sensitivity.", bookkeeping=True))
+    probe_file: str | None = field(default=None, metadata=_meta(
+        "Labelled texts (.csv, .tsv or .jsonl) for a downstream probe at every eval: a "
+        "logistic regression on the model's mean-pooled embeddings, cross-validated "
+        "(eval/probe_accuracy; docs/downstream.md).", bookkeeping=True))
+    probe_text_column: str = field(default="text", metadata=_meta(
+        "--probe_file's column holding the text.", bookkeeping=True))
+    probe_label_column: str = field(default="label", metadata=_meta(
+        "--probe_file's column holding the label (any values: each distinct one a class).",
+        bookkeeping=True))
+    probe_folds: int = field(default=5, metadata=_meta(
+        "Stratified cross-validation folds of the probe (every label needs at least this many "
+        "examples).", bookkeeping=True))
+    probe_mask_padding: str = field(default="true", metadata=_meta(
+        f"One of {PROBE_MASK_PADDING}: embed the probe's texts with the attention mask (true: "
+        "eval/probe_accuracy, as users run the model), without it (false: "
+        "eval/probe_accuracy_unmasked, as --mask_padding false trains), or both.",
+        bookkeeping=True))
+    pseudo_perplexity_examples: int = field(default=0, metadata=_meta(
+        "At every eval, the pseudo-perplexity of the first N validation examples "
+        "(eval/pseudo_perplexity: each token masked in turn; no eval masks). 0: off.",
+        bookkeeping=True))
     checkpointing_steps: int | None = field(default=None, metadata=_meta(
         "Save a resumable checkpoint every N optimizer steps.", bookkeeping=True))
     save_total_limit: int | None = field(default=None, metadata=_meta(

@@ -8,7 +8,11 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "TRAIN_REAL_TOKENS_PER_S", "TRAIN_PAD_FRACTION", "TRAIN_MASKED_TOKENS", "TRAIN_TFLOPS",
            "TRAIN_MFU", "TRAIN_DATA_WAIT_FRACTION", "TRAIN_GPU_BUSY_FRACTION",
            "TRAIN_COMPILE_SECONDS", "TRAIN_RUNTIME", "EVAL_LOSS", "EVAL_PERPLEXITY",
-           "EVAL_PAD_SENSITIVITY", "EVAL_LOSS_UNMASKED", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
+           "EVAL_PAD_SENSITIVITY", "EVAL_LOSS_UNMASKED", "EVAL_PROBE_ACCURACY",
+           "EVAL_PROBE_ACCURACY_STD", "EVAL_PROBE_ACCURACY_UNMASKED",
+           "EVAL_PROBE_ACCURACY_UNMASKED_STD", "EVAL_PSEUDO_PERPLEXITY",
+           "FIRST_EVAL_PROBE_ACCURACY", "FIRST_EVAL_PROBE_ACCURACY_UNMASKED",
+           "FIRST_EVAL_PSEUDO_PERPLEXITY", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
            "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
            "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
            "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
@@ -36,6 +40,14 @@ EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
 EVAL_PAD_SENSITIVITY = "eval/pad_sensitivity"
 EVAL_LOSS_UNMASKED = "eval/loss_unmasked"
+# --probe_file (train/downstream.py): a logistic-regression probe on mean-pooled embeddings,
+# the mean and std over the cross-validation folds; masked: as users run the model (attention
+# mask), unmasked: as the ablation's unmasked arm trains (padding attended)
+EVAL_PROBE_ACCURACY = "eval/probe_accuracy"
+EVAL_PROBE_ACCURACY_STD = "eval/probe_accuracy_std"
+EVAL_PROBE_ACCURACY_UNMASKED = "eval/probe_accuracy_unmasked"
+EVAL_PROBE_ACCURACY_UNMASKED_STD = "eval/probe_accuracy_unmasked_std"
+EVAL_PSEUDO_PERPLEXITY = "eval/pseudo_perplexity"    # --pseudo_perplexity_examples: no eval masks
 EVAL_AVG_LOSS = "eval/avg_loss"                      # model_avg/ (--average_checkpoints), same
 EVAL_AVG_PERPLEXITY = "eval/avg_perplexity"          # eval masks as eval/loss, at the last step
 SYS_PEAK_MEM_GB = "sys/peak_mem_gb"
@@ -45,6 +57,9 @@ EPOCH = "epoch"
 # --- summary.json keys beyond the metrics above ----------------------------------------------------
 FIRST_EVAL_LOSS = "first/" + EVAL_LOSS               # the step-0 eval
 FIRST_EVAL_PERPLEXITY = "first/" + EVAL_PERPLEXITY
+FIRST_EVAL_PROBE_ACCURACY = "first/" + EVAL_PROBE_ACCURACY  # (when measured at step 0)
+FIRST_EVAL_PROBE_ACCURACY_UNMASKED = "first/" + EVAL_PROBE_ACCURACY_UNMASKED
+FIRST_EVAL_PSEUDO_PERPLEXITY = "first/" + EVAL_PSEUDO_PERPLEXITY
 TRAIN_PEAK_TFLOPS = "train/peak_tflops"              # the peak train/mfu is against (None: unknown)
 TRAIN_EXAMPLES = "train/examples"                    # map-style training examples (None: stream)
 NUM_PROCESSES = "num_processes"

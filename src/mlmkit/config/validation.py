@@ -12,6 +12,8 @@ from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
     PADDING_CHOICES,
+    PROBE_FILE_TYPES,
+    PROBE_MASK_PADDING,
     REPORT_TO,
     SCHEDULERS,
 )
@@ -33,7 +35,7 @@ def _check_choices(cfg: MLMConfig) -> None:
     """Options with a fixed list of values (choices.py)."""
     choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
                "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS,
-               "torch_compile_mode": COMPILE_MODES}
+               "torch_compile_mode": COMPILE_MODES, "probe_mask_padding": PROBE_MASK_PADDING}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed and not (
                 key == "attn_implementation" and cfg.attn_implementation is None):
@@ -247,6 +249,30 @@ def _check_average(cfg: MLMConfig) -> None:
              f"pass --checkpointing_steps {max(1, (steps - 1) // (k - 1))} or less")
 
 
+def _check_downstream(cfg: MLMConfig) -> None:
+    """The downstream probe's file (its type and that it exists; its columns and labels are read
+    by `probe_file.load_probe_set` at start) and its folds; the pseudo-perplexity's examples."""
+    if cfg.probe_folds < 2:
+        _bad(cfg, "probe_folds", "cross-validation needs at least 2 folds", "pass e.g. "
+             "--probe_folds 5")
+    if cfg.pseudo_perplexity_examples < 0:
+        _bad(cfg, "pseudo_perplexity_examples", "must be at least 0", "pass e.g. "
+             "--pseudo_perplexity_examples 32 (0: off)")
+    if cfg.probe_file is None:
+        return
+    path = Path(cfg.probe_file)
+    if path.is_dir():
+        _bad(cfg, "probe_file", "is a folder, not a file", "pass one labelled-text file, e.g. "
+             f"--probe_file {str(path / 'docs.tsv')!r}")
+    if path.suffix.lower() not in PROBE_FILE_TYPES:
+        _bad(cfg, "probe_file", f"not a {', '.join(PROBE_FILE_TYPES)} file", "write the "
+             "labelled texts as .csv, .tsv or .jsonl with a text and a label column")
+    if not path.is_file():
+        here = f"relative paths start from the current directory {os.getcwd()}"
+        _bad(cfg, "probe_file", "no such file", f"{_missing_fix(cfg.probe_file, here)}; "
+             "`python -m mlmkit.data.probe_sets docs probes` writes a demo probe, probes/docs.tsv")
+
+
 def _check_resume(cfg: MLMConfig) -> None:
     """--resume_from_checkpoint: auto, none, or a checkpoint folder that exists."""
     if cfg.resume_from_checkpoint not in ("auto", "none") and Path(
@@ -261,7 +287,7 @@ def _check_resume(cfg: MLMConfig) -> None:
 
 _CHECKS = (_check_choices, _check_rates, _check_sizes, _check_runtime, _check_sources,
            _check_grouping, _check_streaming, _check_files, _check_model,
-           _check_average, _check_resume)
+           _check_average, _check_downstream, _check_resume)
 
 
 def validate_config(cfg: MLMConfig) -> MLMConfig:

@@ -48,14 +48,18 @@ from mlmkit.data.files import DataRepairs, _check_files, load_file_split
 SPLIT_SEED = 1234
 
 
-def embedded_corpus() -> list[str]:
-    """Paragraphs of CPython's reference documentation (``pydoc_data.topics``), in a fixed order."""
+def embedded_topics() -> dict[str, list[str]]:
+    """CPython's reference documentation (``pydoc_data.topics``) as paragraphs per topic, the
+    topics in sorted order (the demo probe's labels: `probe_sets`)."""
     from pydoc_data.topics import topics
 
-    paragraphs: list[str] = []
-    for key in sorted(topics):
-        paragraphs += [p.strip() for p in topics[key].split("\n\n") if p.strip()]
-    return paragraphs
+    return {key: [p.strip() for p in topics[key].split("\n\n") if p.strip()]
+            for key in sorted(topics)}
+
+
+def embedded_corpus() -> list[str]:
+    """Paragraphs of CPython's reference documentation (``pydoc_data.topics``), in a fixed order."""
+    return [p for paragraphs in embedded_topics().values() for p in paragraphs]
 
 
 def load_and_tokenize(cfg: MLMConfig, tokenizer, repairs: DataRepairs | None = None

@@ -11,6 +11,9 @@
 * ``eval/pad_sensitivity``: mean |log p(token) alone - log p(token) padded to max_seq_length with
   no mask| over the real positions of a fixed set of validation examples (unmasked inputs). Zero
   for a model that ignores padding; it measures how much attended padding moves predictions.
+* ``eval/probe_accuracy`` (``--probe_file``) and ``eval/pseudo_perplexity``
+  (``--pseudo_perplexity_examples``): what the model is good for beyond the eval masks
+  (`downstream.Downstream`, run after the loss at every eval).
 """
 
 from __future__ import annotations
@@ -21,18 +24,26 @@ from accelerate.utils import send_to_device
 from mlmkit.batch.collator import MaskedLMCollator, drop_targets, model_inputs
 from mlmkit.data.plans import eval_plan
 from mlmkit.model.loading import token_logprobs
+from mlmkit.train.downstream import Downstream
 from mlmkit.train.metrics import perplexity
 from mlmkit.train.tracking import (
     EVAL_LOSS,
     EVAL_LOSS_UNMASKED,
     EVAL_PAD_SENSITIVITY,
     EVAL_PERPLEXITY,
+    EVAL_PROBE_ACCURACY,
+    EVAL_PROBE_ACCURACY_UNMASKED,
+    EVAL_PSEUDO_PERPLEXITY,
     main_print,
 )
 
 EVAL_MASK_SEED = 1234
 EVAL_MASK_EPOCH = 0
 PAD_PROBE_EXAMPLES = 32
+# the downstream metrics of the eval line, as it names them
+DOWNSTREAM_LINE = ((EVAL_PROBE_ACCURACY, "probe accuracy", 3),
+                   (EVAL_PROBE_ACCURACY_UNMASKED, "unmasked", 3),
+                   (EVAL_PSEUDO_PERPLEXITY, "pseudo-perplexity", 2))
 
 
 def eval_collator(tokenizer, cfg, position_offset: int = 0,
@@ -101,14 +112,19 @@ def pad_sensitivity(model, examples, collator, max_seq_length: int, device) -> f
 
 class Evaluator:
     """The run's eval: `evaluate` on the validation examples with `eval_collator`'s fixed
-    masks, logged at a step (`tracking.MetricsLog`) with one line; every process calls it.
-    ``training``: a `optim.Training`."""
+    masks, then the downstream measures (`downstream.Downstream`: ``probe_set``, a
+    `probe_file.ProbeSet` or None, and ``--pseudo_perplexity_examples``), logged at a step
+    (`tracking.MetricsLog`) with one line; every process calls it. ``training``: a
+    `optim.Training`."""
 
-    def __init__(self, accelerator, training, examples, tokenizer, cfg, metrics_log):
+    def __init__(self, accelerator, training, examples, tokenizer, cfg, metrics_log,
+                 probe_set=None):
         self.accelerator, self.module, self.examples = accelerator, training.module, examples
         self.collator = eval_collator(tokenizer, cfg, position_offset=training.position_offset,
                                       attn_implementation=training.attn_implementation)
         self.cfg, self.metrics_log = cfg, metrics_log
+        self.downstream = Downstream(accelerator, training.module, self.collator, cfg,
+                                     probe_set, examples)
 
     def __call__(self, step: int) -> dict:
         cfg = self.cfg
@@ -117,7 +133,14 @@ class Evaluator:
                            max_seq_length=cfg.max_seq_length,
                            with_unmasked=cfg.eval_pad_sensitivity,
                            with_pad_probe=cfg.eval_pad_sensitivity)
+        metrics.update(self.downstream())
         self.metrics_log.log(metrics, step)
-        main_print(self.accelerator)(f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, "
-                                     f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}")
+        line = f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, " \
+               f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}"
+        for key, name, digits in DOWNSTREAM_LINE:
+            if key in metrics:
+                line += f", {name} {metrics[key]:.{digits}f}"
+        if self.downstream.enabled:
+            line += f" (downstream {self.downstream.seconds:.1f} s)"
+        main_print(self.accelerator)(line)
         return metrics

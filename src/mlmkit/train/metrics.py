@@ -22,9 +22,15 @@ from mlmkit.config.keys import (
     EPOCH,
     EVAL_LOSS,
     EVAL_PERPLEXITY,
+    EVAL_PROBE_ACCURACY,
+    EVAL_PROBE_ACCURACY_UNMASKED,
+    EVAL_PSEUDO_PERPLEXITY,
     FILL_MASK,
     FIRST_EVAL_LOSS,
     FIRST_EVAL_PERPLEXITY,
+    FIRST_EVAL_PROBE_ACCURACY,
+    FIRST_EVAL_PROBE_ACCURACY_UNMASKED,
+    FIRST_EVAL_PSEUDO_PERPLEXITY,
     NUM_PROCESSES,
     STEP,
     SYS_PEAK_MEM_GB,
@@ -235,6 +241,12 @@ def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -
             DATA_SOURCE_SHARE: {f: n / total for f, n in zip(files, counts)}}
 
 
+# the downstream metrics whose step-0 value the summary gives beside the final one
+FIRST_DOWNSTREAM = {EVAL_PROBE_ACCURACY: FIRST_EVAL_PROBE_ACCURACY,
+                    EVAL_PROBE_ACCURACY_UNMASKED: FIRST_EVAL_PROBE_ACCURACY_UNMASKED,
+                    EVAL_PSEUDO_PERPLEXITY: FIRST_EVAL_PSEUDO_PERPLEXITY}
+
+
 def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
                   parts, fill_mask: list[dict]) -> dict:
     """``summary.json``: the final eval, the step-0 eval and the whole run's throughput (from
@@ -248,6 +260,9 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
                TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
                **total.rates(num_processes, peak_tflops),      # whole-run throughput
                NUM_PROCESSES: num_processes}
+    for key, first in FIRST_DOWNSTREAM.items():  # where the step-0 eval measured it
+        if key in state.first_eval:
+            summary[first] = state.first_eval[key]
     for part in parts:
         summary.update(part)
     if fill_mask:
