@@ -27,6 +27,10 @@ SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "warmup_stable_decay",
 )
+# --lr_decay_type: the shape of warmup_stable_decay's decay phase (transformers' decay_type)
+LR_DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+# --optimizer: torch's fused AdamW, or torch-optimi's StableAdamW
+OPTIMIZERS = ("adamw", "stable_adamw")
 # torch.compile modes (--torch_compile_mode); reduce-overhead and max-autotune add CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")

@@ -24,6 +24,8 @@ from typing import Any
 from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
+    LR_DECAY_TYPES,
+    OPTIMIZERS,
     PADDING_CHOICES,
     PROBE_MASK_PADDING,
     REPORT_TO,
@@ -150,12 +152,24 @@ class MLMConfig:
         "Eval examples per device per batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_meta(
         "Micro-batches per optimizer step."))
-    learning_rate: float = field(default=5e-5, metadata=_meta("Peak learning rate (AdamW)."))
-    weight_decay: float = field(default=0.01, metadata=_meta("AdamW weight decay."))
-    adam_beta1: float = field(default=0.9, metadata=_meta("AdamW beta1."))
-    adam_beta2: float = field(default=0.999, metadata=_meta("AdamW beta2."))
-    adam_epsilon: float = field(default=1e-8, metadata=_meta("AdamW epsilon."))
-    max_grad_norm: float = field(default=1.0, metadata=_meta("0 disables clipping."))
+    optimizer: str = field(default="adamw", metadata=_meta(
+        f"One of {OPTIMIZERS}: torch's fused AdamW, or torch-optimi's StableAdamW (AdamW with "
+        "per-tensor update clipping, as ModernBERT trains; not under DeepSpeed ZeRO). Both take "
+        "--weight_decay and --adam_*."))
+    learning_rate: float = field(default=5e-5, metadata=_meta("Peak learning rate."))
+    weight_decay: float = field(default=0.01, metadata=_meta(
+        "Decoupled weight decay (not on biases and LayerNorm weights)."))
+    adam_beta1: float = field(default=0.9, metadata=_meta("Adam beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_meta("Adam beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_meta("Adam epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_meta(
+        "Clip the gradient norm to this; 0 disables clipping (the norm is still computed, "
+        "logged and checked)."))
+    skip_nonfinite_steps: bool = field(default=False, metadata=_meta(
+        "Skip an optimizer step whose loss or gradient norm is not finite (weights, moments and "
+        "the step count untouched) and count it (train/skipped_steps) instead of stopping the "
+        "run; --optimizer adamw, not under DeepSpeed or fp16. May be added on resume.",
+        bookkeeping=True))
     lr_scheduler_type: str = field(default="linear", metadata=_meta(f"One of {SCHEDULERS}."))
     num_warmup_steps: int = field(default=0, metadata=_meta(
         "Optimizer steps of linear warmup; 0: --warmup_ratio decides."))
@@ -163,6 +177,9 @@ class MLMConfig:
     decay_ratio: float = field(default=0.1, metadata=_meta(
         "warmup_stable_decay only: fraction of the training steps in the final decay phase (the "
         "rest after warmup is stable at the peak rate)."))
+    lr_decay_type: str | None = field(default=None, metadata=_meta(
+        f"warmup_stable_decay only: the decay phase's shape, one of {LR_DECAY_TYPES} (1-sqrt: "
+        "lr = peak x (1 - sqrt(progress))). Unset: cosine."))
     num_train_epochs: float = field(default=1.0, metadata=_meta(
         "Passes over the training set, unless --max_train_steps is set."))
     max_train_steps: int | None = field(default=None, metadata=_meta(

@@ -17,7 +17,7 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
            "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
            "DATA_REPAIRED_LINES", "PADDING", "FILL_MASK", "TRACKERS_RAN", "EVAL_AVG_LOSS",
-           "EVAL_AVG_PERPLEXITY", "AVERAGED_CHECKPOINTS"]
+           "EVAL_AVG_PERPLEXITY", "AVERAGED_CHECKPOINTS", "TRAIN_SKIPPED_STEPS"]
 
 # --- metric names (W&B and metrics.jsonl alike) ---------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -33,6 +33,8 @@ TRAIN_DATA_WAIT_FRACTION = "train/data_wait_fraction"  # share of step time spen
 TRAIN_GPU_BUSY_FRACTION = "train/gpu_busy_fraction"  # device time / wall time (metrics.BusyClock;
 #                                                     absent on CPU and before it is measured)
 TRAIN_COMPILE_SECONDS = "train/compile_seconds"  # --torch_compile: the warm-up (compile, capture)
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"  # --skip_nonfinite_steps: in the log window; in
+#                                              summary.json, the whole run's
 TRAIN_RUNTIME = "train/runtime_s"
 TRAIN_EXAMPLES_SEEN = "train/examples_seen"  # examples trained on so far, all processes (x-axis)
 TRAIN_TOKENS_SEEN = "train/tokens_seen"      # real tokens trained on so far, all processes (x-axis)

@@ -11,6 +11,8 @@ from typing import NoReturn
 from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
+    LR_DECAY_TYPES,
+    OPTIMIZERS,
     PADDING_CHOICES,
     PROBE_FILE_TYPES,
     PROBE_MASK_PADDING,
@@ -35,10 +37,11 @@ def _check_choices(cfg: MLMConfig) -> None:
     """Options with a fixed list of values (choices.py)."""
     choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
                "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS,
-               "torch_compile_mode": COMPILE_MODES, "probe_mask_padding": PROBE_MASK_PADDING}
+               "torch_compile_mode": COMPILE_MODES, "probe_mask_padding": PROBE_MASK_PADDING,
+               "optimizer": OPTIMIZERS, "lr_decay_type": LR_DECAY_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed and not (
-                key == "attn_implementation" and cfg.attn_implementation is None):
+                key in ("attn_implementation", "lr_decay_type") and getattr(cfg, key) is None):
             _bad(cfg, key, "not a known value", f"use one of {', '.join(allowed)}")
 
 
@@ -63,6 +66,19 @@ def _check_rates(cfg: MLMConfig) -> None:
     for key in ("learning_rate", "adam_epsilon"):
         if getattr(cfg, key) <= 0:
             _bad(cfg, key, "must be positive", f"pass e.g. --{key} 5e-5")
+
+
+def _check_optimizer(cfg: MLMConfig) -> None:
+    """The optimizer's options and the LR decay's shape (what the launch decides: optim.py)."""
+    if cfg.lr_decay_type is not None and cfg.lr_scheduler_type != "warmup_stable_decay":
+        _bad(cfg, "lr_decay_type", f"shapes the decay of warmup_stable_decay only, not of "
+             f"lr_scheduler_type={cfg.lr_scheduler_type!r}", "add --lr_scheduler_type "
+             "warmup_stable_decay, or drop --lr_decay_type")
+    if cfg.skip_nonfinite_steps and cfg.optimizer != "adamw":
+        _bad(cfg, "skip_nonfinite_steps", f"a step is skipped on the device by fused "
+             f"AdamW, which optimizer={cfg.optimizer!r} cannot do",
+             "use --optimizer adamw, or drop --skip_nonfinite_steps (a non-finite step then "
+             "stops the run)")
 
 
 def _check_sizes(cfg: MLMConfig) -> None:
@@ -285,7 +301,7 @@ def _check_resume(cfg: MLMConfig) -> None:
              "pass auto, none, or an existing checkpoint folder")
 
 
-_CHECKS = (_check_choices, _check_rates, _check_sizes, _check_runtime, _check_sources,
+_CHECKS = (_check_choices, _check_rates, _check_optimizer, _check_sizes, _check_runtime, _check_sources,
            _check_grouping, _check_streaming, _check_files, _check_model,
            _check_average, _check_downstream, _check_resume)
 

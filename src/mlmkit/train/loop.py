@@ -9,10 +9,19 @@ divided by the number of those tokens. Each micro-batch's summed loss is scaled 
 ``grad_accum * num_processes / global_masked`` before backward, because Accelerate (or DeepSpeed)
 divides by ``grad_accum`` and data-parallel all-reduce averages over processes; the gradient is then
 exactly the gradient of the global token mean.
+
+Non-finite steps: every step's global loss and gradient norm (computed even without clipping) are
+read at the next log, eval or checkpoint step with the rest of its results. A non-finite one stops
+the run there (`NonFiniteError`, naming the first such step), before anything is evaluated, saved
+or exported; with ``--skip_nonfinite_steps`` the step's update is skipped on the device instead
+(fused AdamW's ``found_inf``: weights, moments and step count untouched) and counted
+(train/skipped_steps). Under fp16 an overflowing gradient is the loss scaler's to skip: only the
+loss counts there.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -20,13 +29,15 @@ from accelerate.utils import send_to_device
 
 from mlmkit.batch.collator import model_inputs
 from mlmkit.config.choices import GRAPHED_COMPILE_MODES
-from mlmkit.config.keys import TRAIN_COMPILE_SECONDS, TRAIN_GPU_BUSY_FRACTION
+from mlmkit.config.errors import ConfigError
+from mlmkit.config.keys import TRAIN_COMPILE_SECONDS, TRAIN_GPU_BUSY_FRACTION, TRAIN_SKIPPED_STEPS
+from mlmkit.train.checkpoint import newest_complete_checkpoint
 from mlmkit.train.metrics import BusyClock, train_metrics
 from mlmkit.train.optim import Training
 
 
 def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask_padding: bool,
-               max_grad_norm: float, forward=None) -> dict:
+               max_grad_norm: float, forward=None, skip_nonfinite: bool = False) -> dict:
     """Run one optimizer step over this process's ``grad_accum`` micro-batches (on the device).
 
     Returns device tensors, read by nobody here: ``loss_sum`` (the global sum of the MLM loss over
@@ -68,19 +79,60 @@ def train_step(accelerator, module, optimizer, scheduler, micro_batches, *, mask
             accelerator.backward(micro_loss_sum * scale)
             loss_sum += micro_loss_sum.detach().float()
             if accelerator.sync_gradients:
-                if max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
-                    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (every process)
-                        grad_norm = grad_norm.full_tensor()
+                if accelerator.num_processes > 1:  # the global loss, known before the update
+                    loss_sum = accelerator.reduce(loss_sum, "sum")
+                # the norm even without clipping (x 1.0 then): the non-finite check reads it
+                grad_norm = accelerator.clip_grad_norm_(
+                    module.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (every process)
+                    grad_norm = grad_norm.full_tensor()
+                if skip_nonfinite:  # fused AdamW skips the update where found_inf is 1
+                    getattr(optimizer, "optimizer", optimizer).found_inf = \
+                        nonfinite_flag(loss_sum, grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=not keep_grads)
     if not accelerator.sync_gradients:
         raise RuntimeError("internal error: a step ended off a gradient-accumulation boundary")
-    if accelerator.num_processes > 1:
-        loss_sum = accelerator.reduce(loss_sum, "sum")
     return {"loss_sum": loss_sum, "masked_tokens": global_masked, "grad_norm": grad_norm,
             "seen": counts[1:]}
+
+
+def nonfinite_flag(loss_sum: torch.Tensor, grad_norm) -> torch.Tensor:
+    """1.0 where the step's (global) loss or gradient norm is not finite, else 0.0: a float
+    tensor on the loss's device, computed without a synchronisation (``found_inf``)."""
+    bad = ~torch.isfinite(loss_sum)
+    if isinstance(grad_norm, torch.Tensor):
+        bad = bad | ~torch.isfinite(grad_norm)
+    return bad.float()
+
+
+def finite_step(loss: float, grad_norm: float | None, *, check_norm: bool = True) -> bool:
+    """Whether a step read on the host is finite: its loss, and with ``check_norm`` its gradient
+    norm (when there is one; fp16: the loss scaler's business, so not checked)."""
+    return math.isfinite(loss) and (grad_norm is None or not check_norm or
+                                    math.isfinite(grad_norm))
+
+
+class NonFiniteError(ConfigError):
+    """The loss or gradient norm of a step was not finite: the run stops (one line and its fix,
+    like a ConfigError: a learning rate too high, clipping off...)."""
+
+    @classmethod
+    def at(cls, cfg, step: int | None, loss: float, grad_norm: float | None) -> "NonFiniteError":
+        """The error of the first non-finite ``step``, naming the newest good checkpoint."""
+        newest = newest_complete_checkpoint(cfg.output_dir)[0] if cfg.output_dir else None
+        norm = "" if grad_norm is None else f", gradient norm {grad_norm}"
+        skip = ""
+        if cfg.optimizer == "adamw":
+            where = f"resumes from {newest} (the newest good checkpoint)" if newest else \
+                "starts again (no checkpoint was saved)"
+            skip = f"; or add --skip_nonfinite_steps true to the same command: it {where} and " \
+                "skips such steps"
+        return cls(f"training diverged: step {step if step is not None else '?'} had loss {loss}"
+                   f"{norm}; the run stopped at the next read, before evaluating or saving (no "
+                   f"model/, no summary.json). Fix: lower --learning_rate, or clip with "
+                   f"--max_grad_norm 1.0, and start afresh with --overwrite_output_dir true{skip}.")
 
 
 def own_grads(module: torch.nn.Module) -> None:
@@ -103,10 +155,13 @@ class StepResults:
     seconds then sum to the wall time the device needed for them.
     """
 
-    def __init__(self, clock: BusyClock | None = None):
+    def __init__(self, clock: BusyClock | None = None, *, skip_nonfinite: bool = False,
+                 check_norm: bool = True):
         self._steps: list[tuple[dict, float]] = []
         self.grad_norm: float | None = None  # the newest step's, once read
         self.clock = clock  # its events are read here, after the one synchronisation
+        self.skip_nonfinite, self.check_norm = skip_nonfinite, check_norm  # `finite_step`
+        self.nonfinite: tuple | None = None  # the first non-finite (step, loss, grad_norm) read
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -143,11 +198,20 @@ class StepResults:
     def read_into(self, state) -> list[tuple[float, int, float | None, float, int, int]]:
         """`read`, then add each step to ``state.window`` and ``state.total`` (a
         `checkpoint.TrainState`) and to its examples and tokens seen, and keep the newest
-        gradient norm in ``grad_norm``; returns the steps read."""
+        gradient norm in ``grad_norm``; returns the steps read. A non-finite step (`finite_step`)
+        is counted as skipped (``skip_nonfinite``: its update was) or kept in ``nonfinite`` (the
+        first one; its number is ``out["step"]`` where `Stepper` gave one)."""
+        numbers = [out.get("step") for out, _ in self._steps]
         rows = self.read()
-        for loss, masked, norm, seconds, real, examples in rows:
+        for number, (loss, masked, norm, seconds, real, examples) in zip(numbers, rows):
+            finite = finite_step(loss, norm, check_norm=self.check_norm)
+            if not finite and not self.skip_nonfinite and self.nonfinite is None:
+                self.nonfinite = (number, loss, norm)
             for stats in (state.window, state.total):
-                stats.add_step(loss, masked, seconds)
+                if finite:
+                    stats.add_step(loss, masked, seconds)
+                else:
+                    stats.add_skipped(seconds)
             state.tokens_seen += real
             state.examples_seen += examples
             self.grad_norm = norm
@@ -159,13 +223,15 @@ class Stepper:
     by a `BusyClock` (train/gpu_busy_fraction), its device results kept in `StepResults` and read
     into ``state`` (a `checkpoint.TrainState`) by `read`. A compiled run's warm-up -- its first
     step (compilation), and under CUDA graphs its second too (torch records the graphs at a
-    function's second call) -- is read at once and its time kept (`compile_seconds`)."""
+    function's second call) -- is read at once and its time kept (`compile_seconds`). A read
+    that finds a non-finite step raises `NonFiniteError` (unless ``--skip_nonfinite_steps``)."""
 
     def __init__(self, accelerator, training: Training, scheduler, cfg, state):
         self.accelerator, self.training, self.scheduler = accelerator, training, scheduler
         self.cfg, self.state = cfg, state
         self.clock = BusyClock(accelerator.device)
-        self.results = StepResults(self.clock)
+        self.results = StepResults(self.clock, skip_nonfinite=cfg.skip_nonfinite_steps,
+                                   check_norm=accelerator.mixed_precision != "fp16")
         self.compile_seconds: float | None = None
         graphed = cfg.torch_compile_mode in GRAPHED_COMPILE_MODES and \
             accelerator.device.type == "cuda"
@@ -181,9 +247,10 @@ class Stepper:
         self.clock.start(prepared.computed)
         out = train_step(self.accelerator, training.module, training.optimizer, self.scheduler,
                          prepared.micro_batches, mask_padding=self.cfg.mask_padding,
-                         max_grad_norm=self.cfg.max_grad_norm, forward=training.forward)
+                         max_grad_norm=self.cfg.max_grad_norm, forward=training.forward,
+                         skip_nonfinite=self.cfg.skip_nonfinite_steps)
         self.clock.stop()
-        self.results.add(out, time.perf_counter() - t0)
+        self.results.add({**out, "step": self.state.step + 1}, time.perf_counter() - t0)
         if self.warm_steps == 0 or self.compile_seconds is not None:
             return None
         self._warm_t0 = t0 if self._warm_t0 is None else self._warm_t0
@@ -201,25 +268,34 @@ class Stepper:
         """The steps' device results since the last read, into the train state (one transfer);
         returns them per step, ``(loss, masked_tokens, grad_norm, seconds, real_tokens,
         examples)`` (`StepResults.read`;
-        the warm-up's steps, read at once, are returned by the next call)."""
+        the warm-up's steps, read at once, are returned by the next call). Raises
+        `NonFiniteError` at a non-finite step, before the caller logs, evaluates or saves."""
         rows, self._unreturned = self._unreturned + self.results.read_into(self.state), []
+        if self.results.nonfinite is not None:
+            raise NonFiniteError.at(self.cfg, *self.results.nonfinite)
         return rows
 
     def window_metrics(self, *, epoch: float, num_processes: int,
                        peak_tflops: float | None) -> dict:
         """The train/ metrics of the steps since the last log line (`metrics.train_metrics`)."""
         window = self.state.take_window()
-        return train_metrics(window, lr=self.scheduler.get_last_lr()[0], epoch=epoch,
-                             grad_norm=self.results.grad_norm, num_processes=num_processes,
-                             peak_tflops=peak_tflops, gpu_busy=self.busy(window))
+        metrics = train_metrics(window, lr=self.scheduler.get_last_lr()[0], epoch=epoch,
+                                grad_norm=self.results.grad_norm, num_processes=num_processes,
+                                peak_tflops=peak_tflops, gpu_busy=self.busy(window))
+        if self.cfg.skip_nonfinite_steps:
+            metrics[TRAIN_SKIPPED_STEPS] = window.skipped
+        return metrics
 
     def busy(self, stats) -> float | None:
         """train/gpu_busy_fraction of a span of steps (`metrics.RunningStats`), or None."""
         return self.clock.fraction(stats)
 
     def summary(self) -> dict:
-        """What summary.json says of the steps beyond the train state: the compile time and the
-        whole run's busy fraction, each where there is one."""
+        """What summary.json says of the steps beyond the train state: the compile time, the
+        whole run's busy fraction and its skipped steps (``--skip_nonfinite_steps``), each where
+        there is one."""
         found = {TRAIN_COMPILE_SECONDS: self.compile_seconds,
-                 TRAIN_GPU_BUSY_FRACTION: self.busy(self.state.total)}
+                 TRAIN_GPU_BUSY_FRACTION: self.busy(self.state.total),
+                 TRAIN_SKIPPED_STEPS: self.state.total.skipped if self.cfg.skip_nonfinite_steps
+                 else None}
         return {key: value for key, value in found.items() if value is not None}

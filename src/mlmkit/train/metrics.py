@@ -62,7 +62,8 @@ class RunningStats:
     are global (all processes), so ``mean_loss`` is the token-weighted mean over the span.
     ``flops`` (this process's model FLOPs, `flops.FlopCounter`) gives ``train/tflops`` and
     ``train/mfu``; ``data_wait`` (seconds the loop waited for a prepared step) gives
-    ``train/data_wait_fraction``.
+    ``train/data_wait_fraction``. ``skipped``: steps skipped for a non-finite loss or gradient
+    norm (``--skip_nonfinite_steps``, `add_skipped`): their time counts, their loss does not.
     """
     computed: int = 0
     real: int = 0
@@ -71,6 +72,7 @@ class RunningStats:
     seconds: float = 0.0               # wall time of the training steps (data wait included)
     flops: float = 0.0
     data_wait: float = 0.0
+    skipped: int = 0
 
     def add_data(self, computed: int, real: int, flops: float = 0.0,
                  data_wait: float = 0.0) -> None:
@@ -84,7 +86,15 @@ class RunningStats:
         self.masked += masked
         self.seconds += seconds
 
+    def add_skipped(self, seconds: float) -> None:
+        """A step whose update was skipped (its loss or gradient norm was not finite)."""
+        self.skipped += 1
+        self.seconds += seconds
+
     def mean_loss(self) -> float:
+        """The token-weighted mean loss; NaN for a span whose every step was skipped."""
+        if self.skipped and not self.masked:
+            return math.nan
         return self.loss_sum / max(self.masked, 1)
 
     def rates(self, num_processes: int, peak_tflops: float | None = None) -> dict[str, float]:

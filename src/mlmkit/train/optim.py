@@ -1,5 +1,5 @@
-"""What trains and how it steps: the optimizer (fused AdamW, weight-decay groups), the LR
-schedule, and `Training` -- the prepared module and optimizer, the ``--torch_compile`` forward and
+"""What trains and how it steps: the optimizer (fused AdamW or StableAdamW, weight-decay
+groups, what each launch allows: `check_optimizer_launch`), the LR schedule, and `Training` -- the prepared module and optimizer, the ``--torch_compile`` forward and
 what the model's layout tells the collator (`prepare_training`). The step itself is `loop`'s.
 """
 
@@ -18,10 +18,16 @@ from mlmkit.model.loading import MaskedLMModule, attn_implementation
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (the 1-D parameters).
+    """``--optimizer``: AdamW or StableAdamW; no weight decay on biases and LayerNorm weights
+    (the 1-D parameters), decoupled weight decay (lr x weight_decay) on the rest, for both.
 
-    The fused implementation (CPU and CUDA) is used: on a 2-core CPU the default ``foreach``
-    AdamW took 1.8-3 s per step for the 22M-parameter demo model, the fused one about 0.05 s.
+    AdamW is torch's fused implementation (CPU and CUDA): on a 2-core CPU the default ``foreach``
+    AdamW took 1.8-3 s per step for the 22M-parameter demo model, the fused one about 0.05 s; it
+    can also skip a step on the device (``--skip_nonfinite_steps``: `loop.train_step`).
+    StableAdamW is torch-optimi's ``optimi.StableAdamW`` with optimi's own choice of kernel
+    (Triton on CUDA, else its for-loop) and its default Kahan summation, which applies to
+    bfloat16/float16 weights only: the weights mlmkit's optimizers hold are float32 (Accelerate's
+    mixed precision computes in bf16 around them), so none is needed.
     """
     decay, no_decay = [], []
     for param in model.parameters():
@@ -29,8 +35,40 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=True)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "stable_adamw":
+        try:
+            from optimi import StableAdamW
+        except ImportError as err:
+            raise ConfigError(f"optimizer='stable_adamw' needs torch-optimi ({err}). Fix: pip "
+                              "install 'mlmkit[recipe]' (or torch-optimi), or use --optimizer "
+                              "adamw.") from err
+        return StableAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                           weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                             fused=True)
+
+
+def check_optimizer_launch(cfg, accelerator) -> None:
+    """Refuse what the launch cannot do with the optimizer (before anything is written):
+    StableAdamW under DeepSpeed ZeRO, which hands the optimizer one flat partition of parameters
+    per process, so its per-tensor update clipping would clip whole partitions (and depend on
+    the number of processes); ``--skip_nonfinite_steps`` where the step is not ours to skip
+    (DeepSpeed steps inside its backward) or is already skipped (fp16's loss scaler)."""
+    from accelerate.utils import DistributedType
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if cfg.optimizer == "stable_adamw" and deepspeed:
+        raise ConfigError("optimizer='stable_adamw' under DeepSpeed ZeRO: ZeRO gives the "
+                          "optimizer one flat partition per process, so StableAdamW's per-tensor "
+                          "update clipping would clip whole partitions. Fix: launch with "
+                          "accelerate_configs/fsdp2.yaml (or ddp.yaml), or use --optimizer adamw.")
+    if cfg.skip_nonfinite_steps and (deepspeed or accelerator.mixed_precision == "fp16"):
+        why = ("DeepSpeed takes the optimizer step inside its backward, before the step's "
+               "gradient norm is known" if deepspeed else
+               "fp16's loss scaler already skips the steps whose gradients overflow")
+        raise ConfigError(f"skip_nonfinite_steps=True: {why}. Fix: drop --skip_nonfinite_steps "
+                          "(a non-finite loss then stops the run), or launch with DDP or FSDP2 "
+                          "in bf16 or fp32.")
 
 
 def scheduler_phases(cfg, num_training_steps: int) -> dict[str, int]:
@@ -52,9 +90,11 @@ def build_scheduler(optimizer, cfg, num_training_steps: int):
     `choices.SCHEDULERS` builds here. Each takes transformers' defaults for its own knobs
     (cosine_with_restarts: 1 cycle; polynomial: power 1 down to lr_end 1e-7; inverse_sqrt:
     timescale = warmup), except warmup_stable_decay, whose decay phase is ``decay_ratio`` of the
-    steps (cosine decay to 0; stable at the peak rate in between)."""
+    steps, shaped by ``lr_decay_type`` (default cosine; linear; 1-sqrt: ``1 - sqrt(progress)``)
+    down to 0 (stable at the peak rate in between)."""
     phases = scheduler_phases(cfg, num_training_steps)
-    specific = {"num_decay_steps": phases["decay"]} if "decay" in phases else None
+    specific = {"num_decay_steps": phases["decay"], "decay_type": cfg.lr_decay_type or "cosine"} \
+        if "decay" in phases else None
     return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=phases["warmup"],
                          num_training_steps=num_training_steps,
                          scheduler_specific_kwargs=specific)
@@ -80,8 +120,10 @@ class Training:
 
 def prepare_training(cfg, accelerator, model) -> Training:
     """The training module around ``model`` (masked-only head per ``--sparse_prediction``),
-    fused AdamW, both through ``accelerator.prepare`` (DDP, ZeRO, FSDP2 as launched), and the
-    ``--torch_compile`` forward (eval and the probe run eager)."""
+    the ``--optimizer`` (`build_optimizer`; refused where the launch cannot run it:
+    `check_optimizer_launch`), both through ``accelerator.prepare`` (DDP, ZeRO, FSDP2 as
+    launched), and the ``--torch_compile`` forward (eval and the probe run eager)."""
+    check_optimizer_launch(cfg, accelerator)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     offset, attn = position_offset(model), attn_implementation(model)
