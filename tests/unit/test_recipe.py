@@ -22,30 +22,22 @@ from helpers import (
     tiny_config_dir,
     train_losses,
 )
-from readme_commands import readme_lines
 
 from mlmkit.config.errors import ConfigError
+from mlmkit.config.shape import Ramps
 from mlmkit.train import tracking as M
 from mlmkit.train.tracking import read_metrics
 
 
 # ------------------------------------------------------------------------------ a run
-def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args, monkeypatch):
-    """12 steps with the fill-mask check, the pad-sensitivity probe and docs/downstream.md's
-    downstream measures on (its commands as written, then the tiny run's flags): what a run
-    writes."""
-    from mlmkit.data.probe_sets import main as probe_sets
-    (write,) = readme_lines("python -m mlmkit.data.probe_sets docs probes")
-    (line,) = readme_lines("accelerate launch recipes/mlm.py --probe_file")
-    monkeypatch.chdir(tmp_path)  # the docs' relative probes/ folder
-    probe_sets(write[3:])
+def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
+    """12 steps with the fill-mask check and the pad-sensitivity probe on: what a run writes."""
     out = tmp_path / "run"
-    run = run_recipe([*line[3:], *tiny_args, "--output_dir", out, "--max_train_steps", "12",
+    run = run_recipe([*tiny_args, "--output_dir", out, "--max_train_steps", "12",
                       "--padding", "longest", "--learning_rate", "3e-3", "--eval_steps", "6",
                       "--max_train_samples", "400",
                       "--fill_mask_check", "true", "--eval_pad_sensitivity", "true"])
     assert "eval @ step 0" in run.stdout and "eval @ step 12" in run.stdout
-    assert "labels from probes/docs.tsv" in run.stdout and "probe accuracy" in run.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(run.result))  # what main() returned
@@ -81,14 +73,6 @@ def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args, monkeypatch):
     assert all(line[M.TRAIN_TFLOPS] > 0 for line in train)
     for name in (M.EVAL_PERPLEXITY, M.EVAL_LOSS_UNMASKED, M.EVAL_PAD_SENSITIVITY):
         assert name in evals[-1], name
-    # the downstream measures at every eval, the last and the first in the summary
-    for name in (M.EVAL_PROBE_ACCURACY, M.EVAL_PROBE_ACCURACY_STD, M.EVAL_PSEUDO_PERPLEXITY):
-        assert all(name in r for r in evals), name
-        assert summary[name] == evals[-1][name]
-    assert M.EVAL_PROBE_ACCURACY_UNMASKED not in summary  # --probe_mask_padding true
-    assert 0 < summary[M.EVAL_PROBE_ACCURACY] <= 1
-    assert summary[M.FIRST_EVAL_PROBE_ACCURACY] == evals[0][M.EVAL_PROBE_ACCURACY]
-    assert summary[M.EVAL_PSEUDO_PERPLEXITY] < summary[M.FIRST_EVAL_PSEUDO_PERPLEXITY]  # learned
     # dynamic padding of a line-by-line corpus: real padding, and the mask hides it
     assert 0.2 < train[-1][M.TRAIN_PAD_FRACTION] < 0.9
     assert train[-1][M.TRAIN_REAL_TOKENS_PER_S] < train[-1][M.TRAIN_TOKENS_PER_S]
@@ -274,6 +258,43 @@ def test_token_budget_padded_fills_micro_batches_and_resumes_exactly(tmp_path, t
     again = run_recipe(args)
     assert "resuming from" in again.stdout
     assert train_losses(out) == losses
+
+
+# ------------------------------------------------------------------------------ schedules
+def test_schedules_log_each_steps_values_and_resume_exactly_mid_warmup(tmp_path, tiny_args):
+    """The mask-rate schedule and the length and batch warm-ups: every log line carries the
+    newest step's train/mlm_probability, train/seq_length and train/batch_fraction (the pure
+    functions of the step, `shape.Ramps`), and a run resumed from its step-3 checkpoint, in the
+    middle of all three, trains the very same steps to the same losses."""
+    out = tmp_path / "run"
+    args = [*tiny_args, "--padding", "longest", "--max_seq_length", "128",
+            "--per_device_train_batch_size", "8", "--max_train_steps", "8", "--logging_steps",
+            "1", "--checkpointing_steps", "3", "--max_train_samples", "300",
+            "--mlm_probability", "0.3", "--mlm_probability_final", "0.15",
+            "--seq_len_warmup_steps", "6", "--seq_len_warmup_start", "32",
+            "--batch_warmup_steps", "5", "--output_dir", out]
+    run = run_recipe(args)
+    assert "mask rate 0.3 -> 0.15, length 32 -> 128 over 6 steps, batch warm-up over 5" in \
+        run.stdout
+    records = [r for r in read_metrics(out) if M.TRAIN_LOSS in r]
+    ramps = Ramps(128, 32, 6, 5, 0.3, 0.15, total_steps=8)
+    assert [r[M.TRAIN_SEQ_LENGTH] for r in records] == [32, 32, 64, 64, 64, 64, 128, 128]
+    fractions = [r[M.TRAIN_BATCH_FRACTION] for r in records]
+    assert fractions == [ramps.shape(t, 8).fraction for t in range(8)]
+    assert fractions[0] < 0.2 and sorted(fractions) == fractions and fractions[4:] == [1.0] * 4
+    assert [r[M.TRAIN_MLM_PROBABILITY] for r in records] == [
+        ramps.mlm_probability(t) for t in range(8)]
+    assert records[0][M.TRAIN_MLM_PROBABILITY] == 0.3 and records[-1][
+        M.TRAIN_MLM_PROBABILITY] == pytest.approx(0.15)
+    losses = train_losses(out)
+    for done in (out / "checkpoints" / "checkpoint-6", out / "model"):
+        shutil.rmtree(done)
+    (out / "summary.json").unlink()
+    again = run_recipe(args)
+    assert "resuming from" in again.stdout and "(step 3;" in again.stdout
+    assert train_losses(out) == losses
+    assert [r[M.TRAIN_MLM_PROBABILITY] for r in read_metrics(out) if M.TRAIN_LOSS in r] == [
+        ramps.mlm_probability(t) for t in range(8)]
 
 
 # ------------------------------------------------------------------------------ speed options

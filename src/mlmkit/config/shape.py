@@ -1,10 +1,11 @@
 """`run_shape`: the settings that follow, once, from the config, the launch and the resolved
-padding (workers, collator widths, global batch), and `micro_batch`, the one reading of the
-micro-batch flags."""
+padding (workers, collator widths, global batch), `micro_batch`, the one reading of the
+micro-batch flags, and `Ramps`, the run's per-step schedules (mask rate, sequence length, batch
+size), pure functions of the step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlmkit.config.choices import GRAPHED_COMPILE_MODES
 from mlmkit.config.fields import MLMConfig
@@ -59,10 +60,103 @@ def run_shape(cfg: MLMConfig, *, num_processes: int, on_gpu: bool, padding: str)
     return RunShape(
         workers=workers,
         # compiled + packed: rows at a fixed (rows, max_seq_length) shape, so the graph is static
+        # (not while the length warms up: rows are shorter then)
         pad_to_multiple_of=cfg.max_seq_length if cfg.torch_compile and packed
-        else cfg.pad_to_multiple_of,
+        and not cfg.seq_len_warmup_steps else cfg.pad_to_multiple_of,
         # CUDA graphs (reduce-overhead, max-autotune): few distinct shapes of masked positions
         positions_multiple=POSITIONS_MULTIPLE if cfg.torch_compile
         and cfg.torch_compile_mode in GRAPHED_COMPILE_MODES else None,
         global_batch_size=micro * cfg.gradient_accumulation_steps * num_processes,
         unit="rows" if packed else "examples", micro_batch_size=micro, micro_batch_tokens=budget)
+
+
+# Lengths during --seq_len_warmup_steps are rounded down to a multiple of this (never below the
+# start length, never above max_seq_length): a handful of shapes, each held for many steps.
+SEQ_LEN_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step of a warm-up holds: examples cropped to their first ``length`` tokens
+    (packed rows of ``length``), and ``fraction`` of a full step's examples, rows or tokens at
+    that length (train/seq_length, train/batch_fraction)."""
+    length: int
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Ramps:
+    """The run's per-step schedules, pure functions of a step's index ``t`` (0: the run's first
+    optimizer step), so a resumed run takes the very values the uninterrupted one took.
+
+    * Mask rate (``--mlm_probability_final``): linear from ``mlm_start`` at ``t = 0`` to
+      ``mlm_final`` at the last of ``total_steps`` (the schedule's length, set once it is known).
+    * Length (``--seq_len_warmup_steps`` N, ``--seq_len_warmup_start`` L0): linear from L0 to
+      ``max_length`` over the first N steps, rounded down to `SEQ_LEN_MULTIPLE` (at least L0);
+      ``max_length`` from step N on. A step at length L holds ``max_length / L`` times the rows
+      (the same tokens).
+    * Batch (``--batch_warmup_steps`` N): step ``t < N`` takes ``(t + 1) / N`` of a full step's
+      units (examples or rows per micro-batch, at least 1; a token budget's tokens).
+    """
+    max_length: int
+    length_start: int | None = None
+    length_steps: int = 0
+    batch_steps: int = 0
+    mlm_start: float = 0.15
+    mlm_final: float | None = None
+    total_steps: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: MLMConfig, total_steps: int = 1) -> "Ramps":
+        return cls(cfg.max_seq_length, cfg.seq_len_warmup_start, cfg.seq_len_warmup_steps,
+                   cfg.batch_warmup_steps, cfg.mlm_probability, cfg.mlm_probability_final,
+                   total_steps)
+
+    def over(self, total_steps: int) -> "Ramps":
+        """These schedules for a run of ``total_steps`` steps."""
+        return replace(self, total_steps=total_steps)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the steps' shapes warm up (length or batch): the plan cuts them so."""
+        return bool(self.length_steps or self.batch_steps)
+
+    @property
+    def warmup_end(self) -> int:
+        """The first step at full shape."""
+        return max(self.length_steps, self.batch_steps)
+
+    def seq_length(self, t: int) -> int:
+        if t >= self.length_steps:
+            return self.max_length
+        start = self.length_start
+        linear = start + (self.max_length - start) * t // self.length_steps
+        return min(self.max_length, max(start, linear // SEQ_LEN_MULTIPLE * SEQ_LEN_MULTIPLE))
+
+    def _fraction(self, t: int) -> tuple[int, int]:
+        return (t + 1, self.batch_steps) if t < self.batch_steps else (1, 1)
+
+    def units(self, t: int, full: int) -> int:
+        """Examples or rows per micro-batch of step ``t``, ``full`` of them at full shape."""
+        num, den = self._fraction(t)
+        return max(1, full * self.max_length * num // (self.seq_length(t) * den))
+
+    def budget(self, t: int, full: int) -> int:
+        """The padded-token budget of a micro-batch of step ``t`` (``full`` at full shape)."""
+        num, den = self._fraction(t)
+        return max(1, full * num // den)
+
+    def shape(self, t: int, full: int, *, tokens: bool = False) -> StepShape:
+        """Step ``t``'s `StepShape`: ``full`` units per micro-batch at full shape (``tokens``:
+        a token budget)."""
+        length = self.seq_length(t)
+        if tokens:
+            return StepShape(length, self.budget(t, full) / full)
+        return StepShape(length, self.units(t, full) / max(1, full * self.max_length // length))
+
+    def mlm_probability(self, t: int) -> float:
+        """The training mask rate of step ``t``."""
+        if self.mlm_final is None:
+            return self.mlm_start
+        span = max(self.total_steps - 1, 1)
+        return self.mlm_start + (self.mlm_final - self.mlm_start) * min(max(t, 0), span) / span

@@ -32,6 +32,17 @@ With ``group_by_length`` the shuffled order is cut into mega-batches of 50 globa
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
 
+With warm-ups (``ramps``, a `shape.Ramps` whose steps are shaped: ``--seq_len_warmup_steps``,
+``--batch_warmup_steps``) an epoch that starts during the warm-up is cut step by step instead
+(`TrainPlan.epoch_steps`, given the run's step that begins it): the same order of examples (the
+shuffled order; with ``group_by_length`` the order of its sorted, shuffled batches) taken
+``Ramps.units`` per micro-batch, or for a token budget greedily filled to ``Ramps.budget`` with
+lengths cropped to the step's; packed rows are packed window by window at the length and row
+count of each window's first step. Each step comes with its `shape.StepShape`. Epochs that
+start after the warm-up are cut as without it. Still a pure function of (seed, epoch, lengths,
+the epoch's first step), and the run's step count (`Schedule`) is the sum of the epochs' real
+lengths, so the LR schedule spans the steps the run takes.
+
 Under ``--streaming`` there is no global plan: `StreamPlan` cuts each process's own stream into
 steps a window at a time with the same window loop (see `streaming.py`). `plan_schedule` builds
 either plan and the run's length (`Schedule`).
@@ -45,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlmkit.batch.layout import WindowPacker, round_up
-from mlmkit.config.shape import micro_batch
+from mlmkit.config.shape import Ramps, StepShape, micro_batch
 
 MEGABATCH_MULT = 50
 
@@ -58,7 +69,8 @@ class TrainPlan:
     def __init__(self, lengths, *, per_device_batch_size: int, grad_accum: int,
                  num_processes: int, process_index: int, seed: int, group_by_length: bool = False,
                  pack_capacity: int | None = None, token_budget: int | None = None,
-                 max_length: int | None = None, pad_to_multiple_of: int | None = None):
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None,
+                 ramps: Ramps | None = None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.per_device_batch_size = per_device_batch_size
         self.grad_accum = grad_accum
@@ -71,7 +83,9 @@ class TrainPlan:
         self.max_length, self.pad_to_multiple_of = max_length, pad_to_multiple_of
         # examples per step, or rows per step when packing
         self.global_batch_size = per_device_batch_size * grad_accum * num_processes
+        self.ramps = ramps if ramps is not None and ramps.shaped else None
         self._len: int | None = None
+        self._ramped: list[int] | None = None
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (the last one may be short)."""
@@ -103,6 +117,93 @@ class TrainPlan:
         full = [b for b in batches if len(b) == gbs]
         tail = [b for b in batches if len(b) < gbs]
         return [full[i] for i in rng.permutation(len(full))] + tail
+
+    def epoch_steps(self, epoch: int, first: int = 0) -> tuple[list, list[StepShape] | None]:
+        """``(global batches, their StepShapes)`` of ``epoch`` when the run's step ``first``
+        (0-based) begins it; the shapes are None (full steps) unless it begins in a warm-up."""
+        ramps = self.ramps
+        if ramps is None or first >= ramps.warmup_end:
+            return self.global_batches(epoch), None
+        n_micro, per = self.grad_accum * self.num_processes, self.per_device_batch_size
+        steps, shapes, t = [], [], first
+        if self.pack_capacity is not None:
+            rng = _rng(self.seed, epoch)
+            source, carry = _Order(rng.permutation(len(self.lengths))), []
+            lengths = np.minimum(self.lengths, self.pack_capacity).tolist()
+            while carry or not source.exhausted():  # `WindowPacker.windows`, a shape a window
+                shape, cap = ramps.shape(t, per), ramps.seq_length(t)
+                packer = WindowPacker(ramps.units(t, per) * n_micro, cap,
+                                      length=lambda i, cap=cap: min(lengths[i], cap))
+                window, carry = packer.window(source, carry, rng)
+                steps += window
+                shapes += [shape] * len(window)
+                t += len(window)
+            return steps, shapes
+        standard = self.global_batches(epoch)
+        if self.token_budget is None:
+            items, i = [int(x) for batch in standard for x in batch], 0
+            while i < len(items):
+                n = ramps.units(t, per) * n_micro
+                steps.append(items[i:i + n])
+                shapes.append(ramps.shape(t, per))
+                i, t = i + n, t + 1
+            return steps, shapes
+        items, i = [x for step in standard for micro in step for x in micro], 0
+        while i < len(items):
+            cap, budget = ramps.seq_length(t), ramps.budget(t, self.token_budget)
+            step = []
+            while len(step) < n_micro and i < len(items):
+                micro, widest = [], 0
+                while i < len(items):  # `_budget_batches`' rule at the step's budget and length
+                    n = min(int(self.lengths[items[i]]), cap)
+                    width = round_up(max(widest, n), self.pad_to_multiple_of)
+                    if micro and (len(micro) + 1) * width > budget:
+                        break
+                    micro.append(items[i])
+                    widest, i = max(widest, n), i + 1
+                step.append(micro)
+            steps.append(step)
+            shapes.append(ramps.shape(t, self.token_budget, tokens=True))
+            t += 1
+        return steps, shapes
+
+    def _ramped_epochs(self) -> list[int]:
+        """The real lengths of the epochs that begin during the warm-up, from epoch 0."""
+        if self._ramped is None:
+            lengths, first = [], 0
+            while self.ramps is not None and first < self.ramps.warmup_end:
+                lengths.append(len(self.epoch_steps(len(lengths), first)[0]))
+                first += lengths[-1]
+            self._ramped = lengths
+        return self._ramped
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """The optimizer steps of ``epochs`` (fractional: the last one's share) passes."""
+        if self.ramps is None:
+            return math.ceil(epochs * len(self))
+        ramped, whole = self._ramped_epochs(), int(epochs)
+        lengths = ramped + [len(self)] * max(0, whole + 1 - len(ramped))
+        return sum(lengths[:whole]) + math.ceil((epochs - whole) * lengths[whole])
+
+    def epochs_for_steps(self, steps: int) -> int:
+        """The epochs that ``steps`` optimizer steps reach into."""
+        if self.ramps is None:
+            return math.ceil(steps / len(self))
+        done = 0
+        for e, n in enumerate(self._ramped_epochs()):
+            if done >= steps:
+                return e
+            done += n
+        return len(self._ramped_epochs()) + max(0, math.ceil((steps - done) / len(self)))
+
+    def epochs_done(self, steps: int) -> float:
+        """Passes over the data after ``steps`` optimizer steps (the ``epoch`` metric)."""
+        ramped = self._ramped_epochs() if self.ramps is not None else []
+        for e, n in enumerate(ramped):
+            if steps < n:
+                return e + steps / n
+            steps -= n
+        return len(ramped) + steps / len(self)
 
     def _packed_batches(self, order: np.ndarray, rng: np.random.Generator) -> list[list[list[int]]]:
 
@@ -162,9 +263,10 @@ class TrainPlan:
             out.append([_plain(x) for x in items[bounds[c]:bounds[c + 1]]])
         return out
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        """Yield ``(step_in_epoch, micro_batches)`` from ``start_step`` on (resume skips ahead)."""
-        for step, gb in enumerate(self.global_batches(epoch)):
+    def epoch(self, epoch: int, start_step: int = 0, first: int = 0):
+        """Yield ``(step_in_epoch, micro_batches)`` from ``start_step`` on (resume skips ahead);
+        ``first``: the run's step that begins the epoch (`epoch_steps`)."""
+        for step, gb in enumerate(self.epoch_steps(epoch, first)[0]):
             if step >= start_step:
                 yield step, self.split(gb)
 
@@ -243,10 +345,12 @@ class StreamPlan:
 @dataclass
 class Schedule:
     """How long the run trains: ``max_steps`` optimizer steps, this process's ``plan`` and, for
-    map-style data, the ``num_epochs`` it spans (``--streaming``: a `StreamPlan`, no epochs)."""
+    map-style data, the ``num_epochs`` it spans (``--streaming``: a `StreamPlan`, no epochs);
+    ``ramps``: the per-step schedules over those steps (`shape.Ramps`)."""
     plan: TrainPlan | StreamPlan
     max_steps: int
     num_epochs: int | None
+    ramps: Ramps | None = None
 
     def describe(self, cfg, shape, padding: str, sparse_head: bool, num_processes: int) -> str:
         """The log's ``train:`` line (``shape``: `config.RunShape`)."""
@@ -254,11 +358,19 @@ class Schedule:
                       else f"as many as fit in {shape.micro_batch_tokens} padded tokens, at "
                       f"least {shape.micro_batch_size}, per device")
         at_least = "at least " if shape.micro_batch_tokens is not None else ""
+        ramps = []
+        if cfg.mlm_probability_final is not None:
+            ramps.append(f"mask rate {cfg.mlm_probability} -> {cfg.mlm_probability_final}")
+        if cfg.seq_len_warmup_steps:
+            ramps.append(f"length {cfg.seq_len_warmup_start} -> {cfg.max_seq_length} over "
+                         f"{cfg.seq_len_warmup_steps} steps")
+        if cfg.batch_warmup_steps:
+            ramps.append(f"batch warm-up over {cfg.batch_warmup_steps} steps")
         return (f"train: {self.max_steps} steps x {at_least}{shape.global_batch_size} "
                 f"{shape.unit} ({per_device} x "
                 f"{cfg.gradient_accumulation_steps} accumulation x {num_processes} processes), "
                 f"padding={padding}, mask_padding={cfg.mask_padding}, "
-                f"sparse_prediction={sparse_head}")
+                f"sparse_prediction={sparse_head}" + "".join(f", {r}" for r in ramps))
 
     def where(self, state) -> str:
         """Where the data stands in ``state`` (a `checkpoint.TrainState`), for the log."""
@@ -268,7 +380,7 @@ class Schedule:
 
     def epoch_at(self, step: int, data_epoch: int) -> float:
         """The ``epoch`` metric after ``step`` steps (the stream's pass when streaming)."""
-        return data_epoch if self.num_epochs is None else step / len(self.plan)
+        return data_epoch if self.num_epochs is None else self.plan.epochs_done(step)
 
 
 def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
@@ -278,15 +390,18 @@ def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
 
     pack_capacity = cfg.max_seq_length if padding == "packed" else None
     micro, budget = micro_batch(cfg, padding)  # --per_device_train_batch_size or _tokens
+    ramps = Ramps.from_config(cfg)
     if examples is None:
         return Schedule(StreamPlan(micro, cfg.gradient_accumulation_steps,
                                    process_index, cfg.seed, pack_capacity),
-                        cfg.max_train_steps, None)
+                        cfg.max_train_steps, None, ramps.over(cfg.max_train_steps))
     plan = TrainPlan(examples.lengths, per_device_batch_size=micro,
                      grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,
                      process_index=process_index, seed=cfg.seed,
                      group_by_length=cfg.group_by_length,
                      pack_capacity=pack_capacity, token_budget=budget,
-                     max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * len(plan))
-    return Schedule(plan, max_steps, math.ceil(max_steps / len(plan)))
+                     max_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
+                     ramps=ramps)
+    # the warm-ups' real step counts: the LR schedule spans the steps the run takes
+    max_steps = cfg.max_train_steps or plan.steps_for_epochs(cfg.num_train_epochs)
+    return Schedule(plan, max_steps, plan.epochs_for_steps(max_steps), ramps.over(max_steps))

@@ -13,14 +13,16 @@ class DataPosition:
     following steps. Map-style: the plan's ``epoch`` and the ``step`` of it to run next.
     ``--streaming``: ``epoch`` is the pass of the step's newest example, ``stream`` the start of
     the step's window (`streaming.StreamPosition`, a dict) and ``step`` the steps of that window
-    done. JSON-able (`to_dict`)."""
+    done. Both: ``done``, the run's optimizer steps done (the per-step schedules, `shape.Ramps`,
+    are functions of it). JSON-able (`to_dict`)."""
     epoch: int = 0
     step: int = 0
     stream: dict | None = None
+    done: int = 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "stream": self.stream}
+        return {"epoch": self.epoch, "step": self.step, "stream": self.stream, "done": self.done}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataPosition":
-        return cls(data["epoch"], data["step"], data.get("stream"))
+        return cls(data["epoch"], data["step"], data.get("stream"), data.get("done", 0))

@@ -12,7 +12,11 @@ process's GIL while it launches kernels. It reports how long the loop waited for
 
 `StepPreparer` is that preparation for one step, built once (`RunSteps.source`) and handed to
 `PlannedSteps` and to `streaming.StreamSteps` (whose steps come from a stream instead of a plan);
-with ``--mixture_files`` it also counts real tokens per source.
+with ``--mixture_files`` it also counts real tokens per source. The per-step schedules
+(`shape.Ramps`) are applied here, for the step each batch is *for*: the run's step index comes
+with the step's position (``DataPosition.done``), so a worker that prepares steps ahead sets the
+collator's mask rate of that step, crops the examples to the step's length (its
+`shape.StepShape`, from the plan) and reports both with the step (`PreparedStep.scheduled`).
 
 Exact resume is untouched: worker ``w`` of ``W`` prepares the steps ``k`` with ``k % W == w``
 and the loader returns them round-robin, i.e. in plan order; what a step holds depends only on
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,7 +38,8 @@ from mlmkit.batch.collator import MaskedLMCollator, drop_targets
 from mlmkit.batch.layout import round_up
 from mlmkit.batch.rows import PackedRows
 from mlmkit.config.fields import MLMConfig
-from mlmkit.config.shape import POSITIONS_MULTIPLE, RunShape, run_shape
+from mlmkit.config.keys import TRAIN_BATCH_FRACTION, TRAIN_MLM_PROBABILITY, TRAIN_SEQ_LENGTH
+from mlmkit.config.shape import POSITIONS_MULTIPLE, Ramps, RunShape, StepShape, run_shape
 from mlmkit.data.files import DataRepairs
 from mlmkit.data.plans import Schedule, micro_layout, plan_schedule
 from mlmkit.data.position import DataPosition
@@ -52,6 +57,7 @@ class PreparedStep:
     real: int           # real tokens (dummies excluded)
     flops: float        # model FLOPs (`flops.FlopCounter`), 0 without a counter
     source_tokens: list[int] | None = None  # real tokens per --mixture_files source
+    scheduled: dict = field(default_factory=dict)  # the step's scheduled values, by metric name
 
     @property
     def epoch(self) -> int:
@@ -108,8 +114,8 @@ class StaticShapes:
         `config.RunShape`), else None. Capacities: the masked positions of a full micro-batch at
         ``mlm_probability`` with a quarter more and a margin (a binomial count stays well
         inside); boundaries for one example per 16 tokens of each row plus its padding tail."""
-        if not cfg.torch_compile or shape.unit != "rows":
-            return None
+        if not cfg.torch_compile or shape.unit != "rows" or Ramps.from_config(cfg).shaped:
+            return None  # (warm-ups change the rows and their length)
         rows, width = shape.micro_batch_size, cfg.max_seq_length
         masked = round_up(math.ceil(rows * width * cfg.mlm_probability * 1.25) + 64,
                           POSITIONS_MULTIPLE)
@@ -141,22 +147,41 @@ class StepPreparer:
     of the ``mask_epoch``), made a zero-weight dummy where empty, given its masked positions
     (`add_masked_positions`, ``positions_multiple``) and counted on the host (positions
     computed, real tokens, model FLOPs with ``flop_counter``, real tokens per ``--mixture_files``
-    source with ``num_sources``); with ``static`` (a `StaticShapes`) at the run's one shape."""
+    source with ``num_sources``); with ``static`` (a `StaticShapes`) at the run's one shape;
+    with ``ramps`` (a `shape.Ramps`) at the step's mask rate and shape."""
 
     def __init__(self, collator, *, max_length: int, flop_counter=None, sparse_head: bool = True,
                  positions_multiple: int | None = None, num_sources: int = 0,
-                 static: StaticShapes | None = None):
+                 static: StaticShapes | None = None, ramps: Ramps | None = None):
         self.collator, self.max_length, self.flop_counter = collator, max_length, flop_counter
         self.sparse_head, self.positions_multiple = sparse_head, positions_multiple
-        self.num_sources, self.static = num_sources, static
+        self.num_sources, self.static, self.ramps = num_sources, static, ramps
+
+    def schedule(self, position: DataPosition, shape: StepShape | None) -> dict:
+        """The step's scheduled values, by metric name, the mask rate set on the collator: the
+        step is the run's step ``position.done - 1`` (``position``: after it)."""
+        ramps, scheduled = self.ramps, {}
+        if ramps is None:
+            return scheduled
+        if ramps.mlm_final is not None:
+            scheduled[TRAIN_MLM_PROBABILITY] = ramps.mlm_probability(position.done - 1)
+            self.collator.set_mlm_probability(scheduled[TRAIN_MLM_PROBABILITY])
+        if ramps.length_steps:  # no shape: a step after the warm-up
+            scheduled[TRAIN_SEQ_LENGTH] = shape.length if shape is not None else self.max_length
+        if ramps.batch_steps:
+            scheduled[TRAIN_BATCH_FRACTION] = shape.fraction if shape is not None else 1.0
+        return scheduled
 
     def __call__(self, micro_batches: list, position: DataPosition, *, mask_epoch: int,
-                 fetch=None) -> PreparedStep:
+                 fetch=None, shape: StepShape | None = None) -> PreparedStep:
         """The step at ``position`` (after it) from ``micro_batches``, each a list of examples,
         or with packing a list of rows of them (`plans.micro_layout`). With ``fetch``
         (`data.IndexedExamples.fetch`) the items are example indices, fetched here; an empty
-        micro-batch (this process ran out of examples) is a zero-weight dummy of example 0."""
+        micro-batch (this process ran out of examples) is a zero-weight dummy of example 0.
+        ``shape``: the step's `shape.StepShape` in a warm-up (examples cropped to its length)."""
         self.collator.set_epoch(mask_epoch)
+        scheduled = self.schedule(position, shape)
+        crop = shape.length if shape is not None and shape.length < self.max_length else None
         batches, computed, real, flops = [], 0, 0, 0.0
         source_tokens = [0] * self.num_sources if self.num_sources else None
         for micro in micro_batches:
@@ -167,6 +192,8 @@ class StepPreparer:
                     fetch([0]), rows=static.fill_rows([[0]]) if static else None))
             else:
                 examples = fetch(items) if fetch is not None else items
+                if crop is not None:
+                    examples = [crop_example(e, crop) for e in examples]
                 batch = self.collator(examples, rows=static.fill_rows(rows) if static else rows)
                 real += int(batch["num_real_tokens"])
                 lengths = [min(len(e["input_ids"]), self.max_length) for e in examples]
@@ -182,13 +209,28 @@ class StepPreparer:
                 add_masked_positions(batch, self.positions_multiple)
             computed += batch["input_ids"].numel()
             batches.append(batch)
-        return PreparedStep(position, batches, computed, real, flops, source_tokens)
+        return PreparedStep(position, batches, computed, real, flops, source_tokens, scheduled)
+
+
+# The per-token keys an example may carry, cut alike when it is cropped.
+CROPPED_KEYS = ("input_ids", "special_tokens_mask", "attention_mask", "token_type_ids")
+
+
+def crop_example(example: dict, length: int) -> dict:
+    """``example`` (a dict) cropped to its first ``length`` tokens, as the collator truncates
+    at ``max_length`` (a copy; the example itself is left as it is)."""
+    if len(example["input_ids"]) <= length:
+        return example
+    return {k: v[:length] if k in CROPPED_KEYS and v is not None else v
+            for k, v in example.items()}
 
 
 class PlannedSteps(torch.utils.data.IterableDataset):
     """Every step of ``plan`` (a `plans.TrainPlan` over ``examples``) from ``position`` (a
     `checkpoint.DataPosition`) to the end of ``num_epochs`` epochs, made ready by ``preparer``
-    (a `StepPreparer`). In a DataLoader worker, only that worker's share of the steps."""
+    (a `StepPreparer`). In a DataLoader worker, only that worker's share of the steps. The run's
+    step that begins the position's epoch is ``position.done - position.step`` (what the
+    plan's warm-up cuts from: `plans.TrainPlan.epoch_steps`)."""
 
     def __init__(self, examples, preparer: StepPreparer, *, plan, position: DataPosition,
                  num_epochs: int):
@@ -198,14 +240,19 @@ class PlannedSteps(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        k = 0
+        k, begins = 0, self.position.done - self.position.step
         for epoch in range(self.position.epoch, self.num_epochs):
+            batches, shapes = self.plan.epoch_steps(epoch, begins)
             first = self.position.step if epoch == self.position.epoch else 0
-            for step_in_epoch, micro_plan in self.plan.epoch(epoch, start_step=first):
+            for step_in_epoch in range(first, len(batches)):
                 if k % workers == worker:
-                    yield self.preparer(micro_plan, DataPosition(epoch, step_in_epoch + 1),
-                                        mask_epoch=epoch, fetch=self.examples.fetch)
+                    done = begins + step_in_epoch + 1
+                    yield self.preparer(self.plan.split(batches[step_in_epoch]),
+                                        DataPosition(epoch, step_in_epoch + 1, done=done),
+                                        mask_epoch=epoch, fetch=self.examples.fetch,
+                                        shape=shapes[step_in_epoch] if shapes else None)
                 k += 1
+            begins += len(batches)
 
 
 class StreamSteps(torch.utils.data.IterableDataset):
@@ -224,11 +271,12 @@ class StreamSteps(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers > 1:
             raise RuntimeError("StreamSteps is read by one worker at most (its order is its state)")
-        skip = self.position.step
+        skip, done = self.position.step, self.position.done
         for start, steps in self.windows():
             for k, units in enumerate(steps):
                 if k >= skip:
-                    yield self._prepare(units, start, k)
+                    done += 1
+                    yield self._prepare(units, start, k, done)
             skip = 0
 
     def windows(self):
@@ -241,11 +289,11 @@ class StreamSteps(torch.utils.data.IterableDataset):
             yield start, steps
             start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
-    def _prepare(self, units: list, start: StreamPosition, k: int) -> PreparedStep:
+    def _prepare(self, units: list, start: StreamPosition, k: int, done: int) -> PreparedStep:
         micro_batches = self.plan.split(units)
         newest = max(e["idx"] for micro in micro_batches for e in micro_layout(micro)[0])
         # epoch: the pass of the step's newest example; then the window's k + 1 steps are done
-        position = DataPosition(newest >> PASS_SHIFT, k + 1, start.to_dict())
+        position = DataPosition(newest >> PASS_SHIFT, k + 1, start.to_dict(), done)
         # stream masks are keyed by the example id, which holds the pass: one mask epoch
         return self.preparer(micro_batches, position, mask_epoch=0)
 
@@ -299,7 +347,8 @@ class RunSteps:
                                 sparse_head=training.inner.sparse_prediction,
                                 positions_multiple=self.shape.positions_multiple,
                                 num_sources=len(cfg.mixture_files),
-                                static=StaticShapes.for_run(cfg, self.shape))
+                                static=StaticShapes.for_run(cfg, self.shape),
+                                ramps=self.schedule.ramps)
         if cfg.streaming:
             examples = StreamExamples(cfg, self.tokenizer, process_index=self.process_index,
                                       num_processes=self.num_processes,

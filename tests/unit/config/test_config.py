@@ -37,6 +37,16 @@ def test_bool_flags_follow_hf_style():
     (["--mask_replace_prob", "0.9", "--random_replace_prob", "0.2"], "random_replace_prob"),
     (["--dataset_name", "x", "--train_file", __file__], "dataset_name"),
     (["--report_to", "slack"], "report_to"),
+    (["--mlm_probability_final", "1"], "mlm_probability_final="),
+    (["--seq_len_warmup_steps", "10"], "seq_len_warmup_start=None: must lie in 1..127"),
+    (["--seq_len_warmup_steps", "10", "--seq_len_warmup_start", "128"], "must lie in 1..127"),
+    (["--seq_len_warmup_start", "32"], "has no effect without --seq_len_warmup_steps"),
+    (["--seq_len_warmup_steps", "10", "--seq_len_warmup_start", "32", "--padding",
+      "max_length"], "Fix: use --padding longest or packed"),
+    (["--batch_warmup_steps", "-1"], "batch_warmup_steps=-1: must be at least 0"),
+    (["--batch_warmup_steps", "5", "--streaming", "--max_train_steps", "9"],
+     "batch_warmup_steps=5: is not available with --streaming. Fix: drop --batch_warmup_steps, "
+     "or read the corpus map-style (without --streaming)."),
 ])
 
 
@@ -88,9 +98,7 @@ def test_bookkeeping_and_per_run_keys_are_pinned():
         "checkpointing_steps", "data_cache_per_node", "dataloader_num_workers", "ddp_timeout",
         "eval_pad_sensitivity", "eval_steps", "fill_mask_check", "logging_steps", "output_dir",
         "overwrite_cache", "overwrite_output_dir", "peak_tflops", "preprocessing_num_workers",
-        "probe_file", "probe_folds", "probe_label_column", "probe_mask_padding",
-        "probe_text_column", "progress_bar", "pseudo_perplexity_examples", "report_to", "resume_from_checkpoint", "run_name", "save_total_limit",
-        "skip_nonfinite_steps",
+        "progress_bar", "report_to", "resume_from_checkpoint", "run_name", "save_total_limit",
         "wandb_group", "wandb_project", "wandb_tags"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint",
                             "run_name", "seed", "wandb_tags"}

@@ -1,6 +1,9 @@
+import math
+
 import numpy as np
 import pytest
 
+from mlmkit.config.shape import Ramps
 from mlmkit.data.plans import TrainPlan, eval_plan, micro_layout
 
 
@@ -147,3 +150,90 @@ def test_token_budget_greedy_rule_is_exact():
     steps = plan._budget_batches(order, np.random.default_rng(0))
     # 60,60 (+100 -> 3 x 100 = 300 > 256) | 100,100 (+100 -> 300) | 100,10 (2 x 100 = 200)
     assert steps == [[[0, 1]], [[2, 3]], [[4, 5]]]
+
+
+# ------------------------------------------------------------------------------ warm-ups
+def test_ramps_give_each_step_its_rate_length_and_batch():
+    """Pure functions of the step: the length grows in multiples of 64 (at least the start), a
+    shorter step holds proportionally more rows, the batch takes (t + 1) / N of a full step,
+    and the mask rate moves linearly from the first step to the last."""
+    r = Ramps(128, length_start=32, length_steps=10, batch_steps=8, mlm_start=0.3,
+              mlm_final=0.15, total_steps=21)
+    assert [r.seq_length(t) for t in range(12)] == [32] * 4 + [64] * 6 + [128] * 2
+    # 4 rows of 128 at full shape: 16 of 32 (x 1/8, 2/8, ...), 8 of 64, then 4
+    assert [r.units(t, 4) for t in range(12)] == [2, 4, 6, 8, 5, 6, 7, 8, 8, 8, 4, 4]
+    assert [r.shape(t, 4).fraction for t in (0, 3, 4, 7, 11)] == [0.125, 0.5, 0.625, 1.0, 1.0]
+    assert [r.budget(t, 512) for t in (0, 1, 7, 8, 100)] == [64, 128, 512, 512, 512]
+    assert r.mlm_probability(0) == 0.3 and r.mlm_probability(20) == 0.15
+    assert r.mlm_probability(10) == pytest.approx(0.225) and r.mlm_probability(99) == 0.15
+    assert (r.warmup_end, r.shaped) == (10, True)
+    assert Ramps(128).mlm_probability(5) == 0.15 and not Ramps(128, mlm_final=0.2).shaped
+
+
+WARMUP = Ramps(128, length_start=32, length_steps=10, batch_steps=8)
+
+
+@pytest.mark.parametrize("kw", [{}, {"group_by_length": True}, {"pack_capacity": 128},
+                                {"token_budget": 512, "max_length": 128}],
+                         ids=["counts", "grouped", "packed", "budget"])
+def test_warmup_steps_follow_the_ramps_and_cover_every_example_once(kw):
+    """Every process gets the same number of steps and grad_accum micro-batches each; a step
+    holds its units per micro-batch (packed: the window's), rows of at most the step's length,
+    a budget's micro-batches fit the step's budget at the step's length; every example once."""
+    lengths = np.random.default_rng(0).integers(3, 128, size=300)
+    ps = [TrainPlan(lengths, per_device_batch_size=4, grad_accum=2, num_processes=2,
+                    process_index=r, seed=5, ramps=WARMUP, **kw) for r in range(2)]
+    steps, shapes = ps[0].epoch_steps(0, first=0)
+    assert len(shapes) == len(steps) and [s.length for s in shapes[:4]] == [32] * 4
+    seen = []
+    for t, (step, shape) in enumerate(zip(steps, shapes)):
+        micros = [p.split(step) for p in ps]
+        assert {len(m) for m in micros} == {2}
+        flat = [mb for m in micros for mb in m]
+        if "pack_capacity" in kw:
+            rows = [row for mb in flat for row in mb]
+            assert all(sum(min(lengths[i], shape.length) for i in row) <= shape.length
+                       for row in rows)
+            seen += [i for row in rows for i in row]
+            first = t - t % 4  # a window of 4 steps takes its first step's shape
+            if t < len(steps) - 4:
+                assert len(rows) == WARMUP.units(first, 4) * 4
+        elif "token_budget" in kw:
+            budget = WARMUP.budget(t, 512)
+            for mb in flat:
+                assert len(mb) <= 1 or len(mb) * max(min(lengths[i], shape.length)
+                                                     for i in mb) <= budget
+            seen += [i for mb in flat for i in mb]
+        else:
+            if t < len(steps) - 1:
+                assert len(step) == WARMUP.units(t, 4) * 4
+            seen += [i for mb in flat for i in mb]
+        assert shape.length == WARMUP.seq_length(t - t % 4 if "pack_capacity" in kw else t)
+    assert sorted(seen) == list(range(300))
+
+
+@pytest.mark.parametrize("kw", [{}, {"pack_capacity": 128}, {"token_budget": 512,
+                                                             "max_length": 128}])
+def test_epochs_after_the_warmup_are_cut_as_without_it(kw):
+    lengths = np.random.default_rng(0).integers(3, 128, size=300)
+    ramped, plain = (TrainPlan(lengths, per_device_batch_size=4, grad_accum=2, num_processes=1,
+                               process_index=0, seed=5, ramps=r, **kw) for r in (WARMUP, None))
+    assert ramped.epoch_steps(1, first=10)[1] is None
+    assert list(ramped.epoch(1, first=10)) == list(plain.epoch(1))
+    assert list(ramped.epoch(0, first=9)) != list(plain.epoch(0))
+    assert list(ramped.epoch(0, start_step=3)) == list(ramped.epoch(0))[3:]
+
+
+def test_the_run_length_counts_the_warmups_real_steps():
+    """Epochs that begin in the warm-up count their real steps (more, shorter ones); the rest
+    the plan's; the epoch metric follows them."""
+    lengths = np.random.default_rng(0).integers(3, 128, size=300)
+    plan = TrainPlan(lengths, per_device_batch_size=4, grad_accum=1, num_processes=1,
+                     process_index=0, seed=5, ramps=Ramps(128, batch_steps=40))
+    real = [len(plan.epoch_steps(0, 0)[0])]
+    real.append(len(plan.epoch_steps(1, real[0])[0]))  # begins at step 41 > 40: full steps
+    assert real[0] > len(plan) == real[1] == 75
+    assert plan.steps_for_epochs(2) == sum(real)
+    assert plan.steps_for_epochs(2.5) == sum(real) + math.ceil(0.5 * 75)
+    assert plan.epochs_for_steps(real[0]) == 1 and plan.epochs_for_steps(real[0] + 1) == 2
+    assert plan.epochs_done(real[0]) == 1.0 and plan.epochs_done(real[0] + 15) == 1.2
