@@ -11,7 +11,8 @@ the recipe config. `--mask_padding false` withholds the mask from the model: the
 ablation's unmasked arm, not something to train with.
 
 Outputs in --output_dir: config.yaml, metrics.jsonl, summary.json, model/ (HF format), and
-checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_total_limit kept).
+checkpoints/checkpoint-<step>/ every --checkpointing_steps (the newest --save_total_limit kept);
+with --average_checkpoints K, model_avg/ (the final weights and K-1 checkpoints averaged).
 
 Kill it anywhere and run the same command again: it resumes from the newest complete checkpoint
 (--resume_from_checkpoint auto) to the same result. SIGTERM/SIGINT stop it cleanly: every process
@@ -33,6 +34,7 @@ if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pi
 
 from mlmkit.config.fields import MLMConfig  # noqa: E402
 from mlmkit.config.parse import parse_config  # noqa: E402
+from mlmkit.data.probe_file import load_probe_set  # noqa: E402
 from mlmkit.train import tracking as M  # noqa: E402  (metric names)
 from mlmkit.train.rundir import check_output_dir, prepare_output_dir  # noqa: E402
 from mlmkit.train.runfolder import RunFolder  # noqa: E402
@@ -60,13 +62,14 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     """One run, start to finish, in the folder this process holds the lock of."""
     folder = RunFolder(cfg.output_dir)
     resume = check_output_dir(cfg)  # a finished run or other settings -> ConfigError
+    probe_set = load_probe_set(cfg)  # --probe_file: its columns and labels -> DataError
     # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from mlmkit.data.run import load_run_data
     from mlmkit.model import checks, flops, loading, probe
-    from mlmkit.train import checkpoint, evaluation, fill_mask, launch, loop, preemption
+    from mlmkit.train import average, checkpoint, evaluation, fill_mask, launch, loop, preemption
     from mlmkit.train.metrics import build_summary
     from mlmkit.train.optim import prepare_training
     from mlmkit.train.steps import RunSteps
@@ -110,6 +113,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     steps = RunSteps.build(cfg, accelerator, training, tokenizer, run_data,
                            padding=decision.padding)
     schedule = steps.schedule
+    average.check_schedule(cfg, schedule.max_steps)  # --average_checkpoints: enough saved
     # The scheduler is built on the prepared optimizer (ZeRO-3 regroups parameters) and stepped
     # by us, once per optimizer step; not handed to prepare(), which would step it per process.
     accelerator.register_for_checkpointing(steps.scheduler)
@@ -117,11 +121,14 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
 
     # ============================================================================ trackers, resume
     ts = resume.state or checkpoint.TrainState(launch=launch.launch_signature(accelerator))
-    metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, decision.run_config())
+    metrics_log = M.start_tracking(accelerator, cfg, trackers, ts, {  # + the run's name, tags
+        **decision.run_config(), "model_type": training.inner.model.config.model_type})
     log(schedule.describe(cfg, steps.shape, decision.padding, training.inner.sparse_prediction,
                           world))
+    if probe_set is not None:
+        log(probe_set.describe())
     evaluate = evaluation.Evaluator(accelerator, training, run_data.validation, tokenizer, cfg,
-                                    metrics_log)
+                                    metrics_log, probe_set=probe_set)  # + downstream.py
     # Last before the loop: load_state restores every process's RNG as it was at the save.
     if resume.checkpoint is not None:
         checkpoint.load_checkpoint(accelerator, resume.checkpoint)
@@ -196,12 +203,15 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     # ============================================================================ final eval, export
     final_eval = evaluate(ts.step)
     loading.export_hf_model(accelerator, training.module, tokenizer, folder.model)
-    metrics_log.finish()  # the trackers' end (W&B's last records): a failure is a warning
+    averaged = average.finish_run(accelerator, cfg, evaluate, ts.step, log)  # model_avg/
     summary = build_summary(
         ts, final_eval, num_processes=world, peak_tflops=peak_tflops,
         parts=(run_data.summary(), decision.summary(), rank_state.summary(cfg, accelerator),
-               stepper.summary(), metrics_log.summary()),
+               averaged, stepper.summary()),
         fill_mask=fill_check.after(accelerator, folder.model, ts.fill_mask_before))
+    # the trackers' end (W&B: the summary into its own, its last records): a failure is a warning
+    metrics_log.finish(summary)
+    summary.update(metrics_log.summary())
     if accelerator.is_main_process:
         M.write_summary(folder.root, summary)
         log(f"done: eval perplexity {ts.first_eval[M.EVAL_PERPLEXITY]:.2f} -> "

@@ -22,6 +22,7 @@ from helpers import (
     tiny_config_dir,
     train_losses,
 )
+from readme_commands import readme_lines
 
 from mlmkit.config.errors import ConfigError
 from mlmkit.config.shape import Ramps
@@ -30,14 +31,22 @@ from mlmkit.train.tracking import read_metrics
 
 
 # ------------------------------------------------------------------------------ a run
-def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
-    """12 steps with the fill-mask check and the pad-sensitivity probe on: what a run writes."""
+def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args, monkeypatch):
+    """12 steps with the fill-mask check, the pad-sensitivity probe and docs/downstream.md's
+    downstream measures on (its commands as written, then the tiny run's flags): what a run
+    writes."""
+    from mlmkit.data.probe_sets import main as probe_sets
+    (write,) = readme_lines("python -m mlmkit.data.probe_sets docs probes")
+    (line,) = readme_lines("accelerate launch recipes/mlm.py --probe_file")
+    monkeypatch.chdir(tmp_path)  # the docs' relative probes/ folder
+    probe_sets(write[3:])
     out = tmp_path / "run"
-    run = run_recipe([*tiny_args, "--output_dir", out, "--max_train_steps", "12",
+    run = run_recipe([*line[3:], *tiny_args, "--output_dir", out, "--max_train_steps", "12",
                       "--padding", "longest", "--learning_rate", "3e-3", "--eval_steps", "6",
                       "--max_train_samples", "400",
                       "--fill_mask_check", "true", "--eval_pad_sensitivity", "true"])
     assert "eval @ step 0" in run.stdout and "eval @ step 12" in run.stdout
+    assert "labels from probes/docs.tsv" in run.stdout and "probe accuracy" in run.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(run.result))  # what main() returned
@@ -73,6 +82,14 @@ def test_recipe_trains_evaluates_and_exports(tmp_path, tiny_args):
     assert all(line[M.TRAIN_TFLOPS] > 0 for line in train)
     for name in (M.EVAL_PERPLEXITY, M.EVAL_LOSS_UNMASKED, M.EVAL_PAD_SENSITIVITY):
         assert name in evals[-1], name
+    # the downstream measures at every eval, the last and the first in the summary
+    for name in (M.EVAL_PROBE_ACCURACY, M.EVAL_PROBE_ACCURACY_STD, M.EVAL_PSEUDO_PERPLEXITY):
+        assert all(name in r for r in evals), name
+        assert summary[name] == evals[-1][name]
+    assert M.EVAL_PROBE_ACCURACY_UNMASKED not in summary  # --probe_mask_padding true
+    assert 0 < summary[M.EVAL_PROBE_ACCURACY] <= 1
+    assert summary[M.FIRST_EVAL_PROBE_ACCURACY] == evals[0][M.EVAL_PROBE_ACCURACY]
+    assert summary[M.EVAL_PSEUDO_PERPLEXITY] < summary[M.FIRST_EVAL_PSEUDO_PERPLEXITY]  # learned
     # dynamic padding of a line-by-line corpus: real padding, and the mask hides it
     assert 0.2 < train[-1][M.TRAIN_PAD_FRACTION] < 0.9
     assert train[-1][M.TRAIN_REAL_TOKENS_PER_S] < train[-1][M.TRAIN_TOKENS_PER_S]

@@ -24,7 +24,10 @@ from typing import Any
 from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
+    LR_DECAY_TYPES,
+    OPTIMIZERS,
     PADDING_CHOICES,
+    PROBE_MASK_PADDING,
     REPORT_TO,
     SCHEDULERS,
 )
@@ -56,6 +59,11 @@ class MLMConfig:
         "(uncased WordPiece, 30,522 ids)."))
     tokenizer_name: str | None = field(default=None, metadata=_meta(
         "Tokenizer, if not the model's."))
+    config_overrides: str | None = field(default=None, metadata=_meta(
+        "Changes to the model's config before it is built, for every model source: "
+        "comma-separated key=value, nested keys with dots, e.g. max_position_embeddings=8192,"
+        "rope_parameters.full_attention.rope_theta=160000 (a second phase at a longer "
+        "--max_seq_length)."))
     attn_implementation: str | None = field(default=None, metadata=_meta(
         f"One of {ATTN_IMPLEMENTATIONS}; unset: transformers' choice (SDPA where the "
         "architecture supports it, else eager)."))
@@ -157,12 +165,24 @@ class MLMConfig:
         "Grow the batch linearly over the first N optimizer steps: step k of them takes k/N of "
         "the examples (rows, tokens) of a full step, at least one per micro-batch "
         "(train/batch_fraction). 0: off."))
-    learning_rate: float = field(default=5e-5, metadata=_meta("Peak learning rate (AdamW)."))
-    weight_decay: float = field(default=0.01, metadata=_meta("AdamW weight decay."))
-    adam_beta1: float = field(default=0.9, metadata=_meta("AdamW beta1."))
-    adam_beta2: float = field(default=0.999, metadata=_meta("AdamW beta2."))
-    adam_epsilon: float = field(default=1e-8, metadata=_meta("AdamW epsilon."))
-    max_grad_norm: float = field(default=1.0, metadata=_meta("0 disables clipping."))
+    optimizer: str = field(default="adamw", metadata=_meta(
+        f"One of {OPTIMIZERS}: torch's fused AdamW, or torch-optimi's StableAdamW (AdamW with "
+        "per-tensor update clipping, as ModernBERT trains; not under DeepSpeed ZeRO). Both take "
+        "--weight_decay and --adam_*."))
+    learning_rate: float = field(default=5e-5, metadata=_meta("Peak learning rate."))
+    weight_decay: float = field(default=0.01, metadata=_meta(
+        "Decoupled weight decay (not on biases and LayerNorm weights)."))
+    adam_beta1: float = field(default=0.9, metadata=_meta("Adam beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_meta("Adam beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_meta("Adam epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_meta(
+        "Clip the gradient norm to this; 0 disables clipping (the norm is still computed, "
+        "logged and checked)."))
+    skip_nonfinite_steps: bool = field(default=False, metadata=_meta(
+        "Skip an optimizer step whose loss or gradient norm is not finite (weights, moments and "
+        "the step count untouched) and count it (train/skipped_steps) instead of stopping the "
+        "run; --optimizer adamw, not under DeepSpeed or fp16. May be added on resume.",
+        bookkeeping=True))
     lr_scheduler_type: str = field(default="linear", metadata=_meta(f"One of {SCHEDULERS}."))
     num_warmup_steps: int = field(default=0, metadata=_meta(
         "Optimizer steps of linear warmup; 0: --warmup_ratio decides."))
@@ -170,6 +190,9 @@ class MLMConfig:
     decay_ratio: float = field(default=0.1, metadata=_meta(
         "warmup_stable_decay only: fraction of the training steps in the final decay phase (the "
         "rest after warmup is stable at the peak rate)."))
+    lr_decay_type: str | None = field(default=None, metadata=_meta(
+        f"warmup_stable_decay only: the decay phase's shape, one of {LR_DECAY_TYPES} (1-sqrt: "
+        "lr = peak x (1 - sqrt(progress))). Unset: cosine."))
     num_train_epochs: float = field(default=1.0, metadata=_meta(
         "Passes over the training set, unless --max_train_steps is set."))
     max_train_steps: int | None = field(default=None, metadata=_meta(
@@ -215,22 +238,49 @@ class MLMConfig:
         "Evaluate every N optimizer steps (and always at the end).", bookkeeping=True))
     eval_pad_sensitivity: bool = field(default=True, metadata=_meta(
         "Log eval/loss_unmasked and eval/pad_sensitivity.", bookkeeping=True))
+    probe_file: str | None = field(default=None, metadata=_meta(
+        "Labelled texts (.csv, .tsv or .jsonl) for a downstream probe at every eval: a "
+        "logistic regression on the model's mean-pooled embeddings, cross-validated "
+        "(eval/probe_accuracy; docs/downstream.md).", bookkeeping=True))
+    probe_text_column: str = field(default="text", metadata=_meta(
+        "--probe_file's column holding the text.", bookkeeping=True))
+    probe_label_column: str = field(default="label", metadata=_meta(
+        "--probe_file's column holding the label (any values: each distinct one a class).",
+        bookkeeping=True))
+    probe_folds: int = field(default=5, metadata=_meta(
+        "Stratified cross-validation folds of the probe (every label needs at least this many "
+        "examples).", bookkeeping=True))
+    probe_mask_padding: str = field(default="true", metadata=_meta(
+        f"One of {PROBE_MASK_PADDING}: embed the probe's texts with the attention mask (true: "
+        "eval/probe_accuracy, as users run the model), without it (false: "
+        "eval/probe_accuracy_unmasked, as --mask_padding false trains), or both.",
+        bookkeeping=True))
+    pseudo_perplexity_examples: int = field(default=0, metadata=_meta(
+        "At every eval, the pseudo-perplexity of the first N validation examples "
+        "(eval/pseudo_perplexity: each token masked in turn; no eval masks). 0: off.",
+        bookkeeping=True))
     checkpointing_steps: int | None = field(default=None, metadata=_meta(
         "Save a resumable checkpoint every N optimizer steps.", bookkeeping=True))
     save_total_limit: int | None = field(default=None, metadata=_meta(
         "Keep only the newest N checkpoints. Default: all.", bookkeeping=True))
+    average_checkpoints: int | None = field(default=None, metadata=_meta(
+        "At the end, also write model_avg/: the mean of the final weights and the newest K-1 "
+        "checkpoints saved before the last step (K >= 2; needs --checkpointing_steps), "
+        "evaluated beside model/ (eval/avg_loss)."))
     resume_from_checkpoint: str = field(default="auto", metadata=_meta(
         "auto (newest complete checkpoint), a path, or none.", bookkeeping=True, per_run=True))
     report_to: str = field(default="wandb", metadata=_meta(
         f"One of {REPORT_TO}.", bookkeeping=True))
     run_name: str | None = field(default=None, metadata=_meta(
-        "The tracker's run name.", bookkeeping=True, per_run=True))
+        "The tracker's run name. Default: the output folder's name.", bookkeeping=True,
+        per_run=True))
     wandb_project: str = field(default="mlmkit", metadata=_meta(
         "The tracker's project.", bookkeeping=True))
     wandb_group: str | None = field(default=None, metadata=_meta(
         "The tracker's run group.", bookkeeping=True))
     wandb_tags: list[str] = field(default_factory=list, metadata=_meta(
-        "The W&B run's tags.", bookkeeping=True, per_run=True))
+        "The W&B run's tags; padding:<mode> and model:<type> are added.", bookkeeping=True,
+        per_run=True))
     progress_bar: bool = field(default=True, metadata=_meta(
         "Show a tqdm progress bar (main process).", bookkeeping=True))
     fill_mask_check: bool = field(default=True, metadata=_meta(

@@ -11,7 +11,11 @@ from typing import NoReturn
 from mlmkit.config.choices import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
+    LR_DECAY_TYPES,
+    OPTIMIZERS,
     PADDING_CHOICES,
+    PROBE_FILE_TYPES,
+    PROBE_MASK_PADDING,
     REPORT_TO,
     SCHEDULERS,
 )
@@ -33,10 +37,11 @@ def _check_choices(cfg: MLMConfig) -> None:
     """Options with a fixed list of values (choices.py)."""
     choices = {"padding": PADDING_CHOICES, "attn_implementation": ATTN_IMPLEMENTATIONS,
                "report_to": REPORT_TO, "lr_scheduler_type": SCHEDULERS,
-               "torch_compile_mode": COMPILE_MODES}
+               "torch_compile_mode": COMPILE_MODES, "probe_mask_padding": PROBE_MASK_PADDING,
+               "optimizer": OPTIMIZERS, "lr_decay_type": LR_DECAY_TYPES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed and not (
-                key == "attn_implementation" and cfg.attn_implementation is None):
+                key in ("attn_implementation", "lr_decay_type") and getattr(cfg, key) is None):
             _bad(cfg, key, "not a known value", f"use one of {', '.join(allowed)}")
 
 
@@ -61,6 +66,19 @@ def _check_rates(cfg: MLMConfig) -> None:
     for key in ("learning_rate", "adam_epsilon"):
         if getattr(cfg, key) <= 0:
             _bad(cfg, key, "must be positive", f"pass e.g. --{key} 5e-5")
+
+
+def _check_optimizer(cfg: MLMConfig) -> None:
+    """The optimizer's options and the LR decay's shape (what the launch decides: optim.py)."""
+    if cfg.lr_decay_type is not None and cfg.lr_scheduler_type != "warmup_stable_decay":
+        _bad(cfg, "lr_decay_type", f"shapes the decay of warmup_stable_decay only, not of "
+             f"lr_scheduler_type={cfg.lr_scheduler_type!r}", "add --lr_scheduler_type "
+             "warmup_stable_decay, or drop --lr_decay_type")
+    if cfg.skip_nonfinite_steps and cfg.optimizer != "adamw":
+        _bad(cfg, "skip_nonfinite_steps", f"a step is skipped on the device by fused "
+             f"AdamW, which optimizer={cfg.optimizer!r} cannot do",
+             "use --optimizer adamw, or drop --skip_nonfinite_steps (a non-finite step then "
+             "stops the run)")
 
 
 def _check_sizes(cfg: MLMConfig) -> None:
@@ -223,6 +241,54 @@ def _check_model(cfg: MLMConfig) -> None:
             _bad(cfg, key, f"{what} (and not a Hub id)", _missing_fix(name, here))
 
 
+def _check_average(cfg: MLMConfig) -> None:
+    """--average_checkpoints K: the final weights and K-1 checkpoints saved before the last step,
+    all kept by the retention (a checkpoint of the last step may take one of its places)."""
+    k = cfg.average_checkpoints
+    if k is None:
+        return
+    if k < 2:
+        _bad(cfg, "average_checkpoints", "an average needs at least 2 weights (the final ones "
+             "and a checkpoint)", "pass --average_checkpoints 2 or more, or drop it")
+    if not cfg.checkpointing_steps:
+        _bad(cfg, "average_checkpoints", "averages saved checkpoints, but the run saves none",
+             f"add --checkpointing_steps N (a checkpoint every N steps; the last {k - 1} before "
+             "the end are averaged with the final weights)")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < k:
+        _bad(cfg, "save_total_limit", f"keeps fewer checkpoints than --average_checkpoints {k} "
+             f"needs ({k - 1} before the last step, and the last step's own)",
+             f"pass --save_total_limit {k} or more, or drop it")
+    steps, every = cfg.max_train_steps, cfg.checkpointing_steps
+    if steps is not None and (steps - 1) // every < k - 1:
+        _bad(cfg, "average_checkpoints", f"{steps} steps with a checkpoint every {every} save "
+             f"{(steps - 1) // every} before the last step, and {k - 1} are needed",
+             f"pass --checkpointing_steps {max(1, (steps - 1) // (k - 1))} or less")
+
+
+def _check_downstream(cfg: MLMConfig) -> None:
+    """The downstream probe's file (its type and that it exists; its columns and labels are read
+    by `probe_file.load_probe_set` at start) and its folds; the pseudo-perplexity's examples."""
+    if cfg.probe_folds < 2:
+        _bad(cfg, "probe_folds", "cross-validation needs at least 2 folds", "pass e.g. "
+             "--probe_folds 5")
+    if cfg.pseudo_perplexity_examples < 0:
+        _bad(cfg, "pseudo_perplexity_examples", "must be at least 0", "pass e.g. "
+             "--pseudo_perplexity_examples 32 (0: off)")
+    if cfg.probe_file is None:
+        return
+    path = Path(cfg.probe_file)
+    if path.is_dir():
+        _bad(cfg, "probe_file", "is a folder, not a file", "pass one labelled-text file, e.g. "
+             f"--probe_file {str(path / 'docs.tsv')!r}")
+    if path.suffix.lower() not in PROBE_FILE_TYPES:
+        _bad(cfg, "probe_file", f"not a {', '.join(PROBE_FILE_TYPES)} file", "write the "
+             "labelled texts as .csv, .tsv or .jsonl with a text and a label column")
+    if not path.is_file():
+        here = f"relative paths start from the current directory {os.getcwd()}"
+        _bad(cfg, "probe_file", "no such file", f"{_missing_fix(cfg.probe_file, here)}; "
+             "`python -m mlmkit.data.probe_sets docs probes` writes a demo probe, probes/docs.tsv")
+
+
 def _check_resume(cfg: MLMConfig) -> None:
     """--resume_from_checkpoint: auto, none, or a checkpoint folder that exists."""
     if cfg.resume_from_checkpoint not in ("auto", "none") and Path(
@@ -261,8 +327,9 @@ def _check_schedules(cfg: MLMConfig) -> None:
                  "corpus map-style (without --streaming)")
 
 
-_CHECKS = (_check_choices, _check_rates, _check_sizes, _check_runtime, _check_sources,
-           _check_grouping, _check_streaming, _check_schedules, _check_files, _check_model, _check_resume)
+_CHECKS = (_check_choices, _check_rates, _check_optimizer, _check_sizes, _check_runtime, _check_sources,
+           _check_grouping, _check_streaming, _check_schedules, _check_files, _check_model,
+           _check_average, _check_downstream, _check_resume)
 
 
 def validate_config(cfg: MLMConfig) -> MLMConfig:

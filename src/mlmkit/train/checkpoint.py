@@ -7,7 +7,8 @@ result. What makes that true here:
   scheduler, grad scaler, every process's RNG states; under ZeRO DeepSpeed's sharded checkpoint,
   under FSDP2 one shard of the model and optimizer per process, torch.distributed.checkpoint)
   plus ``trainer_state.json`` (:class:`TrainState`: step counters, the data position, the running
-  statistics of the log window and of the whole run, the step-0 eval and fill-mask check, the W&B
+  statistics of the log window and of the whole run, the examples and real tokens seen (all
+  processes), the step-0 eval and fill-mask check, the W&B
   run id, the launch shape) and a copy of ``config.yaml``. The data position is just ``(epoch, step_in_epoch)``:
   batch order is a pure function of (seed, epoch) and masking of (seed, epoch, example index).
   Under ``--streaming`` every process also saves its own :class:`DataPosition` (its stream's
@@ -77,6 +78,8 @@ class TrainState:
     step_in_epoch: int = 0             # ... and the next global batch of it
     window: RunningStats = field(default_factory=RunningStats)  # since the last log line
     total: RunningStats = field(default_factory=RunningStats)   # the whole run
+    examples_seen: int = 0             # examples trained on, all processes (train/examples_seen)
+    tokens_seen: int = 0               # real tokens trained on, all processes (train/tokens_seen)
     first_eval: dict[str, float] = field(default_factory=dict)  # the step-0 eval (first/eval/*)
     fill_mask_before: list[dict] = field(default_factory=list)  # the initial model's fill-mask
     wandb_run_id: str | None = None    # a resumed run continues the same W&B run
