@@ -156,7 +156,7 @@ class Ramps:
 
     def mlm_probability(self, t: int) -> float:
         """The training mask rate of step ``t``."""
-        if self.mlm_final is None:
-            return self.mlm_start
         span = max(self.total_steps - 1, 1)
-        return self.mlm_start + (self.mlm_final - self.mlm_start) * min(max(t, 0), span) / span
+        if self.mlm_final is None or t >= span:
+            return self.mlm_start if self.mlm_final is None else self.mlm_final
+        return self.mlm_start + (self.mlm_final - self.mlm_start) * max(t, 0) / span

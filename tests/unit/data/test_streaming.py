@@ -52,10 +52,11 @@ def steps_for(cfg, tokenizer, rank: int, world: int, exclude=frozenset(), positi
     padding = "packed" if packed else "longest"
     collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0,
                                             attn_implementation="sdpa", padding=padding)
+    schedule = plan_schedule(cfg, None, padding=padding, num_processes=world,
+                             process_index=rank)
     preparer = StepPreparer(collator, max_length=cfg.max_seq_length,
-                            num_sources=len(cfg.mixture_files))
-    plan = plan_schedule(cfg, None, padding=padding, num_processes=world,
-                         process_index=rank).plan
+                            num_sources=len(cfg.mixture_files), ramps=schedule.ramps)
+    plan = schedule.plan
     examples = StreamExamples(cfg, tokenizer, process_index=rank, num_processes=world,
                               exclude=exclude)
     return StreamSteps(examples, preparer, plan=plan, position=position or DataPosition())
@@ -96,12 +97,15 @@ def without_reader(state: dict) -> dict:
 
 def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
     """The resume contract: from any step's position (saved as JSON), the following steps are
-    the same."""
+    the same, masked at the same rates of a mask-rate schedule (a function of the run's step)."""
     cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
-                 "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
+                 "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                 "--mlm_probability_final", "0.05")
     _, exclude = held_out_eval(cfg)
     run = list(itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude)), 120))
     assert len({s.epoch for s in run}) >= 2  # crosses pass boundaries
+    rates = [s.scheduled["train/mlm_probability"] for s in run]
+    assert rates[0] == 0.15 and rates[9:] == [0.05] * 111 and sorted(rates) == rates[::-1]
     for k in (0, 5, 37, 90):
         position = DataPosition.from_dict(json.loads(json.dumps(run[k].position.to_dict())))
         again = itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude, position)), 6)
@@ -111,6 +115,7 @@ def test_a_window_rebuilt_from_its_position_is_the_same(corpus, tokenizer):
             # the batch position); everything else is the same.
             assert without_reader(got.position.to_dict()) == \
                 without_reader(want.position.to_dict())
+            assert got.scheduled == want.scheduled
             for a, b in zip(want.micro_batches, got.micro_batches):
                 assert a.keys() == b.keys()
                 assert all((a[key] == b[key]).all() for key in a)
