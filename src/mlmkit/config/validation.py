@@ -321,10 +321,6 @@ def _check_schedules(cfg: MLMConfig) -> None:
     if steps and cfg.padding == "max_length":
         _bad(cfg, "seq_len_warmup_steps", "cannot shorten rows that --padding max_length pads "
              "to max_seq_length", "use --padding longest or packed, or drop the warm-up")
-    for key in ("seq_len_warmup_steps", "batch_warmup_steps"):
-        if cfg.streaming and getattr(cfg, key):
-            _bad(cfg, key, "is not available with --streaming", f"drop --{key}, or read the "
-                 "corpus map-style (without --streaming)")
 
 
 _CHECKS = (_check_choices, _check_rates, _check_optimizer, _check_sizes, _check_runtime, _check_sources,

@@ -44,7 +44,8 @@ the epoch's first step), and the run's step count (`Schedule`) is the sum of the
 lengths, so the LR schedule spans the steps the run takes.
 
 Under ``--streaming`` there is no global plan: `StreamPlan` cuts each process's own stream into
-steps a window at a time with the same window loop (see `streaming.py`). `plan_schedule` builds
+steps a window at a time with the same window loop (see `streaming.py`), in a warm-up each
+window at the shape of its first step. `plan_schedule` builds
 either plan and the run's length (`Schedule`).
 """
 
@@ -319,26 +320,57 @@ class StreamPlan:
     about ``layout.WINDOW_STEPS`` steps' worth of examples (`layout.WindowPacker`, as the packed
     `TrainPlan`), packed in rows of ``pack_capacity`` tokens or one example a unit, shuffled by
     (seed, process, window); a step is ``per_device_batch_size x grad_accum`` units of this
-    process's own stream, always whole."""
+    process's own stream, always whole. With warm-ups (``ramps``, shaped) each window takes the
+    shape of its first step (`window_shape`), as the packed `TrainPlan`'s do: processes cut their
+    own windows, so their steps may differ in shape near a change (each still runs grad_accum
+    micro-batches, and the loss is normalised globally)."""
     per_device_batch_size: int
     grad_accum: int
     process_index: int
     seed: int
     pack_capacity: int | None = None
+    ramps: Ramps | None = None
 
-    def windows(self, source, carry: list, first_window: int):
+    def windows(self, source, carry: list, first_window: int, first_step: int = 0):
         """Yield ``(steps of units, carried examples)`` per window of ``source`` (a
-        `streaming.StreamExamples`), from window number ``first_window`` and its ``carry`` on."""
+        `streaming.StreamExamples`), from window number ``first_window`` and its ``carry`` on;
+        ``first_step``: the run's step that begins that window."""
 
         cap = self.pack_capacity
-        packer = WindowPacker(self.per_device_batch_size * self.grad_accum, cap,
-                              length=lambda e: min(len(e["input_ids"]), cap))
-        return packer.windows(source, carry=carry, rng=lambda k: np.random.default_rng(
-            [self.seed, self.process_index, first_window + k]))
+        if self.ramps is None:
+            packer = WindowPacker(self.per_device_batch_size * self.grad_accum, cap,
+                                  length=lambda e: min(len(e["input_ids"]), cap))
+            return packer.windows(source, carry=carry,
+                                  rng=lambda k: self.window_rng(first_window + k))
+        return self._shaped_windows(source, list(carry), first_window, first_step)
+
+    def window_rng(self, window: int) -> np.random.Generator:
+        """The generator that shuffles window number ``window`` of this process."""
+        return np.random.default_rng([self.seed, self.process_index, window])
+
+    def _shaped_windows(self, source, carry: list, window: int, t: int):
+        """`windows` in a warm-up: `layout.WindowPacker.windows`, a packer a window."""
+        while carry or not source.exhausted():
+            shape = self.window_shape(t) or StepShape(self.ramps.max_length, 1.0)
+            cap = shape.length if self.pack_capacity else None
+            packer = WindowPacker(self.ramps.units(t, self.per_device_batch_size) *
+                                  self.grad_accum, cap,
+                                  length=lambda e, cap=cap: min(len(e["input_ids"]), cap))
+            steps, carry = packer.window(source, carry, self.window_rng(window))
+            yield steps, carry
+            window, t = window + 1, t + len(steps)
+
+    def window_shape(self, t: int) -> StepShape | None:
+        """The `shape.StepShape` of the steps of a window begun at the run's step ``t`` (None:
+        full steps)."""
+        if self.ramps is None or t >= self.ramps.warmup_end:
+            return None
+        return self.ramps.shape(t, self.per_device_batch_size)
 
     def split(self, step: list) -> list[list]:
         """The ``grad_accum`` micro-batches of one step (see `micro_layout`)."""
-        per = self.per_device_batch_size
+        per = self.per_device_batch_size if self.ramps is None else \
+            -(-len(step) // self.grad_accum)  # a warm-up's step: its own units
         return [step[g * per:(g + 1) * per] for g in range(self.grad_accum)]
 
 
@@ -392,8 +424,8 @@ def plan_schedule(cfg, examples, *, padding: str, num_processes: int,
     micro, budget = micro_batch(cfg, padding)  # --per_device_train_batch_size or _tokens
     ramps = Ramps.from_config(cfg)
     if examples is None:
-        return Schedule(StreamPlan(micro, cfg.gradient_accumulation_steps,
-                                   process_index, cfg.seed, pack_capacity),
+        return Schedule(StreamPlan(micro, cfg.gradient_accumulation_steps, process_index,
+                                   cfg.seed, pack_capacity, ramps if ramps.shaped else None),
                         cfg.max_train_steps, None, ramps.over(cfg.max_train_steps))
     plan = TrainPlan(examples.lengths, per_device_batch_size=micro,
                      grad_accum=cfg.gradient_accumulation_steps, num_processes=num_processes,

@@ -272,12 +272,14 @@ class StreamSteps(torch.utils.data.IterableDataset):
         if info is not None and info.num_workers > 1:
             raise RuntimeError("StreamSteps is read by one worker at most (its order is its state)")
         skip, done = self.position.step, self.position.done
+        begins = done - skip  # the run's step that began the position's window
         for start, steps in self.windows():
+            shape = self.plan.window_shape(begins)
             for k, units in enumerate(steps):
                 if k >= skip:
                     done += 1
-                    yield self._prepare(units, start, k, done)
-            skip = 0
+                    yield self._prepare(units, start, k, done, shape)
+            skip, begins = 0, begins + len(steps)
 
     def windows(self):
         """Yield ``(window's start position, its steps of units)`` from ``position`` on; a unit
@@ -285,17 +287,19 @@ class StreamSteps(torch.utils.data.IterableDataset):
         stream = self.position.stream
         start = StreamPosition.from_dict(stream) if stream else StreamPosition()
         reader = self.examples.at(start)
-        for steps, carry in self.plan.windows(reader, start.carry, start.window):
+        for steps, carry in self.plan.windows(reader, start.carry, start.window,
+                                              self.position.done - self.position.step):
             yield start, steps
             start = StreamPosition(*reader.position(), carry=carry, window=start.window + 1)
 
-    def _prepare(self, units: list, start: StreamPosition, k: int, done: int) -> PreparedStep:
+    def _prepare(self, units: list, start: StreamPosition, k: int, done: int,
+                 shape: StepShape | None) -> PreparedStep:
         micro_batches = self.plan.split(units)
         newest = max(e["idx"] for micro in micro_batches for e in micro_layout(micro)[0])
         # epoch: the pass of the step's newest example; then the window's k + 1 steps are done
         position = DataPosition(newest >> PASS_SHIFT, k + 1, start.to_dict(), done)
         # stream masks are keyed by the example id, which holds the pass: one mask epoch
-        return self.preparer(micro_batches, position, mask_epoch=0)
+        return self.preparer(micro_batches, position, mask_epoch=0, shape=shape)
 
 
 @dataclass

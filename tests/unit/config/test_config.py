@@ -44,9 +44,6 @@ def test_bool_flags_follow_hf_style():
     (["--seq_len_warmup_steps", "10", "--seq_len_warmup_start", "32", "--padding",
       "max_length"], "Fix: use --padding longest or packed"),
     (["--batch_warmup_steps", "-1"], "batch_warmup_steps=-1: must be at least 0"),
-    (["--batch_warmup_steps", "5", "--streaming", "--max_train_steps", "9"],
-     "batch_warmup_steps=5: is not available with --streaming. Fix: drop --batch_warmup_steps, "
-     "or read the corpus map-style (without --streaming)."),
 ])
 
 

@@ -200,6 +200,45 @@ def test_dataset_folder_streams_with_its_validation_split(tmp_path, tokenizer):
     assert step.real > 0 and step.position.step == 1  # one step of the first window done
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_stream_warmups_shape_each_window_and_resume_exactly(corpus, tokenizer, packed):
+    """Length and batch warm-ups on a stream: a window (4 steps' worth, at least one chunk read)
+    takes the shape of its first step (rows of at most its length, its units per micro-batch),
+    full steps after the warm-up; from any step's position the same steps follow, at the same
+    shapes."""
+    cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
+                 "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+                 "--max_seq_length", "64", "--seq_len_warmup_steps", "12",
+                 "--seq_len_warmup_start", "16", "--batch_warmup_steps", "8")
+    _, exclude = held_out_eval(cfg)
+    source = steps_for(cfg, tokenizer, 1, 2, exclude, packed=packed)
+    ramps = source.preparer.ramps
+    run = list(itertools.islice(iter(source), 40))
+    begins, shapes = 0, set()
+    for step in run:
+        if step.position.step == 1:
+            begins = step.position.done - 1  # the run's step that began the step's window
+        length = ramps.seq_length(begins)
+        assert step.scheduled["train/seq_length"] == length
+        assert step.scheduled["train/batch_fraction"] == ramps.shape(begins, 8).fraction
+        shapes.add(tuple(step.scheduled.values()))
+        for batch in step.micro_batches:
+            assert batch["input_ids"].shape[1] <= length
+            if not packed:
+                assert int(batch["num_examples"]) == ramps.units(begins, 8)
+    assert len(shapes) >= 3  # two windows in the warm-up at least, then full steps
+    assert run[0].scheduled["train/seq_length"] == 16 and run[-1].scheduled == {
+        "train/seq_length": 64, "train/batch_fraction": 1.0}
+    for k in (1, 9, 30):
+        position = DataPosition.from_dict(json.loads(json.dumps(run[k].position.to_dict())))
+        again = itertools.islice(iter(steps_for(cfg, tokenizer, 1, 2, exclude, position,
+                                                packed=packed)), 6)
+        for want, got in zip(run[k + 1:], again, strict=False):
+            assert want.scheduled == got.scheduled and want.real == got.real
+            for a, b in zip(want.micro_batches, got.micro_batches, strict=True):
+                assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_a_worker_process_hands_out_the_same_steps(corpus, tokenizer):
     """On a GPU the stream is read by one DataLoader worker process: same steps, same states."""
     from mlmkit.train.steps import Prefetcher
