@@ -1,6 +1,8 @@
 """PyTorch FSDP2 (accelerate_configs/fsdp2.yaml) on 2 CPU processes with gloo: the same per-step
 losses as one process, sharded checkpoints inside the atomic checkpoint scheme, an exact resume
-after SIGKILL, and a consolidated model/ that re-evaluates to the run's final eval loss.
+after SIGKILL, and a consolidated model/ that re-evaluates to the run's final eval loss. The runs
+train with --optimizer stable_adamw: its per-tensor clipping on sharded weights matches one
+process, and its state (the step count in its parameter groups included) resumes through DCP.
 (FSDP2's layer units: tests/unit/config/test_launch.py.)"""
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def args(tiny_args) -> list[str]:
     """16 steps of a global batch of 8 (fp32, no dropout), a log line and a checkpoint every 2;
     the fill-mask check on (it reads model/ after FSDP2 training, and a resumed run takes the
     initial model's predictions from the checkpoint); the final weights averaged with the
-    sharded checkpoint-14 (model_avg/)."""
+    sharded checkpoint-14 (model_avg/); StableAdamW (fused AdamW: the DDP and ZeRO launches of
+    test_distributed.py)."""
     return [*tiny_args, "--max_train_steps", str(STEPS), "--logging_steps", "1",
+            "--optimizer", "stable_adamw",
             "--learning_rate", "3e-3", "--max_train_samples", "200", "--padding", "longest",
             "--checkpointing_steps", "2", "--save_total_limit", "2", "--fill_mask_check", "true",
             "--average_checkpoints", "2"]
