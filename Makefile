@@ -13,7 +13,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mlmkit-installed
 PIP        := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test test-latest lock check slurm bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta clean
+.PHONY: demo test test-latest lock check slurm bench ablation ablation-scratch ablation-scratch-bert ablation-scratch-roberta ablation-recipe clean
 
 # LOCKED=1 (the default): torch, then the lock's exact versions, hash-checked and without their
 # own dependency resolution (the lock has them all), then mlmkit itself; `pip check` proves the
@@ -119,6 +119,12 @@ SCRATCH_THREADS = $(if $(filter -j%,$(MAKEFLAGS)),1,2)
 ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
 	OMP_NUM_THREADS=$(SCRATCH_THREADS) HF_HUB_OFFLINE=1 $(BIN)/python \
 	    recipes/ablate.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
+
+# The classic recipe against the 2024-26 one (4x256 BERT from scratch); the runs go to
+# outputs/ablation_recipe, the report to docs/ablation/recipe.
+ablation-recipe: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate.py \
+	    --config recipes/configs/ablation_recipe.yaml --report_dir docs/ablation/recipe $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock outputs .pytest_cache site
