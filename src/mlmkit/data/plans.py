@@ -32,16 +32,11 @@ With ``group_by_length`` the shuffled order is cut into mega-batches of 50 globa
 sorted by length (longest first) and cut into global batches, whose order is then shuffled again:
 micro-batches hold examples of similar length (little padding), while the step order stays random.
 
-With warm-ups (``ramps``, a `shape.Ramps` whose steps are shaped: ``--seq_len_warmup_steps``,
-``--batch_warmup_steps``) an epoch that starts during the warm-up is cut step by step instead
-(`TrainPlan.epoch_steps`, given the run's step that begins it): the same order of examples (the
-shuffled order; with ``group_by_length`` the order of its sorted, shuffled batches) taken
-``Ramps.units`` per micro-batch, or for a token budget greedily filled to ``Ramps.budget`` with
-lengths cropped to the step's; packed rows are packed window by window at the length and row
-count of each window's first step. Each step comes with its `shape.StepShape`. Epochs that
-start after the warm-up are cut as without it. Still a pure function of (seed, epoch, lengths,
-the epoch's first step), and the run's step count (`Schedule`) is the sum of the epochs' real
-lengths, so the LR schedule spans the steps the run takes.
+With warm-ups (``ramps``: ``--seq_len_warmup_steps``, ``--batch_warmup_steps``) an epoch that
+begins during one is cut step by step (`TrainPlan.epoch_steps`, given the run's step that begins
+it; `warmup.py`): the same order, each step at its `shape.StepShape`; later epochs as without.
+Still a pure function of (seed, epoch, lengths, the epoch's first step); the run's length
+(`Schedule`, and the LR schedule's) counts the epochs' real steps.
 
 Under ``--streaming`` there is no global plan: `StreamPlan` cuts each process's own stream into
 steps a window at a time with the same window loop (see `streaming.py`), in a warm-up each
@@ -58,6 +53,7 @@ import numpy as np
 
 from mlmkit.batch.layout import WindowPacker, round_up
 from mlmkit.config.shape import Ramps, StepShape, micro_batch
+from mlmkit.data.warmup import cut_budget, cut_counts, shaped_windows
 
 MEGABATCH_MULT = 50
 
@@ -126,47 +122,23 @@ class TrainPlan:
         if ramps is None or first >= ramps.warmup_end:
             return self.global_batches(epoch), None
         n_micro, per = self.grad_accum * self.num_processes, self.per_device_batch_size
-        steps, shapes, t = [], [], first
-        if self.pack_capacity is not None:
-            rng = _rng(self.seed, epoch)
-            source, carry = _Order(rng.permutation(len(self.lengths))), []
+        if self.pack_capacity is not None:  # the same windows, a packer a window
+            rng, steps, shapes = _rng(self.seed, epoch), [], []
             lengths = np.minimum(self.lengths, self.pack_capacity).tolist()
-            while carry or not source.exhausted():  # `WindowPacker.windows`, a shape a window
-                shape, cap = ramps.shape(t, per), ramps.seq_length(t)
-                packer = WindowPacker(ramps.units(t, per) * n_micro, cap,
-                                      length=lambda i, cap=cap: min(lengths[i], cap))
-                window, carry = packer.window(source, carry, rng)
+            for window, _, shape in shaped_windows(
+                    _Order(rng.permutation(len(self.lengths))), [], ramps, first, full=per,
+                    multiple=n_micro, packed=True, length=lambda i, cap: min(lengths[i], cap),
+                    rng=lambda _: rng):
                 steps += window
                 shapes += [shape] * len(window)
-                t += len(window)
             return steps, shapes
-        standard = self.global_batches(epoch)
+        standard = self.global_batches(epoch)  # its order, cut again
         if self.token_budget is None:
-            items, i = [int(x) for batch in standard for x in batch], 0
-            while i < len(items):
-                n = ramps.units(t, per) * n_micro
-                steps.append(items[i:i + n])
-                shapes.append(ramps.shape(t, per))
-                i, t = i + n, t + 1
-            return steps, shapes
-        items, i = [x for step in standard for micro in step for x in micro], 0
-        while i < len(items):
-            cap, budget = ramps.seq_length(t), ramps.budget(t, self.token_budget)
-            step = []
-            while len(step) < n_micro and i < len(items):
-                micro, widest = [], 0
-                while i < len(items):  # `_budget_batches`' rule at the step's budget and length
-                    n = min(int(self.lengths[items[i]]), cap)
-                    width = round_up(max(widest, n), self.pad_to_multiple_of)
-                    if micro and (len(micro) + 1) * width > budget:
-                        break
-                    micro.append(items[i])
-                    widest, i = max(widest, n), i + 1
-                step.append(micro)
-            steps.append(step)
-            shapes.append(ramps.shape(t, self.token_budget, tokens=True))
-            t += 1
-        return steps, shapes
+            return cut_counts([int(x) for batch in standard for x in batch], ramps, first,
+                              full=per, micro_batches=n_micro)
+        return cut_budget([x for step in standard for micro in step for x in micro],
+                          self.lengths, ramps, first, budget=self.token_budget,
+                          micro_batches=n_micro, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def _ramped_epochs(self) -> list[int]:
         """The real lengths of the epochs that begin during the warm-up, from epoch 0."""
@@ -342,23 +314,15 @@ class StreamPlan:
                                   length=lambda e: min(len(e["input_ids"]), cap))
             return packer.windows(source, carry=carry,
                                   rng=lambda k: self.window_rng(first_window + k))
-        return self._shaped_windows(source, list(carry), first_window, first_step)
+        return ((steps, carry) for steps, carry, _ in shaped_windows(
+            source, list(carry), self.ramps, first_step, full=self.per_device_batch_size,
+            multiple=self.grad_accum, packed=cap is not None,
+            length=lambda e, cap: min(len(e["input_ids"]), cap),
+            rng=lambda k: self.window_rng(first_window + k)))
 
     def window_rng(self, window: int) -> np.random.Generator:
         """The generator that shuffles window number ``window`` of this process."""
         return np.random.default_rng([self.seed, self.process_index, window])
-
-    def _shaped_windows(self, source, carry: list, window: int, t: int):
-        """`windows` in a warm-up: `layout.WindowPacker.windows`, a packer a window."""
-        while carry or not source.exhausted():
-            shape = self.window_shape(t) or StepShape(self.ramps.max_length, 1.0)
-            cap = shape.length if self.pack_capacity else None
-            packer = WindowPacker(self.ramps.units(t, self.per_device_batch_size) *
-                                  self.grad_accum, cap,
-                                  length=lambda e, cap=cap: min(len(e["input_ids"]), cap))
-            steps, carry = packer.window(source, carry, self.window_rng(window))
-            yield steps, carry
-            window, t = window + 1, t + len(steps)
 
     def window_shape(self, t: int) -> StepShape | None:
         """The `shape.StepShape` of the steps of a window begun at the run's step ``t`` (None:
