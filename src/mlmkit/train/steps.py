@@ -112,12 +112,14 @@ class StaticShapes:
     def for_run(cls, cfg, shape) -> "StaticShapes | None":
         """The run's shapes under ``--torch_compile`` with packed rows (``shape``:
         `config.RunShape`), else None. Capacities: the masked positions of a full micro-batch at
-        ``mlm_probability`` with a quarter more and a margin (a binomial count stays well
-        inside); boundaries for one example per 16 tokens of each row plus its padding tail."""
+        ``mlm_probability`` (a schedule's higher end) with a quarter more and a margin (a
+        binomial count stays well inside); boundaries for one example per 16 tokens of each row
+        plus its padding tail."""
         if not cfg.torch_compile or shape.unit != "rows" or Ramps.from_config(cfg).shaped:
             return None  # (warm-ups change the rows and their length)
         rows, width = shape.micro_batch_size, cfg.max_seq_length
-        masked = round_up(math.ceil(rows * width * cfg.mlm_probability * 1.25) + 64,
+        rate = max(cfg.mlm_probability, cfg.mlm_probability_final or 0.0)  # a schedule's top
+        masked = round_up(math.ceil(rows * width * rate * 1.25) + 64,
                           POSITIONS_MULTIPLE)
         segments = round_up(rows * (width // 16 + 1) + 1, SEGMENTS_MULTIPLE)
         return cls(rows, width, masked, segments)

@@ -12,11 +12,12 @@ import torch
 
 from mlmkit.config.keys import TRAIN_BATCH_FRACTION, TRAIN_MLM_PROBABILITY, TRAIN_SEQ_LENGTH
 from mlmkit.config.parse import parse_config
+from mlmkit.config.shape import run_shape
 from mlmkit.data.corpus import Example
 from mlmkit.model.checks import load_tokenizer
 from mlmkit.model.loading import load_model
 from mlmkit.train.optim import prepare_training
-from mlmkit.train.steps import PlannedSteps, Prefetcher, RunSteps, StepPreparer
+from mlmkit.train.steps import PlannedSteps, Prefetcher, RunSteps, StaticShapes, StepPreparer
 
 SCHEDULES = ("--mlm_probability", "0.3", "--mlm_probability_final", "0.1",
              "--seq_len_warmup_steps", "12", "--seq_len_warmup_start", "32",
@@ -148,3 +149,15 @@ def test_the_lr_schedule_spans_the_steps_the_warmup_cuts(tiny_bert_dir, tokenize
     lr = run_steps.scheduler.lr_lambdas[0]
     assert lr(schedule.max_steps) == 0 < lr(schedule.max_steps - 1)
     assert schedule.epoch_at(schedule.max_steps, 1) == 2.0
+
+
+def test_a_compiled_packed_run_holds_the_schedules_highest_mask_rate():
+    """The one shape of a compiled packed run (`StaticShapes`) has room for the masked positions
+    at the schedule's higher rate; warm-ups, whose rows change, leave the shape free."""
+    def shapes(*flags):
+        cfg = parse_config(["--torch_compile", "true", "--padding", "packed", *flags])
+        return StaticShapes.for_run(cfg, run_shape(cfg, num_processes=1, on_gpu=True,
+                                                   padding="packed"))
+    rising = shapes("--mlm_probability", "0.15", "--mlm_probability_final", "0.3")
+    assert rising.masked == shapes("--mlm_probability", "0.3").masked > shapes().masked
+    assert shapes("--batch_warmup_steps", "5") is None
