@@ -3,7 +3,7 @@ of a fast run. Shared helpers (launching, in-process runs, tiny models...) are i
 
 Where a test goes: tests/unit/<stage>/test_<module>.py for src/mlmkit/<stage>/<module>.py (the
 package's layout, mirrored); tests/unit/ itself for what spans the package (the recipes run in
-this process: test_recipe.py, test_ablate_padding.py; user errors; the docs; the lock);
+this process: test_recipe.py, test_ablate.py; user errors; the docs; the lock);
 tests/integration/ only for tests that launch processes (marked ``integration``). Tests of the Slurm script submit to a real
 Slurm cluster on this machine (the ``slurm_cluster`` fixture, tests/slurm_cluster.py)."""
 
@@ -124,7 +124,7 @@ def tiny_args(tiny_bert_dir, tokenizer_path) -> list[str]:
 
 @pytest.fixture
 def ablation_yaml(tmp_path, tiny_bert_dir, tokenizer_path):
-    """An ablation YAML for recipes/ablate_padding.py: two real arms on the tiny BERT (W&B
+    """An ablation YAML for recipes/ablate.py: two real padding arms on the tiny BERT (W&B
     offline) and one that fails at run time (empty corpus: a DataError in the recipe)."""
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

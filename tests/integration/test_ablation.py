@@ -1,7 +1,8 @@
-"""The padding ablation end to end: `python recipes/ablate_padding.py --config <yaml>` launches the
-recipe per arm x seed (tiny BERT, real W&B offline), skips finished runs when re-run, carries on
-past a failed run, and writes the report (table, JSON, plots). The runner's checks and its dry
-run, in this process: tests/unit/test_ablate_padding.py."""
+"""Ablations end to end: `python recipes/ablate.py --config <yaml>` launches the recipe per arm x
+seed (tiny BERT, real W&B offline), skips finished runs when re-run, carries on past a failed run,
+and writes the report (table, JSON, plots): padding arms with the padding measurements, and arms
+of other flags (two learning rates) paired over two seeds without them. The runner's checks and
+its dry run, in this process: tests/unit/test_ablate.py."""
 
 from __future__ import annotations
 
