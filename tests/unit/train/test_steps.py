@@ -5,19 +5,31 @@ position, and an LR schedule as long as the steps the plan cuts."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
+from mlmkit.batch.collator import MaskedLMCollator
 from mlmkit.config.keys import TRAIN_BATCH_FRACTION, TRAIN_MLM_PROBABILITY, TRAIN_SEQ_LENGTH
 from mlmkit.config.parse import parse_config
 from mlmkit.config.shape import run_shape
 from mlmkit.data.corpus import Example
 from mlmkit.model.checks import load_tokenizer
 from mlmkit.model.loading import load_model
-from mlmkit.train.optim import prepare_training
-from mlmkit.train.steps import PlannedSteps, Prefetcher, RunSteps, StaticShapes, StepPreparer
+from mlmkit.train.loop import train_step
+from mlmkit.train.optim import build_scheduler, prepare_training
+from mlmkit.train.steps import (
+    PlannedSteps,
+    Prefetcher,
+    RunSteps,
+    StaticShapes,
+    StepPreparer,
+    add_masked_positions,
+)
 
 SCHEDULES = ("--mlm_probability", "0.3", "--mlm_probability_final", "0.1",
              "--seq_len_warmup_steps", "12", "--seq_len_warmup_start", "32",
@@ -48,8 +60,6 @@ def build(tiny_bert_dir, tokenizer_path, padding, *flags,
     """The recipe's steps (`RunSteps.build`) on one CPU process: 4 examples or rows of 128
     tokens per micro-batch, 2 micro-batches a step, ``length`` (30 steps), the schedules unless
     ``flags`` say otherwise."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)
     cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
                         "--padding", padding, "--max_seq_length", "128",
@@ -161,3 +171,36 @@ def test_a_compiled_packed_run_holds_the_schedules_highest_mask_rate():
     rising = shapes("--mlm_probability", "0.15", "--mlm_probability_final", "0.3")
     assert rising.masked == shapes("--mlm_probability", "0.3").masked > shapes().masked
     assert shapes("--batch_warmup_steps", "5") is None
+
+
+def test_uneven_micro_batches_give_the_token_mean_of_the_whole_step(tiny_bert_dir,
+                                                                   tokenizer_path):
+    """What a warm-up's small, uneven micro-batches rely on: a step of micro-batches of 1 and 5
+    examples has the loss and the gradient (its norm, before clipping) of one micro-batch of
+    all 6 -- the loss is divided by the step's masked tokens, not averaged per micro-batch."""
+    AcceleratorState._reset_state(True)
+    cfg = parse_config(["--config_name", tiny_bert_dir, "--tokenizer_name", tokenizer_path,
+                        "--attn_implementation", "sdpa", "--max_seq_length", "128",
+                        "--mlm_probability", "0.3", "--max_grad_norm", "1e9"])
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    training = prepare_training(cfg, accelerator, load_model(cfg, tokenizer,
+                                                             device=accelerator.device))
+    scheduler = build_scheduler(training.optimizer, cfg, 10)
+    collator = MaskedLMCollator.from_config(tokenizer, cfg, position_offset=0, padding="longest")
+    examples = Examples(tokenizer).fetch(range(6))
+    start = copy.deepcopy((training.module.state_dict(), training.optimizer.state_dict()))
+    results = []
+    for accumulation, micro in ((2, [examples[:1], examples[1:]]), (1, [examples])):
+        training.module.load_state_dict(start[0])
+        training.optimizer.load_state_dict(start[1])
+        accelerator.gradient_accumulation_steps = accumulation
+        out = train_step(accelerator, training.module, training.optimizer, scheduler,
+                         [add_masked_positions(collator(m)) for m in micro],
+                         mask_padding=True, max_grad_norm=cfg.max_grad_norm)
+        results.append([float(out[k]) for k in ("loss_sum", "masked_tokens", "grad_norm")])
+    (uneven_loss, uneven_masked, uneven_norm), (loss, masked, norm) = results
+    assert uneven_masked == masked > 20
+    assert uneven_loss == pytest.approx(loss, rel=1e-5)
+    assert uneven_norm == pytest.approx(norm, rel=1e-4)
