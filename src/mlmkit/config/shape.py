@@ -136,23 +136,26 @@ class Ramps:
     def _fraction(self, t: int) -> tuple[int, int]:
         return (t + 1, self.batch_steps) if t < self.batch_steps else (1, 1)
 
-    def units(self, t: int, full: int) -> int:
-        """Examples or rows per micro-batch of step ``t``, ``full`` of them at full shape."""
+    def units(self, t: int, full: int, length: int | None = None) -> int:
+        """Examples or rows per micro-batch of step ``t``, ``full`` of them at full shape
+        (``length``: at that length instead of the step's own, e.g. its window's)."""
         num, den = self._fraction(t)
-        return max(1, full * self.max_length * num // (self.seq_length(t) * den))
+        return max(1, full * self.max_length * num // ((length or self.seq_length(t)) * den))
 
     def budget(self, t: int, full: int) -> int:
         """The padded-token budget of a micro-batch of step ``t`` (``full`` at full shape)."""
         num, den = self._fraction(t)
         return max(1, full * num // den)
 
-    def shape(self, t: int, full: int, *, tokens: bool = False) -> StepShape:
+    def shape(self, t: int, full: int, *, tokens: bool = False,
+              length: int | None = None) -> StepShape:
         """Step ``t``'s `StepShape`: ``full`` units per micro-batch at full shape (``tokens``:
-        a token budget)."""
-        length = self.seq_length(t)
+        a token budget; ``length``: at that length, as `units`)."""
+        length = length or self.seq_length(t)
         if tokens:
             return StepShape(length, self.budget(t, full) / full)
-        return StepShape(length, self.units(t, full) / max(1, full * self.max_length // length))
+        return StepShape(length, self.units(t, full, length) /
+                         max(1, full * self.max_length // length))
 
     def mlm_probability(self, t: int) -> float:
         """The training mask rate of step ``t``."""

@@ -53,7 +53,7 @@ import numpy as np
 
 from mlmkit.batch.layout import WindowPacker, round_up
 from mlmkit.config.shape import Ramps, StepShape, micro_batch
-from mlmkit.data.warmup import cut_budget, cut_counts, shaped_windows
+from mlmkit.data.warmup import cut_budget, cut_counts, shaped_windows, window_steps
 
 MEGABATCH_MULT = 50
 
@@ -125,12 +125,12 @@ class TrainPlan:
         if self.pack_capacity is not None:  # the same windows, a packer a window
             rng, steps, shapes = _rng(self.seed, epoch), [], []
             lengths = np.minimum(self.lengths, self.pack_capacity).tolist()
-            for window, _, shape in shaped_windows(
+            for window, _, window_shapes in shaped_windows(
                     _Order(rng.permutation(len(self.lengths))), [], ramps, first, full=per,
                     multiple=n_micro, packed=True, length=lambda i, cap: min(lengths[i], cap),
                     rng=lambda _: rng):
                 steps += window
-                shapes += [shape] * len(window)
+                shapes += window_shapes
             return steps, shapes
         standard = self.global_batches(epoch)  # its order, cut again
         if self.token_budget is None:
@@ -293,9 +293,9 @@ class StreamPlan:
     `TrainPlan`), packed in rows of ``pack_capacity`` tokens or one example a unit, shuffled by
     (seed, process, window); a step is ``per_device_batch_size x grad_accum`` units of this
     process's own stream, always whole. With warm-ups (``ramps``, shaped) each window takes the
-    shape of its first step (`window_shape`), as the packed `TrainPlan`'s do: processes cut their
-    own windows, so their steps may differ in shape near a change (each still runs grad_accum
-    micro-batches, and the loss is normalised globally)."""
+    length of its first step, its steps their own batch (`step_shape`), as the packed
+    `TrainPlan`'s do: processes cut their own windows, so their lengths may differ near a change
+    (each still runs grad_accum micro-batches, and the loss is normalised globally)."""
     per_device_batch_size: int
     grad_accum: int
     process_index: int
@@ -324,12 +324,12 @@ class StreamPlan:
         """The generator that shuffles window number ``window`` of this process."""
         return np.random.default_rng([self.seed, self.process_index, window])
 
-    def window_shape(self, t: int) -> StepShape | None:
-        """The `shape.StepShape` of the steps of a window begun at the run's step ``t`` (None:
-        full steps)."""
-        if self.ramps is None or t >= self.ramps.warmup_end:
+    def step_shape(self, begins: int, k: int) -> StepShape | None:
+        """The `shape.StepShape` of step ``k`` of a window begun at the run's step ``begins``
+        (None: full steps)."""
+        if self.ramps is None:
             return None
-        return self.ramps.shape(t, self.per_device_batch_size)
+        return window_steps(self.ramps, begins, k, self.per_device_batch_size)
 
     def split(self, step: list) -> list[list]:
         """The ``grad_accum`` micro-batches of one step (see `micro_layout`)."""

@@ -8,8 +8,8 @@ resumed run cuts the same steps.
 * `cut_counts`: a sequence of examples, ``units(t) x micro-batches`` a step.
 * `cut_budget`: a sequence of examples, each micro-batch filled greedily to ``budget(t)`` padded
   tokens with lengths cropped to ``seq_length(t)`` (the token-budget plan's rule).
-* `shaped_windows`: `layout.WindowPacker`'s window loop with a packer a window, at the shape of
-  the window's first step (rows of that length when packing).
+* `shaped_windows`: `layout.WindowPacker`'s window loop with a packer a window, at the length
+  of the window's first step (rows of that length when packing), its steps cut one by one.
 """
 
 from __future__ import annotations
@@ -64,17 +64,36 @@ def cut_budget(items: list[int], lengths, ramps: Ramps, t: int, *, budget: int,
 def shaped_windows(source, carry: list, ramps: Ramps, t: int, *, full: int, multiple: int,
                    packed: bool, length: Callable[[Any, int], int],
                    rng: Callable[[int], Any]):
-    """Yield ``(steps, carry, shape)`` per window of ``source``, as `WindowPacker.windows`
-    does, each window at the shape of its first step (the run's step ``t`` for the first):
-    ``units(t, full) x multiple`` units a step, rows of ``seq_length(t)`` tokens when
-    ``packed`` (an item's tokens: ``length(item, cap)``). ``rng(k)``: the k-th window's
-    generator."""
+    """Yield ``(steps, carry, shapes)`` per window of ``source``, as `WindowPacker.windows`
+    does, each window at the length L of its first step (the run's step ``t`` for the first;
+    rows of L tokens when ``packed``, an item's tokens ``length(item, L)``), packed in steps of
+    that first step's units; its units are then cut again step by step, ``units(t', full, L) x
+    multiple`` for each step t' (the batch grows within a window), and the units past the last
+    whole step go back to the carry as items (a finite source's last window: a short last
+    step). ``rng(k)``: the k-th window's generator. `window_steps` gives a step's shape."""
     k = 0
     while carry or not source.exhausted():
-        shape = ramps.shape(t, full)
-        cap = shape.length if packed else None
-        packer = WindowPacker(ramps.units(t, full) * multiple, cap,
+        cap = ramps.seq_length(t)
+        packer = WindowPacker(ramps.units(t, full, cap) * multiple, cap if packed else None,
                               length=lambda item, cap=cap: length(item, cap))
-        steps, carry = packer.window(source, carry, rng(k))
-        yield steps, carry, shape
+        window, carry = packer.window(source, carry, rng(k))
+        units = [unit for step in window for unit in step]
+        steps, i = [], 0
+        while i < len(units):
+            n = ramps.units(t + len(steps), full, cap) * multiple
+            if i + n > len(units) and not source.exhausted():
+                back = units[i:]  # not a whole step: its examples wait for the next window
+                carry = [x for u in back for x in (u if packed else [u])] + carry
+                break
+            steps.append(units[i:i + n])
+            i += n
+        yield steps, carry, [ramps.shape(t + j, full, length=cap) for j in range(len(steps))]
         k, t = k + 1, t + len(steps)
+
+
+def window_steps(ramps: Ramps, begins: int, k: int, full: int) -> StepShape | None:
+    """The `shape.StepShape` of step ``k`` of a `shaped_windows` window begun at the run's step
+    ``begins`` (None: a window begun after the warm-up, full steps)."""
+    if begins >= ramps.warmup_end:
+        return None
+    return ramps.shape(begins + k, full, length=ramps.seq_length(begins))

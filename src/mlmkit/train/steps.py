@@ -276,11 +276,10 @@ class StreamSteps(torch.utils.data.IterableDataset):
         skip, done = self.position.step, self.position.done
         begins = done - skip  # the run's step that began the position's window
         for start, steps in self.windows():
-            shape = self.plan.window_shape(begins)
             for k, units in enumerate(steps):
                 if k >= skip:
                     done += 1
-                    yield self._prepare(units, start, k, done, shape)
+                    yield self._prepare(units, start, k, done, self.plan.step_shape(begins, k))
             skip, begins = 0, begins + len(steps)
 
     def windows(self):

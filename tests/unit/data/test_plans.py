@@ -195,9 +195,11 @@ def test_warmup_steps_follow_the_ramps_and_cover_every_example_once(kw):
             assert all(sum(min(lengths[i], shape.length) for i in row) <= shape.length
                        for row in rows)
             seen += [i for row in rows for i in row]
-            first = t - t % 4  # a window of 4 steps takes its first step's shape
-            if t < len(steps) - 4:
-                assert len(rows) == WARMUP.units(first, 4) * 4
+            # a window takes its first step's length; each step its own batch at that length
+            assert shape.length <= WARMUP.seq_length(t)
+            assert shape == WARMUP.shape(t, 4, length=shape.length)
+            if t < len(steps) - 1:
+                assert len(rows) == WARMUP.units(t, 4, shape.length) * 4
         elif "token_budget" in kw:
             budget = WARMUP.budget(t, 512)
             for mb in flat:
@@ -208,7 +210,10 @@ def test_warmup_steps_follow_the_ramps_and_cover_every_example_once(kw):
             if t < len(steps) - 1:
                 assert len(step) == WARMUP.units(t, 4) * 4
             seen += [i for mb in flat for i in mb]
-        assert shape.length == WARMUP.seq_length(t - t % 4 if "pack_capacity" in kw else t)
+        if "token_budget" in kw:
+            assert shape == WARMUP.shape(t, 512, tokens=True)
+        elif "pack_capacity" not in kw:
+            assert shape == WARMUP.shape(t, 4)
     assert sorted(seen) == list(range(300))
 
 

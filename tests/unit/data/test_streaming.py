@@ -203,9 +203,9 @@ def test_dataset_folder_streams_with_its_validation_split(tmp_path, tokenizer):
 @pytest.mark.parametrize("packed", [True, False])
 def test_stream_warmups_shape_each_window_and_resume_exactly(corpus, tokenizer, packed):
     """Length and batch warm-ups on a stream: a window (4 steps' worth, at least one chunk read)
-    takes the shape of its first step (rows of at most its length, its units per micro-batch),
-    full steps after the warm-up; from any step's position the same steps follow, at the same
-    shapes."""
+    takes the length of its first step (rows of at most that), each step its own units per
+    micro-batch at that length; full steps after the warm-up; from any step's position the
+    same steps follow, at the same shapes."""
     cfg = config("--train_file", corpus, "--streaming_eval_examples", "20",
                  "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
                  "--max_seq_length", "64", "--seq_len_warmup_steps", "12",
@@ -218,14 +218,14 @@ def test_stream_warmups_shape_each_window_and_resume_exactly(corpus, tokenizer, 
     for step in run:
         if step.position.step == 1:
             begins = step.position.done - 1  # the run's step that began the step's window
-        length = ramps.seq_length(begins)
+        length, t = ramps.seq_length(begins), step.position.done - 1
         assert step.scheduled["train/seq_length"] == length
-        assert step.scheduled["train/batch_fraction"] == ramps.shape(begins, 8).fraction
+        assert step.scheduled["train/batch_fraction"] == ramps.shape(t, 8, length=length).fraction
         shapes.add(tuple(step.scheduled.values()))
         for batch in step.micro_batches:
             assert batch["input_ids"].shape[1] <= length
             if not packed:
-                assert int(batch["num_examples"]) == ramps.units(begins, 8)
+                assert int(batch["num_examples"]) == ramps.units(t, 8, length)
     assert len(shapes) >= 3  # two windows in the warm-up at least, then full steps
     assert run[0].scheduled["train/seq_length"] == 16 and run[-1].scheduled == {
         "train/seq_length": 64, "train/batch_fraction": 1.0}
