@@ -40,6 +40,10 @@ def test_the_readme_documents_each_launch_and_what_a_cpu_user_changes():
 # tests/integration/test_readme_data_commands.py runs, or the downstream page's, which
 # tests/unit/test_recipe.py runs in process.
 DATA_LINES = ("--streaming", "--tokenized_dir", "--probe_file")
+# The recipe page's lines (their first two recipe flags), which tests/unit/test_recipe_page.py
+# runs in process: the second phase of a context extension and the starting config.
+RECIPE_PAGE_LINES = (("--model_name_or_path", "outputs/phase1/model"),
+                     ("--config", "recipes/configs/modernbert_style.yaml"))
 
 
 def test_every_launch_the_docs_show_is_one_a_test_runs():
@@ -50,5 +54,6 @@ def test_every_launch_the_docs_show_is_one_a_test_runs():
     known = {launch.text for launch in readme_launches() + single_gpu_launches()}
     for launch in launch_lines():
         data = launch.kind == "single" and launch.argv[2:3] == ["recipes/mlm.py"] and \
-            launch.argv[3:4] and launch.argv[3] in DATA_LINES
+            launch.argv[3:4] and (launch.argv[3] in DATA_LINES or
+                                  tuple(launch.argv[3:5]) in RECIPE_PAGE_LINES)
         assert launch.text in known or data, f"no test runs this documented launch: {launch.text}"

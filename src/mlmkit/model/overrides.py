@@ -97,6 +97,12 @@ def _unknown(config, key: str) -> ConfigError:
                        "or drop it.")
 
 
+def _like(old: Any, value: Any) -> Any:
+    """``value`` as a float where the config holds a float and it reads as an int (160000 for a
+    RoPE theta of 10000.0)."""
+    return float(value) if isinstance(old, float) and type(value) is int else value
+
+
 def apply_overrides(config, overrides: dict[str, Any]):
     """Set ``overrides`` (from `parse_overrides`) on ``config`` in place and return it; a
     ConfigError names an unknown key and the closest known ones."""
@@ -106,19 +112,19 @@ def apply_overrides(config, overrides: dict[str, Any]):
         if head not in _keys(config):
             raise _unknown(config, key)
         if len(parts) == 1:
-            setattr(config, head, value)
+            setattr(config, head, _like(getattr(config, head, None), value))
             continue
         root = copy.deepcopy(getattr(config, head))
         node = root
         for i, part in enumerate(parts[1:], start=1):
             if isinstance(node, dict) and part in node:
                 if i == len(parts) - 1:
-                    node[part] = value
+                    node[part] = _like(node[part], value)
                 else:
                     node = node[part]
             elif hasattr(node, "to_dict") and part in _keys(node):
                 if i == len(parts) - 1:
-                    setattr(node, part, value)
+                    setattr(node, part, _like(getattr(node, part, None), value))
                 else:
                     node = getattr(node, part)
             else:

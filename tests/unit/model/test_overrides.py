@@ -43,7 +43,8 @@ def test_nested_keys_change_modernberts_global_rope_theta(modernbert_dir):
     assert config.rope_parameters["full_attention"]["rope_theta"] == 160000.0  # transformers 5
     before = config.rope_parameters["sliding_attention"]
     apply_overrides(config, parse_overrides(f"{THETA}=320000,max_position_embeddings=1024"))
-    assert config.rope_parameters["full_attention"]["rope_theta"] == 320000
+    assert config.rope_parameters["full_attention"]["rope_theta"] == 320000.0
+    assert isinstance(config.rope_parameters["full_attention"]["rope_theta"], float)  # as held
     assert config.rope_parameters["sliding_attention"] == before  # only the key named
     assert config.max_position_embeddings == 1024
 

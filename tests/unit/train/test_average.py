@@ -195,3 +195,24 @@ def test_a_run_writes_model_avg_and_its_eval_beside_the_final_models(tmp_path, t
     assert not torch.equal(avg[key], sources[0][key])
     assert sorted(p.name for p in (out / "model_avg").iterdir()) == sorted(
         p.name for p in (out / "model").iterdir())  # config, weights, tokenizer: as model/
+
+
+def test_the_docs_command_averages_a_runs_checkpoints_and_model(tmp_path, three_models,
+                                                               monkeypatch):
+    """docs/recipe.md's `python -m mlmkit.train.average` line as written, on a run folder laid
+    out as its paths say (outputs/mlm: checkpoints 2000 and 3000, model/)."""
+    from readme_commands import readme_lines
+    (line,) = readme_lines("python -m mlmkit.train.average")
+    models, final, ckpts = three_models
+    run = tmp_path / "outputs" / "mlm"
+    run.parent.mkdir()
+    (tmp_path / "run").rename(run)
+    for old, step in zip(ckpts, (2000, 3000)):
+        (run / "checkpoints" / old.name).rename(run / "checkpoints" / f"checkpoint-{step}")
+    monkeypatch.chdir(tmp_path)
+    assert average.main(line[3:]) == 0
+    key = "bert.encoder.layer.0.output.dense.weight"
+    mean = (models[1].state_dict()[key] + models[2].state_dict()[key] +
+            models[0].to(torch.bfloat16).float().state_dict()[key]) / 3
+    assert torch.equal(load_file(run / "model_avg" / "model.safetensors")[key],
+                       mean.to(torch.bfloat16))
