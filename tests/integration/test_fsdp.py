@@ -47,6 +47,12 @@ def args(tiny_args) -> list[str]:
             "--average_checkpoints", "2"]
 
 
+def downstream(root) -> list[str]:
+    """The downstream probe (both arms) and the pseudo-perplexity, on root/docs.tsv."""
+    return ["--probe_file", str(root / "docs.tsv"), "--probe_folds", "3",
+            "--probe_mask_padding", "both", "--pseudo_perplexity_examples", "8"]
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, args):
     """(the uninterrupted FSDP2 run of 2 processes x 4 examples, its output, one process x 8):
@@ -54,12 +60,10 @@ def fsdp_run(tmp_path_factory, args):
     downstream probe (both arms) and the pseudo-perplexity, which every process takes part in."""
     root = tmp_path_factory.mktemp("fsdp")
     probe_sets(["docs", str(root), "--max_examples", "600"])
-    downstream = ["--probe_file", str(root / "docs.tsv"), "--probe_folds", "3",
-                  "--probe_mask_padding", "both", "--pseudo_perplexity_examples", "8"]
-    proc = start([*args, *downstream, "--per_device_train_batch_size", "4", "--output_dir",
+    proc = start([*args, *downstream(root), "--per_device_train_batch_size", "4", "--output_dir",
                   str(root / "fsdp2")], FSDP2)
     try:
-        run_recipe([*args, *downstream, "--per_device_train_batch_size", "8", "--output_dir",
+        run_recipe([*args, *downstream(root), "--per_device_train_batch_size", "8", "--output_dir",
                     root / "one", "--fill_mask_check", "false"], threads=1)  # the other core
     except BaseException:
         kill_tree(proc)
@@ -115,7 +119,8 @@ def test_fsdp2_matches_one_process_and_exports_the_trained_weights(fsdp_run):
 def test_fsdp2_sigkill_then_resume_is_exact(tmp_path, args, fsdp_run):
     reference, _, _ = fsdp_run
     out = tmp_path / "run"
-    cmd = [*args, "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    cmd = [*args, *downstream(reference.parent), "--per_device_train_batch_size", "4",
+           "--output_dir", str(out)]
     proc = start(cmd, FSDP2)
     wait_for_checkpoint(proc, out, 2)
     kill_tree(proc)
