@@ -127,3 +127,15 @@ def test_a_learned_position_table_cannot_stretch(tmp_path, tiny_bert_dir, tokeni
     # overrides that leave the positions alone are fine on pretrained weights
     checks.check_model_source(_cfg(tokenizer_path, "--model_name_or_path", str(saved),
                                    "--config_overrides", "hidden_dropout_prob=0.0"))
+
+
+def test_a_scratch_roberta_is_told_the_table_its_offset_needs(tmp_path, tokenizer_path):
+    """RoBERTa-style models reserve padding_idx + 1 positions: 200 tokens need a table of 202."""
+    roberta = tmp_path / "roberta"
+    tiny_model("roberta", pad_token_id=1, max_position_embeddings=130).config.save_pretrained(
+        roberta)
+    args = ["--config_name", str(roberta), "--max_seq_length", "200"]
+    with pytest.raises(ConfigError, match="--config_overrides max_position_embeddings=202"):
+        checks.load_tokenizer(_cfg(tokenizer_path, *args))
+    checks.load_tokenizer(_cfg(tokenizer_path, *args, "--config_overrides",
+                               "max_position_embeddings=202"))
