@@ -194,11 +194,15 @@ def _fill_mask_sentences(by_arm: dict[str, dict[int, RunResult]]) -> dict | None
 
 
 def _mean_curve(runs: list[RunResult]) -> dict | None:
-    """Eval loss against step, over the steps every seed evaluated: mean, min, max, x in epochs."""
+    """Eval loss against step, over the steps every seed evaluated: mean, min, max, x in epochs.
+    Each run's final eval counts as at the arm's last step (seeds of an arm may end a step
+    apart: a batch warm-up's steps depend on the examples' lengths)."""
     curves = [dict(r.eval_curve()) for r in runs]
     curves = [c for c in curves if c]
     if not curves:
         return None
+    end = max(max(c) for c in curves)
+    curves = [{**{s: v for s, v in c.items() if s != max(c)}, end: c[max(c)]} for c in curves]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     rates = [r.epochs_per_step() for r in runs if r.epochs_per_step()]
     per_step = rates[0] if rates else None

@@ -56,8 +56,9 @@ class RunResult:
         return sum(ranks) / len(ranks) if ranks else None
 
     def epochs_per_step(self) -> float | None:
-        """Epochs per optimizer step, from any train record (epoch = step / steps_per_epoch)."""
-        for r in self.records:
+        """Epochs per optimizer step, from the newest train record (epoch = step /
+        steps_per_epoch; the newest, because a batch warm-up's first steps hold less data)."""
+        for r in reversed(self.records):
             if TRAIN_LOSS in r and r.get(EPOCH) and r.get(STEP):
                 return float(r[EPOCH]) / float(r[STEP])
         return None
