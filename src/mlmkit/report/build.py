@@ -16,9 +16,12 @@ W&B. Writes into the ablation folder (or ``--output_dir``):
                   the masked word after training, and each sentence's top-1), the per-run table,
                   and the plots;
 * ``report.json`` the same numbers, machine-readable (null where a number does not exist);
-* ``eval_loss.png``, ``perplexity.png``, ``paired_delta.png``, ``throughput.png``, and in a
-  padding ablation ``pad_sensitivity.png`` (matplotlib, Agg backend; skipped with a note if
-  matplotlib is missing).
+* where the runs probed downstream (``--probe_file``, ``--pseudo_perplexity_examples``), a
+  downstream table (`report.probing`: each probe's accuracy, as users run the model and as
+  the arm was trained, and the pseudo-perplexity, per arm and seed, paired Δ vs the reference);
+* ``eval_loss.png``, ``perplexity.png``, ``paired_delta.png``, ``throughput.png``, in a
+  padding ablation ``pad_sensitivity.png``, with downstream measures ``downstream.png``
+  (matplotlib, Agg backend; skipped with a note if matplotlib is missing).
 
 A padding ablation is one whose arms differ in ``mask_padding`` (`PADDING_KEY`): the padding
 ablations' arms do, an ablation of other flags does not, and a report of it leaves the padding
@@ -48,7 +51,9 @@ from mlmkit.config.fields import PER_RUN_KEYS
 from mlmkit.config.fileio import atomic_write_text
 from mlmkit.report.render import make_plots, render_markdown
 from mlmkit.report.runs import RunResult, collect_runs
-from mlmkit.report.stats import describe, paired_difference
+from mlmkit.report.probing import summarize_downstream
+from mlmkit.report.stats import paired_difference, per_seed
+from mlmkit.report.stats import seed_stats as stats
 from mlmkit.train.tracking import (
     EVAL_AVG_LOSS,
     EVAL_LOSS,
@@ -79,17 +84,6 @@ def shown(path: Path, root: Path | None) -> str:
         return str(path.relative_to(root.resolve())) if root else str(path)
     except ValueError:
         return str(path)
-
-
-def per_seed(runs: dict[int, RunResult], fn) -> dict[int, float]:
-    """``fn`` of each seed's run, where it has a value."""
-    return {s: v for s, r in runs.items() if (v := fn(r)) is not None}
-
-
-def stats(values: dict[int, float]) -> dict:
-    """`describe` of the values, and the values per seed."""
-    return {**describe(list(values.values())),
-            "per_seed": {str(s): v for s, v in sorted(values.items())}}
 
 
 def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | None = None,
@@ -171,6 +165,7 @@ def summarize(runs: list[RunResult], plan: dict | None = None, reference: str | 
             eval_rates.values())) == 1 else None,
         "arm_differences": differences,
         "fill_mask": _fill_mask_sentences(by_arm),
+        "downstream": summarize_downstream(by_arm, reference),
         "notes": notes,
     }
 
