@@ -107,7 +107,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/collator.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py
 
-ablation: $(STAMP)
+ablation: $(STAMP) probe-data
 	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate.py \
 	    --config recipes/configs/ablation_padding.yaml $(ARGS)
 
@@ -116,7 +116,7 @@ ablation: $(STAMP)
 ablation-scratch: ablation-scratch-bert ablation-scratch-roberta
 
 SCRATCH_THREADS = $(if $(filter -j%,$(MAKEFLAGS)),1,2)
-ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP)
+ablation-scratch-bert ablation-scratch-roberta: ablation-scratch-%: $(STAMP) probe-data
 	OMP_NUM_THREADS=$(SCRATCH_THREADS) HF_HUB_OFFLINE=1 $(BIN)/python \
 	    recipes/ablate.py --config recipes/configs/ablation_scratch_$*.yaml $(ARGS)
 
@@ -134,12 +134,37 @@ clean:
 # .cache/probe-data/ and read from the archive as it is, and the embedded corpus's topic probe.
 PROBE_CACHE ?= .cache/probe-data
 PROBE_DIR   ?= probes
+# The ablations probe a seeded sample of ABLATION_PROBE_EXAMPLES snippets of each set, in
+# probes/ablation/ (docs/downstream.md: what a probe costs per eval).
+ABLATION_PROBE_EXAMPLES ?= 500
 .PHONY: probe-data
 probe-data: $(STAMP)
 	$(PIP) download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(PROBE_CACHE)
 	$(BIN)/python -m mlmkit.data.probe_sets vader \
 	    $(PROBE_CACHE)/vaderSentiment-3.3.2.tar.gz $(PROBE_DIR)
+	$(BIN)/python -m mlmkit.data.probe_sets vader $(PROBE_CACHE)/vaderSentiment-3.3.2.tar.gz \
+	    $(PROBE_DIR)/ablation --max_examples $(ABLATION_PROBE_EXAMPLES)
 	$(BIN)/python -m mlmkit.data.probe_sets docs $(PROBE_DIR)
+
+# The trained-head regime (docs/padding-ablation.md): its first phase pre-trains the 4x256 BERT
+# on the Lee news corpus, read from gensim 4.4.0's wheel (fetched by pip into .cache/corpora/)
+# into corpora/ (git-ignored), once (skipped when its model/ exists); the four padding arms then
+# continue from that model on the embedded corpus, 3 seeds; the report goes to
+# docs/ablation/trained_head.
+CORPUS_CACHE      ?= .cache/corpora
+TRAINED_HEAD_BASE := outputs/ablation_trained_head/base
+.PHONY: corpora ablation-trained-head
+corpora: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary :all: gensim==4.4.0 -d $(CORPUS_CACHE)
+	$(BIN)/python -m mlmkit.data.corpora lee $(CORPUS_CACHE) corpora
+
+ablation-trained-head: $(STAMP) probe-data corpora
+	test -f $(TRAINED_HEAD_BASE)/model/config.json || HF_HUB_OFFLINE=1 $(BIN)/accelerate launch \
+	    --config_file accelerate_configs/cpu.yaml recipes/mlm.py \
+	    --config recipes/configs/ablation_trained_head_base.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/ablate.py \
+	    --config recipes/configs/ablation_trained_head.yaml \
+	    --report_dir docs/ablation/trained_head $(ARGS)
 
 # The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link or anchor fails.
 .PHONY: docs

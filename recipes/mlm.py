@@ -34,7 +34,7 @@ if SRC.is_dir() and str(SRC) not in sys.path:  # run from a checkout without `pi
 
 from mlmkit.config.fields import MLMConfig  # noqa: E402
 from mlmkit.config.parse import parse_config  # noqa: E402
-from mlmkit.data.probe_file import load_probe_set  # noqa: E402
+from mlmkit.data.probe_file import load_probe_sets  # noqa: E402
 from mlmkit.train import tracking as M  # noqa: E402  (metric names)
 from mlmkit.train.rundir import check_output_dir, prepare_output_dir  # noqa: E402
 from mlmkit.train.runfolder import RunFolder  # noqa: E402
@@ -62,7 +62,7 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
     """One run, start to finish, in the folder this process holds the lock of."""
     folder = RunFolder(cfg.output_dir)
     resume = check_output_dir(cfg)  # a finished run or other settings -> ConfigError
-    probe_set = load_probe_set(cfg)  # --probe_file: its columns and labels -> DataError
+    probe_sets = load_probe_sets(cfg)  # --probe_file: their columns and labels -> DataError
     # Heavy imports after validation: a bad flag fails in a second, not after loading torch libs.
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -125,10 +125,10 @@ def run(cfg: MLMConfig, trackers: list[str]) -> dict:
         **decision.run_config(), "model_type": training.inner.model.config.model_type})
     log(schedule.describe(cfg, steps.shape, decision.padding, training.inner.sparse_prediction,
                           world))
-    if probe_set is not None:
+    for probe_set in probe_sets:
         log(probe_set.describe())
     evaluate = evaluation.Evaluator(accelerator, training, run_data.validation, tokenizer, cfg,
-                                    metrics_log, probe_set=probe_set)  # + downstream.py
+                                    metrics_log, probe_sets=probe_sets)  # + downstream.py
     # Last before the loop: load_state restores every process's RNG as it was at the save.
     if resume.checkpoint is not None:
         checkpoint.load_checkpoint(accelerator, resume.checkpoint)

@@ -9,13 +9,18 @@ import importlib.util
 import re
 import runpy
 import shlex
-import tempfile
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, load_script
+from helpers import ROOT, SENTENCES, load_script, run_recipe
+
+from mlmkit.data.corpora import LEE_MEMBER
+from mlmkit.data.corpora import main as corpora_main
+from mlmkit.data.probe_file import write_probe_file
 
 RUNNER = ROOT / "recipes" / "ablate.py"
 
@@ -68,7 +73,8 @@ def flags_of(line: str) -> dict[str, str]:
     """A printed launch's recipe flags after recipes/mlm.py: {name: value} (lists joined)."""
     argv = shlex.split(line)
     flags, key = {}, None
-    for token in argv[argv.index("recipes/mlm.py") + 1:]:
+    start = next(i for i, token in enumerate(argv) if token.endswith("recipes/mlm.py"))
+    for token in argv[start + 1:]:
         if token.startswith("--"):
             key = token[2:]
             flags[key] = ""
@@ -109,7 +115,108 @@ def test_the_recipe_ablation_as_make_runs_it(capsys):
         in out.err
 
 
-def test_ablate_padding_runs_the_padding_ablation(monkeypatch, capsys):
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A working folder like the checkout after `make probe-data`: recipes/ and
+    accelerate_configs/ linked, probes/ablation/ with small probe files of the real names (the
+    ablation configs probe them), the current folder."""
+    for name in ("recipes", "accelerate_configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "probes" / "ablation").mkdir(parents=True)
+    for name in ("movies", "tweets"):
+        write_probe_file(tmp_path / "probes" / "ablation" / f"{name}.tsv",
+                         [(f"{name} text {i}", "ab"[i % 2]) for i in range(20)])
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def make_recipe(target: str) -> tuple[list[str], list[str]]:
+    """A Makefile target's prerequisites and its command lines (continuations joined)."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    (found,) = re.findall(rf"^{re.escape(target)}:(.*)\n((?:\t.*\n)+)", makefile, flags=re.M)
+    return found[0].split(), [" ".join(line.split()) for line in found[1].splitlines()]
+
+
+def make_variable(name: str) -> str:
+    (value,) = re.findall(rf"^{name}\s*[:?]?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    return value
+
+
+@pytest.mark.parametrize("config", ["ablation_padding", "ablation_scratch_bert",
+                                    "ablation_scratch_roberta"])
+def test_the_padding_regimes_probe_downstream(checkout, capsys, config):
+    """Every padding regime's runs log the downstream measures: both sentiment probes of
+    `make probe-data`'s samples and the pseudo-perplexity; the arms trained without the mask are
+    also probed without it; `make`'s target writes the probes first."""
+    ablate = load_script(RUNNER)
+    assert ablate.main(["--config", f"recipes/configs/{config}.yaml", "--seeds", "0",
+                        "--dry_run"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        flags = flags_of(line)
+        arm = flags["run_name"].split("-seed")[0]
+        assert flags["probe_file"] == "probes/ablation/movies.tsv probes/ablation/tweets.tsv"
+        assert int(flags["pseudo_perplexity_examples"]) > 0
+        unmasked = flags["mask_padding"] == "false"
+        assert (flags.get("probe_mask_padding") == "both") is unmasked, arm
+    target = "ablation" if config == "ablation_padding" else "ablation-scratch-bert"
+    (rule,) = [line for line in (ROOT / "Makefile").read_text().splitlines()
+               if re.match(rf"^{target}[ :]", line)]
+    assert "probe-data" in rule.split(":")[-1].split()
+
+
+def test_the_trained_head_regime_as_make_runs_it(checkout, capsys):
+    """`make ablation-trained-head`'s commands as written, tiny: the corpus from a small wheel,
+    phase 1 (a few steps of the tiny BERT; skipped once its model/ exists), then the four padding
+    arms x 3 seeds, dry, continuing from phase 1's model/ with the probes, the report to
+    docs/ablation/trained_head."""
+    prerequisites, (phase1, phase2) = make_recipe("ablation-trained-head")
+    assert {"probe-data", "corpora"} <= set(prerequisites)
+    _, (_, corpora) = make_recipe("corpora")
+    base = make_variable("TRAINED_HEAD_BASE")
+    assert base == "outputs/ablation_trained_head/base"
+
+    # the corpus: `make corpora`'s command on a wheel of gensim's layout
+    cache = checkout / make_variable("CORPUS_CACHE")
+    cache.mkdir(parents=True)
+    with zipfile.ZipFile(cache / "gensim-4.4.0-py3-none-any.whl", "w") as z:
+        z.writestr(LEE_MEMBER, "\n".join(" ".join(SENTENCES) for _ in range(40)))
+    argv = shlex.split(corpora.replace("$(CORPUS_CACHE)", str(cache)))
+    assert argv[1:3] == ["-m", "mlmkit.data.corpora"]
+    assert corpora_main(argv[3:]) and (checkout / "corpora" / "lee_background.txt").is_file()
+    assert "lee_background.txt: 40 documents" in capsys.readouterr().out
+
+    # phase 1, once: skipped when its model/ exists
+    skip, launch = phase1.split(" || ")
+    assert skip == "test -f $(TRAINED_HEAD_BASE)/model/config.json"
+    args = shlex.split(launch.split("recipes/mlm.py", 1)[1])
+    assert args == ["--config", "recipes/configs/ablation_trained_head_base.yaml"]
+    base_config = yaml.safe_load((ROOT / args[1]).read_text())
+    assert base_config["output_dir"] == base and base_config["train_file"] == \
+        "corpora/lee_background.txt"
+    tiny = ["--config_name", "recipes/configs/models/bert-4x256", "--max_train_steps", "2",
+            "--eval_steps", "2", "--per_device_train_batch_size", "2", "--max_eval_samples", "4"]
+    run_recipe([*args, *tiny])
+    assert (checkout / base / "model" / "config.json").is_file()
+    capsys.readouterr()  # the run's own lines
+
+    # phase 2: the padding arms from phase 1's model, dry
+    argv = shlex.split(phase2.split("recipes/ablate.py", 1)[1].replace("$(ARGS)", ""))
+    assert argv == ["--config", "recipes/configs/ablation_trained_head.yaml", "--report_dir",
+                    "docs/ablation/trained_head"]
+    assert load_script(RUNNER).main([*argv, "--dry_run"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert [flags_of(line)["run_name"] for line in lines] == [
+        f"{arm}-seed{seed}" for seed in range(3)
+        for arm in ("masked", "unmasked", "packed", "packed_naive")]
+    for line in lines:
+        flags = flags_of(line)
+        assert flags["model_name_or_path"] == f"{base}/model"
+        assert flags["probe_file"] == "probes/ablation/movies.tsv probes/ablation/tweets.tsv"
+    assert "--output_dir docs/ablation/trained_head" in out.err
+
+
+def test_ablate_padding_runs_the_padding_ablation(checkout, monkeypatch, capsys):
     """`python recipes/ablate_padding.py` is recipes/ablate.py with the padding config."""
     monkeypatch.setattr(sys, "argv", ["recipes/ablate_padding.py", "--dry_run", "--seeds", "0"])
     with pytest.raises(SystemExit) as done:
@@ -140,7 +247,7 @@ def documented_runner_lines() -> list[str]:
     return lines
 
 
-def test_every_documented_runner_command_runs(capsys):
+def test_every_documented_runner_command_runs(checkout, capsys):
     """The runner lines the docs show, as written (those that launch, dry: the launches are
     tests/integration/test_ablation.py's), and the docs' example ablation YAML plans."""
     lines = documented_runner_lines()

@@ -424,6 +424,10 @@ def test_probe_file_mistakes(fails, tiny_args, tmp_path):
          "a probe needs at least 2 labels"),
         (["--probe_file", _write(tmp_path / "few.csv", "text,label\nx,a\ny,a\nz,b\n")],
          "fewer than the 5 cross-validation folds"),
+        (["--probe_file", _write(tmp_path / "x.tsv", "text\tlabel\n"),
+          _write(tmp_path / "x.csv", "text,label\n")], "two files named 'x'"),
+        (["--probe_file", _write(tmp_path / "good.csv", "text,label\n" + "x,a\ny,b\n" * 5),
+          str(tmp_path / "none.tsv")], "no such file"),  # every file checked, not the first
         (["--probe_folds", "1"], "cross-validation needs at least 2 folds"),
         (["--probe_mask_padding", "maybe"], "not a known value"),
         (["--pseudo_perplexity_examples", "-1"], "must be at least 0"),

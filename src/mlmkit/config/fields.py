@@ -238,10 +238,11 @@ class MLMConfig:
         "Evaluate every N optimizer steps (and always at the end).", bookkeeping=True))
     eval_pad_sensitivity: bool = field(default=True, metadata=_meta(
         "Log eval/loss_unmasked and eval/pad_sensitivity.", bookkeeping=True))
-    probe_file: str | None = field(default=None, metadata=_meta(
+    probe_file: list[str] = field(default_factory=list, metadata=_meta(
         "Labelled texts (.csv, .tsv or .jsonl) for a downstream probe at every eval: a "
         "logistic regression on the model's mean-pooled embeddings, cross-validated "
-        "(eval/probe_accuracy; docs/downstream.md).", bookkeeping=True))
+        "(eval/probe_accuracy; docs/downstream.md). Several files: one probe each, its metrics "
+        "named by the file's stem (eval/probe_accuracy/<stem>).", bookkeeping=True))
     probe_text_column: str = field(default="text", metadata=_meta(
         "--probe_file's column holding the text.", bookkeeping=True))
     probe_label_column: str = field(default="label", metadata=_meta(

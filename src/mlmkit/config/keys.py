@@ -13,7 +13,7 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "EVAL_PROBE_ACCURACY_STD", "EVAL_PROBE_ACCURACY_UNMASKED",
            "EVAL_PROBE_ACCURACY_UNMASKED_STD", "EVAL_PSEUDO_PERPLEXITY",
            "FIRST_EVAL_PROBE_ACCURACY", "FIRST_EVAL_PROBE_ACCURACY_UNMASKED",
-           "FIRST_EVAL_PSEUDO_PERPLEXITY", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
+           "FIRST_EVAL_PSEUDO_PERPLEXITY", "probe_key", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
            "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
            "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
            "DATA_SOURCE_TOKENS", "DATA_SOURCE_SHARE",
@@ -54,6 +54,15 @@ EVAL_PROBE_ACCURACY_STD = "eval/probe_accuracy_std"
 EVAL_PROBE_ACCURACY_UNMASKED = "eval/probe_accuracy_unmasked"
 EVAL_PROBE_ACCURACY_UNMASKED_STD = "eval/probe_accuracy_unmasked_std"
 EVAL_PSEUDO_PERPLEXITY = "eval/pseudo_perplexity"    # --pseudo_perplexity_examples: no eval masks
+
+
+def probe_key(key: str, probe: str | None = None) -> str:
+    """The name of a probe metric (`EVAL_PROBE_ACCURACY` and its kin) for one of several
+    ``--probe_file`` files: ``<key>/<probe>``, ``probe`` the file's stem (e.g.
+    ``eval/probe_accuracy/movies``); a run with one probe file logs the key itself."""
+    return key if probe is None else f"{key}/{probe}"
+
+
 EVAL_AVG_LOSS = "eval/avg_loss"                      # model_avg/ (--average_checkpoints), same
 EVAL_AVG_PERPLEXITY = "eval/avg_perplexity"          # eval masks as eval/loss, at the last step
 SYS_PEAK_MEM_GB = "sys/peak_mem_gb"

@@ -267,16 +267,25 @@ def _check_average(cfg: MLMConfig) -> None:
 
 def _check_downstream(cfg: MLMConfig) -> None:
     """The downstream probe's file (its type and that it exists; its columns and labels are read
-    by `probe_file.load_probe_set` at start) and its folds; the pseudo-perplexity's examples."""
+    by `probe_file.load_probe_sets` at start) and its folds; the pseudo-perplexity's examples."""
     if cfg.probe_folds < 2:
         _bad(cfg, "probe_folds", "cross-validation needs at least 2 folds", "pass e.g. "
              "--probe_folds 5")
     if cfg.pseudo_perplexity_examples < 0:
         _bad(cfg, "pseudo_perplexity_examples", "must be at least 0", "pass e.g. "
              "--pseudo_perplexity_examples 32 (0: off)")
-    if cfg.probe_file is None:
-        return
-    path = Path(cfg.probe_file)
+    stems = [Path(name).stem for name in cfg.probe_file]
+    for stem in stems:
+        if stems.count(stem) > 1:
+            _bad(cfg, "probe_file", f"two files named {stem!r} (a probe's metrics are named by "
+                 "its file's stem)", "rename one of them, e.g. movies.tsv and tweets.tsv")
+    for name in cfg.probe_file:
+        _check_probe_file(cfg, name)
+
+
+def _check_probe_file(cfg: MLMConfig, name: str) -> None:
+    """One --probe_file: a .csv, .tsv or .jsonl file that exists."""
+    path = Path(name)
     if path.is_dir():
         _bad(cfg, "probe_file", "is a folder, not a file", "pass one labelled-text file, e.g. "
              f"--probe_file {str(path / 'docs.tsv')!r}")
@@ -285,7 +294,7 @@ def _check_downstream(cfg: MLMConfig) -> None:
              "labelled texts as .csv, .tsv or .jsonl with a text and a label column")
     if not path.is_file():
         here = f"relative paths start from the current directory {os.getcwd()}"
-        _bad(cfg, "probe_file", "no such file", f"{_missing_fix(cfg.probe_file, here)}; "
+        _bad(cfg, "probe_file", "no such file", f"{_missing_fix(name, here)}; "
              "`python -m mlmkit.data.probe_sets docs probes` writes a demo probe, probes/docs.tsv")
 
 

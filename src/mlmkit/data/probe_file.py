@@ -5,9 +5,10 @@ A probe file is a .csv, .tsv or .jsonl file with a text column (``--probe_text_c
 ignored. Labels are classes: each distinct value is one (read as text, so ``1`` in a JSON line
 and ``"1"`` in a CSV are the same class). What makes a file unusable for a stratified k-fold
 probe -- a missing column, an empty text or label, one class only, a class with fewer examples
-than folds -- is a `DataError` naming the fix, raised by `load_probe_set` before any model
-loads. Only the standard library is used here: the recipe reads the file before the heavy
-libraries load.
+than folds -- is a `DataError` naming the fix, raised by `load_probe_sets` before any model
+loads. A run may have several probes (``--probe_file A B``), each named by its file's stem
+(`probe_name`). Only the standard library is used here: the recipe reads the files before the
+heavy libraries load.
 """
 
 from __future__ import annotations
@@ -105,12 +106,17 @@ def read_probe_file(path: str | Path, text_column: str = "text", label_column: s
     return ProbeSet(str(path), texts, labels)
 
 
-def load_probe_set(cfg) -> ProbeSet | None:
-    """The run's probe set (`read_probe_file` of ``cfg.probe_file``), or None without one."""
-    if cfg.probe_file is None:
-        return None
-    return read_probe_file(cfg.probe_file, cfg.probe_text_column, cfg.probe_label_column,
-                           cfg.probe_folds)
+def probe_name(path: str | Path) -> str:
+    """A probe's name in its metrics' names (``eval/probe_accuracy/<name>`` when a run has
+    several): its file's stem."""
+    return Path(path).stem
+
+
+def load_probe_sets(cfg) -> list[ProbeSet]:
+    """The run's probe sets (`read_probe_file` of each ``cfg.probe_file``, in order; the same
+    columns and folds for all), empty without one."""
+    return [read_probe_file(path, cfg.probe_text_column, cfg.probe_label_column, cfg.probe_folds)
+            for path in cfg.probe_file]
 
 
 def write_probe_file(path: str | Path, rows) -> int:

@@ -7,6 +7,13 @@ import math
 import os
 from pathlib import Path
 
+from mlmkit.report.probing import (
+    PLOT,
+    PLOT_TITLE,
+    downstream_lines,
+    downstream_plot,
+    downstream_sentence,
+)
 from mlmkit.train.tracking import (
     EVAL_LOSS,
     EVAL_PAD_SENSITIVITY,
@@ -52,6 +59,7 @@ def what_the_numbers_say(numbers: dict) -> list[str]:
     lines = [_paired_sentence(arm, against, d) for arm, against, d in pairs if d and d["n"]]
     if numbers.get("padding", True):  # (reports written before the key were all padding)
         lines += _padding_sentences(arms)
+    lines += downstream_sentence(numbers)
     averaged = [f"`{a}` {_f(e['eval_loss_averaged']['mean'])} "
                 f"({_f(e['eval_loss_averaged']['mean'] - e['eval_loss']['mean'], signed=True)} "
                 "vs its final weights)" for a, e in arms.items()
@@ -152,6 +160,7 @@ PLOTS = {  # file -> title (short: it must fit a narrow figure)
     "paired_delta.png": "Paired Δ final eval loss (◆ mean, bar: 95% CI, dots: seeds)",
     "pad_sensitivity.png": "Final pad sensitivity (bar: mean, dots: seeds)",
     "throughput.png": "Real tokens/s in training (bar: mean, dots: seeds)",
+    PLOT: PLOT_TITLE,  # downstream.png: only where the runs measured downstream
 }
 
 
@@ -186,6 +195,7 @@ def render_markdown(numbers: dict, plots: list[str], plot_note: str = "") -> str
     for arm, e in arms.items():
         out.append("| " + " | ".join([f"`{arm}`", str(e["n_seeds"])]
                                      + [cell(arm, e) for _, cell in columns]) + " |")
+    out += downstream_lines(numbers)
     out += ["", "## What the numbers say", ""]
     out += [f"- {line}" for line in what_the_numbers_say(numbers)] or ["- No finished runs."]
     out += _fill_mask_table(numbers.get("fill_mask"))
@@ -290,6 +300,7 @@ def make_plots(numbers: dict, out_dir: Path) -> list[str]:
     for metric, name, ylabel in bars:
         if name not in PADDING_PLOTS or numbers.get("padding", True):
             figures.bars(arms, names, colors, metric, name, ylabel)
+    downstream_plot(figures, numbers, names, colors)
 
     # every paired difference: each arm against the reference, then the extra comparisons
     pairs = [(a, ref, arms[a]["paired_delta_vs_reference"]) for a in names if a != ref]

@@ -52,3 +52,14 @@ def paired_difference(arm: dict[int, float], reference: dict[int, float]) -> dic
         t = t_quantile_975(stats["n"] - 1)
         out.update(se=se, t=t, ci95=[stats["mean"] - t * se, stats["mean"] + t * se])
     return out
+
+
+def per_seed(runs: dict, fn) -> dict[int, float]:
+    """``fn`` of each seed's run (``runs``: seed -> run), where it has a value."""
+    return {s: v for s, r in runs.items() if (v := fn(r)) is not None}
+
+
+def seed_stats(values: dict[int, float]) -> dict:
+    """`describe` of the values, and the values per seed."""
+    return {**describe(list(values.values())),
+            "per_seed": {str(s): v for s, v in sorted(values.items())}}

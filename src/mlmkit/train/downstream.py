@@ -11,7 +11,8 @@
   (`collator.model_inputs` with ``mask_padding=False``): ``eval/probe_accuracy_unmasked`` (and
   its std). Masked, a text's embedding does not depend on its batch, so those batches are
   sorted by length (less padding, same result); unmasked, it does, so they follow the file's
-  order, as a shuffled training batch would.
+  order, as a shuffled training batch would. Several files (``--probe_file A B``): one probe
+  each, named by the file's stem (`keys.probe_key`: ``eval/probe_accuracy/<stem>`` and so on).
 * ``eval/pseudo_perplexity`` (``--pseudo_perplexity_examples N``, Salazar et al., 2020): every
   real, non-special token of the first N validation examples masked in turn, one copy of the
   example per token, the copies run in batches of ``--per_device_eval_batch_size``; exp of the
@@ -40,8 +41,10 @@ from mlmkit.config.keys import (
     EVAL_PROBE_ACCURACY_UNMASKED,
     EVAL_PROBE_ACCURACY_UNMASKED_STD,
     EVAL_PSEUDO_PERPLEXITY,
+    probe_key,
 )
 from mlmkit.data.plans import eval_plan
+from mlmkit.data.probe_file import probe_name
 
 PROBE_SEED = 1234      # the folds' shuffle: the same folds for every run
 PROBE_MAX_ITER = 1000  # logistic regression (lbfgs) iterations
@@ -161,36 +164,45 @@ def pseudo_perplexity(accelerator, module, examples, collator, *, n: int,
     return math.exp(sums[0].item() / sums[1].item())
 
 
+class Probe:
+    """One probe set (`probe_file.ProbeSet`) tokenized at ``max_length``: its texts' token ids,
+    labels, order by length, and ``name`` in its metrics' names (None: the run's only probe)."""
+
+    def __init__(self, probe_set, tokenizer, max_length: int, name: str | None = None):
+        tokens = tokenizer(probe_set.texts, truncation=True, max_length=max_length)["input_ids"]
+        self.token_ids, self.labels, self.name = tokens, np.asarray(probe_set.labels), name
+        self.by_length = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+
+
 class Downstream:
     """A run's downstream measures (`__call__` at every eval, by `evaluation.Evaluator`; every
-    process calls it): the probe set (`probe_file.ProbeSet` or None) tokenized once, at
-    ``cfg.max_seq_length``; the pseudo-perplexity on the first ``cfg.pseudo_perplexity_examples``
-    of ``examples``. ``seconds``: the last call's time."""
+    process calls it): the probe sets (a list of `probe_file.ProbeSet`) tokenized once, at ``cfg.max_seq_length``, each a `Probe` named by its file's stem when there
+    are several; the pseudo-perplexity on the first ``cfg.pseudo_perplexity_examples`` of
+    ``examples``. ``seconds``: the last call's time."""
 
-    def __init__(self, accelerator, module, collator, cfg, probe_set=None, examples=None):
+    def __init__(self, accelerator, module, collator, cfg, probe_sets=(), examples=None):
         self.accelerator, self.module, self.collator, self.cfg = accelerator, module, collator, cfg
         self.examples, self.seconds = examples, 0.0
-        self.token_ids, self.labels, self.by_length = None, None, None
-        if probe_set is not None:
-            tokens = collator.tokenizer(probe_set.texts, truncation=True,
-                                        max_length=cfg.max_seq_length)["input_ids"]
-            self.token_ids, self.labels = tokens, np.asarray(probe_set.labels)
-            self.by_length = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        several = len(probe_sets) > 1
+        self.probes = [Probe(p, collator.tokenizer, cfg.max_seq_length,
+                             probe_name(p.path) if several else None) for p in probe_sets]
 
     @property
     def enabled(self) -> bool:
-        return self.token_ids is not None or bool(self.cfg.pseudo_perplexity_examples)
+        return bool(self.probes) or bool(self.cfg.pseudo_perplexity_examples)
 
-    def probe(self, mask_padding: bool) -> tuple[float, float]:
-        """(mean, std) of the probe's accuracy on embeddings with or without the mask."""
+    def probe(self, mask_padding: bool, probe: Probe | None = None) -> tuple[float, float]:
+        """(mean, std) of ``probe``'s accuracy (default: the first) on embeddings with or without
+        the mask."""
         accelerator = self.accelerator
-        features = embed(accelerator, self.module, self.token_ids, self.collator.layout,
+        probe = self.probes[0] if probe is None else probe
+        features = embed(accelerator, self.module, probe.token_ids, self.collator.layout,
                          batch_size=self.cfg.per_device_eval_batch_size,
                          mask_padding=mask_padding,
-                         order=self.by_length if mask_padding else None)
+                         order=probe.by_length if mask_padding else None)
         result = [None]
         if accelerator.is_main_process:
-            result = [probe_accuracy(features.cpu().numpy(), self.labels, self.cfg.probe_folds)]
+            result = [probe_accuracy(features.cpu().numpy(), probe.labels, self.cfg.probe_folds)]
         return broadcast_object_list(result, from_process=0)[0]
 
     def __call__(self) -> dict:
@@ -201,10 +213,11 @@ class Downstream:
         self.module.eval()
         metrics = {}
         try:
-            if self.token_ids is not None:
+            for probe in self.probes:
                 for mask_padding in ARMS_OF[self.cfg.probe_mask_padding]:
-                    mean_key, std_key = PROBE_ARMS[mask_padding]
-                    metrics[mean_key], metrics[std_key] = self.probe(mask_padding)
+                    mean_key, std_key = (probe_key(key, probe.name)
+                                         for key in PROBE_ARMS[mask_padding])
+                    metrics[mean_key], metrics[std_key] = self.probe(mask_padding, probe)
             if self.cfg.pseudo_perplexity_examples and self.examples is not None:
                 pppl = pseudo_perplexity(self.accelerator, self.module, self.examples,
                                          self.collator, n=self.cfg.pseudo_perplexity_examples,

@@ -35,6 +35,7 @@ from mlmkit.train.tracking import (
     EVAL_PROBE_ACCURACY_UNMASKED,
     EVAL_PSEUDO_PERPLEXITY,
     main_print,
+    probe_key,
 )
 
 EVAL_MASK_SEED = 1234
@@ -112,19 +113,19 @@ def pad_sensitivity(model, examples, collator, max_seq_length: int, device) -> f
 
 class Evaluator:
     """The run's eval: `evaluate` on the validation examples with `eval_collator`'s fixed
-    masks, then the downstream measures (`downstream.Downstream`: ``probe_set``, a
-    `probe_file.ProbeSet` or None, and ``--pseudo_perplexity_examples``), logged at a step
+    masks, then the downstream measures (`downstream.Downstream`: ``probe_sets``, a list of
+    `probe_file.ProbeSet`, and ``--pseudo_perplexity_examples``), logged at a step
     (`tracking.MetricsLog`) with one line; every process calls it. ``training``: a
     `optim.Training`."""
 
     def __init__(self, accelerator, training, examples, tokenizer, cfg, metrics_log,
-                 probe_set=None):
+                 probe_sets=()):
         self.accelerator, self.module, self.examples = accelerator, training.module, examples
         self.collator = eval_collator(tokenizer, cfg, position_offset=training.position_offset,
                                       attn_implementation=training.attn_implementation)
         self.cfg, self.metrics_log = cfg, metrics_log
         self.downstream = Downstream(accelerator, training.module, self.collator, cfg,
-                                     probe_set, examples)
+                                     probe_sets, examples)
 
     def __call__(self, step: int) -> dict:
         cfg = self.cfg
@@ -138,8 +139,11 @@ class Evaluator:
         line = f"eval @ step {step}: loss {metrics[EVAL_LOSS]:.4f}, " \
                f"perplexity {metrics[EVAL_PERPLEXITY]:.2f}"
         for key, name, digits in DOWNSTREAM_LINE:
-            if key in metrics:
-                line += f", {name} {metrics[key]:.{digits}f}"
+            for probe in self.downstream.probes if key != EVAL_PSEUDO_PERPLEXITY else [None]:
+                named = probe_key(key, probe.name) if probe is not None else key
+                if named in metrics:
+                    label = name if probe is None or probe.name is None else f"{name} {probe.name}"
+                    line += f", {label} {metrics[named]:.{digits}f}"
         if self.downstream.enabled:
             line += f" (downstream {self.downstream.seconds:.1f} s)"
         main_print(self.accelerator)(line)

@@ -270,9 +270,10 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
                TRAIN_MFU: None, TRAIN_PEAK_TFLOPS: peak_tflops,  # None: peak unknown
                **total.rates(num_processes, peak_tflops),      # whole-run throughput
                NUM_PROCESSES: num_processes}
-    for key, first in FIRST_DOWNSTREAM.items():  # where the step-0 eval measured it
-        if key in state.first_eval:
-            summary[first] = state.first_eval[key]
+    for key, value in state.first_eval.items():  # where the step-0 eval measured it (several
+        base = key if key in FIRST_DOWNSTREAM else key.rpartition("/")[0]  # probes: key/<stem>)
+        if base in FIRST_DOWNSTREAM:
+            summary[FIRST_DOWNSTREAM[base] + key[len(base):]] = value
     for part in parts:
         summary.update(part)
     if fill_mask:

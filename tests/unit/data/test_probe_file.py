@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from mlmkit.config.errors import DataError
-from mlmkit.data.probe_file import read_probe_file, write_probe_file
+from mlmkit.config.fields import MLMConfig
+from mlmkit.data.probe_file import load_probe_sets, probe_name, read_probe_file, write_probe_file
 
 ROWS = [('She said "fine",\tthen\nleft.', "b"), ("plain text", "a"), ("more, text", "a"),
         ("other", "b")]
@@ -63,3 +64,15 @@ def test_too_few_per_label_suggests_the_folds_that_fit(tmp_path):
     with pytest.raises(DataError, match="pass --probe_folds 3"):
         read_probe_file(path, folds=5)
     assert read_probe_file(path, folds=3).counts() == {"a": 9, "b": 3}
+
+
+def test_a_run_loads_every_probe_file_in_order(tmp_path):
+    """--probe_file A B: one probe set each, in order, named by the file's stem; none: empty."""
+    paths = [tmp_path / "movies.tsv", tmp_path / "tweets.jsonl"]
+    for path in paths:
+        write_probe_file(path, ROWS)
+    cfg = MLMConfig(probe_file=[str(p) for p in paths], probe_folds=2)
+    sets = load_probe_sets(cfg)
+    assert [probe_name(s.path) for s in sets] == ["movies", "tweets"]
+    assert all(s.counts() == {"a": 2, "b": 2} for s in sets)
+    assert load_probe_sets(MLMConfig()) == []

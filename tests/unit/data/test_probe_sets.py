@@ -97,4 +97,7 @@ def test_make_probe_data_fetches_the_pinned_sdist_and_writes_probes():
     assert "-m mlmkit.data.probe_sets vader .cache/probe-data/vaderSentiment-3.3.2.tar.gz " \
            "probes" in dry.replace("\\\n    ", "")
     assert "-m mlmkit.data.probe_sets docs probes" in dry
+    # the ablations' seeded samples (recipes/configs/ablation_*.yaml probe them)
+    assert "-m mlmkit.data.probe_sets vader .cache/probe-data/vaderSentiment-3.3.2.tar.gz " \
+           "probes/ablation --max_examples 500" in dry.replace("\\\n    ", "")
     assert "/probes/" in (ROOT / ".gitignore").read_text().splitlines()

@@ -154,7 +154,9 @@ def test_report_from_run_folders(ablation):
     saved = json.loads((ablation / "report.json").read_text())
     assert saved["arms"]["unmasked"]["eval_loss"]["per_seed"] == pytest.approx(
         {"0": 3.05, "1": 3.20, "2": 2.98})
-    for name in PLOTS:
+    assert sorted(numbers["plots"]) == sorted(set(PLOTS) - {"downstream.png"})  # none measured
+    assert numbers["downstream"] == [] and "## Downstream" not in md
+    for name in numbers["plots"]:
         png = ablation / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
 
@@ -288,8 +290,70 @@ def test_committed_reports_still_render(report):
     numbers = json.loads((folder / "report.json").read_text())
     md = render_markdown(numbers, numbers["plots"])
     assert md.startswith("# Padding ablation report: ")
+    assert "## Downstream" not in md and "Downstream" not in md  # measured none: no columns
     assert "eval loss, mask withheld" in md and "Pad sensitivity (mean" in md
     for arm in ("masked", "unmasked", "packed", "packed_naive"):
         assert f"| `{arm}` | {numbers['arms'][arm]['n_seeds']} |" in md
     plan = json.loads((folder / PLAN_FILE).read_text())
     assert plan["reference"] == "masked" and len(plan["runs"]) == len(numbers["runs"])
+
+
+# Final downstream values per arm and seed (two probes, each arm's unmasked accuracy, PPPL).
+# Hand computation of the paired differences vs `masked`, movies probe accuracy:
+#   unmasked: d = (-0.02, -0.04, -0.03): mean -0.03, sd 0.01, se 0.01/sqrt(3) = 0.0057735
+#             half-width 4.302653 * 0.0057735 = 0.0248414 -> CI [-0.0548414, -0.0051586]
+#   as trained (unmasked's unmasked accuracy 0.70, 0.71, 0.69 vs masked's masked 0.80, 0.82,
+#   0.81): d = (-0.10, -0.11, -0.12): mean -0.11, same sd -> CI [-0.1348414, -0.0851586]
+DOWNSTREAM = {"masked": {0: (0.80, 0.60, 20.0), 1: (0.82, 0.61, 21.0), 2: (0.81, 0.62, 22.0)},
+              "unmasked": {0: (0.78, 0.60, 25.0), 1: (0.78, 0.59, 26.0), 2: (0.78, 0.63, 24.0)}}
+UNMASKED_MOVIES = {"masked": {0: 0.5, 1: 0.5, 2: 0.5}, "unmasked": {0: 0.70, 1: 0.71, 2: 0.69}}
+
+
+def test_report_with_downstream_measures(tmp_path):
+    """Runs that probed two files (--probe_file movies.tsv tweets.tsv, --probe_mask_padding both)
+    and measured the pseudo-perplexity: per arm and seed each probe's accuracy as users run the
+    model, as the arm was trained, and the PPPL, with paired Δ vs the reference; a table, a
+    sentence, downstream.png and report.json carry them."""
+    root = tmp_path / "abl"
+    for arm, per_seed in DOWNSTREAM.items():
+        for seed, (movies, tweets, pppl) in per_seed.items():
+            folder = root / arm / f"seed{seed}"
+            write_run(folder, arm, seed, 3.0 + seed / 10)
+            summary = json.loads((folder / "summary.json").read_text())
+            summary.update({
+                M.probe_key(M.EVAL_PROBE_ACCURACY, "movies"): movies,
+                M.probe_key(M.EVAL_PROBE_ACCURACY_UNMASKED, "movies"): UNMASKED_MOVIES[arm][seed],
+                M.probe_key(M.EVAL_PROBE_ACCURACY, "tweets"): tweets,
+                M.probe_key(M.EVAL_PROBE_ACCURACY_UNMASKED, "tweets"): tweets - 0.05,
+                M.EVAL_PSEUDO_PERPLEXITY: pppl})
+            (folder / "summary.json").write_text(json.dumps(summary))
+    numbers = R.build_report(root, reference="masked")
+    measures = {m["name"]: m for m in numbers["downstream"]}
+    assert list(measures) == ["probe_accuracy/movies", "probe_accuracy/movies/as_trained",
+                              "probe_accuracy/tweets", "probe_accuracy/tweets/as_trained",
+                              "pseudo_perplexity"]
+    movies = measures["probe_accuracy/movies"]["arms"]
+    assert movies["masked"]["per_seed"] == pytest.approx({"0": 0.80, "1": 0.82, "2": 0.81})
+    assert movies["masked"]["paired_delta_vs_reference"] is None
+    d = movies["unmasked"]["paired_delta_vs_reference"]
+    assert d["mean"] == pytest.approx(-0.03)
+    assert d["ci95"] == pytest.approx([-0.0548414, -0.0051586], abs=1e-6)
+    trained = measures["probe_accuracy/movies/as_trained"]["arms"]
+    assert trained["masked"]["per_seed"] == movies["masked"]["per_seed"]  # trained masked
+    assert trained["unmasked"]["per_seed"] == pytest.approx({"0": 0.70, "1": 0.71, "2": 0.69})
+    d = trained["unmasked"]["paired_delta_vs_reference"]
+    assert d["ci95"] == pytest.approx([-0.1348414, -0.0851586], abs=1e-6)
+    assert measures["pseudo_perplexity"]["arms"]["unmasked"]["paired_delta_vs_reference"][
+        "mean"] == pytest.approx(4.0)
+
+    md = (root / "report.md").read_text()
+    assert "## Downstream" in md
+    assert "| probe accuracy, movies | `unmasked` | 3 | 0.7800 ± 0.0000 | 0.7800, 0.7800, " \
+           "0.7800 | -0.0300 [-0.0548, -0.0052] |" in md
+    assert "| probe accuracy as trained, movies | `masked` | 3 |" in md
+    assert "| pseudo-perplexity | `unmasked` | 3 | 25.00 ± 1.00 |" in md
+    assert "whose 95% interval excludes 0: probe accuracy, movies: `unmasked` -0.03" in md
+    assert "downstream.png" in numbers["plots"] and (root / "downstream.png").stat().st_size > 5000
+    saved = json.loads((root / "report.json").read_text())
+    assert saved["downstream"][0]["arms"]["unmasked"]["per_seed"] == pytest.approx(
+        {"0": 0.78, "1": 0.78, "2": 0.78})

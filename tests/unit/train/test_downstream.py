@@ -117,10 +117,10 @@ def test_pseudo_perplexity_is_the_hand_computed_one(accelerator, module, tokeniz
 def test_downstream_logs_what_the_flags_ask_for(accelerator, module, tokenizer, arms, keys):
     texts = [f"{s} {w}" for s in SENTENCES[:4] for w in ("cats", "dogs", "birds")]
     probe = ProbeSet("p.tsv", texts, [t.split()[-1] for t in texts])
-    cfg = MLMConfig(probe_file="p.tsv", probe_folds=2, probe_mask_padding=arms,
+    cfg = MLMConfig(probe_file=["p.tsv"], probe_folds=2, probe_mask_padding=arms,
                     pseudo_perplexity_examples=2 if arms == "both" else 0)
     module.train()
-    metrics = Downstream(accelerator, module, eval_collator(tokenizer, cfg), cfg, probe,
+    metrics = Downstream(accelerator, module, eval_collator(tokenizer, cfg), cfg, [probe],
                          examples_of(SENTENCES, tokenizer))()
     assert sorted(metrics) == sorted(keys)
     assert module.training  # left as it was found
@@ -129,3 +129,22 @@ def test_downstream_logs_what_the_flags_ask_for(accelerator, module, tokenizer, 
             assert 0 <= metrics[key] <= 1
     assert Downstream(accelerator, module, eval_collator(tokenizer, MLMConfig()),
                       MLMConfig())() == {}  # neither asked for: nothing runs
+
+
+def test_several_probes_are_named_by_their_files_stems(accelerator, module, tokenizer):
+    """--probe_file A B: one probe each, its metrics `<key>/<stem>`; the first probe's numbers are
+    the ones it gets alone (the unsuffixed names of a single file)."""
+    texts = [f"{s} {w}" for s in SENTENCES[:4] for w in ("cats", "dogs", "birds")]
+    animals = ProbeSet("probes/animals.tsv", texts, [t.split()[-1] for t in texts])
+    lengths = ProbeSet("other/lengths.csv", texts, [str(len(t) % 2) for t in texts])
+    cfg = MLMConfig(probe_file=["a", "b"], probe_folds=2, probe_mask_padding="both")
+    collator = eval_collator(tokenizer, cfg)
+    metrics = Downstream(accelerator, module, collator, cfg, [animals, lengths])()
+    assert sorted(metrics) == sorted(
+        M.probe_key(key, name) for name in ("animals", "lengths")
+        for key in (M.EVAL_PROBE_ACCURACY, M.EVAL_PROBE_ACCURACY_STD,
+                    M.EVAL_PROBE_ACCURACY_UNMASKED, M.EVAL_PROBE_ACCURACY_UNMASKED_STD))
+    assert M.probe_key(M.EVAL_PROBE_ACCURACY, "animals") == "eval/probe_accuracy/animals"
+    alone = Downstream(accelerator, module, collator, cfg, [animals])()
+    for key in (M.EVAL_PROBE_ACCURACY, M.EVAL_PROBE_ACCURACY_UNMASKED):
+        assert metrics[M.probe_key(key, "animals")] == pytest.approx(alone[key])
