@@ -282,14 +282,18 @@ def test_schedules_log_each_steps_values_and_resume_exactly_mid_warmup(tmp_path,
     """The mask-rate schedule and the length and batch warm-ups: every log line carries the
     newest step's train/mlm_probability, train/seq_length and train/batch_fraction (the pure
     functions of the step, `shape.Ramps`), and a run resumed from its step-3 checkpoint, in the
-    middle of all three, trains the very same steps to the same losses."""
+    middle of all three, trains the very same steps to the same losses. The rest of the
+    2024-26 recipe rides along (StableAdamW, the WSD schedule's 1-sqrt decay, averaged
+    checkpoints), so one tiny run has every option: model_avg/ scored in summary.json."""
     out = tmp_path / "run"
     args = [*tiny_args, "--padding", "longest", "--max_seq_length", "128",
             "--per_device_train_batch_size", "8", "--max_train_steps", "8", "--logging_steps",
             "1", "--checkpointing_steps", "3", "--max_train_samples", "300",
             "--mlm_probability", "0.3", "--mlm_probability_final", "0.15",
             "--seq_len_warmup_steps", "6", "--seq_len_warmup_start", "32",
-            "--batch_warmup_steps", "5", "--output_dir", out]
+            "--batch_warmup_steps", "5", "--optimizer", "stable_adamw",
+            "--lr_scheduler_type", "warmup_stable_decay", "--lr_decay_type", "1-sqrt",
+            "--average_checkpoints", "2", "--output_dir", out]
     run = run_recipe(args)
     assert "mask rate 0.3 -> 0.15, length 32 -> 128 over 6 steps, batch warm-up over 5" in \
         run.stdout
@@ -312,6 +316,9 @@ def test_schedules_log_each_steps_values_and_resume_exactly_mid_warmup(tmp_path,
     assert train_losses(out) == losses
     assert [r[M.TRAIN_MLM_PROBABILITY] for r in read_metrics(out) if M.TRAIN_LOSS in r] == [
         ramps.mlm_probability(t) for t in range(8)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "model_avg").is_dir() and summary[M.AVERAGED_CHECKPOINTS] == [6, 8]
+    assert math.isfinite(summary[M.EVAL_AVG_LOSS])
 
 
 # ------------------------------------------------------------------------------ speed options
