@@ -83,7 +83,7 @@ def flags_of(line: str) -> dict[str, str]:
     return flags
 
 
-def test_the_recipe_ablation_as_make_runs_it(capsys):
+def test_the_recipe_ablation_as_make_runs_it(checkout, capsys):
     """`make ablation-recipe`'s command, dry: 3 seeds x {classic, modern}, every flag of the
     2024-26 recipe accepted by the recipe's parser, both arms evaluated at 15% masking."""
     makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
