@@ -176,8 +176,9 @@ class Probe:
 
 class Downstream:
     """A run's downstream measures (`__call__` at every eval, by `evaluation.Evaluator`; every
-    process calls it): the probe sets (a list of `probe_file.ProbeSet`) tokenized once, at ``cfg.max_seq_length``, each a `Probe` named by its file's stem when there
-    are several; the pseudo-perplexity on the first ``cfg.pseudo_perplexity_examples`` of
+    process calls it): the probe sets (a list of `probe_file.ProbeSet`) tokenized once, at
+    ``cfg.max_seq_length``, each a `Probe` named by its file's stem when there are several; the
+    pseudo-perplexity on the first ``cfg.pseudo_perplexity_examples`` of
     ``examples``. ``seconds``: the last call's time."""
 
     def __init__(self, accelerator, module, collator, cfg, probe_sets=(), examples=None):
