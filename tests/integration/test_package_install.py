@@ -25,9 +25,18 @@ from helpers import save_tiny_model
 from readme_commands import collator_examples
 
 ROOT = Path(__file__).resolve().parents[2]
-# What a build or a run leaves in a checkout (as .gitignore has it): not part of the source.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "build", "dist", "*.egg-info",
-                                    "outputs", "runs", "wandb", ".pytest_cache", ".cache")
+
+
+def copy_source(dest: Path) -> None:
+    """The checkout's source files (git's tracked and untracked-but-not-ignored files) into
+    ``dest``: nothing a build, a run or another test leaves in the checkout (.gitignore), which
+    may appear or vanish while it is copied."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 120) -> str:
@@ -41,7 +50,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 120) -> str:
 
 def test_pip_install_then_the_readme_example_outside_the_checkout(tmp_path, tokenizer_path):
     source = tmp_path / "mlmkit-src"
-    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    copy_source(source)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -98,7 +107,7 @@ def test_the_lean_install_imports_the_collator_without_the_recipes_packages(tmp_
     requirements are torch and transformers only, and `from mlmkit import MaskedLMCollator`
     collates a batch with none of those packages importable."""
     source = tmp_path / "mlmkit-src"
-    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    copy_source(source)
     site = Path(sysconfig.get_paths()["purelib"])
     lean = tmp_path / "lean-site"
     lean.mkdir()
