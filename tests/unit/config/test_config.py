@@ -96,8 +96,8 @@ def test_bookkeeping_and_per_run_keys_are_pinned():
         "eval_pad_sensitivity", "eval_steps", "fill_mask_check", "logging_steps", "output_dir",
         "overwrite_cache", "overwrite_output_dir", "peak_tflops", "preprocessing_num_workers",
         "probe_file", "probe_folds", "probe_label_column", "probe_mask_padding",
-        "probe_text_column", "progress_bar", "pseudo_perplexity_examples", "report_to", "resume_from_checkpoint", "run_name", "save_total_limit",
-        "skip_nonfinite_steps",
+        "probe_text_column", "progress_bar", "pseudo_perplexity_examples", "report_to",
+        "resume_from_checkpoint", "run_name", "save_total_limit", "skip_nonfinite_steps",
         "wandb_group", "wandb_project", "wandb_tags"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint",
                             "run_name", "seed", "wandb_tags"}
