@@ -51,4 +51,5 @@ args = TrainingArguments("swap-out", max_steps=3, per_device_train_batch_size=8,
                          remove_unused_columns=False, seed=0)
 trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
 trainer.train()
-print(f"trained {trainer.state.global_step} steps, loss {trainer.state.log_history[-1]['train_loss']:.3f}")
+loss = trainer.state.log_history[-1]["train_loss"]
+print(f"trained {trainer.state.global_step} steps, loss {loss:.3f}")

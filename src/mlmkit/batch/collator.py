@@ -261,7 +261,8 @@ class MaskedLMCollator:
         options = dict(
             mlm_probability=cfg.mlm_probability, mask_replace_prob=cfg.mask_replace_prob,
             random_replace_prob=cfg.random_replace_prob, whole_word_mask=cfg.whole_word_mask,
-            span_masking=cfg.span_masking, drop_keys=True, padding=cfg.padding, max_length=cfg.max_seq_length,
+            span_masking=cfg.span_masking, drop_keys=True, padding=cfg.padding,
+            max_length=cfg.max_seq_length,
             pad_to_multiple_of=cfg.pad_to_multiple_of, seed=cfg.seed,
             attn_implementation=attn_implementation or cfg.attn_implementation or "sdpa",
             position_offset=position_offset, return_counts=True)
@@ -372,7 +373,7 @@ class MaskedLMCollator:
     def _laid_out_then_masked(self, ex: Examples, rows) -> dict[str, Any]:
         """A subclass's `torch_mask_tokens` on the laid-out batch: specials, hidden tokens and
         padding (every position the layout gives no label) are what it must not pick."""
-        candidates = torch.where(ex.special, -100, ex.ids)  # (N,): the positions that may be targets
+        candidates = torch.where(ex.special, -100, ex.ids)  # (N,): the possible targets
         batch = self.layout(ex.ids, candidates, ex.lengths, rows, ex.per_token, ex.hidden)
         blocked = batch["labels"] == -100  # specials and padding, in the batch's layout
         if not self.mlm:

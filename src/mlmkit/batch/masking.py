@@ -313,7 +313,8 @@ class Masker:
             if self.span_masking:  # the unit draws become the chosen words: 0 chosen, 1 not
                 sizes = word_sizes[first_word:first_word + w].tolist()
                 chosen = span_words(sizes, self.mlm_probability, gen)
-                select_u[-1] = torch.ones(w).index_fill_(0, torch.tensor(chosen, dtype=torch.long), 0.0)
+                chosen_t = torch.tensor(chosen, dtype=torch.long)
+                select_u[-1] = torch.ones(w).index_fill_(0, chosen_t, 0.0)
                 first_word += w
         select = torch.cat(select_u)  # (W_total,) or (N,)
         action = torch.cat(action_u)  # (N,)
