@@ -282,15 +282,16 @@ def test_report_of_other_flags_leaves_the_padding_measurements_out(tmp_path):
 
 
 @pytest.mark.parametrize("report", ["ablation", "ablation/scratch/bert",
-                                    "ablation/scratch/roberta"])
+                                    "ablation/scratch/roberta", "ablation/trained_head"])
 def test_committed_reports_still_render(report):
-    """The reports under docs/ (written before the padding key existed) render as padding
-    reports: every arm's row with the padding columns, and the plan they came with still reads."""
+    """The padding reports under docs/ (some written before the padding key or the downstream
+    measures existed) render as padding reports: every arm's row with the padding columns, a
+    Downstream table exactly where the runs measured it, and the plan they came with reads."""
     folder = ROOT / "docs" / report
     numbers = json.loads((folder / "report.json").read_text())
     md = render_markdown(numbers, numbers["plots"])
     assert md.startswith("# Padding ablation report: ")
-    assert "## Downstream" not in md and "Downstream" not in md  # measured none: no columns
+    assert ("## Downstream" in md) == bool(numbers.get("downstream"))  # none measured: none
     assert "eval loss, mask withheld" in md and "Pad sensitivity (mean" in md
     for arm in ("masked", "unmasked", "packed", "packed_naive"):
         assert f"| `{arm}` | {numbers['arms'][arm]['n_seeds']} |" in md
