@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from mlmkit.config.errors import ConfigError, DataError
+from mlmkit.config.errors import ConfigError, DataError, error_line
 
-
-def error_line(err: BaseException) -> str:
-    """``mlmkit: error: <message>`` on one line (a message's own line breaks become spaces), so
-    that the error and its ``Fix:`` stay together in a log that interleaves processes."""
-    return "mlmkit: error: " + " ".join(part.strip() for part in str(err).splitlines()
-                                        if part.strip())
+__all__ = ["error_line", "run_cli"]
 
 
 def run_cli(main) -> None:

@@ -19,7 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from mlmkit.config.errors import ConfigError, DataError
+from mlmkit.config.errors import ConfigError, DataError, exit_status
 from mlmkit.config.fileio import atomic_write_text
 
 GENSIM_WHEEL = "gensim-4.4.0-*.whl"
@@ -78,13 +78,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def cli(argv: list[str] | None = None) -> int:
     """`main` as a command: a ConfigError or DataError is one ``mlmkit: error:`` line (with its
-    fix) and exit status 2, as the recipe's."""
-    try:
-        main(argv)
-    except (ConfigError, DataError) as err:
-        print(f"mlmkit: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    fix) and exit status 2, as the recipe's (`errors.exit_status`)."""
+    return exit_status(main, argv)
 
 
 if __name__ == "__main__":

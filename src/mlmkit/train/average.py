@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlmkit.config.errors import ConfigError
+from mlmkit.config.errors import ConfigError, exit_status
 from mlmkit.config.fields import MLMConfig
 from mlmkit.config.fileio import fsync_tree
 from mlmkit.config.keys import (
@@ -333,11 +333,7 @@ def config_folder(sources: list[Path], config_from: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 when written; 2 after one ``mlmkit: error: ... Fix: ...`` line (nothing
     written) for a mistake of the user's."""
-    try:
-        return _command(argv)
-    except ConfigError as err:
-        print(f"mlmkit: error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(_command, argv)
 
 
 def _command(argv: list[str] | None) -> int:
