@@ -166,6 +166,17 @@ ablation-trained-head: $(STAMP) probe-data corpora
 	    --config recipes/configs/ablation_trained_head.yaml \
 	    --report_dir docs/ablation/trained_head $(ARGS)
 
+# The committed padding regimes side by side (docs/ablation/regimes.md), from their report.json
+# files: run after any of them is rebuilt. LABEL=FOLDER per regime.
+REGIMES := "MiniLM-L6 pretrained, new head, 1 epoch=docs/ablation" \
+    "BERT 4×256 from scratch, 2 epochs=docs/ablation/scratch/bert" \
+    "RoBERTa-style 4×256 from scratch, 2 epochs=docs/ablation/scratch/roberta" \
+    "BERT 4×256, trained head, continued 2 epochs=docs/ablation/trained_head"
+
+.PHONY: ablation-regimes
+ablation-regimes: $(STAMP)
+	$(BIN)/python -m mlmkit.report.across $(REGIMES) --output docs/ablation/regimes.md
+
 # The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link or anchor fails.
 .PHONY: docs
 docs: $(STAMP)

@@ -100,7 +100,7 @@ def _cell(value, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _delta_cell(d: dict | None, digits: int) -> str:
+def delta_cell(d: dict | None, digits: int) -> str:
     if not d or not d.get("n"):
         return "n/a"
     ci = (f" [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]" if d["ci95"]
@@ -130,7 +130,7 @@ def downstream_lines(numbers: dict) -> list[str]:
                 continue
             sd = f" ± {entry['sd']:.{digits}f}" if entry["sd"] is not None else ""
             seeds = ", ".join(f"{v:.{digits}f}" for v in entry["per_seed"].values())
-            delta = "(reference)" if arm == ref else _delta_cell(
+            delta = "(reference)" if arm == ref else delta_cell(
                 entry["paired_delta_vs_reference"], digits)
             out.append(f"| {measure['label']} | `{arm}` | {entry['n']} | "
                        f"{_cell(entry['mean'], digits)}{sd} | {seeds} | {delta} |")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 import yaml
 from helpers import ROOT
 
+from mlmkit.report import across as A
 from mlmkit.report import build as R
 from mlmkit.report import stats as S
 from mlmkit.report.render import PLOTS, render_markdown
@@ -310,12 +312,9 @@ DOWNSTREAM = {"masked": {0: (0.80, 0.60, 20.0), 1: (0.82, 0.61, 21.0), 2: (0.81,
 UNMASKED_MOVIES = {"masked": {0: 0.5, 1: 0.5, 2: 0.5}, "unmasked": {0: 0.70, 1: 0.71, 2: 0.69}}
 
 
-def test_report_with_downstream_measures(tmp_path):
-    """Runs that probed two files (--probe_file movies.tsv tweets.tsv, --probe_mask_padding both)
-    and measured the pseudo-perplexity: per arm and seed each probe's accuracy as users run the
-    model, as the arm was trained, and the PPPL, with paired Δ vs the reference; a table, a
-    sentence, downstream.png and report.json carry them."""
-    root = tmp_path / "abl"
+def write_downstream_runs(root):
+    """The DOWNSTREAM runs' folders under ``root``: final losses 3.0, 3.1, 3.2 by seed in both
+    arms, and the probes' and pseudo-perplexity's final values in summary.json."""
     for arm, per_seed in DOWNSTREAM.items():
         for seed, (movies, tweets, pppl) in per_seed.items():
             folder = root / arm / f"seed{seed}"
@@ -328,6 +327,16 @@ def test_report_with_downstream_measures(tmp_path):
                 M.probe_key(M.EVAL_PROBE_ACCURACY_UNMASKED, "tweets"): tweets - 0.05,
                 M.EVAL_PSEUDO_PERPLEXITY: pppl})
             (folder / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+
+def test_report_with_downstream_measures(tmp_path):
+    """Runs that probed two files (--probe_file movies.tsv tweets.tsv, --probe_mask_padding both)
+    and measured the pseudo-perplexity: per arm and seed each probe's accuracy as users run the
+    model, as the arm was trained, and the PPPL, with paired Δ vs the reference; a table, a
+    sentence, downstream.png and report.json carry them."""
+    root = write_downstream_runs(tmp_path / "abl")
     numbers = R.build_report(root, reference="masked")
     measures = {m["name"]: m for m in numbers["downstream"]}
     assert list(measures) == ["probe_accuracy/movies", "probe_accuracy/movies/as_trained",
@@ -358,3 +367,58 @@ def test_report_with_downstream_measures(tmp_path):
     saved = json.loads((root / "report.json").read_text())
     assert saved["downstream"][0]["arms"]["unmasked"]["per_seed"] == pytest.approx(
         {"0": 0.78, "1": 0.78, "2": 0.78})
+
+
+def test_regimes_side_by_side(tmp_path, ablation, capsys):
+    """`python -m mlmkit.report.across`: one row per report, report.json's paired differences
+    with their intervals and seeds above zero (bold where the interval excludes 0), a downstream
+    table only for the regimes that measured it, and each row linked to its report.md."""
+    R.build_report(ablation)
+    downstream = R.build_report(write_downstream_runs(tmp_path / "down"), reference="masked")
+    assert downstream["downstream"]
+    out = tmp_path / "docs" / "regimes.md"
+    assert A.main([f"pretrained={ablation}", f"with probes={tmp_path / 'down'}",
+                   "--output", str(out)]) == 0
+    md = out.read_text()
+    # unmasked - masked in the fixture: d = (0.05, 0.10, 0.08), CI [0.0141507, 0.1391826]
+    # unmasked: bold (CI [0.0141507, 0.1391826] excludes 0); packed: seeds 0 and 1 only, CI
+    # [-0.1955931, 0.1855931]; packed_naive: one seed; the plan's comparison gets its column
+    assert ("| `unmasked` − reference | `packed` − reference | `packed_naive` − reference | "
+            "`unmasked` − `packed` |") in md
+    assert ("| [pretrained](../abl/report.md) | 3 | `masked`: 3.000 (20.2) | "
+            "**+0.077 [+0.014, +0.139]**, 3/3 | -0.005 [-0.196, +0.186], 1/2 | "
+            "+0.200 [n/a: 1 seed], 1/1 | +0.080 [-0.428, +0.588], 2/2 |") in md
+    # the second regime: no packed arms (—); losses equal by seed, so a zero difference;
+    # PPPL d = (5, 5, 2): mean 4, sd sqrt(3), se 1 -> CI 4 -/+ 4.302653
+    assert "| [with probes](../down/report.md) | 3 | `masked`: 3.100 (22.3) | " \
+           "+0.000 [+0.000, +0.000], 0/3 | — | — | — |" in md
+    assert "| [with probes](../down/report.md) | probe accuracy, movies | `masked`: 0.810 | " \
+           "**-0.030 [-0.055, -0.005]**, 0/3 | — | — |" in md
+    assert "| [with probes](../down/report.md) | pseudo-perplexity | `masked`: 21.0 | " \
+           "+4.0 [-0.3, +8.3], 3/3 | — | — |" in md
+    assert "No downstream measures in: pretrained." in md
+    assert "pretrained" not in md.split("## Downstream")[1].split("No downstream")[0]
+    assert capsys.readouterr().out.strip() == f"2 regimes -> {out}"
+
+    # a folder without a report: one line naming the fix, nothing written
+    assert A.main([str(ablation), str(tmp_path / "none"), "--output", str(tmp_path / "x.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none/report.json: no such file" in err[0] and "Fix:" in err[0]
+    assert not (tmp_path / "x.md").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "report.json").write_text('{"name": "not a report"}')
+    assert A.main([str(tmp_path / "other")]) == 2
+    assert "other/report.json: not a report.json written by mlmkit.report. Fix: rebuild it " \
+           "with `python -m mlmkit.report" in capsys.readouterr().err
+
+
+def test_committed_regimes_table_matches_the_reports():
+    """docs/ablation/regimes.md is what `make ablation-regimes` writes from the committed
+    report.json files: a number in it cannot drift from the reports."""
+    make = (ROOT / "Makefile").read_text()
+    specs = shlex.split(make.split("REGIMES :=", 1)[1].split("\n\n", 1)[0].replace("\\\n", " "))
+    regimes = [A.read_regime(f"{label}={ROOT / folder}")
+               for label, folder in (spec.split("=", 1) for spec in specs)]
+    assert len(regimes) >= 4
+    committed = (ROOT / "docs" / "ablation" / "regimes.md").read_text()
+    assert committed == A.render_across(regimes, base=ROOT / "docs" / "ablation")
