@@ -38,7 +38,12 @@ class ProbeSet:
     def describe(self) -> str:
         counts = self.counts()
         return (f"probe: {len(self.texts)} texts of {len(counts)} labels from {self.path} "
-                f"(smallest label: {min(counts.values())} examples)")
+                f"(smallest label: {min(counts.values())} examples; the most frequent label "
+                f"alone scores {self.majority_accuracy():.3f})")
+
+    def majority_accuracy(self) -> float:
+        """The accuracy of always answering the most frequent label: what a probe must beat."""
+        return max(self.counts().values()) / len(self.labels)
 
 
 def _rows(path: Path):

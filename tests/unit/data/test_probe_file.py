@@ -34,6 +34,12 @@ def test_other_columns_and_json_labels_of_any_type(tmp_path):
     probe = read_probe_file(path, "sentence", "y", folds=2)
     assert probe.texts == ["a b", "c", "d", "e"]
     assert probe.labels == ["1", "0", "1", "0"]  # 1 and "1": one class
+    assert probe.majority_accuracy() == 0.5
+    path.write_text(path.read_text() + '{"sentence": "f", "y": 1}\n')  # 3 of 5: chance is 0.6
+    probe = read_probe_file(path, "sentence", "y", folds=2)
+    assert probe.majority_accuracy() == 0.6
+    assert probe.describe().endswith("(smallest label: 2 examples; the most frequent label "
+                                     "alone scores 0.600)")
 
 
 @pytest.mark.parametrize("name, content, folds, needle", [
