@@ -115,7 +115,8 @@ def render_across(regimes: list[tuple[str, Path, dict]], base: Path | None = Non
     if measured:
         lines += ["", "## Downstream", "",
                   "Final probe accuracies and pseudo-perplexity (the reports' Downstream "
-                  "tables); the reference column is its mean over seeds.", "",
+                  "tables); the reference column is its mean over seeds, and before training "
+                  "where the runs measured it then.", "",
                   "| regime | measure | reference | "
                   + " | ".join(f"`{a}` − reference" for a in arms) + " |",
                   "|---|---|---|" + "---|" * len(arms)]
@@ -126,6 +127,8 @@ def render_across(regimes: list[tuple[str, Path, dict]], base: Path | None = Non
                 entry = measure["arms"].get(ref) or {}
                 ref_cell = (f"`{ref}`: {entry['mean']:.{digits}f}" if entry.get("n")
                             else f"`{ref}`: n/a")
+                if entry.get("step0_mean") is not None:
+                    ref_cell += f" (step 0: {entry['step0_mean']:.{digits}f})"
                 cells = [_cell((measure["arms"].get(a) or {}).get("paired_delta_vs_reference"),
                                digits) for a in arms]
                 lines.append(f"| {_link(label, folder, base)} | {measure['label']} | "

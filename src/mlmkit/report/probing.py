@@ -12,7 +12,9 @@ Per probe (a file's stem, or None for a run's only probe: its metrics carry no s
   with the mask), so each arm is probed the way it was trained;
 
 and ``pseudo-perplexity`` (``eval/pseudo_perplexity``). Each: per seed, mean ± sd, and the paired
-difference to the reference arm with a 95% t-interval (`stats.paired_difference`). An ablation
+difference to the reference arm with a 95% t-interval (`stats.paired_difference`), and the mean
+of the same measure at step 0 (summary.json's ``first/<key>``: the model before training, so the
+table says whether training moved it at all). An ablation
 whose runs measured none of them has no downstream numbers (an empty list), and its report no
 downstream table or plot.
 """
@@ -27,6 +29,7 @@ from mlmkit.train.tracking import (
     probe_key,
 )
 
+FIRST = "first/"  # summary.json's step-0 value of a key (`metrics.build_summary`)
 PLOT = "downstream.png"
 PLOT_TITLE = "Downstream, final (bar: mean, dots: seeds)"
 
@@ -53,28 +56,28 @@ def trained_unmasked(run) -> bool:
     return run.config.get("mask_padding") is False
 
 
-def as_trained(run, probe: str | None) -> float | None:
-    """The run's probe accuracy with its texts embedded the way it trained: unmasked for a
-    ``mask_padding: false`` run, masked otherwise."""
+def as_trained(run, probe: str | None) -> str:
+    """The summary key of the run's probe accuracy with its texts embedded the way it trained:
+    unmasked for a ``mask_padding: false`` run, masked otherwise."""
     key = EVAL_PROBE_ACCURACY_UNMASKED if trained_unmasked(run) else EVAL_PROBE_ACCURACY
-    return run.final(probe_key(key, probe))
+    return probe_key(key, probe)
 
 
 def _measures(runs) -> list[tuple[str, str, object]]:
-    """(name, label, fn of a run) of every downstream measure the runs have."""
+    """(name, label, the measure's summary key in a run) of every downstream measure the runs
+    have."""
     out = []
     for probe in probe_names(runs):
         suffix = "" if probe is None else f", {probe}"
         name = "probe_accuracy" + ("" if probe is None else f"/{probe}")
         masked = probe_key(EVAL_PROBE_ACCURACY, probe)
-        out.append((name, f"probe accuracy{suffix}", lambda r, k=masked: r.final(k)))
+        out.append((name, f"probe accuracy{suffix}", lambda r, k=masked: k))
         unmasked = probe_key(EVAL_PROBE_ACCURACY_UNMASKED, probe)
         if any(trained_unmasked(r) and r.final(unmasked) is not None for r in runs):
             out.append((name + "/as_trained", f"probe accuracy as trained{suffix}",
                         lambda r, p=probe: as_trained(r, p)))
     if any(r.final(EVAL_PSEUDO_PERPLEXITY) is not None for r in runs):
-        out.append(("pseudo_perplexity", "pseudo-perplexity",
-                    lambda r: r.final(EVAL_PSEUDO_PERPLEXITY)))
+        out.append(("pseudo_perplexity", "pseudo-perplexity", lambda r: EVAL_PSEUDO_PERPLEXITY))
     return out
 
 
@@ -84,14 +87,17 @@ def summarize_downstream(by_arm: dict, reference: str | None) -> list[dict]:
     the reference itself or where it has no value)."""
     runs = [run for finished in by_arm.values() for run in finished.values()]
     out = []
-    for name, label, fn in _measures(runs):
-        values = {arm: per_seed(finished, fn) for arm, finished in by_arm.items()}
+    for name, label, key in _measures(runs):
+        values = {arm: per_seed(finished, lambda r: r.final(key(r)))
+                  for arm, finished in by_arm.items()}
         arms = {}
         for arm, seeds in values.items():
             delta = None
             if arm != reference and values.get(reference):
                 delta = paired_difference(seeds, values[reference])
-            arms[arm] = {**seed_stats(seeds), "paired_delta_vs_reference": delta}
+            first = per_seed(by_arm[arm], lambda r: r.final(FIRST + key(r)))
+            arms[arm] = {**seed_stats(seeds), "paired_delta_vs_reference": delta,
+                         "step0_mean": sum(first.values()) / len(first) if first else None}
         out.append({"name": name, "label": label, "arms": arms})
     return out
 
@@ -120,9 +126,11 @@ def downstream_lines(numbers: dict) -> list[str]:
            "model's mean-pooled embeddings, cross-validated, the texts embedded with the "
            "attention mask as users run the model; *as trained*: embedded without the mask for "
            "the arms trained with `mask_padding: false`, with it for the others. "
-           f"Δ is paired by seed against `{ref}`, with a 95% t-interval.", "",
-           f"| measure | arm | n seeds | mean ± sd | per seed | Δ vs `{ref}` [95% CI] |",
-           "|---|---|---|---|---|---|"]
+           f"Δ is paired by seed against `{ref}`, with a 95% t-interval. *Step 0*: the same "
+           "measure before training (n/a where the runs did not measure it then).", "",
+           f"| measure | arm | n seeds | step 0 (mean) | mean ± sd | per seed | "
+           f"Δ vs `{ref}` [95% CI] |",
+           "|---|---|---|---|---|---|---|"]
     for measure in measures:
         digits = 2 if measure["name"] == "pseudo_perplexity" else 4
         for arm, entry in measure["arms"].items():
@@ -133,6 +141,7 @@ def downstream_lines(numbers: dict) -> list[str]:
             delta = "(reference)" if arm == ref else delta_cell(
                 entry["paired_delta_vs_reference"], digits)
             out.append(f"| {measure['label']} | `{arm}` | {entry['n']} | "
+                       f"{_cell(entry.get('step0_mean'), digits)} | "
                        f"{_cell(entry['mean'], digits)}{sd} | {seeds} | {delta} |")
     return out
 

@@ -325,7 +325,11 @@ def write_downstream_runs(root):
                 M.probe_key(M.EVAL_PROBE_ACCURACY_UNMASKED, "movies"): UNMASKED_MOVIES[arm][seed],
                 M.probe_key(M.EVAL_PROBE_ACCURACY, "tweets"): tweets,
                 M.probe_key(M.EVAL_PROBE_ACCURACY_UNMASKED, "tweets"): tweets - 0.05,
-                M.EVAL_PSEUDO_PERPLEXITY: pppl})
+                M.EVAL_PSEUDO_PERPLEXITY: pppl,
+                # step 0: the same model in both arms (seed k: 0.50 + k / 100 with the mask,
+                # 0.40 without it); the pseudo-perplexity not measured then
+                M.FIRST_EVAL_PROBE_ACCURACY + "/movies": 0.50 + seed / 100,
+                M.FIRST_EVAL_PROBE_ACCURACY_UNMASKED + "/movies": 0.40})
             (folder / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -355,13 +359,20 @@ def test_report_with_downstream_measures(tmp_path):
     assert d["ci95"] == pytest.approx([-0.1348414, -0.0851586], abs=1e-6)
     assert measures["pseudo_perplexity"]["arms"]["unmasked"]["paired_delta_vs_reference"][
         "mean"] == pytest.approx(4.0)
+    # step 0: the mean over seeds of each run's first value, masked or as the arm trained
+    assert movies["masked"]["step0_mean"] == pytest.approx(0.51)
+    assert movies["unmasked"]["step0_mean"] == pytest.approx(0.51)
+    assert trained["unmasked"]["step0_mean"] == pytest.approx(0.40)
+    assert trained["masked"]["step0_mean"] == pytest.approx(0.51)
+    assert measures["pseudo_perplexity"]["arms"]["masked"]["step0_mean"] is None
 
     md = (root / "report.md").read_text()
     assert "## Downstream" in md
-    assert "| probe accuracy, movies | `unmasked` | 3 | 0.7800 ± 0.0000 | 0.7800, 0.7800, " \
-           "0.7800 | -0.0300 [-0.0548, -0.0052] |" in md
-    assert "| probe accuracy as trained, movies | `masked` | 3 |" in md
-    assert "| pseudo-perplexity | `unmasked` | 3 | 25.00 ± 1.00 |" in md
+    assert "| probe accuracy, movies | `unmasked` | 3 | 0.5100 | 0.7800 ± 0.0000 | 0.7800, " \
+           "0.7800, 0.7800 | -0.0300 [-0.0548, -0.0052] |" in md
+    assert "| probe accuracy as trained, movies | `unmasked` | 3 | 0.4000 |" in md
+    assert "| probe accuracy, tweets | `masked` | 3 | n/a | 0.6100 ± 0.0100 |" in md
+    assert "| pseudo-perplexity | `unmasked` | 3 | n/a | 25.00 ± 1.00 |" in md
     assert "whose 95% interval excludes 0: probe accuracy, movies: `unmasked` -0.03" in md
     assert "downstream.png" in numbers["plots"] and (root / "downstream.png").stat().st_size > 5000
     saved = json.loads((root / "report.json").read_text())
@@ -392,7 +403,8 @@ def test_regimes_side_by_side(tmp_path, ablation, capsys):
     # PPPL d = (5, 5, 2): mean 4, sd sqrt(3), se 1 -> CI 4 -/+ 4.302653
     assert "| [with probes](../down/report.md) | 3 | `masked`: 3.100 (22.3) | " \
            "+0.000 [+0.000, +0.000], 0/3 | — | — | — |" in md
-    assert "| [with probes](../down/report.md) | probe accuracy, movies | `masked`: 0.810 | " \
+    assert "| [with probes](../down/report.md) | probe accuracy, movies | `masked`: 0.810 " \
+           "(step 0: 0.510) | " \
            "**-0.030 [-0.055, -0.005]**, 0/3 | — | — |" in md
     assert "| [with probes](../down/report.md) | pseudo-perplexity | `masked`: 21.0 | " \
            "+4.0 [-0.3, +8.3], 3/3 | — | — |" in md
