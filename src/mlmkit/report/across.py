@@ -87,8 +87,9 @@ def render_across(regimes: list[tuple[str, Path, dict]], base: Path | None = Non
     arms, comparisons = _arms(regimes), _comparisons(regimes)
     lines = ["# The ablation across regimes", "",
              "Written by `" + PROG + "` from each regime's report.json. Every cell is a paired "
-             "difference to the regime's reference arm (same seed: same data order, same masked "
-             "positions) with its 95% t-interval, then how many seeds lie above zero; **bold**: "
+             "difference (same seed: same data order, same masked positions) to the regime's "
+             "reference arm, or to the arm its column names, with its 95% t-interval, then how "
+             "many seeds lie above zero; **bold**: "
              "the interval excludes 0. For losses and pseudo-perplexity above zero is worse, "
              "for probe accuracy better.", "",
              "## Final eval loss", "",
