@@ -431,6 +431,42 @@ def test_committed_regimes_table_matches_the_reports():
     specs = shlex.split(make.split("REGIMES :=", 1)[1].split("\n\n", 1)[0].replace("\\\n", " "))
     regimes = [A.read_regime(f"{label}={ROOT / folder}")
                for label, folder in (spec.split("=", 1) for spec in specs)]
-    assert len(regimes) >= 4
+    # at least four regimes, each with the downstream measures per arm, one with a trained head
+    assert len(regimes) >= 4 and all(numbers.get("downstream") for _, _, numbers in regimes)
+    assert any("trained head" in label for label, _, _ in regimes)
     committed = (ROOT / "docs" / "ablation" / "regimes.md").read_text()
     assert committed == A.render_across(regimes, base=ROOT / "docs" / "ablation")
+
+
+def _table(md: str, header_start: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first markdown table whose header starts so."""
+    lines = md[md.index(header_start):].splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return [rows[0]] + rows[2:]  # the header, then the body (not the |---| line)
+
+
+def _label(cell: str) -> str:
+    return cell.split("](")[0].lstrip("[") if cell.startswith("[") else cell
+
+
+def test_readme_downstream_answer_quotes_the_regimes_table():
+    """The README's downstream answer: each cell is the regimes table's, for the same regime and
+    measure (`unmasked` − `masked`), so the front page cannot drift from the reports."""
+    regimes_md = (ROOT / "docs" / "ablation" / "regimes.md").read_text()
+    loss = {_label(r[0]): r for r in _table(regimes_md, "| regime | seeds |")[1:]}
+    down_table = _table(regimes_md, "| regime | measure |")
+    column = down_table[0].index("`unmasked` − reference")
+    down = {(_label(r[0]), r[1]): r[column] for r in down_table[1:]}
+    loss_column = _table(regimes_md, "| regime | seeds |")[0].index("`unmasked` − reference")
+    readme = _table((ROOT / "README.md").read_text(), "| regime (`unmasked` − `masked`) |")
+    header, rows = readme[0], readme[1:]
+    assert header[1] == "eval loss" and len(rows) >= 4
+    for row in rows:
+        regime = _label(row[0])
+        assert row[1] == loss[regime][loss_column], regime
+        for measure, cell in zip(header[2:], row[2:]):
+            assert cell == down[(regime, measure)], (regime, measure)
