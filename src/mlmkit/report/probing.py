@@ -31,7 +31,7 @@ from mlmkit.train.tracking import (
 
 FIRST = "first/"  # summary.json's step-0 value of a key (`metrics.build_summary`)
 PLOT = "downstream.png"
-PLOT_TITLE = "Downstream, final (bar: mean, dots: seeds)"
+PLOT_TITLE = "Downstream, final (bar: mean, dots: seeds; dashed: step 0)"
 
 
 def probe_names(runs) -> list[str | None]:
@@ -166,7 +166,8 @@ def downstream_sentence(numbers: dict) -> list[str]:
 
 def downstream_plot(figures, numbers: dict, names: list[str], colors: dict) -> None:
     """``downstream.png`` (`render._Figures`): one panel per measure, a bar per arm (its mean)
-    and each seed's value as a point. Nothing without downstream measures."""
+    and each seed's value as a point; a probe's panel marks each arm's step-0 mean with a dashed
+    line. Nothing without downstream measures."""
     measures = numbers.get("downstream") or []
     if not measures:
         return
@@ -174,6 +175,8 @@ def downstream_plot(figures, numbers: dict, names: list[str], colors: dict) -> N
                                      figsize=(max(4.8, 0.6 + (0.5 + 0.7 * len(names))
                                                   * len(measures)), 3.8))
     for ax, measure in zip(axes[0], measures):
+        accuracy = measure["name"] != "pseudo_perplexity"  # (its step 0 is off any useful scale)
+        step0 = []
         for i, arm in enumerate(names):
             entry = measure["arms"].get(arm)
             if not entry or entry["mean"] is None:
@@ -181,8 +184,15 @@ def downstream_plot(figures, numbers: dict, names: list[str], colors: dict) -> N
             ax.bar(i, entry["mean"], color=colors[arm])
             points = list(entry["per_seed"].values())
             ax.scatter([i] * len(points), points, color="black", s=12, zorder=3)
-        values = [v for e in measure["arms"].values() for v in e["per_seed"].values()]
-        if values and measure["name"] != "pseudo_perplexity":  # accuracies: the bars' tops
+            if accuracy and entry.get("step0_mean") is not None:
+                step0.append(entry["step0_mean"])
+                ax.hlines(entry["step0_mean"], i - 0.4, i + 0.4, colors="black",
+                          linestyles="--", linewidth=1, zorder=4,
+                          label="step 0" if len(step0) == 1 else None)
+        if step0:
+            ax.legend(fontsize=7, loc="best")
+        values = [v for e in measure["arms"].values() for v in e["per_seed"].values()] + step0
+        if values and accuracy:  # accuracies: the bars' tops
             low, high = min(values), max(values)
             pad = max(0.02, (high - low) * 0.5)
             ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
