@@ -12,7 +12,7 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LR", "TRAIN_GRAD_NORM", "TRAIN_TOKENS_PER_S",
            "EVAL_PAD_SENSITIVITY", "EVAL_LOSS_UNMASKED", "EVAL_PROBE_ACCURACY",
            "EVAL_PROBE_ACCURACY_STD", "EVAL_PROBE_ACCURACY_UNMASKED",
            "EVAL_PROBE_ACCURACY_UNMASKED_STD", "EVAL_PSEUDO_PERPLEXITY",
-           "FIRST_EVAL_PROBE_ACCURACY", "FIRST_EVAL_PROBE_ACCURACY_UNMASKED",
+           "FIRST", "FIRST_EVAL_PROBE_ACCURACY", "FIRST_EVAL_PROBE_ACCURACY_UNMASKED",
            "FIRST_EVAL_PSEUDO_PERPLEXITY", "probe_key", "SYS_PEAK_MEM_GB", "STEP", "EPOCH",
            "FIRST_EVAL_LOSS", "FIRST_EVAL_PERPLEXITY", "TRAIN_PEAK_TFLOPS", "TRAIN_EXAMPLES",
            "TRAIN_EXAMPLES_SEEN", "TRAIN_TOKENS_SEEN", "NUM_PROCESSES", "DATA_MIXTURE",
@@ -70,11 +70,12 @@ STEP = "step"
 EPOCH = "epoch"
 
 # --- summary.json keys beyond the metrics above ----------------------------------------------------
-FIRST_EVAL_LOSS = "first/" + EVAL_LOSS               # the step-0 eval
-FIRST_EVAL_PERPLEXITY = "first/" + EVAL_PERPLEXITY
-FIRST_EVAL_PROBE_ACCURACY = "first/" + EVAL_PROBE_ACCURACY  # (when measured at step 0)
-FIRST_EVAL_PROBE_ACCURACY_UNMASKED = "first/" + EVAL_PROBE_ACCURACY_UNMASKED
-FIRST_EVAL_PSEUDO_PERPLEXITY = "first/" + EVAL_PSEUDO_PERPLEXITY
+FIRST = "first/"                                     # + a metric's name: its step-0 value
+FIRST_EVAL_LOSS = FIRST + EVAL_LOSS                  # the step-0 eval
+FIRST_EVAL_PERPLEXITY = FIRST + EVAL_PERPLEXITY
+FIRST_EVAL_PROBE_ACCURACY = FIRST + EVAL_PROBE_ACCURACY  # (when measured at step 0)
+FIRST_EVAL_PROBE_ACCURACY_UNMASKED = FIRST + EVAL_PROBE_ACCURACY_UNMASKED
+FIRST_EVAL_PSEUDO_PERPLEXITY = FIRST + EVAL_PSEUDO_PERPLEXITY
 TRAIN_PEAK_TFLOPS = "train/peak_tflops"              # the peak train/mfu is against (None: unknown)
 TRAIN_EXAMPLES = "train/examples"                    # map-style training examples (None: stream)
 NUM_PROCESSES = "num_processes"

@@ -26,10 +26,10 @@ from mlmkit.train.tracking import (
     EVAL_PROBE_ACCURACY,
     EVAL_PROBE_ACCURACY_UNMASKED,
     EVAL_PSEUDO_PERPLEXITY,
+    FIRST,
     probe_key,
 )
 
-FIRST = "first/"  # summary.json's step-0 value of a key (`metrics.build_summary`)
 PLOT = "downstream.png"
 PLOT_TITLE = "Downstream, final (bar: mean, dots: seeds; dashed: step 0)"
 

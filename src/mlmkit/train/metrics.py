@@ -26,11 +26,9 @@ from mlmkit.config.keys import (
     EVAL_PROBE_ACCURACY_UNMASKED,
     EVAL_PSEUDO_PERPLEXITY,
     FILL_MASK,
+    FIRST,
     FIRST_EVAL_LOSS,
     FIRST_EVAL_PERPLEXITY,
-    FIRST_EVAL_PROBE_ACCURACY,
-    FIRST_EVAL_PROBE_ACCURACY_UNMASKED,
-    FIRST_EVAL_PSEUDO_PERPLEXITY,
     NUM_PROCESSES,
     STEP,
     SYS_PEAK_MEM_GB,
@@ -252,9 +250,7 @@ def mixture_summary(files: list[str], weights: list[float], counts: list[int]) -
 
 
 # the downstream metrics whose step-0 value the summary gives beside the final one
-FIRST_DOWNSTREAM = {EVAL_PROBE_ACCURACY: FIRST_EVAL_PROBE_ACCURACY,
-                    EVAL_PROBE_ACCURACY_UNMASKED: FIRST_EVAL_PROBE_ACCURACY_UNMASKED,
-                    EVAL_PSEUDO_PERPLEXITY: FIRST_EVAL_PSEUDO_PERPLEXITY}
+FIRST_DOWNSTREAM = {EVAL_PROBE_ACCURACY, EVAL_PROBE_ACCURACY_UNMASKED, EVAL_PSEUDO_PERPLEXITY}
 
 
 def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: float | None,
@@ -273,7 +269,7 @@ def build_summary(state, final_eval: dict, *, num_processes: int, peak_tflops: f
     for key, value in state.first_eval.items():  # where the step-0 eval measured it (several
         base = key if key in FIRST_DOWNSTREAM else key.rpartition("/")[0]  # probes: key/<stem>)
         if base in FIRST_DOWNSTREAM:
-            summary[FIRST_DOWNSTREAM[base] + key[len(base):]] = value
+            summary[FIRST + key] = value
     for part in parts:
         summary.update(part)
     if fill_mask:
