@@ -86,15 +86,12 @@ def flags_of(line: str) -> dict[str, str]:
 def test_the_recipe_ablation_as_make_runs_it(checkout, capsys):
     """`make ablation-recipe`'s command, dry: 3 seeds x {classic, modern}, every flag of the
     2024-26 recipe accepted by the recipe's parser, both arms evaluated at 15% masking."""
-    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    (recipe,) = re.findall(r"^ablation-recipe:.*\n\t(.*)$", makefile, flags=re.M)
-    argv = shlex.split(recipe.split("recipes/ablate.py", 1)[1].replace("$(ARGS)", ""))
+    _, (recipe,) = make_recipe("ablation-recipe")
+    argv, out = dry_run_of(recipe, capsys)
     assert argv == ["--config", "recipes/configs/ablation_recipe.yaml", "--report_dir",
                     "docs/ablation/recipe"]
-    assert load_script(RUNNER).main([*argv, "--dry_run"]) == 0
-    out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert [shlex.split(line)[shlex.split(line).index("--run_name") + 1] for line in lines] == [
+    assert [flags_of(line)["run_name"] for line in lines] == [
         f"{arm}-seed{seed}" for seed in range(3) for arm in ("classic", "modern")]
     for line in lines:
         assert "--config recipes/configs/scratch.yaml --config_name " \
@@ -140,6 +137,14 @@ def make_recipe(target: str) -> tuple[list[str], list[str]]:
 def make_variable(name: str) -> str:
     (value,) = re.findall(rf"^{name}\s*[:?]?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
     return value
+
+
+def dry_run_of(command: str, capsys):
+    """A Makefile command line's runner flags (after recipes/ablate.py, without $(ARGS)), and
+    what the runner prints for them with --dry_run."""
+    argv = shlex.split(command.split("recipes/ablate.py", 1)[1].replace("$(ARGS)", ""))
+    assert load_script(RUNNER).main([*argv, "--dry_run"]) == 0
+    return argv, capsys.readouterr()
 
 
 @pytest.mark.parametrize("config", ["ablation_padding", "ablation_scratch_bert",
@@ -200,11 +205,9 @@ def test_the_trained_head_regime_as_make_runs_it(checkout, capsys):
     capsys.readouterr()  # the run's own lines
 
     # phase 2: the padding arms from phase 1's model, dry
-    argv = shlex.split(phase2.split("recipes/ablate.py", 1)[1].replace("$(ARGS)", ""))
+    argv, out = dry_run_of(phase2, capsys)
     assert argv == ["--config", "recipes/configs/ablation_trained_head.yaml", "--report_dir",
                     "docs/ablation/trained_head"]
-    assert load_script(RUNNER).main([*argv, "--dry_run"]) == 0
-    out = capsys.readouterr()
     lines = out.out.splitlines()
     assert [flags_of(line)["run_name"] for line in lines] == [
         f"{arm}-seed{seed}" for seed in range(3)
